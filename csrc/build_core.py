@@ -1,0 +1,63 @@
+"""cffi builder for ``clusterhub._core`` (out-of-line API mode).
+
+Not shipped in wheels; setup.py names it in ``cffi_modules``.
+
+cffi releases the GIL around every C call.  For our calls that never block
+(trylock, unlock, framing on non-blocking sockets) that release costs more than
+the call itself and, with a busy Python thread in the process, adds the
+interpreter's switch interval (milliseconds) to the tail latency.  So the
+preamble turns cffi's release into plain braces for the whole module, and the
+few calls that may block are declared to cffi under a ``*_nogil`` name whose
+wrapper below releases the GIL explicitly around the real function.
+"""
+
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+UNITS = ("frame", "locktable")  # each has <unit>.c, <unit>.h and cdef_<unit>.h
+
+PREAMBLE = r"""
+#include "frame.h"
+#include "locktable.h"
+
+/* Keep the GIL across every cffi call of this module ... */
+#undef Py_BEGIN_ALLOW_THREADS
+#undef Py_END_ALLOW_THREADS
+#define Py_BEGIN_ALLOW_THREADS {
+#define Py_END_ALLOW_THREADS }
+
+/* ... except these, which may wait: they release it themselves. */
+static int ch_lt_timedlock_nogil(ch_table *t, uint32_t slot, uint64_t gen, int64_t deadline_ns)
+{
+    PyThreadState *ts = PyEval_SaveThread();
+    int r = ch_lt_timedlock(t, slot, gen, deadline_ns);
+    PyEval_RestoreThread(ts);
+    return r;
+}
+
+static int ch_lt_resolve_nogil(ch_table *t, const uint8_t *key, size_t keylen,
+                               uint32_t *slot, uint64_t *gen)
+{
+    PyThreadState *ts = PyEval_SaveThread();
+    int r = ch_lt_resolve(t, key, keylen, slot, gen);
+    PyEval_RestoreThread(ts);
+    return r;
+}
+"""
+
+ffi = FFI()
+ffi.cdef("\n".join((HERE / f"cdef_{u}.h").read_text() for u in UNITS))
+ffi.set_source(
+    "clusterhub._core",
+    PREAMBLE,
+    # Relative paths: setuptools wants them relative to the project root.
+    sources=[f"csrc/{u}.c" for u in UNITS],
+    include_dirs=["csrc"],
+    extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-O2"],
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    ffi.compile(verbose=True)

@@ -1,0 +1,52 @@
+"""clusterhub: messages and crash-robust global locks between a master
+process and its forked workers (Linux).
+
+    hub = clusterhub.Hub()
+    w = hub.fork(target, *args)
+    hub.request_worker(w, "sum", {"a": 1, "b": 2}).result()
+    with hub.lock("invoices") as held:
+        ...
+"""
+
+from .errors import (
+    HubClosedError,
+    HubError,
+    LockError,
+    LockTableFull,
+    LockTimeout,
+    MasterDied,
+    MessageTooLarge,
+    NoHandlerError,
+    NotMasterError,
+    NoWorkersError,
+    PeerDied,
+    RemoteError,
+    WorkerDied,
+)
+from .hub import HeldLock, Hub
+from .locks import Lock
+from .process import Worker
+from .requests import Future
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Hub",
+    "Worker",
+    "Lock",
+    "Future",
+    "HeldLock",
+    "HubError",
+    "RemoteError",
+    "NoHandlerError",
+    "PeerDied",
+    "WorkerDied",
+    "MasterDied",
+    "MessageTooLarge",
+    "NotMasterError",
+    "NoWorkersError",
+    "HubClosedError",
+    "LockError",
+    "LockTimeout",
+    "LockTableFull",
+]

@@ -1,0 +1,282 @@
+"""The one module that imports the compiled core (``clusterhub._core``).
+
+It turns C results (0 or a negative errno) into Python values and exceptions
+and wraps the C objects (send queue, receive buffer, lock table) in small
+classes that own them.  Sizes and limits come from the C side: nothing here
+restates a C number.
+
+The lock fast path is performance critical: ``locks.py`` calls the raw C
+functions re-exported below (``lt_trylock`` and friends) on the table pointer
+of a :class:`LockTable`, so that ``with lk:`` costs one C call each way.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from typing import Any, Callable
+
+from . import errors
+from ._core import ffi, lib
+
+__all__ = ["ffi", "lib"]
+
+# ---- limits, from C ----------------------------------------------------------
+
+FRAME_HEADER: int = lib.CH_FRAME_HEADER
+FRAME_MAX_LIMIT: int = lib.CH_FRAME_MAX_LIMIT
+KEY_MAX: int = lib.CH_LT_KEY_MAX
+THREAD_MAX_HELD: int = lib.CH_LT_THREAD_MAX_HELD
+RECOVERED: int = lib.CH_LT_RECOVERED
+NEW: int = lib.CH_LT_NEW
+
+EOF: int = lib.CH_ERR_EOF
+TRUNCATED: int = lib.CH_ERR_TRUNCATED
+MALFORMED: int = lib.CH_ERR_MALFORMED
+TOOBIG: int = lib.CH_ERR_TOOBIG
+
+# Raw C functions for the lock hot path (see module docstring).
+lt_trylock: Callable[..., int] = lib.ch_lt_trylock
+lt_timedlock: Callable[..., int] = lib.ch_lt_timedlock_nogil
+lt_unlock: Callable[..., int] = lib.ch_lt_unlock
+monotonic_ns: Callable[[], int] = lib.ch_monotonic_ns
+
+
+def os_error(r: int, what: str = "") -> OSError:
+    """The OSError for a negative errno ``r`` returned by the core."""
+    e = -r
+    msg = os.strerror(e)
+    return OSError(e, f"{what}: {msg}" if what else msg)
+
+
+def check(r: int, what: str = "") -> int:
+    """Return ``r`` when it is not negative; raise the matching OSError."""
+    if r < 0:
+        raise os_error(r, what)
+    return r
+
+
+# ---- framing -----------------------------------------------------------------
+
+
+def socketpair() -> tuple[int, int]:
+    """A connected, close-on-exec, non-blocking AF_UNIX stream pair."""
+    fds = ffi.new("int[2]")
+    check(lib.ch_socketpair(fds), "socketpair")
+    return fds[0], fds[1]
+
+
+class PeerGone(Exception):
+    """Internal: the socket's peer closed or reset (mapped to PeerDied above)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+_PEER_GONE = {-_errno.EPIPE, -_errno.ECONNRESET, -_errno.ENOTCONN, EOF, TRUNCATED}
+
+
+class Tx:
+    """A frame send queue (``ch_tx``) for one non-blocking socket."""
+
+    __slots__ = ("_p", "_send", "_flush")
+
+    def __init__(self) -> None:
+        pp = ffi.new("ch_tx **")
+        check(lib.ch_tx_new(pp), "ch_tx_new")
+        self._p = ffi.gc(pp[0], lib.ch_tx_free)
+        self._send = lib.ch_tx_send
+        self._flush = lib.ch_tx_flush
+
+    def send(self, fd: int, payload: bytes, max_len: int) -> int:
+        """Frame and send ``payload``; return the bytes left queued.
+
+        Raises MessageTooLarge, PeerGone (peer closed) or OSError.
+        """
+        r = self._send(self._p, fd, payload, len(payload), max_len)
+        if r < 0:
+            raise self._error(r, len(payload), max_len)
+        return r
+
+    def push(self, payload: bytes, max_len: int) -> int:
+        """Queue a frame without writing; return the bytes queued."""
+        r = lib.ch_tx_push(self._p, payload, len(payload), max_len)
+        if r < 0:
+            raise self._error(r, len(payload), max_len)
+        return r
+
+    def flush(self, fd: int) -> int:
+        """Write what the socket takes; return the bytes still queued."""
+        r = self._flush(self._p, fd)
+        if r < 0:
+            raise self._error(r, 0, 0)
+        return r
+
+    def pending(self) -> int:
+        return lib.ch_tx_pending(self._p)
+
+    def close(self) -> None:
+        p, self._p = self._p, ffi.NULL
+        if p:
+            ffi.release(p)
+
+    @staticmethod
+    def _error(r: int, size: int, max_len: int) -> Exception:
+        if r == TOOBIG:
+            return errors.MessageTooLarge(
+                f"message of {size} bytes exceeds max_message_size={max_len}"
+            )
+        if r in _PEER_GONE:
+            return PeerGone(r)
+        return os_error(r, "send")
+
+
+class Rx:
+    """A receive buffer (``ch_rx``) that hands out complete frames in batches."""
+
+    __slots__ = ("_p", "_read", "_data", "_frames")
+
+    def __init__(self, max_len: int) -> None:
+        pp = ffi.new("ch_rx **")
+        check(lib.ch_rx_new(max_len, pp), "ch_rx_new")
+        self._p = ffi.gc(pp[0], lib.ch_rx_free)
+        self._read = lib.ch_rx_read
+
+    def read(self, fd: int) -> list[memoryview] | int:
+        """Read what ``fd`` has and return the complete frames as memoryviews.
+
+        The views are valid until the next call.  An empty list means the socket
+        would block.  At end of stream or on a protocol error returns the C
+        code (EOF, TRUNCATED, MALFORMED, TOOBIG) or a negative errno instead.
+        """
+        n = self._read(self._p, fd)
+        if n <= 0:
+            return [] if n == 0 else n
+        return self._views(n)
+
+    def feed(self, data: bytes) -> tuple[list[memoryview] | int, int]:
+        """Take bytes from memory (tests, fuzzing): (frames or code, bytes used)."""
+        used = ffi.new("size_t *")
+        n = lib.ch_rx_feed(self._p, data, len(data), used)
+        if n <= 0:
+            return ([] if n == 0 else n), used[0]
+        return self._views(n), used[0]
+
+    def eof(self) -> int:
+        """EOF if nothing partial is buffered, else TRUNCATED."""
+        return lib.ch_rx_eof(self._p)
+
+    def _views(self, n: int) -> list[memoryview]:
+        offs = ffi.unpack(lib.ch_rx_frames(self._p), 2 * n)
+        end = offs[-2] + offs[-1]
+        buf = memoryview(ffi.buffer(lib.ch_rx_data(self._p), end))
+        return [buf[offs[i] : offs[i] + offs[i + 1]] for i in range(0, 2 * n, 2)]
+
+    def close(self) -> None:
+        p, self._p = self._p, ffi.NULL
+        if p:
+            ffi.release(p)
+
+
+# ---- lock table --------------------------------------------------------------
+
+
+class LockTable:
+    """This process's mapping of a shared lock table (``ch_table``).
+
+    ``ptr`` is the raw table pointer for the hot-path functions above.
+    """
+
+    __slots__ = ("ptr", "nslots", "__weakref__")
+
+    def __init__(self, nslots: int) -> None:
+        pp = ffi.new("ch_table **")
+        check(lib.ch_lt_create(nslots, pp), "lock table")
+        self.ptr: Any = pp[0]
+        self.nslots: int = lib.ch_lt_nslots(self.ptr)
+
+    def fileno(self) -> int:
+        """The memfd holding the table (owned by the table)."""
+        return lib.ch_lt_fd(self.ptr)
+
+    def set_worker_id(self, worker_id: int | None) -> None:
+        lib.ch_lt_set_worker_id(self.ptr, -1 if worker_id is None else worker_id)
+
+    def after_fork_child(self) -> None:
+        lib.ch_lt_after_fork_child(self.ptr)
+
+    def busy(self) -> int:
+        """Holds and waits by threads of this process right now."""
+        return lib.ch_lt_busy(self.ptr)
+
+    def resolve(self, key: bytes) -> tuple[int, int, int]:
+        """(code, slot, gen): code 0 = found, NEW = inserted and now held.
+
+        Raises LockTableFull or LockError (thread limit).
+        """
+        slot = ffi.new("uint32_t *")
+        gen = ffi.new("uint64_t *")
+        r = lib.ch_lt_resolve_nogil(self.ptr, key, len(key), slot, gen)
+        if r < 0:
+            raise lock_error(r, key)
+        return r, slot[0], gen[0]
+
+    def find(self, key: bytes) -> tuple[int, int] | None:
+        """(slot, gen) of the slot that maps ``key`` now, or None."""
+        slot = ffi.new("uint32_t *")
+        gen = ffi.new("uint64_t *")
+        r = lib.ch_lt_find(self.ptr, key, len(key), slot, gen)
+        if r == -_errno.ENOENT:
+            return None
+        check(r, "find")
+        return slot[0], gen[0]
+
+    def is_locked(self, slot: int, gen: int) -> bool | None:
+        """Held by a live thread (snapshot); None when the slot was reused."""
+        r = lib.ch_lt_is_locked(self.ptr, slot, gen)
+        if r == -_errno.ESTALE:
+            return None
+        return bool(check(r, "is_locked"))
+
+    def held(self) -> list[tuple[bytes, int, int | None]]:
+        """(key, pid, worker id or None) for every slot held right now."""
+        info = ffi.new("ch_lt_info *")
+        out = []
+        for i in range(self.nslots):
+            if lib.ch_lt_slot_info(self.ptr, i, info) == 1:
+                wid = info.worker_id
+                out.append(
+                    (ffi.buffer(info.key, info.keylen)[:], info.pid, None if wid < 0 else wid)
+                )
+        return out
+
+    def close(self) -> None:
+        """Unmap; raises LockError if a thread of this process holds or waits."""
+        if self.ptr == ffi.NULL:
+            return
+        r = lib.ch_lt_close(self.ptr)
+        if r == -_errno.EBUSY:
+            raise errors.LockError(
+                "a thread of this process holds or waits on a lock of this hub"
+            )
+        check(r, "close lock table")
+        self.ptr = ffi.NULL
+
+
+def lock_error(r: int, key: bytes | None = None) -> Exception:
+    """The exception for a lock function's negative result."""
+    k = f" {key!r}" if key is not None else ""
+    if r == -_errno.EDEADLK:
+        return errors.LockError(f"lock{k} is already held by this thread")
+    if r == -_errno.EPERM:
+        return errors.LockError(f"lock{k} is not held by this thread")
+    if r == -_errno.ENOLCK:
+        return errors.LockError(
+            f"this thread already holds {THREAD_MAX_HELD} locks (the most one thread may hold)"
+        )
+    if r == -_errno.ENOSPC:
+        return errors.LockTableFull(
+            "the lock table is full: raise Hub(lock_slots=...) or hold fewer keys at once"
+        )
+    return os_error(r, f"lock{k}")

@@ -1,0 +1,389 @@
+"""The dispatcher: one background thread per hub and process.
+
+It waits in epoll on the hub's sockets, worker pidfds and a wake-up eventfd
+(no polling: an idle hub costs no CPU), runs timers (request timeouts), and
+runs handlers one at a time in arrival order.  Incoming frames are routed by
+the hub's callbacks: replies complete futures at once; messages and requests
+go to the inbox, which is drained by this thread, or on the asyncio loop the
+hub is attached to.
+
+A handler that waits for a future (a request it made) on this thread keeps
+the sockets served by polling from inside the wait (``pump``); messages that
+arrive meanwhile wait in the inbox until the handler returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import heapq
+import inspect
+import itertools
+import logging
+import os
+import selectors
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Optional
+
+from .handlers import Registry
+
+log = logging.getLogger("clusterhub")
+
+Reply = Callable[[bool, Any], None]
+# An inbox item: (name, data, sender, reply).  name None: data is a callable
+# to run as data(sender) (worker exit callbacks, in order with messages).
+Item = tuple[Optional[str], Any, Any, Optional[Reply]]
+
+
+class Timer:
+    __slots__ = ("when", "fn")
+
+    def __init__(self, when: float, fn: Callable[[], None] | None) -> None:
+        self.when = when
+        self.fn = fn
+
+    def cancel(self) -> None:
+        self.fn = None
+
+
+class Dispatcher:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.registry = Registry()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._private_loop: asyncio.AbstractEventLoop | None = None
+        self._setup()
+
+    def _setup(self) -> None:
+        self._sel = selectors.EpollSelector()
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._sel.register(self._wake_fd, selectors.EVENT_READ, self._on_wake)
+        self._ops: deque[Callable[[], None]] = deque()
+        self.inbox: deque[Item] = deque()
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._tlock = threading.Lock()
+        self._tseq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self.ident: int | None = None  # the dispatcher thread
+        self.handler_ident: int | None = None  # where handlers run (thread or loop)
+        self._loop_scheduled = False
+        self._drain_lock = threading.Lock()  # one drainer at a time (thread or loop)
+        self._stopping = False
+
+    # ---- life cycle -----------------------------------------------------
+
+    def start(self) -> None:
+        t = threading.Thread(target=self._main, name=f"clusterhub-{self.name}", daemon=True)
+        self._thread = t
+        t.start()
+
+    def stop(self) -> None:
+        """Stop the thread (joined unless called from it) and close its fds."""
+        self._stopping = True
+        self.wake()
+        t = self._thread
+        if t is not None and t.ident != threading.get_ident():
+            t.join()
+        self._sel.close()
+        os.close(self._wake_fd)
+        if self._private_loop is not None:
+            self._private_loop.call_soon_threadsafe(self._private_loop.stop)
+            self._private_loop = None
+
+    def reinit_after_fork(self, name: str) -> None:
+        """In a fork child: the thread is gone and the epoll instance is
+        shared with the parent, so drop our copies and start afresh."""
+        for fd in (self._sel.fileno(), self._wake_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.name = name
+        self.registry.reset_lock()
+        self.loop = None
+        self._private_loop = None
+        self._setup()
+
+    def abandon(self) -> None:
+        """In a child forked by other code: close our fds, run nothing."""
+        self._stopping = True
+        for fd in (self._sel.fileno(), self._wake_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    @property
+    def on_thread(self) -> bool:
+        return threading.get_ident() == self.ident
+
+    def wake(self) -> None:
+        if threading.get_ident() != self.ident:
+            try:
+                os.eventfd_write(self._wake_fd, 1)
+            except OSError:
+                pass  # closed: stopping
+
+    def _on_wake(self, _mask: int) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except BlockingIOError:
+            pass
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the dispatcher thread (selector changes live there)."""
+        if threading.get_ident() == self.ident:
+            fn()
+        else:
+            self._ops.append(fn)
+            self.wake()
+
+    # selector access: dispatcher thread only (use call_soon elsewhere)
+    def register(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
+        self._sel.register(fd, events, callback)
+
+    def modify(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
+        self._sel.modify(fd, events, callback)
+
+    def unregister(self, fd: int) -> None:
+        try:
+            self._sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    # ---- timers ---------------------------------------------------------
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
+        """Run ``fn`` on the dispatcher thread after ``delay`` seconds."""
+        when = time.monotonic() + delay
+        timer = Timer(when, fn)
+        with self._tlock:
+            heapq.heappush(self._timers, (when, next(self._tseq), timer))
+            first = self._timers[0][2] is timer
+        if first:
+            self.wake()
+        return timer
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while True:
+            with self._tlock:
+                if not self._timers or self._timers[0][0] > now:
+                    return
+                timer = heapq.heappop(self._timers)[2]
+            fn, timer.fn = timer.fn, None
+            if fn is not None:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("clusterhub timer callback failed")
+
+    def _timeout(self) -> float | None:
+        if self._ops:
+            return 0
+        with self._tlock:
+            while self._timers and self._timers[0][2].fn is None:
+                heapq.heappop(self._timers)
+            if not self._timers:
+                return None
+            return max(0.0, self._timers[0][0] - time.monotonic())
+
+    # ---- the loop -------------------------------------------------------
+
+    def _main(self) -> None:
+        self.ident = threading.get_ident()
+        if self.loop is None:
+            self.handler_ident = self.ident
+        try:
+            while not self._stopping:
+                self.poll(self._timeout())
+                if self.inbox:
+                    self.deliver()
+        except Exception:  # a bug of ours: say so loudly rather than hang silently
+            log.critical("clusterhub dispatcher %s crashed", self.name, exc_info=True)
+            raise
+
+    def poll(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` for events and handle them (no handlers run)."""
+        ops = self._ops
+        while ops:
+            ops.popleft()()
+        for key, mask in self._sel.select(timeout):
+            key.data(mask)
+        while ops:
+            ops.popleft()()
+        if self._timers:
+            self._run_timers()
+
+    def pump_until(self, done: Callable[[], bool], timeout: float | None) -> None:
+        """On the dispatcher thread: serve the sockets until ``done()`` or timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            wait = self._timeout()
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                wait = left if wait is None else min(wait, left)
+            self.poll(wait)
+
+    # ---- handlers -------------------------------------------------------
+
+    def post(self, item: Item) -> None:
+        """Queue an item from any thread (local messages, exit callbacks)."""
+        self.inbox.append(item)
+        if self.loop is not None:
+            self._schedule_on_loop()
+        else:
+            self.wake()
+
+    def deliver(self) -> None:
+        """Run what the inbox holds: here, or on the attached loop."""
+        if self.loop is None:
+            self.drain()
+        else:
+            self._schedule_on_loop()
+
+    def _schedule_on_loop(self) -> None:
+        if self._loop_scheduled or self.loop is None:
+            return
+        self._loop_scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain_on_loop)
+        except RuntimeError:  # the loop was closed under us: fall back to the thread
+            self._loop_scheduled = False
+            self.loop = None
+            self.handler_ident = self.ident
+            self.wake()
+
+    def _drain_on_loop(self) -> None:
+        self._loop_scheduled = False
+        if self.loop is None:  # detached meanwhile: the thread takes over
+            self.wake()
+            return
+        self.handler_ident = threading.get_ident()
+        self.drain()
+
+    def drain(self) -> None:
+        if not self._drain_lock.acquire(blocking=False):
+            return  # the other drainer (thread or loop) is at it; it re-delivers
+        try:
+            inbox = self.inbox
+            while inbox:
+                name, data, sender, reply = inbox.popleft()
+                if name is None:
+                    try:
+                        data(sender)
+                    except Exception:
+                        log.exception("clusterhub callback failed")
+                else:
+                    self.run_handlers(name, data, sender, reply)
+        finally:
+            self._drain_lock.release()
+        if self.inbox:  # arrived as we let go, or attached/detached meanwhile
+            if self.loop is not None:
+                self._schedule_on_loop()
+            else:
+                self.wake_self()
+
+    def wake_self(self) -> None:
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except OSError:
+            pass
+
+    # ---- asyncio ----------------------------------------------------------
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run handlers on ``loop`` from now on."""
+        self.loop = loop
+        try:
+            if asyncio.get_running_loop() is loop:
+                self.handler_ident = threading.get_ident()
+        except RuntimeError:
+            pass
+        if self.inbox:
+            self._schedule_on_loop()
+
+    def detach(self) -> None:
+        """Run handlers on the dispatcher thread again."""
+        self.loop = None
+        self.handler_ident = self.ident
+        self.wake_self()
+
+    def run_handlers(self, name: str, data: Any, sender: Any, reply: Reply | None) -> None:
+        handlers = self.registry.take(name)
+        if not handlers:
+            if reply is not None:
+                reply(False, _NoHandler(name))
+            else:
+                log.debug("no handler for message %r: dropped", name)
+            return
+        for i, h in enumerate(handlers):
+            try:
+                r = h(data, sender)
+            except Exception as e:
+                if i == 0 and reply is not None:
+                    reply(False, e)
+                else:
+                    log.exception("handler %r for %r raised", h, name)
+                continue
+            if i == 0 and reply is not None:
+                self.answer(r, reply)
+            elif inspect.isawaitable(r):
+                self.run_awaitable(r, None)
+
+    def answer(self, r: Any, reply: Reply) -> None:
+        """Answer a request with a handler's return value, now or when it ends."""
+        if isinstance(r, concurrent.futures.Future):
+            r.add_done_callback(lambda f: _reply_from_future(f, reply))
+        elif inspect.isawaitable(r):
+            self.run_awaitable(r, reply)
+        else:
+            reply(True, r)
+
+    def run_awaitable(self, aw: Any, reply: Reply | None) -> None:
+        """Start ``aw`` on the attached loop (or a private one) in call order."""
+        loop = self.loop or self._get_private_loop()
+
+        async def run() -> Any:
+            return await aw
+
+        def start() -> None:
+            task = loop.create_task(run())
+            task.add_done_callback(lambda t: _reply_from_future(t, reply))
+
+        if self.loop is not None and threading.get_ident() == self.handler_ident:
+            start()
+        else:
+            loop.call_soon_threadsafe(start)
+
+    def _get_private_loop(self) -> asyncio.AbstractEventLoop:
+        if self._private_loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(
+                target=loop.run_forever, name=f"clusterhub-{self.name}-aio", daemon=True
+            ).start()
+            self._private_loop = loop
+        return self._private_loop
+
+
+class _NoHandler(Exception):
+    """Internal marker: no handler for a request's name (becomes NoHandlerError)."""
+
+
+def _reply_from_future(f: Any, reply: Reply | None) -> None:
+    if f.cancelled():
+        err: BaseException | None = concurrent.futures.CancelledError()
+    else:
+        err = f.exception()
+    if reply is None:
+        if err is not None and not isinstance(err, concurrent.futures.CancelledError):
+            log.error("async handler failed", exc_info=err)
+        return
+    if err is not None:
+        reply(False, err)
+    else:
+        reply(True, f.result())

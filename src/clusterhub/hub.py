@@ -1,0 +1,859 @@
+"""The Hub: the one object users touch, tying workers, messages, requests and
+locks together.  The same object is the master side in the master and, after
+``fork()``, the worker side in the child."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import selectors
+import signal
+import threading
+import time
+import traceback
+import warnings
+import weakref
+from numbers import Real
+from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
+
+from . import _bindings, protocol
+from ._bindings import PeerGone
+from .channel import Channel
+from .dispatch import Dispatcher, Reply, _NoHandler
+from .errors import (
+    HubClosedError,
+    HubError,
+    MasterDied,
+    MessageTooLarge,
+    NotMasterError,
+    NoWorkersError,
+    PeerDied,
+    RemoteError,
+    NoHandlerError,
+    WorkerDied,
+)
+from .locks import Lock, Locks
+from .process import Worker, exit_process, reap, run_target
+from .requests import Callback, Future, Pending, add_callback, resolve
+
+log = logging.getLogger("clusterhub")
+
+F = TypeVar("F", bound=Callable[..., Any])
+WorkerRef = Union[Worker, int]
+
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+DEFAULT_MAX_QUEUE = 8 * 1024 * 1024
+DEFAULT_LOCK_SLOTS = 1024
+
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+_PROTOCOL_ERRORS = (_bindings.MALFORMED, _bindings.TOOBIG)
+
+# Every hub of this process, so a fork by other code can neutralise them.
+_hubs: "weakref.WeakSet[Hub]" = weakref.WeakSet()
+_forking: Optional["Hub"] = None  # the hub whose fork() is in progress
+
+
+class HeldLock(NamedTuple):
+    """One entry of ``Hub.held_locks()``."""
+
+    key: bytes
+    pid: int
+    worker_id: Optional[int]
+
+
+def _after_fork_in_child() -> None:
+    for hub in list(_hubs):
+        if hub is not _forking:
+            hub._abandon()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Hub:
+    """Messages and global locks between a master process and its workers.
+
+    Create it in the master before starting workers with :meth:`fork`.
+
+    :param serializer: ``"pickle"`` (default; peers are trusted: pickle runs
+        their bytes), ``"json"``, or an object with ``dumps``/``loads``.
+    :param max_message_size: largest frame in bytes (default 64 MiB); larger
+        sends raise :class:`MessageTooLarge`.
+    :param max_queue: bytes queued towards one peer before a sender blocks
+        (default 8 MiB).
+    :param lock_slots: the lock table holds at least this many keys held or
+        waited on at once (and at most twice as many).
+    :param exit_on_master_death: a worker whose master dies exits with code 1.
+    """
+
+    def __init__(
+        self,
+        *,
+        serializer: Union[str, protocol.Serializer] = "pickle",
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        lock_slots: int = DEFAULT_LOCK_SLOTS,
+        exit_on_master_death: bool = True,
+    ) -> None:
+        _check_int("max_message_size", max_message_size, 1, _bindings.FRAME_MAX_LIMIT)
+        _check_int("max_queue", max_queue, 0, None)
+        _check_int("lock_slots", lock_slots, 1, None)
+        self._dumps, self._loads = protocol.serializer_functions(serializer)
+        self._max_message_size = max_message_size
+        self._max_queue = max_queue
+        self._exit_on_master_death = bool(exit_on_master_death)
+        self._pid = os.getpid()
+        self._is_master = True
+        self._worker_id: Optional[int] = None
+        self._closed = False
+        self._state_lock = threading.Lock()
+        self._workers: dict[int, Worker] = {}
+        self._known: "weakref.WeakSet[Worker]" = weakref.WeakSet()
+        self._next_id = 1
+        self._exit_callbacks: list[Callable[[Worker], Any]] = []
+        self._master: Optional[Channel] = None
+        self._peer_stubs: dict[int, Worker] = {}
+        self._pending = Pending()
+        self._locks = Locks(lock_slots)
+        self._dispatcher = Dispatcher(f"master-{self._pid}")
+        self._dispatcher.start()
+        _hubs.add(self)
+
+    def __repr__(self) -> str:
+        role = "master" if self._is_master else f"worker {self._worker_id}"
+        state = " closed" if self._closed else ""
+        return f"<clusterhub.Hub {role} pid={self._pid}{state}>"
+
+    def __enter__(self) -> "Hub":
+        self._check()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- identity -------------------------------------------------------
+
+    @property
+    def is_master(self) -> bool:
+        return self._is_master
+
+    @property
+    def is_worker(self) -> bool:
+        return not self._is_master
+
+    @property
+    def worker_id(self) -> Optional[int]:
+        """This worker's id; None in the master."""
+        return self._worker_id
+
+    @property
+    def workers(self) -> dict[int, Worker]:
+        """Live workers by id (master only; a snapshot)."""
+        self._check_master("workers")
+        return dict(self._workers)
+
+    # ---- processes ------------------------------------------------------
+
+    def fork(self, target: Callable[..., Any], *args: Any, **kwargs: Any) -> Worker:
+        """Start a worker process running ``target(*args, **kwargs)``.
+
+        In the child this same hub becomes the worker side; when ``target``
+        returns the worker exits with 0 (``SystemExit(n)``: n; an uncaught
+        exception: its traceback on stderr and 1), after everything it sent
+        has been written to the master.
+        """
+        global _forking
+        self._check_master("fork")
+        if not callable(target):
+            raise TypeError(f"target must be callable, not {type(target).__name__}")
+        mfd, wfd = _bindings.socketpair()
+        with self._state_lock:
+            wid = self._next_id
+            self._next_id += 1
+            _forking = self
+            try:
+                with warnings.catch_warnings():
+                    # 3.12+ warns about fork() with threads; ours hold no lock the child needs.
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    pid = os.fork()
+            finally:
+                _forking = None
+            if pid == 0:
+                self._run_worker(wid, mfd, wfd, target, args, kwargs)  # never returns
+            os.close(wfd)
+            w = Worker(wid, pid, self._wait_event)
+            w.channel = Channel(mfd, w, self._max_message_size, self._max_queue)
+            w.pidfd = os.pidfd_open(pid)
+            self._workers[wid] = w
+            self._known.add(w)
+        self._dispatcher.call_soon(lambda: self._watch_worker(w))
+        return w
+
+    def _run_worker(
+        self, wid: int, mfd: int, wfd: int, target: Callable[..., Any],
+        args: tuple[Any, ...], kwargs: dict[str, Any],
+    ) -> None:
+        code = 1
+        try:
+            self._become_worker(wid, mfd, wfd)
+            code = run_target(target, args, kwargs)
+            self._flush_master()
+        except KeyboardInterrupt:
+            code = -signal.SIGINT
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            exit_process(code)
+
+    def _become_worker(self, wid: int, mfd: int, wfd: int) -> None:
+        os.close(mfd)
+        for w in self._workers.values():
+            if w.channel is not None:
+                w.channel.abandon()  # or a sibling would keep the master's end open
+            if w.pidfd is not None:
+                os.close(w.pidfd)
+        self._workers = {}
+        self._known = weakref.WeakSet()
+        self._exit_callbacks = []
+        self._is_master = False
+        self._worker_id = wid
+        self._pid = os.getpid()
+        self._state_lock = threading.Lock()
+        self._pending = Pending()
+        self._locks.after_fork_child(wid)
+        ch = Channel(wfd, None, self._max_message_size, self._max_queue)
+        self._master = ch
+        d = self._dispatcher
+        d.reinit_after_fork(f"worker-{wid}")
+        d.register(ch.fd, _READ, lambda m: self._on_channel(ch, m))
+        d.start()
+
+    def _flush_master(self) -> None:
+        """Block until everything sent to the master is written (or it died)."""
+        ch = self._master
+        if ch is None or ch.closed:
+            return
+        try:
+            ch.wait_room(0)
+        except PeerGone:
+            pass
+
+    def _abandon(self) -> None:
+        """In a child forked by other code: this hub is inert there."""
+        self._closed = True
+        for w in self._workers.values():
+            if w.channel is not None:
+                w.channel.abandon()
+            if w.pidfd is not None:
+                try:
+                    os.close(w.pidfd)
+                except OSError:
+                    pass
+        if self._master is not None:
+            self._master.abandon()
+        self._dispatcher.abandon()
+        self._locks.abandon()
+
+    def on_exit(self, callback: F) -> F:
+        """Call ``callback(worker)`` after each worker exits (its ``exitcode``
+        set), in order with the messages it sent before.  Master only; usable
+        as a decorator."""
+        self._check_master("on_exit")
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        self._exit_callbacks.append(callback)
+        return callback
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait for every worker to exit; True when all did."""
+        self._check_master("join")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for w in list(self._workers.values()):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not w.join(left):
+                return False
+        return not self._workers
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the hub in this process and release its resources.
+
+        In the master, remaining workers get SIGTERM, then SIGKILL after
+        ``timeout`` seconds.  Idempotent.  Raises LockError (and stays open)
+        while a thread of this process holds or waits on one of its locks.
+        """
+        if self._closed:
+            return
+        self._locks.check_idle()
+        if self._is_master:
+            workers = list(self._workers.values())
+            for w in workers:
+                w.terminate()
+            deadline = time.monotonic() + timeout
+            for w in workers:
+                if not w.join(max(0.0, deadline - time.monotonic())):
+                    w.kill()
+            for w in workers:
+                w.join(5.0)
+        else:
+            self._flush_master()
+        self._closed = True
+        self._dispatcher.stop()
+        self._pending.fail_all(lambda: HubClosedError("the hub was closed"))
+        for w in list(self._workers.values()):
+            if w.channel is not None:
+                w.channel.close()
+            if w.pidfd is not None:
+                os.close(w.pidfd)
+                w.pidfd = None
+        if self._master is not None:
+            self._master.close()
+        self._locks.close()
+        _hubs.discard(self)
+
+    # ---- handlers -------------------------------------------------------
+
+    def on(self, name: str, handler: Optional[Callable[[Any, Any], Any]] = None) -> Any:
+        """Register ``handler(data, sender)`` for messages named ``name``
+        (usable as ``@hub.on(name)``).  Its return value answers a request."""
+        self._check()
+        protocol.encode_name(name)
+        if handler is None:
+            return lambda fn: self.on(name, fn)
+        self._dispatcher.registry.add(name, handler)
+        return handler
+
+    def once(self, name: str, handler: Optional[Callable[[Any, Any], Any]] = None) -> Any:
+        """Like :meth:`on`, for one message only."""
+        self._check()
+        protocol.encode_name(name)
+        if handler is None:
+            return lambda fn: self.once(name, fn)
+        self._dispatcher.registry.add(name, handler, once=True)
+        return handler
+
+    def off(self, name: str, handler: Optional[Callable[[Any, Any], Any]] = None) -> None:
+        """Remove ``handler`` for ``name``, or every handler of ``name``."""
+        self._check()
+        self._dispatcher.registry.remove(name, handler)
+
+    # ---- plain messages -------------------------------------------------
+
+    def send_to_master(self, name: str, data: Any = None) -> None:
+        """Send a message to the master's handlers (in the master: to its own
+        handlers, in call order, without serializing)."""
+        self._check()
+        if self._is_master:
+            protocol.encode_name(name)
+            self._dispatcher.post((name, data, None, None))
+            return
+        self._send(self._master_channel(), self._encode(protocol.MSG, 0, name, data))
+
+    def send_to_worker(self, worker: WorkerRef, name: str, data: Any = None) -> None:
+        """Send a message to one worker (master only)."""
+        self._check_master("send_to_worker")
+        w = self._worker(worker)
+        self._send(w.channel, self._encode(protocol.MSG, 0, name, data))
+
+    def send_to_workers(self, name: str, data: Any = None) -> None:
+        """Broadcast: from the master to every live worker; from a worker to
+        every other live worker (relayed by the master, whose own handlers
+        are not called; receivers see the originating worker as sender)."""
+        self._check()
+        if not self._is_master:
+            payload = self._encode(protocol.BCAST, self._worker_id or 0, name, data)
+            self._send(self._master_channel(), payload)
+            return
+        payload = self._encode(protocol.MSG, 0, name, data)
+        for w in list(self._workers.values()):
+            try:
+                self._send(w.channel, payload)
+            except WorkerDied:
+                pass  # it is exiting; on_exit will report it
+
+    def send_to_random_worker(self, name: str, data: Any = None) -> Optional[Worker]:
+        """Send to one live worker chosen at random; that worker, or None when
+        there is none (master only)."""
+        self._check_master("send_to_random_worker")
+        payload = self._encode(protocol.MSG, 0, name, data)
+        candidates = list(self._workers.values())
+        random.shuffle(candidates)
+        for w in candidates:
+            try:
+                self._send(w.channel, payload)
+                return w
+            except WorkerDied:
+                continue
+        return None
+
+    # ---- requests -------------------------------------------------------
+
+    def request_master(
+        self, name: str, data: Any = None, *,
+        timeout: Optional[float] = None, callback: Optional[Callback] = None,
+    ) -> Future:
+        """Ask the master's handlers; a Future of the first handler's result."""
+        self._check()
+        if self._is_master:
+            return self._request_local(name, data, timeout, callback)
+        body = self._dumps_data(data)
+        return self._request(self._master_channel(check=False), name, body, timeout, callback)
+
+    def request_worker(
+        self, worker: WorkerRef, name: str, data: Any = None, *,
+        timeout: Optional[float] = None, callback: Optional[Callback] = None,
+    ) -> Future:
+        """Ask one worker's handlers (master only)."""
+        self._check_master("request_worker")
+        w = self._worker(worker)
+        return self._request(w.channel, name, self._dumps_data(data), timeout, callback)
+
+    def request_random_worker(
+        self, name: str, data: Any = None, *,
+        timeout: Optional[float] = None, callback: Optional[Callback] = None,
+    ) -> Future:
+        """Ask one live worker chosen at random; with none the Future fails
+        with NoWorkersError (master only)."""
+        self._check_master("request_random_worker")
+        body = self._dumps_data(data)
+        live = [w for w in self._workers.values() if w.channel and not w.channel.closed]
+        if not live:
+            return self._failed(NoWorkersError("no live worker"), callback)
+        return self._request(random.choice(live).channel, name, body, timeout, callback)
+
+    def request_workers(
+        self, name: str, data: Any = None, *,
+        timeout: Optional[float] = None, callback: Optional[Callback] = None,
+    ) -> Future:
+        """Ask every live worker; a Future of ``{worker id: result or the
+        exception its request ended with}`` (master only)."""
+        self._check_master("request_workers")
+        body = self._dumps_data(data)
+        protocol.encode_name(name)
+        _check_timeout(timeout)
+        live = sorted(self._workers.values(), key=lambda w: w.id)
+        agg = self._new_future()
+        if callback is not None:
+            _check_callback(callback)
+            add_callback(agg, callback)
+        results: dict[int, Any] = {}
+        left = [len(live)]
+        lock = threading.Lock()
+        subs: list[Future] = []
+
+        def collect(wid: int, f: Future) -> None:
+            if f.cancelled():
+                return
+            err = f.exception()
+            with lock:
+                results[wid] = err if err is not None else f.result()
+                left[0] -= 1
+                done = left[0] == 0
+            if done:
+                resolve(agg, True, {w.id: results[w.id] for w in live})
+
+        for w in live:
+            try:
+                sub = self._request(w.channel, name, body, timeout, None)
+            except WorkerDied as e:
+                sub = self._failed(e, None)
+            subs.append(sub)
+            sub.add_done_callback(lambda f, wid=w.id: collect(wid, f))
+        if not live:
+            resolve(agg, True, {})
+        agg.add_done_callback(lambda f: [s.cancel() for s in subs] if f.cancelled() else None)
+        return agg
+
+    def _new_future(self, local: bool = False) -> Future:
+        fut = Future()
+        fut._waiter = self._wait_future
+        fut._local = local
+        return fut
+
+    def _failed(self, exc: BaseException, callback: Optional[Callback]) -> Future:
+        fut = self._new_future()
+        if callback is not None:
+            _check_callback(callback)
+            add_callback(fut, callback)
+        fut.set_exception(exc)
+        return fut
+
+    def _request(
+        self, ch: Optional[Channel], name: str, body: bytes,
+        timeout: Optional[float], callback: Optional[Callback],
+    ) -> Future:
+        nb = protocol.encode_name(name)
+        _check_timeout(timeout)
+        if callback is not None:
+            _check_callback(callback)
+        fut = self._new_future()
+        rid = self._pending.add(ch, fut)
+        if callback is not None:
+            add_callback(fut, callback)
+        if timeout is not None:
+            self._arm_timeout(fut, rid, timeout)
+        if ch is None:  # a worker whose master is gone
+            self._pending.fail(rid, MasterDied("the master has died"))
+            return fut
+        try:
+            self._send(ch, protocol.encode(protocol.REQ, self._worker_id or 0, rid, nb, body))
+        except PeerDied as e:
+            self._pending.fail(rid, e)
+        except BaseException:
+            self._pending.discard(rid)
+            raise
+        return fut
+
+    def _request_local(
+        self, name: str, data: Any, timeout: Optional[float], callback: Optional[Callback]
+    ) -> Future:
+        protocol.encode_name(name)
+        _check_timeout(timeout)
+        if callback is not None:
+            _check_callback(callback)
+        fut = self._new_future(local=True)
+        rid = self._pending.add(None, fut)
+        if callback is not None:
+            add_callback(fut, callback)
+        if timeout is not None:
+            self._arm_timeout(fut, rid, timeout)
+
+        def reply(ok: bool, value: Any) -> None:
+            self._pending.complete(None, rid, ok, value if ok else _as_remote_error(value))
+
+        self._dispatcher.post((name, data, None, reply))
+        return fut
+
+    def _arm_timeout(self, fut: Future, rid: int, timeout: float) -> None:
+        timer = self._dispatcher.call_later(
+            timeout,
+            lambda: self._pending.fail(rid, TimeoutError(f"no reply within {timeout} s")),
+        )
+        fut.add_done_callback(lambda _f: timer.cancel())
+
+    def _wait_future(self, fut: Future, timeout: Optional[float]) -> None:
+        """Future.result()'s hook: serve the sockets when waiting on the
+        dispatcher thread; refuse a wait that could never end."""
+        d = self._dispatcher
+        me = threading.get_ident()
+        if fut._local and me == d.handler_ident:
+            raise HubError(
+                "waiting here for a request to this process's own handlers would "
+                "never end: they run on this very thread (use a callback or await)"
+            )
+        if me == d.ident:
+            d.pump_until(fut.done, timeout)
+
+    def _wait_event(self, ev: threading.Event, timeout: Optional[float]) -> bool:
+        if self._dispatcher.on_thread:
+            self._dispatcher.pump_until(ev.is_set, timeout)
+            return ev.is_set()
+        return ev.wait(timeout)
+
+    # ---- asyncio --------------------------------------------------------
+
+    def attach(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        """Dispatch incoming messages on ``loop`` (default: the running loop);
+        ``async def`` handlers are awaited there."""
+        self._check()
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        self._dispatcher.attach(loop)
+
+    def detach(self) -> None:
+        """Dispatch on the hub's own thread again."""
+        self._check()
+        self._dispatcher.detach()
+
+    # ---- locks ----------------------------------------------------------
+
+    def lock(self, key: Union[str, bytes], timeout: Optional[float] = None) -> Lock:
+        """A handle on the global lock named ``key`` (see :class:`Lock`)."""
+        self._check()
+        return self._locks.lock(key, timeout)
+
+    def held_locks(self) -> list[HeldLock]:
+        """Every key held right now, with its holder's pid and worker id."""
+        self._check()
+        return [HeldLock(*t) for t in self._locks.held()]
+
+    # ---- sending --------------------------------------------------------
+
+    def _dumps_data(self, data: Any) -> bytes:
+        return self._dumps(data)
+
+    def _encode(self, kind: int, origin: int, name: str, data: Any) -> bytes:
+        nb = protocol.encode_name(name)
+        return protocol.encode(kind, origin, 0, nb, self._dumps(data))
+
+    def _master_channel(self, check: bool = True) -> Optional[Channel]:
+        ch = self._master
+        if ch is None or ch.closed:
+            if check:
+                raise MasterDied("the master has died")
+            return None
+        return ch
+
+    def _worker(self, worker: WorkerRef) -> Worker:
+        if isinstance(worker, Worker):
+            w = self._workers.get(worker.id)
+            if w is not worker:
+                if worker in self._known:
+                    raise WorkerDied(f"worker {worker.id} has exited")
+                raise ValueError(f"{worker!r} is not a worker of this hub")
+        elif isinstance(worker, int) and not isinstance(worker, bool):
+            w = self._workers.get(worker)
+            if w is None:
+                if 1 <= worker < self._next_id:
+                    raise WorkerDied(f"worker {worker} has exited")
+                raise ValueError(f"no worker {worker} in this hub")
+        else:
+            raise TypeError(f"worker must be a Worker or an int id, not {type(worker).__name__}")
+        if w.channel is None or w.channel.closed:
+            raise WorkerDied(f"worker {w.id} has exited")
+        return w
+
+    def _send(self, ch: Optional[Channel], payload: bytes, wait: bool = True) -> None:
+        """Send a frame, blocking while the queue to the peer is over max_queue."""
+        if ch is None:
+            raise MasterDied("the master has died")
+        try:
+            left = ch.send(payload)
+            if left:
+                self._backlog(ch, left, wait)
+        except PeerGone:
+            raise self._died(ch) from None
+
+    def _backlog(self, ch: Channel, left: int, wait: bool) -> None:
+        d = self._dispatcher
+        if wait and left > ch.max_queue:
+            if d.on_thread:  # keep reading meanwhile, or two full peers deadlock
+                self._watch_write(ch)
+                d.pump_until(lambda: ch.closed or ch.pending() <= ch.max_queue, None)
+                if ch.closed:
+                    raise PeerGone(0)
+            else:
+                ch.wait_room(ch.max_queue)
+        if ch.pending():
+            d.call_soon(lambda: self._watch_write(ch))
+
+    def _died(self, ch: Channel) -> PeerDied:
+        if ch.peer is None:
+            return MasterDied("the master has died")
+        return WorkerDied(f"worker {ch.peer.id} has exited")
+
+    # ---- receiving (dispatcher thread) ----------------------------------
+
+    def _watch_worker(self, w: Worker) -> None:
+        ch = w.channel
+        if self._closed or ch is None or ch.closed or w.pidfd is None:
+            return
+        d = self._dispatcher
+        d.register(ch.fd, _READ, lambda m: self._on_channel(ch, m))
+        d.register(w.pidfd, _READ, lambda m: self._on_worker_exit(w))
+
+    def _watch_write(self, ch: Channel) -> None:
+        if not ch.closed and ch.pending():
+            self._dispatcher.modify(ch.fd, _READ | _WRITE, lambda m: self._on_channel(ch, m))
+
+    def _on_channel(self, ch: Channel, mask: int) -> None:
+        if mask & _WRITE and not ch.closed:
+            try:
+                if ch.flush() == 0:
+                    self._dispatcher.modify(ch.fd, _READ, lambda m: self._on_channel(ch, m))
+            except PeerGone:
+                self._channel_lost(ch, _bindings.EOF)
+                return
+        if mask & _READ:
+            self._read(ch, 8)
+
+    def _read(self, ch: Channel, rounds: int) -> None:
+        """Read and route up to ``rounds`` batches of frames from ``ch``."""
+        for _ in range(rounds):
+            if ch.closed:
+                return
+            frames = ch.rx.read(ch.fd)
+            if frames.__class__ is int:
+                self._channel_lost(ch, frames)  # type: ignore[arg-type]
+                return
+            if not frames:
+                return
+            for mv in frames:  # type: ignore[union-attr]
+                try:
+                    self._route(ch, mv)
+                except ValueError as e:
+                    log.debug("malformed envelope: %s", e)
+                    self._channel_lost(ch, _bindings.MALFORMED)
+                    return
+
+    def _route(self, ch: Channel, mv: memoryview) -> None:
+        kind, origin, rid, name, body = protocol.decode(mv)
+        if kind == protocol.RES:
+            try:
+                ok, value = True, self._loads(body)
+            except Exception as e:
+                ok, value = False, HubError(f"cannot decode the reply: {e!r}")
+            self._pending.complete(ch, rid, ok, value)
+        elif kind == protocol.ERR:
+            self._pending.complete(ch, rid, False, _remote_error(body))
+        elif kind == protocol.BCAST and self._is_master:
+            if ch.peer is None or origin != ch.peer.id:
+                raise ValueError("broadcast with a forged origin")
+            self._relay(ch, bytes(mv))
+        else:
+            if self._is_master:
+                sender = ch.peer
+            else:
+                sender = None if origin == 0 or kind != protocol.BCAST else self._peer(origin)
+            try:
+                data = self._loads(body)
+            except Exception as e:
+                log.error("cannot decode the data of %r: %r", name, e)
+                if kind == protocol.REQ:
+                    self._replier(ch, rid, wait=False)(False, e)
+                return
+            reply = self._replier(ch, rid) if kind == protocol.REQ else None
+            self._dispatcher.inbox.append((name, data, sender, reply))
+
+    def _peer(self, wid: int) -> Worker:
+        w = self._peer_stubs.get(wid)
+        if w is None:
+            w = self._peer_stubs[wid] = Worker(wid)
+        return w
+
+    def _relay(self, origin: Channel, payload: bytes) -> None:
+        for w in list(self._workers.values()):
+            ch = w.channel
+            if ch is origin or ch is None or ch.closed:
+                continue
+            try:
+                self._send(ch, payload, wait=False)
+            except PeerDied:
+                pass
+
+    def _replier(self, ch: Channel, rid: int, wait: bool = True) -> Reply:
+        def reply(ok: bool, value: Any) -> None:
+            if ok:
+                try:
+                    payload = protocol.encode(protocol.RES, 0, rid, b"", self._dumps(value))
+                except Exception as e:
+                    ok, value = False, e
+            if not ok:
+                payload = protocol.encode(protocol.ERR, 0, rid, b"", _error_body(value))
+            try:
+                self._send(ch, payload, wait)
+            except PeerDied:
+                log.debug("reply to request %d dropped: the peer is gone", rid)
+            except MessageTooLarge as e:
+                self._send(ch, protocol.encode(protocol.ERR, 0, rid, b"", _error_body(e)), False)
+
+        return reply
+
+    def _channel_lost(self, ch: Channel, code: int) -> None:
+        if ch.closed:
+            return
+        self._dispatcher.unregister(ch.fd)
+        ch.close()
+        w = ch.peer
+        if w is not None:
+            if code != _bindings.EOF:
+                log.error("worker %d broke its channel (%s): killing it", w.id, _describe(code))
+                w.kill()
+            self._pending.fail_peer(ch, lambda: WorkerDied(f"worker {w.id} has exited"))
+            return
+        if code != _bindings.EOF and code != _bindings.TRUNCATED:
+            log.error("the master broke its channel (%s): treating it as dead", _describe(code))
+        self._pending.fail_all(lambda: MasterDied("the master has died"))
+        if self._exit_on_master_death:
+            exit_process(1)
+
+    def _on_worker_exit(self, w: Worker) -> None:
+        ch = w.channel
+        if ch is not None and not ch.closed:
+            self._read(ch, 1 << 30)  # everything it sent is handled first
+            self._channel_lost(ch, _bindings.EOF)
+        if w.pidfd is not None:
+            self._dispatcher.unregister(w.pidfd)
+            os.close(w.pidfd)
+            w.pidfd = None
+        code = reap(w.pid) if w.pid is not None else None
+        with self._state_lock:
+            self._workers.pop(w.id, None)
+        w.set_exited(code)
+        self._dispatcher.inbox.append((None, self._run_exit_callbacks, w, None))
+
+    def _run_exit_callbacks(self, w: Worker) -> None:
+        for cb in list(self._exit_callbacks):
+            try:
+                cb(w)
+            except Exception:
+                log.exception("on_exit callback %r failed", cb)
+
+    # ---- checks ---------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._closed:
+            raise HubClosedError("this hub is closed (or was inherited through a fork)")
+
+    def _check_master(self, what: str) -> None:
+        self._check()
+        if not self._is_master:
+            raise NotMasterError(f"{what} is for the master only")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: Optional[int]) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be between {lo} and {hi}" if hi else f"{name} must be >= {lo}")
+
+
+def _check_timeout(timeout: Optional[float]) -> None:
+    if timeout is None:
+        return
+    if not isinstance(timeout, Real) or isinstance(timeout, bool):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if timeout < 0 or timeout != timeout:
+        raise ValueError("timeout must be >= 0")
+
+
+def _check_callback(callback: Any) -> None:
+    if not callable(callback):
+        raise TypeError("callback must be callable as callback(error, result)")
+
+
+def _type_name(e: BaseException) -> str:
+    t = type(e)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _error_body(e: BaseException) -> bytes:
+    if isinstance(e, _NoHandler):
+        return protocol.encode_error("NoHandlerError", f"no handler for {e.args[0]!r}", "", True)
+    if isinstance(e, RemoteError):
+        return protocol.encode_error(e.type_name, e.message, e.remote_traceback, isinstance(e, NoHandlerError))
+    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    return protocol.encode_error(_type_name(e), str(e), tb, False)
+
+
+def _remote_error(body: memoryview) -> RemoteError:
+    try:
+        t, m, tb, no_handler = protocol.decode_error(body)
+    except Exception as e:
+        return RemoteError("HubError", f"undecodable error reply: {e!r}")
+    return (NoHandlerError if no_handler else RemoteError)(t, m, tb)
+
+
+def _as_remote_error(e: BaseException) -> RemoteError:
+    """A local handler's exception, shaped as if it came from a peer."""
+    return _remote_error(memoryview(_error_body(e)))
+
+
+def _describe(code: int) -> str:
+    return {
+        _bindings.MALFORMED: "malformed frame",
+        _bindings.TOOBIG: "frame over max_message_size",
+        _bindings.TRUNCATED: "closed inside a frame",
+    }.get(code, os.strerror(-code) if code < 0 else str(code))

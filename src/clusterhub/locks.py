@@ -1,0 +1,395 @@
+"""Global named locks on the shared-memory lock table.
+
+A :class:`Lock` handle caches the (slot, generation) its key resolved to, so
+``with lk:`` is one C call to acquire and one to release, both keeping the GIL.
+Only a contended acquire waits, in C with the GIL released, in slices of
+about 0.1 s so that Ctrl-C is seen between slices.  When the slot has been
+handed to another key meanwhile, C says "stale" and the handle resolves again.
+
+Locks are not first-come-first-served: a releasing process may take the lock
+again before a waiter wakes.
+
+In asyncio, the owner is the task.  A task that finds the lock free takes it
+on the loop's thread; one that must wait lets a helper thread wait, hold and
+later release the lock (a pthread mutex belongs to the thread that locked it),
+so the loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import threading
+from typing import Any, Optional, Union
+
+from . import _bindings
+from ._bindings import LockTable, lock_error
+from .errors import HubClosedError, LockError, LockTimeout
+
+_trylock = _bindings.lt_trylock
+_timedlock = _bindings.lt_timedlock
+_unlock = _bindings.lt_unlock
+_now_ns = _bindings.monotonic_ns
+_get_ident = threading.get_ident
+
+_RECOVERED = _bindings.RECOVERED
+_NEW = _bindings.NEW
+_EBUSY = -errno.EBUSY
+_ESTALE = -errno.ESTALE
+_EINVAL = -errno.EINVAL
+_ETIMEDOUT = -errno.ETIMEDOUT
+_EBADF = -errno.EBADF
+_SLICE_NS = 100_000_000  # wake this often while blocked, to see signals
+_UNRESOLVED = 0xFFFFFFFF  # a slot number C rejects: forces the first resolve
+_CACHE_MAX = 4096  # by-name handles kept for `with hub.lock(name)`
+_DEFAULT: Any = object()
+
+Key = Union[str, bytes]
+
+
+def encode_key(key: Key) -> bytes:
+    """The key's bytes; TypeError/ValueError for a bad key."""
+    if isinstance(key, str):
+        kb = key.encode()
+    elif isinstance(key, bytes):
+        kb = key
+    else:
+        raise TypeError(f"lock key must be str or bytes, not {type(key).__name__}")
+    if not 1 <= len(kb) <= _bindings.KEY_MAX:
+        raise ValueError(f"lock key must be 1 to {_bindings.KEY_MAX} bytes, not {len(kb)}")
+    return kb
+
+
+def _check_timeout(timeout: Optional[float]) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if not timeout >= 0:
+        raise ValueError("timeout must be >= 0")
+    return timeout
+
+
+class Locks:
+    """This process's view of a hub's lock table."""
+
+    def __init__(self, lock_slots: int) -> None:
+        self.table = LockTable(2 * lock_slots)
+        self.ptr: Any = self.table.ptr  # None once closed: handles then raise
+        self._handles: dict[Key, Lock] = {}
+        self.aio: dict[tuple[asyncio.AbstractEventLoop, bytes], _AioState] = {}
+
+    def lock(self, key: Key, timeout: Optional[float]) -> "Lock":
+        h = self._handles.get(key)
+        if h is not None and h._timeout == timeout and key.__class__ is h._key_type:
+            return h
+        h = Lock(self, encode_key(key), _check_timeout(timeout), key.__class__)
+        if timeout is None:
+            if len(self._handles) >= _CACHE_MAX:
+                self._handles.clear()
+            self._handles[key] = h
+        return h
+
+    def held(self) -> list[tuple[bytes, int, Optional[int]]]:
+        self._check()
+        return self.table.held()
+
+    def _check(self) -> Any:
+        if self.ptr is None:
+            raise HubClosedError("this hub is closed")
+        return self.ptr
+
+    def check_idle(self) -> None:
+        """LockError while a thread of this process holds or waits on a lock."""
+        if self.ptr is not None and self.table.busy():
+            raise LockError(
+                "cannot close the hub while a thread of this process holds or waits "
+                "on one of its locks (unmapping the table would break lock recovery)"
+            )
+
+    def after_fork_child(self, worker_id: int) -> None:
+        self.table.after_fork_child()
+        self.table.set_worker_id(worker_id)
+        self.aio = {}
+
+    def abandon(self) -> None:
+        """Inert in a child forked by other code: keep the mapping, refuse use."""
+        self.ptr = None
+
+    def close(self) -> None:
+        if self.ptr is None:
+            return
+        self.table.close()
+        self.ptr = None
+        self._handles.clear()
+
+
+class Lock:
+    """A handle on one global lock, usable from any thread and in asyncio.
+
+    ``with lk:`` / ``async with lk:`` acquire and release it; ``acquire()``
+    returns whether it was acquired in time.  ``recovered`` says whether the
+    calling thread's latest acquire through this handle took the lock from a
+    holder that died holding it.
+    """
+
+    __slots__ = ("key", "_locks", "_slot", "_gen", "_timeout", "_key_type", "_rec")
+
+    def __init__(self, locks: Locks, key: bytes, timeout: Optional[float], key_type: type) -> None:
+        self.key = key
+        self._locks = locks
+        self._slot = _UNRESOLVED
+        self._gen = 0
+        self._timeout = timeout
+        self._key_type = key_type
+        self._rec: set[int] = set()  # thread idents whose latest acquire recovered
+
+    def __repr__(self) -> str:
+        return f"<clusterhub.Lock {self.key!r}>"
+
+    @property
+    def recovered(self) -> bool:
+        return _get_ident() in self._rec
+
+    def locked(self) -> bool:
+        """Whether anyone holds the lock now (a snapshot; never takes it)."""
+        locks = self._locks
+        ptr = locks._check()
+        ref = locks.table.find(self.key)
+        if ref is None:
+            return False
+        state = locks.table.is_locked(*ref)
+        return bool(state)
+
+    # ---- threads ----------------------------------------------------------
+
+    def acquire(self, timeout: Optional[float] = _DEFAULT) -> bool:
+        """Acquire; wait up to ``timeout`` seconds (None: no limit; omitted:
+        the handle's default).  True when acquired, False on timeout."""
+        r = _trylock(self._locks.ptr, self._slot, self._gen)
+        if r == 0:
+            if self._rec:
+                self._rec.discard(_get_ident())
+            return True
+        if timeout is _DEFAULT:
+            timeout = self._timeout
+        else:
+            timeout = _check_timeout(timeout)
+        return self._acquire_slow(r, timeout)
+
+    def __enter__(self) -> "Lock":
+        r = _trylock(self._locks.ptr, self._slot, self._gen)
+        if r == 0 and not self._rec:
+            return self
+        if not self._acquire_slow(r, self._timeout):
+            raise LockTimeout(f"lock {self.key!r} not acquired within {self._timeout} s")
+        return self
+
+    def release(self) -> None:
+        """Release; LockError if the calling thread does not hold it."""
+        r = _unlock(self._locks.ptr, self._slot)
+        if r:
+            raise self._error(r)
+
+    def __exit__(self, *exc: Any) -> None:
+        r = _unlock(self._locks.ptr, self._slot)
+        if r:
+            raise self._error(r)
+
+    def _error(self, r: int) -> Exception:
+        if self._locks.ptr is None or r == _EBADF:
+            return HubClosedError("this hub is closed")
+        if r == _EINVAL and self._slot == _UNRESOLVED:
+            return LockError(f"lock {self.key!r} is not held by this thread")
+        return lock_error(r, self.key)
+
+    def _acquire_slow(self, r: int, timeout: Optional[float]) -> bool:
+        """Finish an acquire that did not succeed at the first trylock."""
+        locks = self._locks
+        ptr = locks._check()
+        deadline = None if timeout is None else _now_ns() + int(timeout * 1e9)
+        held = False
+        try:
+            while True:
+                if r >= 0:
+                    held = True
+                    break
+                if r == _ESTALE or r == _EINVAL:
+                    code, slot, gen = locks.table.resolve(self.key)
+                    self._slot, self._gen = slot, gen
+                    r = 0 if code == _NEW else _trylock(ptr, slot, gen)
+                    continue
+                if r == _EBUSY or r == _ETIMEDOUT:
+                    now = _now_ns()
+                    if deadline is not None and now >= deadline:
+                        return False
+                    end = now + _SLICE_NS
+                    if deadline is not None and deadline < end:
+                        end = deadline
+                    r = _timedlock(ptr, self._slot, self._gen, end)
+                    continue
+                raise lock_error(r, self.key)
+            me = _get_ident()
+            if r == _RECOVERED:
+                self._rec.add(me)
+            else:
+                self._rec.discard(me)
+            return True
+        except BaseException:
+            if held:  # e.g. KeyboardInterrupt right after the lock was taken
+                _unlock(ptr, self._slot)
+            raise
+
+    # ---- asyncio ----------------------------------------------------------
+
+    async def __aenter__(self) -> "Lock":
+        await self.acquire_async(self._timeout)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.release_async()
+
+    async def acquire_async(self, timeout: Optional[float] = None) -> None:
+        """Acquire for the current task without blocking the loop.
+
+        Raises LockTimeout when not acquired within ``timeout`` seconds and
+        LockError when the current task already holds it.
+        """
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        locks = self._locks
+        locks._check()
+        timeout = _check_timeout(timeout)
+        deadline = None if timeout is None else loop.time() + timeout
+        k = (loop, self.key)
+        st = locks.aio.get(k)
+        if st is not None and st.owner is task:
+            raise LockError(f"lock {self.key!r} is already held by this task")
+        while st is not None and st.owner is not None:  # another task of this loop has it
+            fut = loop.create_future()
+            st.waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, _remaining(loop, deadline))
+            except asyncio.TimeoutError:
+                raise LockTimeout(f"lock {self.key!r} not acquired within {timeout} s") from None
+            finally:
+                if fut in st.waiters:
+                    st.waiters.remove(fut)
+            st = locks.aio.get(k)
+        if st is None:
+            st = locks.aio[k] = _AioState()
+        st.owner = task  # tasks of this loop now queue behind us
+        try:
+            r = _trylock(locks.ptr, self._slot, self._gen)
+            if r == _ESTALE or r == _EINVAL:
+                code, self._slot, self._gen = locks.table.resolve(self.key)
+                r = 0 if code == _NEW else _trylock(locks.ptr, self._slot, self._gen)
+            if r >= 0:
+                st.loop_held = True  # the loop's thread holds the mutex
+            elif r == _EBUSY:
+                holder = _Holder(self, loop, deadline)
+                st.holder = holder
+                await holder.acquired(timeout)
+                r = holder.result
+            else:
+                raise lock_error(r, self.key)
+            me = _get_ident()
+            if r == _RECOVERED:
+                self._rec.add(me)
+            else:
+                self._rec.discard(me)
+        except BaseException:
+            self._aio_done(st, k)
+            raise
+
+    def release_async(self) -> None:
+        """Release what :meth:`acquire_async` took for the current task."""
+        loop = asyncio.get_running_loop()
+        k = (loop, self.key)
+        st = self._locks.aio.get(k)
+        if st is None or st.owner is not asyncio.current_task():
+            raise LockError(f"lock {self.key!r} is not held by this task")
+        self._aio_done(st, k)
+
+    def _aio_done(self, st: "_AioState", k: tuple[Any, bytes]) -> None:
+        """Let go of the OS lock (if held) and hand over to the next task."""
+        holder, st.holder = st.holder, None
+        if holder is not None:
+            holder.release()
+        if st.loop_held:
+            st.loop_held = False
+            if self._locks.ptr is not None:
+                _unlock(self._locks.ptr, self._slot)
+        st.owner = None
+        while st.waiters:
+            fut = st.waiters.pop(0)
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._locks.aio.pop(k, None)
+
+
+def _remaining(loop: asyncio.AbstractEventLoop, deadline: Optional[float]) -> Optional[float]:
+    return None if deadline is None else max(0.0, deadline - loop.time())
+
+
+class _AioState:
+    """The tasks of one loop around one key: who owns it, who waits."""
+
+    __slots__ = ("owner", "waiters", "holder", "loop_held")
+
+    def __init__(self) -> None:
+        self.loop_held = False
+        self.owner: Optional[asyncio.Task[Any]] = None
+        self.waiters: list[asyncio.Future[None]] = []
+        self.holder: Optional[_Holder] = None
+
+
+class _Holder:
+    """A thread that waits for, holds, and releases a lock for a task."""
+
+    def __init__(self, lock: Lock, loop: asyncio.AbstractEventLoop, deadline: Optional[float]) -> None:
+        self._lock = lock
+        self._loop = loop
+        self._fut: asyncio.Future[None] = loop.create_future()
+        self._release = threading.Event()
+        self._timeout_ns = None if deadline is None else int(max(0.0, deadline - loop.time()) * 1e9)
+        self.result = 0
+        threading.Thread(target=self._run, name="clusterhub-lock", daemon=True).start()
+
+    async def acquired(self, timeout: Optional[float]) -> None:
+        try:
+            await asyncio.shield(self._fut)
+        except asyncio.CancelledError:
+            self.release()  # the holder unlocks if it got the lock meanwhile
+            raise
+        if self.result is None:
+            raise LockTimeout(f"lock {self._lock.key!r} not acquired within {timeout} s")
+        if isinstance(self.result, BaseException):
+            raise self.result
+
+    def release(self) -> None:
+        self._release.set()
+
+    def _run(self) -> None:
+        lock = self._lock
+        try:
+            ok = lock._acquire_slow(
+                -errno.EBUSY, None if self._timeout_ns is None else self._timeout_ns / 1e9
+            )
+            self.result = (_RECOVERED if lock.recovered else 0) if ok else None
+            lock._rec.discard(threading.get_ident())
+        except BaseException as e:
+            ok, self.result = False, e
+        try:
+            self._loop.call_soon_threadsafe(_set_done, self._fut)
+        except RuntimeError:  # loop closed: nobody will release for us
+            self._release.set()
+        if ok:
+            self._release.wait()
+            _unlock(lock._locks.ptr, lock._slot)
+
+
+def _set_done(fut: "asyncio.Future[None]") -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,0 +1,112 @@
+"""The message envelope inside a frame, and the data serializers.
+
+A frame's payload is a 15-byte header, the message name (UTF-8) and the
+serialized data::
+
+    kind u8 | origin u32 | request id u64 | name length u16 | name | data
+
+Only the data goes through the user's serializer, so JSON or a custom
+serializer never has to represent our bookkeeping, and the master can relay a
+worker's broadcast without decoding its data.  Error replies carry
+``[type name, message, traceback, no-handler flag]`` as JSON whatever the
+serializer.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from typing import Any, Callable, Protocol
+
+MSG = 1  # plain message
+REQ = 2  # request, answered by RES or ERR with the same id
+RES = 3  # successful reply
+ERR = 4  # failed reply
+BCAST = 5  # a worker's broadcast, relayed by the master to the other workers
+
+HEADER = struct.Struct("<BIQH")
+NAME_MAX = 0xFFFF
+
+_pack = HEADER.pack
+_unpack = HEADER.unpack_from
+_HSIZE = HEADER.size
+
+
+class Serializer(Protocol):
+    """What ``Hub(serializer=...)`` accepts besides ``"pickle"`` and ``"json"``."""
+
+    def dumps(self, obj: Any, /) -> bytes: ...
+
+    def loads(self, data: bytes, /) -> Any: ...
+
+
+Dumps = Callable[[Any], bytes]
+Loads = Callable[[Any], Any]
+
+
+def _json_dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _json_loads(data: Any) -> Any:
+    return json.loads(bytes(data))
+
+
+def _pickle_dumps(obj: Any) -> bytes:
+    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+
+
+def serializer_functions(spec: str | Serializer) -> tuple[Dumps, Loads]:
+    """(dumps, loads) for ``Hub(serializer=spec)``."""
+    if spec == "pickle":
+        return _pickle_dumps, pickle.loads  # loads takes a memoryview as is
+    if spec == "json":
+        return _json_dumps, _json_loads
+    if isinstance(spec, str):
+        raise ValueError(f"unknown serializer {spec!r}: use 'pickle', 'json' or an object")
+    dumps, loads = getattr(spec, "dumps", None), getattr(spec, "loads", None)
+    if not callable(dumps) or not callable(loads):
+        raise TypeError("serializer must be 'pickle', 'json' or have dumps() and loads()")
+
+    def checked_dumps(obj: Any) -> bytes:
+        out = dumps(obj)
+        if not isinstance(out, (bytes, bytearray)):
+            raise TypeError(f"serializer.dumps returned {type(out).__name__}, not bytes")
+        return bytes(out)
+
+    return checked_dumps, lambda data: loads(bytes(data))
+
+
+def encode_name(name: str) -> bytes:
+    """The wire form of a message name; TypeError/ValueError for a bad one."""
+    if not isinstance(name, str):
+        raise TypeError(f"message name must be str, not {type(name).__name__}")
+    b = name.encode()
+    if not b or len(b) > NAME_MAX:
+        raise ValueError(f"message name must be 1 to {NAME_MAX} bytes of UTF-8")
+    return b
+
+
+def encode(kind: int, origin: int, rid: int, name: bytes, body: bytes) -> bytes:
+    return b"".join((_pack(kind, origin, rid, len(name)), name, body))
+
+
+def decode(frame: memoryview) -> tuple[int, int, int, str, memoryview]:
+    """(kind, origin, request id, name, data) of a frame; ValueError if malformed."""
+    if len(frame) < _HSIZE:
+        raise ValueError("frame shorter than the envelope header")
+    kind, origin, rid, nlen = _unpack(frame)
+    end = _HSIZE + nlen
+    if not MSG <= kind <= BCAST or len(frame) < end:
+        raise ValueError("malformed envelope")
+    return kind, origin, rid, str(frame[_HSIZE:end], "utf-8"), frame[end:]
+
+
+def encode_error(type_name: str, message: str, tb: str, no_handler: bool) -> bytes:
+    return json.dumps([type_name, message, tb, no_handler]).encode()
+
+
+def decode_error(body: memoryview) -> tuple[str, str, str, bool]:
+    t, m, tb, nh = json.loads(bytes(body))
+    return str(t), str(m), str(tb), bool(nh)
