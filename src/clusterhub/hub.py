@@ -35,7 +35,7 @@ from .errors import (
     WorkerDied,
 )
 from .locks import Lock, Locks
-from .process import Worker, exit_process, reap, run_target
+from .process import Worker, exit_process, flush_stdio as _flush_stdio, reap, run_target
 from .requests import Callback, Future, Pending, add_callback, resolve
 
 log = logging.getLogger("clusterhub")
@@ -169,6 +169,7 @@ class Hub:
         self._check_master("fork")
         if not callable(target):
             raise TypeError(f"target must be callable, not {type(target).__name__}")
+        _flush_stdio()  # or the child inherits, and prints again, unflushed output
         mfd, wfd = _bindings.socketpair()
         with self._state_lock:
             wid = self._next_id

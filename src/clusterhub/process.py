@@ -122,14 +122,18 @@ def run_target(target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[s
         return 1
 
 
-def exit_process(code: int) -> None:
-    """Leave a worker without running the master's atexit handlers (it is a
-    fork of the master): flush stdio, then ``_exit`` or die of the signal."""
+def flush_stdio() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:
             pass
+
+
+def exit_process(code: int) -> None:
+    """Leave a worker without running the master's atexit handlers (it is a
+    fork of the master): flush stdio, then ``_exit`` or die of the signal."""
+    flush_stdio()
     if code < 0:
         signal.signal(-code, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [-code])

@@ -1,0 +1,39 @@
+"""Messages master -> master, worker -> master and master -> worker.
+
+Port of cluster-hub's examples/index.js.  Run: python examples/index.py
+"""
+
+import threading
+
+import clusterhub
+
+hub = clusterhub.Hub()
+
+
+@hub.on("master-to-master")
+def from_myself(data, sender):
+    print(f"master: got {data!r} from {'itself' if sender is None else sender}", flush=True)
+
+
+@hub.on("worker-to-master")
+def from_worker(data, sender):
+    print(f"master: got {data!r} from worker {sender.id}", flush=True)
+    hub.send_to_worker(sender, "master-to-worker", "hello, worker")
+
+
+def worker():
+    answered = threading.Event()
+
+    @hub.on("master-to-worker")
+    def from_master(data, sender):
+        print(f"worker {hub.worker_id}: got {data!r} from the master", flush=True)
+        answered.set()
+
+    hub.send_to_master("worker-to-master", "hello, master")
+    answered.wait(10)
+
+
+if __name__ == "__main__":
+    with hub:
+        hub.send_to_master("master-to-master", "hello, me")
+        hub.fork(worker).join()

@@ -1,0 +1,79 @@
+"""The examples run as a user would run them and print what they promise."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+EXPECTED = {
+    "index": [
+        "master: got 'hello, me' from itself",
+        "master: got 'hello, master' from worker 1",
+        "worker 1: got 'hello, worker' from the master",
+    ],
+    "broadcast": [
+        "master broadcasts:",
+        "worker 1 heard 'hi from the master' from the master",
+        "worker 2 heard 'hi from the master' from the master",
+        "worker 3 heard 'hi from the master' from the master",
+        "worker 1 broadcasts:",
+        "worker 2 heard 'hi from worker 1' from worker 1",
+        "worker 3 heard 'hi from worker 1' from worker 1",
+    ],
+    "requests": [
+        "master: 3 + 4 = 7",
+        "worker 1: 1 + 2 = 3 (answered by the master)",
+        "master: 5 * 6 = 30 (answered by worker 1, error=None)",
+    ],
+    "die_request": [
+        "worker 1: got 'what is 6 * 7?', exiting without an answer",
+        "master: request ended with WorkerDied: worker 1 has exited",
+        "master: worker 1 exit code 0",
+    ],
+    "locks": [
+        "master: holding foo for a second",
+        "master: releasing foo",
+        "worker 1: got foo",
+        "worker 1: got bar while holding foo",
+        "worker 1: released bar",
+        "worker 1: released foo",
+        "worker 1: got foo again",
+        "master: worker exited with 0; foo is locked: False",
+    ],
+    "die_lock": [
+        "worker 1: got foo (recovered=False), exits without unlocking",
+        "master: worker 1 ended with exit code 0",
+        "worker 2: got foo (recovered=True), is killed without unlocking",
+        "master: worker 2 ended with exit code -9",
+        "master: got foo (recovered=True)",
+    ],
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_example_output(name):
+    """Each example exits 0, prints exactly its expected lines in order, and nothing on stderr."""
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py")],
+        capture_output=True, text=True, timeout=50,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == EXPECTED[name]
+    assert proc.stderr == ""
+
+
+@pytest.mark.timeout(120)
+def test_demo_runs():
+    """`python -m clusterhub demo` explains itself and exits 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "clusterhub", "demo"],
+        capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for needle in ("request", "broadcast", "WorkerDied", "recovered=True"):
+        assert needle in out, out
