@@ -1,0 +1,38 @@
+/* What cffi sees of locktable.h (contracts are in locktable.h).
+ * The blocking calls are declared under their *_nogil wrapper names (defined
+ * in build_core.py's preamble), which release the GIL around them. */
+#define CH_LT_KEY_MAX 255
+#define CH_LT_THREAD_MAX_HELD 1024
+#define CH_LT_SLOTS_MAX ...
+#define CH_LT_RECOVERED 1
+#define CH_LT_NEW 2
+
+typedef struct ch_table ch_table;
+typedef struct {
+    int32_t pid;
+    int32_t worker_id;
+    uint32_t keylen;
+    uint8_t key[255];
+} ch_lt_info;
+
+int ch_lt_create(uint32_t nslots, ch_table **out);
+int ch_lt_attach(int fd, ch_table **out);
+int ch_lt_fd(const ch_table *t);
+uint32_t ch_lt_nslots(const ch_table *t);
+int ch_lt_close(ch_table *t);
+void ch_lt_after_fork_child(ch_table *t);
+void ch_lt_set_worker_id(ch_table *t, int32_t worker_id);
+int ch_lt_busy(const ch_table *t);
+
+int ch_lt_resolve_nogil(ch_table *t, const uint8_t *key, size_t keylen, uint32_t *slot, uint64_t *gen);
+int ch_lt_trylock(ch_table *t, uint32_t slot, uint64_t gen);
+int ch_lt_timedlock_nogil(ch_table *t, uint32_t slot, uint64_t gen, int64_t deadline_ns);
+int ch_lt_unlock(ch_table *t, uint32_t slot);
+int ch_lt_find(ch_table *t, const uint8_t *key, size_t keylen, uint32_t *slot, uint64_t *gen);
+int ch_lt_is_locked(ch_table *t, uint32_t slot, uint64_t gen);
+int ch_lt_slot_info(ch_table *t, uint32_t slot, ch_lt_info *out);
+int ch_lt_check(ch_table *t);
+int64_t ch_monotonic_ns(void);
+
+void ch_lt_set_crashpoint(int n);
+int ch_lt_crashpoint_count(void);
