@@ -28,7 +28,9 @@ PREAMBLE = r"""
 #define Py_BEGIN_ALLOW_THREADS {
 #define Py_END_ALLOW_THREADS }
 
-/* ... except these, which may wait: they release it themselves. */
+/* ... except these, which may wait: they release it themselves, after
+ * counting the call in progress (ch_lt_enter) so that a close() in another
+ * thread cannot unmap the table under them. */
 static int ch_lt_timedlock_nogil(ch_table *t, uint32_t slot, uint64_t gen, int64_t deadline_ns)
 {
     PyThreadState *ts = PyEval_SaveThread();
@@ -40,9 +42,24 @@ static int ch_lt_timedlock_nogil(ch_table *t, uint32_t slot, uint64_t gen, int64
 static int ch_lt_resolve_nogil(ch_table *t, const uint8_t *key, size_t keylen,
                                uint32_t *slot, uint64_t *gen)
 {
+    if (!ch_lt_enter(ch_lt_ref(t, CH_LT_SLOT_NONE, 0)))
+        return -EBADF;
     PyThreadState *ts = PyEval_SaveThread();
     int r = ch_lt_resolve(t, key, keylen, slot, gen);
     PyEval_RestoreThread(ts);
+    ch_lt_leave(t);
+    return r;
+}
+
+static int ch_lt_timedlock_ref_nogil(uint64_t ref, int64_t deadline_ns)
+{
+    ch_table *t = ch_lt_enter(ref);
+    if (!t)
+        return -EBADF;
+    PyThreadState *ts = PyEval_SaveThread();
+    int r = ch_lt_timedlock_ref(t, ref, deadline_ns);
+    PyEval_RestoreThread(ts);
+    ch_lt_leave(t);
     return r;
 }
 """

@@ -6,6 +6,8 @@
 #define CH_LT_SLOTS_MAX ...
 #define CH_LT_RECOVERED 1
 #define CH_LT_NEW 2
+#define CH_LT_MAX_TABLES 255
+#define CH_LT_SLOT_NONE 16777215
 
 typedef struct ch_table ch_table;
 typedef struct {
@@ -36,3 +38,9 @@ int64_t ch_monotonic_ns(void);
 
 void ch_lt_set_crashpoint(int n);
 int ch_lt_crashpoint_count(void);
+
+uint64_t ch_lt_ref(const ch_table *t, uint32_t slot, uint64_t gen);
+int ch_lt_trylock_ref(uint64_t ref);
+int ch_lt_unlock_ref(uint64_t ref);
+int ch_lt_timedlock_ref_nogil(uint64_t ref, int64_t deadline_ns);
+void ch_lt_disable(ch_table *t);

@@ -314,22 +314,25 @@ static int rx_reserve(ch_rx *rx)
 
 int ch_rx_read(ch_rx *rx, int fd)
 {
-    int n = rx_scan(rx);
-    if (n != 0)
-        return n;
-    int r = rx_reserve(rx);
-    if (r < 0)
-        return r;
-    ssize_t got;
-    do
-        got = recv(fd, rx->buf + rx->end, rx->cap - rx->end, MSG_DONTWAIT);
-    while (got < 0 && errno == EINTR);
-    if (got < 0)
-        return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
-    if (got == 0)
-        return ch_rx_eof(rx);
-    rx->end += (size_t)got;
-    return rx_scan(rx);
+    /* Until a frame is complete: 0 must mean "would block" (see frame.h), so a
+     * recv that leaves the frame incomplete is followed by another. */
+    for (;;) {
+        int n = rx_scan(rx);
+        if (n != 0)
+            return n;
+        int r = rx_reserve(rx);
+        if (r < 0)
+            return r;
+        ssize_t got;
+        do
+            got = recv(fd, rx->buf + rx->end, rx->cap - rx->end, MSG_DONTWAIT);
+        while (got < 0 && errno == EINTR);
+        if (got < 0)
+            return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
+        if (got == 0)
+            return ch_rx_eof(rx);
+        rx->end += (size_t)got;
+    }
 }
 
 int ch_rx_feed(ch_rx *rx, const uint8_t *data, size_t len, size_t *used)

@@ -96,7 +96,8 @@ void ch_rx_free(ch_rx *rx);
 
 /*
  * Discard the frames handed out by the previous call, then, if fewer than one
- * complete frame is buffered, read what `fd` has (one recv, EINTR retried) and
+ * complete frame is buffered, read what `fd` has (recv until a frame is
+ * complete, the socket would block or the peer closed; EINTR retried) and
  * return the number n of complete frames now available (1 .. CH_RX_MAX_FRAMES),
  * 0 when none is complete and the socket would block, or:
  *   CH_ERR_EOF        the peer closed with no partial frame pending,

@@ -83,6 +83,7 @@ struct ch_table {
     size_t maplen;
     uint32_t nslots, mask; /* validated private copies: never trust the map */
     int fd;
+    uint32_t id; /* in g_tables; 0 once closed or disabled */
     int32_t worker_id;
     atomic_int inflight; /* timedlock/resolve calls in progress */
 };
@@ -90,6 +91,10 @@ struct ch_table {
 /* ---- process / thread state ------------------------------------------------- */
 
 static pid_t g_pid;              /* getpid() is a system call: cache it */
+/* Open tables by id (1..CH_LT_MAX_TABLES), for refs.  Writes under g_reg_mu;
+ * reads are atomic loads (the hot path never blocks on the mutex). */
+static ch_table *g_tables[CH_LT_MAX_TABLES + 1];
+static pthread_mutex_t g_reg_mu = PTHREAD_MUTEX_INITIALIZER;
 static __thread uint32_t tl_held; /* robust mutexes this thread holds */
 static atomic_int g_crashpoint;
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
@@ -136,6 +141,8 @@ int64_t ch_monotonic_ns(void)
 
 /* ---- helpers -------------------------------------------------------------------- */
 
+static int registry_add(ch_table *t);
+
 /* The futex word of a glibc mutex: owner TID | FUTEX_OWNER_DIED | FUTEX_WAITERS. */
 static inline uint32_t futex_word(const pthread_mutex_t *m)
 {
@@ -150,6 +157,13 @@ static inline bool held_by_live(uint32_t w)
 static inline uint64_t gen_of(const struct lt_slot *s)
 {
     return __atomic_load_n(&s->gen, __ATOMIC_ACQUIRE);
+}
+
+/* Refs carry only the low 32 bits of a generation: a stale ref could match
+ * again only after exactly 2^32 reassignments of its slot. */
+static inline bool gen_is(const struct lt_slot *s, uint64_t gen)
+{
+    return (uint32_t)gen_of(s) == (uint32_t)gen;
 }
 
 static uint32_t hash_key(const uint8_t *key, size_t len)
@@ -367,13 +381,13 @@ static int finish_acquire(ch_table *t, uint32_t i, uint64_t gen, int r)
         CRASHPOINT(11);
         break;
     case ETIMEDOUT:
-        return gen_of(s) == gen ? -ETIMEDOUT : -ESTALE;
+        return gen_is(s, gen) ? -ETIMEDOUT : -ESTALE;
     case EDEADLK: /* we hold the slot, so gen is stable; maybe for another key */
-        return gen_of(s) == gen ? -EDEADLK : -ESTALE;
+        return gen_is(s, gen) ? -EDEADLK : -ESTALE;
     default:
         return -r; /* EBUSY, EINVAL, ENOTRECOVERABLE */
     }
-    if (gen_of(s) != gen) {
+    if (!gen_is(s, gen)) {
         if (r == EOWNERDEAD) {
             STORE(&s->recovered_pending, 1); /* for the slot's current key */
             CRASHPOINT(14);
@@ -410,7 +424,7 @@ int ch_lt_timedlock(ch_table *t, uint32_t slot, uint64_t gen, int64_t deadline_n
     atomic_fetch_add(&t->inflight, 1);
     int r = pthread_mutex_trylock(&s->m);
     if (r == EBUSY) {
-        if (gen_of(s) != gen) { /* gens only grow: don't wait for another key */
+        if (!gen_is(s, gen)) { /* gens only grow: don't wait for another key */
             atomic_fetch_sub(&t->inflight, 1);
             return -ESTALE;
         }
@@ -502,10 +516,10 @@ int ch_lt_is_locked(ch_table *t, uint32_t slot, uint64_t gen)
     if (slot >= t->nslots)
         return -EINVAL;
     const struct lt_slot *s = &t->slots[slot];
-    if (gen_of(s) != gen)
+    if (!gen_is(s, gen))
         return -ESTALE;
     int held = held_by_live(futex_word(&s->m));
-    return gen_of(s) == gen ? held : -ESTALE;
+    return gen_is(s, gen) ? held : -ESTALE;
 }
 
 int ch_lt_slot_info(ch_table *t, uint32_t slot, ch_lt_info *out)
@@ -625,6 +639,8 @@ int ch_lt_create(uint32_t nslots, ch_table **out)
     }
     h->magic = LT_MAGIC;
     t->worker_id = -1;
+    if ((r = registry_add(t)))
+        goto fail;
     *out = t;
     return 0;
 fail_errno:
@@ -675,6 +691,10 @@ int ch_lt_attach(int fd, ch_table **out)
     }
     set_region(t, p, len);
     t->worker_id = -1;
+    if ((r = registry_add(t))) {
+        close(t->fd);
+        goto fail;
+    }
     *out = t;
     return 0;
 fail:
@@ -714,10 +734,92 @@ void ch_lt_after_fork_child(ch_table *t)
 
 int ch_lt_close(ch_table *t)
 {
-    if (ch_lt_busy(t) > 0)
+    /* Under the registry mutex, so a blocking ref call cannot find the table
+     * between our busy check and the unmap (see ch_lt_enter). */
+    pthread_mutex_lock(&g_reg_mu);
+    if (ch_lt_busy(t) > 0) {
+        pthread_mutex_unlock(&g_reg_mu);
         return -EBUSY;
+    }
+    if (t->id)
+        g_tables[t->id] = NULL;
+    t->id = 0;
+    pthread_mutex_unlock(&g_reg_mu);
     munmap(t->h, t->maplen);
     close(t->fd); /* never retried: the fd is gone even on EINTR */
     free(t);
     return 0;
+}
+
+/* ---- refs: the hot path ----------------------------------------------------------- */
+
+static int registry_add(ch_table *t)
+{
+    pthread_mutex_lock(&g_reg_mu);
+    for (uint32_t i = 1; i <= CH_LT_MAX_TABLES; i++) {
+        if (!g_tables[i]) {
+            t->id = i;
+            __atomic_store_n(&g_tables[i], t, __ATOMIC_RELEASE);
+            pthread_mutex_unlock(&g_reg_mu);
+            return 0;
+        }
+    }
+    pthread_mutex_unlock(&g_reg_mu);
+    return -EMFILE;
+}
+
+#define REF_TABLE(ref) ((uint32_t)((ref) >> 56))
+#define REF_SLOT(ref) ((uint32_t)((ref) >> 32) & CH_LT_SLOT_NONE)
+
+static inline ch_table *table_of(uint64_t ref)
+{
+    return __atomic_load_n(&g_tables[REF_TABLE(ref)], __ATOMIC_ACQUIRE);
+}
+
+uint64_t ch_lt_ref(const ch_table *t, uint32_t slot, uint64_t gen)
+{
+    if (slot > CH_LT_SLOT_NONE)
+        slot = CH_LT_SLOT_NONE;
+    return (uint64_t)t->id << 56 | (uint64_t)slot << 32 | (uint32_t)gen;
+}
+
+int ch_lt_trylock_ref(uint64_t ref)
+{
+    ch_table *t = table_of(ref);
+    return t ? ch_lt_trylock(t, REF_SLOT(ref), ref) : -EBADF;
+}
+
+int ch_lt_unlock_ref(uint64_t ref)
+{
+    ch_table *t = table_of(ref);
+    return t ? ch_lt_unlock(t, REF_SLOT(ref)) : -EBADF;
+}
+
+ch_table *ch_lt_enter(uint64_t ref)
+{
+    pthread_mutex_lock(&g_reg_mu);
+    ch_table *t = table_of(ref);
+    if (t)
+        atomic_fetch_add(&t->inflight, 1);
+    pthread_mutex_unlock(&g_reg_mu);
+    return t;
+}
+
+void ch_lt_leave(ch_table *t)
+{
+    atomic_fetch_sub(&t->inflight, 1);
+}
+
+int ch_lt_timedlock_ref(ch_table *t, uint64_t ref, int64_t deadline_ns)
+{
+    return ch_lt_timedlock(t, REF_SLOT(ref), ref, deadline_ns);
+}
+
+void ch_lt_disable(ch_table *t)
+{
+    pthread_mutex_lock(&g_reg_mu);
+    if (t->id)
+        g_tables[t->id] = NULL;
+    t->id = 0;
+    pthread_mutex_unlock(&g_reg_mu);
 }

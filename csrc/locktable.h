@@ -177,4 +177,44 @@ int64_t ch_monotonic_ns(void);
 void ch_lt_set_crashpoint(int n);
 int ch_lt_crashpoint_count(void); /* the number of points above (14) */
 
+/* ---- the hot path, by reference --------------------------------------------------
+ *
+ * A ref names (table, slot, low 32 bits of the key's generation) in one
+ * uint64: table id (8 bits) | slot (24 bits) | generation (32 bits).  The
+ * Python hot path then passes a single argument per call, and a closed table
+ * is detected here instead of touching unmapped memory: tables are found
+ * through a process-wide registry that ch_lt_close and ch_lt_disable clear.
+ * At most CH_LT_MAX_TABLES tables are open in a process at once
+ * (ch_lt_create/ch_lt_attach: -EMFILE beyond). */
+#define CH_LT_MAX_TABLES 255
+#define CH_LT_SLOT_NONE 0xFFFFFF
+
+/* The ref of (slot, gen) in t.  A slot above CH_LT_SLOT_NONE, or equal to it,
+ * gives a ref that ch_lt_trylock_ref answers with -EINVAL ("resolve first").
+ * Never fails, never blocks. */
+uint64_t ch_lt_ref(const ch_table *t, uint32_t slot, uint64_t gen);
+
+/* ch_lt_trylock / ch_lt_unlock through a ref: same results, plus -EBADF when
+ * the ref's table is closed or disabled in this process.  Never block.  Must
+ * not race ch_lt_close of the same table from another thread (the Python
+ * layer keeps the GIL across both, which serialises them). */
+int ch_lt_trylock_ref(uint64_t ref);
+int ch_lt_unlock_ref(uint64_t ref);
+
+/* For a blocking call made without the caller's own serialisation (the GIL
+ * is released around it): ch_lt_enter counts a call in progress on the ref's
+ * table, under the registry mutex that ch_lt_close also takes, so the table
+ * cannot be unmapped until the matching ch_lt_leave.  Returns the table, or
+ * NULL when it is closed or disabled. */
+ch_table *ch_lt_enter(uint64_t ref);
+void ch_lt_leave(ch_table *t);
+
+/* ch_lt_timedlock on the slot and generation of `ref`, for a table obtained
+ * from ch_lt_enter(ref).  Blocks until the deadline, like ch_lt_timedlock. */
+int ch_lt_timedlock_ref(ch_table *t, uint64_t ref, int64_t deadline_ns);
+
+/* Forget t in the registry without unmapping it: refs to it then give
+ * -EBADF.  For a hub made inert in a child forked by foreign code. */
+void ch_lt_disable(ch_table *t);
+
 #endif

@@ -35,10 +35,12 @@ TRUNCATED: int = lib.CH_ERR_TRUNCATED
 MALFORMED: int = lib.CH_ERR_MALFORMED
 TOOBIG: int = lib.CH_ERR_TOOBIG
 
-# Raw C functions for the lock hot path (see module docstring).
-lt_trylock: Callable[..., int] = lib.ch_lt_trylock
-lt_timedlock: Callable[..., int] = lib.ch_lt_timedlock_nogil
-lt_unlock: Callable[..., int] = lib.ch_lt_unlock
+# Raw C functions for the lock hot path (see module docstring).  They take a
+# "ref" (one int naming table, slot and key generation; see LockTable.ref), so
+# that cffi calls them with a single argument, the cheapest call it makes.
+lt_trylock: Callable[[int], int] = lib.ch_lt_trylock_ref
+lt_timedlock: Callable[[int, int], int] = lib.ch_lt_timedlock_ref_nogil
+lt_unlock: Callable[[int], int] = lib.ch_lt_unlock_ref
 monotonic_ns: Callable[[], int] = lib.ch_monotonic_ns
 
 
@@ -191,10 +193,26 @@ class LockTable:
     __slots__ = ("ptr", "nslots", "__weakref__")
 
     def __init__(self, nslots: int) -> None:
+        if nslots > lib.CH_LT_SLOTS_MAX:
+            raise ValueError(f"lock_slots too large (at most {lib.CH_LT_SLOTS_MAX // 2})")
         pp = ffi.new("ch_table **")
-        check(lib.ch_lt_create(nslots, pp), "lock table")
+        r = lib.ch_lt_create(nslots, pp)
+        if r == -_errno.EMFILE:
+            raise errors.HubError(
+                f"too many hubs open in this process (at most {lib.CH_LT_MAX_TABLES})"
+            )
+        check(r, "lock table")
         self.ptr: Any = pp[0]
         self.nslots: int = lib.ch_lt_nslots(self.ptr)
+
+    def ref(self, slot: int = lib.CH_LT_SLOT_NONE, gen: int = 0) -> int:
+        """The hot-path ref of (slot, gen); by default one that means "resolve first"."""
+        return lib.ch_lt_ref(self.ptr, slot, gen)
+
+    def disable(self) -> None:
+        """Refs to this table fail from now on (the mapping stays)."""
+        if self.ptr != ffi.NULL:
+            lib.ch_lt_disable(self.ptr)
 
     def fileno(self) -> int:
         """The memfd holding the table (owned by the table)."""
@@ -210,8 +228,8 @@ class LockTable:
         """Holds and waits by threads of this process right now."""
         return lib.ch_lt_busy(self.ptr)
 
-    def resolve(self, key: bytes) -> tuple[int, int, int]:
-        """(code, slot, gen): code 0 = found, NEW = inserted and now held.
+    def resolve(self, key: bytes) -> tuple[int, int]:
+        """(code, ref): code 0 = found, NEW = inserted and now held.
 
         Raises LockTableFull or LockError (thread limit).
         """
@@ -220,7 +238,7 @@ class LockTable:
         r = lib.ch_lt_resolve_nogil(self.ptr, key, len(key), slot, gen)
         if r < 0:
             raise lock_error(r, key)
-        return r, slot[0], gen[0]
+        return r, lib.ch_lt_ref(self.ptr, slot[0], gen[0])
 
     def find(self, key: bytes) -> tuple[int, int] | None:
         """(slot, gen) of the slot that maps ``key`` now, or None."""
@@ -275,6 +293,8 @@ def lock_error(r: int, key: bytes | None = None) -> Exception:
         return errors.LockError(
             f"this thread already holds {THREAD_MAX_HELD} locks (the most one thread may hold)"
         )
+    if r == -_errno.EBADF:
+        return errors.HubClosedError("this hub is closed")
     if r == -_errno.ENOSPC:
         return errors.LockTableFull(
             "the lock table is full: raise Hub(lock_slots=...) or hold fewer keys at once"

@@ -40,7 +40,6 @@ _EINVAL = -errno.EINVAL
 _ETIMEDOUT = -errno.ETIMEDOUT
 _EBADF = -errno.EBADF
 _SLICE_NS = 100_000_000  # wake this often while blocked, to see signals
-_UNRESOLVED = 0xFFFFFFFF  # a slot number C rejects: forces the first resolve
 _CACHE_MAX = 4096  # by-name handles kept for `with hub.lock(name)`
 _DEFAULT: Any = object()
 
@@ -114,6 +113,7 @@ class Locks:
 
     def abandon(self) -> None:
         """Inert in a child forked by other code: keep the mapping, refuse use."""
+        self.table.disable()
         self.ptr = None
 
     def close(self) -> None:
@@ -133,13 +133,12 @@ class Lock:
     holder that died holding it.
     """
 
-    __slots__ = ("key", "_locks", "_slot", "_gen", "_timeout", "_key_type", "_rec")
+    __slots__ = ("key", "_locks", "_ref", "_timeout", "_key_type", "_rec")
 
     def __init__(self, locks: Locks, key: bytes, timeout: Optional[float], key_type: type) -> None:
         self.key = key
         self._locks = locks
-        self._slot = _UNRESOLVED
-        self._gen = 0
+        self._ref = locks.table.ref()  # C answers -EINVAL until first resolved
         self._timeout = timeout
         self._key_type = key_type
         self._rec: set[int] = set()  # thread idents whose latest acquire recovered
@@ -166,7 +165,7 @@ class Lock:
     def acquire(self, timeout: Optional[float] = _DEFAULT) -> bool:
         """Acquire; wait up to ``timeout`` seconds (None: no limit; omitted:
         the handle's default).  True when acquired, False on timeout."""
-        r = _trylock(self._locks.ptr, self._slot, self._gen)
+        r = _trylock(self._ref)
         if r == 0:
             if self._rec:
                 self._rec.discard(_get_ident())
@@ -178,7 +177,7 @@ class Lock:
         return self._acquire_slow(r, timeout)
 
     def __enter__(self) -> "Lock":
-        r = _trylock(self._locks.ptr, self._slot, self._gen)
+        r = _trylock(self._ref)
         if r == 0 and not self._rec:
             return self
         if not self._acquire_slow(r, self._timeout):
@@ -187,26 +186,26 @@ class Lock:
 
     def release(self) -> None:
         """Release; LockError if the calling thread does not hold it."""
-        r = _unlock(self._locks.ptr, self._slot)
+        r = _unlock(self._ref)
         if r:
             raise self._error(r)
 
     def __exit__(self, *exc: Any) -> None:
-        r = _unlock(self._locks.ptr, self._slot)
+        r = _unlock(self._ref)
         if r:
             raise self._error(r)
 
     def _error(self, r: int) -> Exception:
         if self._locks.ptr is None or r == _EBADF:
             return HubClosedError("this hub is closed")
-        if r == _EINVAL and self._slot == _UNRESOLVED:
+        if r == _EINVAL:  # never resolved, so never acquired through this handle
             return LockError(f"lock {self.key!r} is not held by this thread")
         return lock_error(r, self.key)
 
     def _acquire_slow(self, r: int, timeout: Optional[float]) -> bool:
         """Finish an acquire that did not succeed at the first trylock."""
         locks = self._locks
-        ptr = locks._check()
+        locks._check()
         deadline = None if timeout is None else _now_ns() + int(timeout * 1e9)
         held = False
         try:
@@ -215,9 +214,9 @@ class Lock:
                     held = True
                     break
                 if r == _ESTALE or r == _EINVAL:
-                    code, slot, gen = locks.table.resolve(self.key)
-                    self._slot, self._gen = slot, gen
-                    r = 0 if code == _NEW else _trylock(ptr, slot, gen)
+                    code, ref = locks.table.resolve(self.key)
+                    self._ref = ref
+                    r = 0 if code == _NEW else _trylock(ref)
                     continue
                 if r == _EBUSY or r == _ETIMEDOUT:
                     now = _now_ns()
@@ -226,7 +225,7 @@ class Lock:
                     end = now + _SLICE_NS
                     if deadline is not None and deadline < end:
                         end = deadline
-                    r = _timedlock(ptr, self._slot, self._gen, end)
+                    r = _timedlock(self._ref, end)
                     continue
                 raise lock_error(r, self.key)
             me = _get_ident()
@@ -237,7 +236,7 @@ class Lock:
             return True
         except BaseException:
             if held:  # e.g. KeyboardInterrupt right after the lock was taken
-                _unlock(ptr, self._slot)
+                _unlock(self._ref)
             raise
 
     # ---- asyncio ----------------------------------------------------------
@@ -280,10 +279,10 @@ class Lock:
             st = locks.aio[k] = _AioState()
         st.owner = task  # tasks of this loop now queue behind us
         try:
-            r = _trylock(locks.ptr, self._slot, self._gen)
+            r = _trylock(self._ref)
             if r == _ESTALE or r == _EINVAL:
-                code, self._slot, self._gen = locks.table.resolve(self.key)
-                r = 0 if code == _NEW else _trylock(locks.ptr, self._slot, self._gen)
+                code, self._ref = locks.table.resolve(self.key)
+                r = 0 if code == _NEW else _trylock(self._ref)
             if r >= 0:
                 st.loop_held = True  # the loop's thread holds the mutex
             elif r == _EBUSY:
@@ -318,8 +317,7 @@ class Lock:
             holder.release()
         if st.loop_held:
             st.loop_held = False
-            if self._locks.ptr is not None:
-                _unlock(self._locks.ptr, self._slot)
+            _unlock(self._ref)
         st.owner = None
         while st.waiters:
             fut = st.waiters.pop(0)
@@ -387,7 +385,7 @@ class _Holder:
             self._release.set()
         if ok:
             self._release.wait()
-            _unlock(lock._locks.ptr, lock._slot)
+            _unlock(lock._ref)
 
 
 def _set_done(fut: "asyncio.Future[None]") -> None:

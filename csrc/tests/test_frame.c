@@ -1,0 +1,1409 @@
+/*
+ * test_frame.c - pure-C driver for the framing layer (csrc/frame.{h,c}).
+ *
+ * Build and run (csrc/checks.sh does this under ASan+UBSan):
+ *   cc -std=gnu11 -Wall -Wextra -Icsrc csrc/tests/test_frame.c csrc/frame.c -o test_frame
+ *   ./test_frame [test-name ...]
+ * Environment: CH_TEST_SEED=<n> replays one random seed (the seed in use is
+ * printed first).  Prints "N passed, M failed" and exits non-zero on failure.
+ *
+ * The frames are encoded here by hand from the wire format in frame.h, not
+ * with frame.c's own encoder, so both directions are checked against the
+ * documented format.
+ */
+#define _GNU_SOURCE
+#include "frame.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <malloc.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- sanitizer-aware heap accounting ---------------------------------- */
+
+#if defined(__SANITIZE_ADDRESS__)
+#define CH_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CH_ASAN 1
+#endif
+#endif
+
+#ifdef CH_ASAN
+size_t __sanitizer_get_current_allocated_bytes(void);
+static size_t heap_in_use(void)
+{
+    return __sanitizer_get_current_allocated_bytes();
+}
+#else
+static size_t heap_in_use(void)
+{
+    struct mallinfo2 m = mallinfo2();
+    return m.uordblks + m.hblkhd;
+}
+#endif
+
+/* ---- tiny test harness ------------------------------------------------- */
+
+static const char *g_test;
+static int g_fail;
+
+#define CHECK(cond)                                                                      \
+    do {                                                                                 \
+        if (!(cond)) {                                                                   \
+            fprintf(stderr, "%s:%d: [%s] CHECK failed: %s\n", __FILE__, __LINE__, g_test, \
+                    #cond);                                                              \
+            g_fail++;                                                                    \
+        }                                                                                \
+    } while (0)
+
+#define CHECK_EQ(a, b)                                                                    \
+    do {                                                                                  \
+        long long a_ = (long long)(a), b_ = (long long)(b);                               \
+        if (a_ != b_) {                                                                   \
+            fprintf(stderr, "%s:%d: [%s] CHECK_EQ failed: %s == %lld, %s == %lld\n",     \
+                    __FILE__, __LINE__, g_test, #a, a_, #b, b_);                          \
+            g_fail++;                                                                     \
+        }                                                                                 \
+    } while (0)
+
+/* Stop the current test at the first failure of a precondition. */
+#define REQUIRE(cond)           \
+    do {                        \
+        int f_ = g_fail;        \
+        CHECK(cond);            \
+        if (g_fail != f_)       \
+            goto out;           \
+    } while (0)
+
+/* ---- random numbers (xorshift64*) -------------------------------------- */
+
+static uint64_t g_rng;
+
+static uint64_t rnd(void)
+{
+    g_rng ^= g_rng >> 12;
+    g_rng ^= g_rng << 25;
+    g_rng ^= g_rng >> 27;
+    return g_rng * 0x2545F4914F6CDD1DULL;
+}
+
+/* Uniform in [0, n); 0 when n == 0. */
+static size_t rnd_below(size_t n)
+{
+    return n ? (size_t)(rnd() % n) : 0;
+}
+
+/* A payload size in [0, max], biased towards small and boundary values. */
+static size_t rnd_size(size_t max)
+{
+    switch (rnd_below(6)) {
+    case 0: return rnd_below(max < 16 ? max + 1 : 17);
+    case 1: return rnd_below(max < 4096 ? max + 1 : 4097);
+    case 2: return rnd_below(max < 65536 ? max + 1 : 65537);
+    case 3: return max - rnd_below(max < 8 ? max + 1 : 9);
+    default: return rnd_below(max + 1);
+    }
+}
+
+/* A chunk size for splitting a byte stream: mostly small, sometimes big. */
+static size_t rnd_chunk(size_t left)
+{
+    static const size_t caps[] = {1, 3, 8, 9, 100, 4096, 70000, 300000};
+    size_t cap = caps[rnd_below(sizeof caps / sizeof caps[0])];
+    size_t c = 1 + rnd_below(cap);
+    return c < left ? c : left;
+}
+
+/* ---- frames as test data ------------------------------------------------ */
+
+typedef struct {
+    uint8_t *p;
+    size_t len;
+} blob;
+
+typedef struct {
+    blob *v;
+    size_t n, cap;
+} blobs;
+
+static void blobs_add(blobs *b, const uint8_t *p, size_t len)
+{
+    if (b->n == b->cap) {
+        b->cap = b->cap ? 2 * b->cap : 16;
+        b->v = realloc(b->v, b->cap * sizeof *b->v);
+        if (!b->v)
+            abort();
+    }
+    uint8_t *c = malloc(len ? len : 1);
+    if (!c)
+        abort();
+    if (len)
+        memcpy(c, p, len);
+    b->v[b->n].p = c;
+    b->v[b->n].len = len;
+    b->n++;
+}
+
+static void blobs_free(blobs *b)
+{
+    for (size_t i = 0; i < b->n; i++)
+        free(b->v[i].p);
+    free(b->v);
+    memset(b, 0, sizeof *b);
+}
+
+/* A frame of `len` random bytes. */
+static void blobs_add_random(blobs *b, size_t len)
+{
+    uint8_t *p = malloc(len ? len : 1);
+    if (!p)
+        abort();
+    for (size_t i = 0; i < len; i++)
+        p[i] = (uint8_t)rnd();
+    blobs_add(b, p, len);
+    free(p);
+}
+
+/* Compare two frame lists; reports the first difference. */
+static int blobs_equal(const blobs *want, const blobs *got)
+{
+    if (want->n != got->n) {
+        fprintf(stderr, "[%s] frame count: want %zu, got %zu\n", g_test, want->n, got->n);
+        return 0;
+    }
+    for (size_t i = 0; i < want->n; i++) {
+        if (want->v[i].len != got->v[i].len) {
+            fprintf(stderr, "[%s] frame %zu length: want %zu, got %zu\n", g_test, i,
+                    want->v[i].len, got->v[i].len);
+            return 0;
+        }
+        if (want->v[i].len && memcmp(want->v[i].p, got->v[i].p, want->v[i].len) != 0) {
+            fprintf(stderr, "[%s] frame %zu content differs\n", g_test, i);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Write one header as frame.h documents it: magic LE, reserved 0, length LE. */
+static void put_hdr(uint8_t *h, uint32_t len)
+{
+    h[0] = 0x43; /* 'C' : 0x4843 little-endian */
+    h[1] = 0x48; /* 'H' */
+    h[2] = 0;
+    h[3] = 0;
+    h[4] = (uint8_t)len;
+    h[5] = (uint8_t)(len >> 8);
+    h[6] = (uint8_t)(len >> 16);
+    h[7] = (uint8_t)(len >> 24);
+}
+
+/* Encode all frames of b into one malloc'd stream; *total gets its size. */
+static uint8_t *encode(const blobs *b, size_t *total)
+{
+    size_t t = 0;
+    for (size_t i = 0; i < b->n; i++)
+        t += CH_FRAME_HEADER + b->v[i].len;
+    uint8_t *s = malloc(t ? t : 1), *w = s;
+    if (!s)
+        abort();
+    for (size_t i = 0; i < b->n; i++) {
+        put_hdr(w, (uint32_t)b->v[i].len);
+        w += CH_FRAME_HEADER;
+        if (b->v[i].len)
+            memcpy(w, b->v[i].p, b->v[i].len);
+        w += b->v[i].len;
+    }
+    *total = t;
+    return s;
+}
+
+/* Copy the n frames the last read/feed handed out, checking their lengths. */
+static void collect(ch_rx *rx, int n, size_t max_len, blobs *got)
+{
+    CHECK(n >= 0 && n <= CH_RX_MAX_FRAMES);
+    const uint8_t *data = ch_rx_data(rx);
+    const uint32_t *fr = ch_rx_frames(rx);
+    for (int i = 0; i < n; i++) {
+        CHECK(fr[2 * i + 1] <= max_len);
+        blobs_add(got, data + fr[2 * i], fr[2 * i + 1]);
+    }
+}
+
+/* Read until the socket would block (returns 0) or a code/error (returned). */
+static int drain(ch_rx *rx, int fd, size_t max_len, blobs *got)
+{
+    for (;;) {
+        int n = ch_rx_read(rx, fd);
+        if (n <= 0)
+            return n;
+        collect(rx, n, max_len, got);
+    }
+}
+
+/* Feed `len` bytes in random chunks; returns the first negative code or 0. */
+static int feed_split(ch_rx *rx, const uint8_t *s, size_t len, size_t max_len, blobs *got,
+                      int one_byte)
+{
+    size_t off = 0;
+    while (off < len) {
+        size_t chunk = one_byte ? 1 : rnd_chunk(len - off), used = 99;
+        int n = ch_rx_feed(rx, s + off, chunk, &used);
+        if (n < 0)
+            return n;
+        CHECK(used <= chunk);
+        collect(rx, n, max_len, got);
+        if (n == 0 && used == 0) {
+            fprintf(stderr, "[%s] ch_rx_feed made no progress at %zu/%zu\n", g_test, off, len);
+            g_fail++;
+            return 0;
+        }
+        off += used;
+    }
+    for (;;) { /* frames still buffered beyond CH_RX_MAX_FRAMES */
+        size_t used = 99;
+        int n = ch_rx_feed(rx, NULL, 0, &used);
+        CHECK_EQ(used, 0);
+        if (n <= 0)
+            return n;
+        collect(rx, n, max_len, got);
+    }
+}
+
+static int new_pair(int fds[2])
+{
+    int r = ch_socketpair(fds);
+    CHECK_EQ(r, 0);
+    return r;
+}
+
+/* Bytes waiting to be read on fd. */
+static int unread(int fd)
+{
+    int n = -1;
+    if (ioctl(fd, FIONREAD, &n) < 0)
+        return -1;
+    return n;
+}
+
+/* Write all of s (blocking via poll) to a non-blocking fd. */
+static int write_all(int fd, const uint8_t *s, size_t len)
+{
+    size_t off = 0;
+    while (off < len) {
+        ssize_t w = write(fd, s + off, len - off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN)
+                return -errno;
+            struct pollfd p = {fd, POLLOUT, 0};
+            poll(&p, 1, 1000);
+            continue;
+        }
+        off += (size_t)w;
+    }
+    return 0;
+}
+
+/* ---- round trips ----------------------------------------------------------- */
+
+/* Random frames (0 .. 300 KiB, and sizes near a small max_len) fed in random splits. */
+static void test_feed_roundtrip_random_splits(void)
+{
+    for (int round = 0; round < 120; round++) {
+        int small = round % 3 == 0;
+        size_t max_len = small ? 1 + rnd_below(64) : 300 * 1024 + rnd_below(4);
+        blobs want = {0}, got = {0};
+        ch_rx *rx = NULL;
+        size_t nframes = rnd_below(small ? 200 : 12);
+        for (size_t i = 0; i < nframes; i++)
+            blobs_add_random(&want, rnd_size(max_len));
+        size_t total;
+        uint8_t *s = encode(&want, &total);
+        REQUIRE(ch_rx_new(max_len, &rx) == 0);
+        int r = feed_split(rx, s, total, max_len, &got, 0);
+        CHECK_EQ(r, 0);
+        CHECK_EQ(ch_rx_eof(rx), CH_ERR_EOF);
+        CHECK(blobs_equal(&want, &got));
+    out:
+        ch_rx_free(rx);
+        free(s);
+        blobs_free(&want);
+        blobs_free(&got);
+        if (g_fail)
+            return;
+    }
+}
+
+/* Every frame survives one-byte-at-a-time delivery, through ch_rx_feed and a socket. */
+static void test_one_byte_at_a_time(void)
+{
+    blobs want = {0}, got = {0}, got2 = {0};
+    ch_rx *rx = NULL, *rx2 = NULL;
+    int fds[2] = {-1, -1};
+    size_t sizes[] = {0, 1, 7, 8, 9, 300, 0, 5000};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        blobs_add_random(&want, sizes[i]);
+    size_t total;
+    uint8_t *s = encode(&want, &total);
+    REQUIRE(ch_rx_new(5000, &rx) == 0);
+    CHECK_EQ(feed_split(rx, s, total, 5000, &got, 1), 0);
+    CHECK_EQ(ch_rx_eof(rx), CH_ERR_EOF);
+    CHECK(blobs_equal(&want, &got));
+
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_rx_new(5000, &rx2) == 0);
+    for (size_t i = 0; i < total; i++) {
+        REQUIRE(write(fds[0], s + i, 1) == 1);
+        int n = ch_rx_read(rx2, fds[1]);
+        CHECK(n == 0 || n == 1);
+        collect(rx2, n > 0 ? n : 0, 5000, &got2);
+        CHECK_EQ(ch_rx_read(rx2, fds[1]), 0); /* nothing more: would block */
+    }
+    close(fds[0]);
+    fds[0] = -1;
+    CHECK_EQ(drain(rx2, fds[1], 5000, &got2), CH_ERR_EOF);
+    CHECK(blobs_equal(&want, &got2));
+out:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_rx_free(rx);
+    ch_rx_free(rx2);
+    free(s);
+    blobs_free(&want);
+    blobs_free(&got);
+    blobs_free(&got2);
+}
+
+/* Random frames written with write(2) in random chunk sizes arrive intact and in order. */
+static void test_socket_roundtrip_raw_writes(void)
+{
+    for (int round = 0; round < 60; round++) {
+        int small = round % 3 == 0;
+        size_t max_len = small ? 1 + rnd_below(64) : 300 * 1024;
+        blobs want = {0}, got = {0};
+        ch_rx *rx = NULL;
+        int fds[2] = {-1, -1};
+        size_t nframes = rnd_below(small ? 200 : 10);
+        for (size_t i = 0; i < nframes; i++)
+            blobs_add_random(&want, rnd_size(max_len));
+        size_t total;
+        uint8_t *s = encode(&want, &total);
+        REQUIRE(new_pair(fds) == 0);
+        REQUIRE(ch_rx_new(max_len, &rx) == 0);
+        size_t off = 0;
+        long spins = 0;
+        while (off < total) {
+            ssize_t w = write(fds[0], s + off, rnd_chunk(total - off));
+            if (w < 0)
+                REQUIRE(errno == EAGAIN);
+            else
+                off += (size_t)w;
+            if (w < 0 || rnd_below(3) == 0) /* let bytes pile up sometimes */
+                CHECK_EQ(drain(rx, fds[1], max_len, &got), 0);
+            REQUIRE(++spins < 10000000);
+        }
+        close(fds[0]);
+        fds[0] = -1;
+        CHECK_EQ(drain(rx, fds[1], max_len, &got), CH_ERR_EOF);
+        CHECK(blobs_equal(&want, &got));
+    out:
+        if (fds[0] >= 0)
+            close(fds[0]);
+        if (fds[1] >= 0)
+            close(fds[1]);
+        ch_rx_free(rx);
+        free(s);
+        blobs_free(&want);
+        blobs_free(&got);
+        if (g_fail)
+            return;
+    }
+}
+
+/* Frames sent with ch_tx_send/ch_tx_flush arrive intact and in order, whatever the reader's pace. */
+static void test_socket_roundtrip_tx(void)
+{
+    for (int round = 0; round < 40; round++) {
+        size_t max_len = round % 2 ? 1 + rnd_below(64) : 400 * 1024;
+        blobs want = {0}, got = {0};
+        ch_rx *rx = NULL;
+        ch_tx *tx = NULL;
+        int fds[2] = {-1, -1};
+        REQUIRE(new_pair(fds) == 0);
+        REQUIRE(ch_rx_new(max_len, &rx) == 0);
+        REQUIRE(ch_tx_new(&tx) == 0);
+        size_t nframes = rnd_below(round % 2 ? 300 : 16);
+        for (size_t i = 0; i < nframes; i++) {
+            blobs_add_random(&want, rnd_size(max_len));
+            int64_t q = ch_tx_send(tx, fds[0], want.v[i].p, want.v[i].len, max_len);
+            REQUIRE(q >= 0);
+            CHECK_EQ(q, ch_tx_pending(tx));
+            if (rnd_below(2))
+                CHECK_EQ(drain(rx, fds[1], max_len, &got), 0);
+        }
+        long spins = 0;
+        while (ch_tx_pending(tx)) {
+            CHECK_EQ(drain(rx, fds[1], max_len, &got), 0);
+            int64_t q = ch_tx_flush(tx, fds[0]);
+            REQUIRE(q >= 0);
+            CHECK_EQ(q, ch_tx_pending(tx));
+            REQUIRE(++spins < 1000000);
+        }
+        close(fds[0]);
+        fds[0] = -1;
+        CHECK_EQ(drain(rx, fds[1], max_len, &got), CH_ERR_EOF);
+        CHECK(blobs_equal(&want, &got));
+    out:
+        if (fds[0] >= 0)
+            close(fds[0]);
+        if (fds[1] >= 0)
+            close(fds[1]);
+        ch_rx_free(rx);
+        ch_tx_free(tx);
+        blobs_free(&want);
+        blobs_free(&got);
+        if (g_fail)
+            return;
+    }
+}
+
+/* A writer process using random chunk sizes and a reader polling with ch_rx_read agree on every frame. */
+static void test_socket_roundtrip_two_processes(void)
+{
+    const size_t max_len = 256 * 1024;
+    blobs want = {0}, got = {0};
+    ch_rx *rx = NULL;
+    int fds[2] = {-1, -1};
+    pid_t pid = -1;
+    for (int i = 0; i < 300; i++)
+        blobs_add_random(&want, rnd_size(i % 10 ? 2000 : max_len));
+    size_t total;
+    uint8_t *s = encode(&want, &total);
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_rx_new(max_len, &rx) == 0);
+    uint64_t child_seed = rnd();
+    pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        close(fds[1]);
+        g_rng = child_seed | 1;
+        size_t off = 0;
+        while (off < total) {
+            ssize_t w = write(fds[0], s + off, rnd_chunk(total - off));
+            if (w > 0) {
+                off += (size_t)w;
+            } else if (w < 0 && errno == EAGAIN) {
+                struct pollfd p = {fds[0], POLLOUT, 0};
+                poll(&p, 1, 1000);
+            } else if (w < 0 && errno != EINTR) {
+                _exit(3);
+            }
+        }
+        _exit(0);
+    }
+    close(fds[0]);
+    fds[0] = -1;
+    int r;
+    for (;;) {
+        r = drain(rx, fds[1], max_len, &got);
+        if (r != 0)
+            break;
+        struct pollfd p = {fds[1], POLLIN, 0};
+        REQUIRE(poll(&p, 1, 20000) == 1);
+    }
+    CHECK_EQ(r, CH_ERR_EOF);
+    CHECK(blobs_equal(&want, &got));
+out:
+    if (pid > 0) {
+        int st = 0;
+        waitpid(pid, &st, 0);
+        CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    }
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_rx_free(rx);
+    free(s);
+    blobs_free(&want);
+    blobs_free(&got);
+}
+
+/* A frame larger than the default buffer (and larger than the socket buffer) round-trips, then small ones still do. */
+static void test_large_frame_then_small(void)
+{
+    const size_t max_len = 3 * 1024 * 1024;
+    blobs want = {0}, got = {0}, got2 = {0};
+    ch_rx *rx = NULL, *rx2 = NULL;
+    ch_tx *tx = NULL;
+    int fds[2] = {-1, -1};
+    blobs_add_random(&want, max_len);
+    for (int i = 0; i < 20; i++)
+        blobs_add_random(&want, rnd_size(100));
+    blobs_add_random(&want, 1024 * 1024 + 3);
+    blobs_add_random(&want, 5);
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_rx_new(max_len, &rx) == 0);
+    REQUIRE(ch_tx_new(&tx) == 0);
+    for (size_t i = 0; i < want.n; i++)
+        REQUIRE(ch_tx_push(tx, want.v[i].p, want.v[i].len, max_len) >= 0);
+    long spins = 0;
+    for (;;) {
+        int64_t q = ch_tx_flush(tx, fds[0]);
+        REQUIRE(q >= 0);
+        CHECK_EQ(drain(rx, fds[1], max_len, &got), 0);
+        if (q == 0)
+            break;
+        REQUIRE(++spins < 1000000);
+    }
+    CHECK_EQ(drain(rx, fds[1], max_len, &got), 0);
+    CHECK(blobs_equal(&want, &got));
+
+    size_t total;
+    uint8_t *s = encode(&want, &total);
+    REQUIRE(ch_rx_new(max_len, &rx2) == 0);
+    CHECK_EQ(feed_split(rx2, s, total, max_len, &got2, 0), 0);
+    CHECK_EQ(ch_rx_eof(rx2), CH_ERR_EOF);
+    CHECK(blobs_equal(&want, &got2));
+    free(s);
+out:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_rx_free(rx);
+    ch_rx_free(rx2);
+    ch_tx_free(tx);
+    blobs_free(&want);
+    blobs_free(&got);
+    blobs_free(&got2);
+}
+
+/* ch_rx_read returns 0 only when the socket would block: never after a recv that left a frame incomplete with more to read. */
+static void test_read_zero_means_would_block(void)
+{
+    ch_rx *rx = NULL;
+    int fds[2] = {-1, -1};
+    uint8_t *s = NULL;
+    /* (a) header and part of the payload, then the writer closes: the first
+     * call already sees the end (TRUNCATED), it does not return 0 */
+    uint8_t h[CH_FRAME_HEADER + 5];
+    put_hdr(h, 10);
+    memset(h + CH_FRAME_HEADER, 'p', 5);
+    for (size_t cut = 1; cut <= sizeof h; cut++) {
+        REQUIRE(new_pair(fds) == 0);
+        REQUIRE(ch_rx_new(64, &rx) == 0);
+        REQUIRE(write(fds[0], h, cut) == (ssize_t)cut);
+        close(fds[0]);
+        fds[0] = -1;
+        CHECK_EQ(ch_rx_read(rx, fds[1]), CH_ERR_TRUNCATED);
+        close(fds[1]);
+        fds[1] = -1;
+        ch_rx_free(rx);
+        rx = NULL;
+    }
+    /* (b) a frame larger than the default receive buffer, all of it in the
+     * socket: handed out by the first call (needs a socket buffer that holds
+     * it: SO_SNDBUFFORCE as root, else SO_SNDBUF up to wmem_max) */
+    const size_t len = 300 * 1024;
+    blobs want = {0}, got = {0};
+    blobs_add_random(&want, len);
+    size_t total;
+    s = encode(&want, &total);
+    REQUIRE(new_pair(fds) == 0);
+    int sz = 4 << 20;
+    if (setsockopt(fds[0], SOL_SOCKET, SO_SNDBUFFORCE, &sz, sizeof sz) != 0)
+        setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
+    size_t off = 0;
+    while (off < total) {
+        ssize_t w = write(fds[0], s + off, total - off);
+        if (w < 0)
+            break;
+        off += (size_t)w;
+    }
+    REQUIRE(ch_rx_new(len, &rx) == 0);
+    int n = ch_rx_read(rx, fds[1]);
+    if (off == total) {
+        CHECK_EQ(n, 1);
+    } else {
+        printf("     (b) skipped: the socket buffered only %zu of %zu bytes\n", off, total);
+        CHECK(n == 0 ? unread(fds[1]) == 0 : n == 1);
+    }
+    collect(rx, n > 0 ? n : 0, len, &got);
+    if (n > 0)
+        CHECK(blobs_equal(&want, &got));
+    blobs_free(&want);
+    blobs_free(&got);
+out:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_rx_free(rx);
+    free(s);
+}
+
+/* ---- batching ---------------------------------------------------------------- */
+
+/* 1000 frames that arrive in one recv are all handed out by one ch_rx_read call. */
+static void test_thousand_frames_one_read(void)
+{
+    blobs want = {0}, got = {0};
+    ch_rx *rx = NULL;
+    ch_tx *tx = NULL;
+    int fds[2] = {-1, -1};
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_rx_new(64, &rx) == 0);
+    REQUIRE(ch_tx_new(&tx) == 0);
+    size_t queued = 0;
+    for (int i = 0; i < 1000; i++) {
+        blobs_add_random(&want, rnd_below(41));
+        queued += CH_FRAME_HEADER + want.v[i].len;
+        CHECK_EQ(ch_tx_push(tx, want.v[i].p, want.v[i].len, 64), queued);
+    }
+    CHECK_EQ(ch_tx_pending(tx), queued);
+    CHECK_EQ(ch_tx_flush(tx, fds[0]), 0); /* one flush takes them all */
+    CHECK_EQ(unread(fds[1]), queued);
+    int n = ch_rx_read(rx, fds[1]);
+    CHECK_EQ(n, 1000);
+    collect(rx, n > 0 ? n : 0, 64, &got);
+    CHECK_EQ(ch_rx_read(rx, fds[1]), 0);
+    CHECK(blobs_equal(&want, &got));
+out:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_rx_free(rx);
+    ch_tx_free(tx);
+    blobs_free(&want);
+    blobs_free(&got);
+}
+
+/* More than CH_RX_MAX_FRAMES complete frames come out in capped batches without another recv. */
+static void test_frames_cap_per_call(void)
+{
+    const int total_frames = 2 * CH_RX_MAX_FRAMES + 452;
+    blobs want = {0}, got = {0}, got2 = {0};
+    ch_rx *rx = NULL, *rx2 = NULL;
+    int fds[2] = {-1, -1};
+    for (int i = 0; i < total_frames; i++)
+        blobs_add_random(&want, rnd_below(21));
+    size_t total;
+    uint8_t *s = encode(&want, &total);
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_rx_new(64, &rx) == 0);
+    REQUIRE(write_all(fds[0], s, total) == 0);
+    CHECK_EQ(unread(fds[1]), total);
+    int n = ch_rx_read(rx, fds[1]);
+    CHECK_EQ(n, CH_RX_MAX_FRAMES);
+    collect(rx, n > 0 ? n : 0, 64, &got);
+    CHECK_EQ(unread(fds[1]), 0); /* one recv took everything */
+    n = ch_rx_read(rx, fds[1]);
+    CHECK_EQ(n, CH_RX_MAX_FRAMES);
+    collect(rx, n > 0 ? n : 0, 64, &got);
+    n = ch_rx_read(rx, fds[1]);
+    CHECK_EQ(n, 452);
+    collect(rx, n > 0 ? n : 0, 64, &got);
+    CHECK_EQ(ch_rx_read(rx, fds[1]), 0);
+    CHECK(blobs_equal(&want, &got));
+
+    /* the same through ch_rx_feed: one call takes all bytes, frames come capped */
+    REQUIRE(ch_rx_new(64, &rx2) == 0);
+    size_t used = 0;
+    n = ch_rx_feed(rx2, s, total, &used);
+    CHECK_EQ(n, CH_RX_MAX_FRAMES);
+    CHECK_EQ(used, total);
+    collect(rx2, n > 0 ? n : 0, 64, &got2);
+    while ((n = ch_rx_feed(rx2, NULL, 0, &used)) > 0)
+        collect(rx2, n, 64, &got2);
+    CHECK_EQ(n, 0);
+    CHECK(blobs_equal(&want, &got2));
+out:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_rx_free(rx);
+    ch_rx_free(rx2);
+    free(s);
+    blobs_free(&want);
+    blobs_free(&got);
+    blobs_free(&got2);
+}
+
+/* ch_tx_push queues frames without writing; one flush then sends the whole batch. */
+static void test_push_batch_then_flush(void)
+{
+    blobs want = {0}, got = {0};
+    ch_rx *rx = NULL;
+    ch_tx *tx = NULL;
+    int fds[2] = {-1, -1};
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_rx_new(4096, &rx) == 0);
+    REQUIRE(ch_tx_new(&tx) == 0);
+    size_t queued = 0;
+    for (int i = 0; i < 50; i++) {
+        blobs_add_random(&want, rnd_size(4096));
+        queued += CH_FRAME_HEADER + want.v[i].len;
+        CHECK_EQ(ch_tx_push(tx, want.v[i].p, want.v[i].len, 4096), queued);
+        CHECK_EQ(unread(fds[1]), 0); /* push never writes */
+    }
+    CHECK_EQ(ch_tx_flush(tx, fds[0]), 0);
+    CHECK_EQ(ch_tx_pending(tx), 0);
+    CHECK_EQ(unread(fds[1]), queued);
+    CHECK_EQ(drain(rx, fds[1], 4096, &got), 0);
+    CHECK(blobs_equal(&want, &got));
+    CHECK_EQ(ch_tx_flush(tx, fds[0]), 0); /* flushing an empty queue is a no-op */
+out:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_rx_free(rx);
+    ch_tx_free(tx);
+    blobs_free(&want);
+    blobs_free(&got);
+}
+
+/* ---- partial writes ----------------------------------------------------------- */
+
+/* When the socket fills, ch_tx_send queues the rest; flushing while the peer reads delivers every byte in order. */
+static void test_partial_writes_then_flush(void)
+{
+    const size_t max_len = 200 * 1024;
+    blobs want = {0}, got = {0};
+    ch_rx *rx = NULL;
+    ch_tx *tx = NULL;
+    int fds[2] = {-1, -1};
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_rx_new(max_len, &rx) == 0);
+    REQUIRE(ch_tx_new(&tx) == 0);
+    int64_t q = 0;
+    int i = 0;
+    while (q == 0) { /* fill the socket */
+        REQUIRE(i < 10000);
+        blobs_add_random(&want, rnd_size(max_len));
+        q = ch_tx_send(tx, fds[0], want.v[i].p, want.v[i].len, max_len);
+        REQUIRE(q >= 0);
+        i++;
+    }
+    CHECK(q > 0);
+    CHECK_EQ(ch_tx_pending(tx), q);
+    for (int k = 0; k < 8; k++, i++) { /* these queue behind the rest, in order */
+        blobs_add_random(&want, rnd_size(max_len));
+        q = ch_tx_send(tx, fds[0], want.v[i].p, want.v[i].len, max_len);
+        CHECK(q > 0);
+        CHECK_EQ(ch_tx_pending(tx), q);
+    }
+    long spins = 0;
+    while (q > 0) {
+        CHECK_EQ(drain(rx, fds[1], max_len, &got), 0);
+        int64_t q2 = ch_tx_flush(tx, fds[0]);
+        REQUIRE(q2 >= 0);
+        CHECK(q2 <= q || q2 == 0);
+        q = q2;
+        CHECK_EQ(ch_tx_pending(tx), q);
+        REQUIRE(++spins < 1000000);
+    }
+    CHECK_EQ(drain(rx, fds[1], max_len, &got), 0);
+    CHECK(blobs_equal(&want, &got));
+out:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_rx_free(rx);
+    ch_tx_free(tx);
+    blobs_free(&want);
+    blobs_free(&got);
+}
+
+/* A socket already full makes ch_tx_send queue the whole frame, header included. */
+static void test_send_on_full_socket_queues_whole_frame(void)
+{
+    blobs want = {0}, got = {0};
+    ch_rx *rx = NULL;
+    ch_tx *tx = NULL;
+    int fds[2] = {-1, -1};
+    uint8_t *filler = NULL;
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_rx_new(1 << 20, &rx) == 0);
+    REQUIRE(ch_tx_new(&tx) == 0);
+    /* fill with one big frame written by hand, then a few bytes more */
+    blobs_add_random(&want, 1 << 20);
+    size_t total;
+    filler = encode(&want, &total);
+    size_t off = 0;
+    for (;;) {
+        ssize_t w = write(fds[0], filler + off, total - off);
+        if (w < 0) {
+            REQUIRE(errno == EAGAIN);
+            break;
+        }
+        off += (size_t)w;
+        REQUIRE(off < total);
+    }
+    blobs_add_random(&want, 10);
+    int64_t q = ch_tx_send(tx, fds[0], want.v[1].p, 10, 100);
+    CHECK_EQ(q, CH_FRAME_HEADER + 10);
+    long spins = 0;
+    while (off < total || q > 0) {
+        CHECK_EQ(drain(rx, fds[1], 1 << 20, &got), 0);
+        if (off < total) {
+            ssize_t w = write(fds[0], filler + off, total - off);
+            if (w > 0)
+                off += (size_t)w;
+        } else {
+            q = ch_tx_flush(tx, fds[0]);
+            REQUIRE(q >= 0);
+        }
+        REQUIRE(++spins < 1000000);
+    }
+    CHECK_EQ(drain(rx, fds[1], 1 << 20, &got), 0);
+    CHECK(blobs_equal(&want, &got));
+out:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_rx_free(rx);
+    ch_tx_free(tx);
+    free(filler);
+    blobs_free(&want);
+    blobs_free(&got);
+}
+
+/* ---- limits ------------------------------------------------------------------- */
+
+/* A payload over max_len gives -EMSGSIZE from send and push, queues nothing, and the queue stays usable. */
+static void test_msgsize_rejected_queue_usable(void)
+{
+    blobs want = {0}, got = {0};
+    ch_rx *rx = NULL;
+    ch_tx *tx = NULL;
+    int fds[2] = {-1, -1};
+    uint8_t big[101];
+    memset(big, 0xab, sizeof big);
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_rx_new(100, &rx) == 0);
+    REQUIRE(ch_tx_new(&tx) == 0);
+    CHECK_EQ(ch_tx_send(tx, fds[0], big, 101, 100), -EMSGSIZE);
+    CHECK_EQ(ch_tx_pending(tx), 0);
+    CHECK_EQ(unread(fds[1]), 0);
+    CHECK_EQ(ch_tx_push(tx, big, 101, 100), -EMSGSIZE);
+    CHECK_EQ(ch_tx_pending(tx), 0);
+    /* beyond the hard ceiling even when the caller's max_len allows it (payload never read) */
+    CHECK_EQ(ch_tx_push(tx, big, (size_t)CH_FRAME_MAX_LIMIT + 1, SIZE_MAX), -EMSGSIZE);
+    CHECK_EQ(ch_tx_send(tx, fds[0], big, (size_t)CH_FRAME_MAX_LIMIT + 1, SIZE_MAX), -EMSGSIZE);
+    CHECK_EQ(ch_tx_pending(tx), 0);
+    /* with bytes queued, the rejection leaves the queue as it was */
+    blobs_add_random(&want, 100);
+    CHECK_EQ(ch_tx_push(tx, want.v[0].p, 100, 100), CH_FRAME_HEADER + 100);
+    CHECK_EQ(ch_tx_send(tx, fds[0], big, 101, 100), -EMSGSIZE);
+    CHECK_EQ(ch_tx_push(tx, big, 101, 100), -EMSGSIZE);
+    CHECK_EQ(ch_tx_pending(tx), CH_FRAME_HEADER + 100);
+    blobs_add_random(&want, 0);
+    CHECK_EQ(ch_tx_send(tx, fds[0], want.v[1].p, 0, 100), 0); /* flushes both */
+    blobs_add_random(&want, 100);
+    CHECK_EQ(ch_tx_send(tx, fds[0], want.v[2].p, 100, 100), 0); /* exactly max_len is fine */
+    CHECK_EQ(drain(rx, fds[1], 100, &got), 0);
+    CHECK(blobs_equal(&want, &got));
+out:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_rx_free(rx);
+    ch_tx_free(tx);
+    blobs_free(&want);
+    blobs_free(&got);
+}
+
+/* ch_rx_new accepts 1 .. CH_FRAME_MAX_LIMIT only; the free functions accept NULL. */
+static void test_rx_new_bounds(void)
+{
+    ch_rx *rx = NULL;
+    CHECK_EQ(ch_rx_new(0, &rx), -EINVAL);
+    CHECK_EQ(ch_rx_new((size_t)CH_FRAME_MAX_LIMIT + 1, &rx), -EINVAL);
+    CHECK_EQ(ch_rx_new(SIZE_MAX, &rx), -EINVAL);
+    CHECK_EQ(ch_rx_new(CH_FRAME_MAX_LIMIT, &rx), 0);
+    ch_rx_free(rx);
+    rx = NULL;
+    CHECK_EQ(ch_rx_new(1, &rx), 0);
+    ch_rx_free(rx);
+    ch_rx_free(NULL);
+    ch_tx_free(NULL);
+}
+
+/* A header declaring more than max_len is TOOBIG as soon as the header is in, before anything is allocated for it. */
+static void test_toobig_before_allocation(void)
+{
+    ch_rx *rx = NULL, *ctl = NULL;
+    int fds[2] = {-1, -1};
+    uint8_t h[CH_FRAME_HEADER], pay[1000];
+    memset(pay, 7, sizeof pay);
+    const uint32_t declared[] = {0x80000000u, 0xffffffffu, CH_FRAME_MAX_LIMIT, (1u << 20) + 1};
+    for (size_t k = 0; k < sizeof declared / sizeof declared[0]; k++) {
+        put_hdr(h, declared[k]);
+        REQUIRE(ch_rx_new(1 << 20, &rx) == 0);
+        size_t before = heap_in_use(), used = 0;
+        CHECK_EQ(ch_rx_feed(rx, h, sizeof h, &used), CH_ERR_TOOBIG);
+        CHECK_EQ(used, sizeof h);
+        CHECK_EQ(ch_rx_feed(rx, pay, sizeof pay, &used), CH_ERR_TOOBIG);
+        CHECK_EQ(used, 0); /* the payload is not taken */
+        size_t after = heap_in_use();
+        CHECK(after < before + (1u << 20)); /* only the default buffer, if anything */
+        ch_rx_free(rx);
+        rx = NULL;
+    }
+    /* positive control: a legal large header does make the buffer grow */
+    REQUIRE(ch_rx_new(64u << 20, &ctl) == 0);
+    {
+        put_hdr(h, 32u << 20);
+        size_t before = heap_in_use(), used = 0;
+        CHECK_EQ(ch_rx_feed(ctl, h, sizeof h, &used), 0);
+        CHECK_EQ(ch_rx_feed(ctl, pay, 1, &used), 0);
+        CHECK(heap_in_use() >= before + (32u << 20));
+        CHECK_EQ(ch_rx_eof(ctl), CH_ERR_TRUNCATED);
+    }
+
+    /* through a socket: TOOBIG without receiving the payload behind the header */
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_rx_new(1 << 20, &rx) == 0);
+    put_hdr(h, 0x80000000u);
+    REQUIRE(write(fds[0], h, sizeof h) == (ssize_t)sizeof h);
+    CHECK_EQ(ch_rx_read(rx, fds[1]), CH_ERR_TOOBIG);
+    REQUIRE(write(fds[0], pay, sizeof pay) == (ssize_t)sizeof pay);
+    CHECK_EQ(ch_rx_read(rx, fds[1]), CH_ERR_TOOBIG);
+    CHECK_EQ(unread(fds[1]), sizeof pay);
+out:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_rx_free(rx);
+    ch_rx_free(ctl);
+}
+
+/* A frame of exactly max_len is accepted and max_len + 1 is TOOBIG, after the frames before it. */
+static void test_max_len_boundary(void)
+{
+    for (size_t max_len = 1; max_len < 40; max_len++) {
+        blobs want = {0}, got = {0};
+        ch_rx *rx = NULL;
+        blobs_add_random(&want, max_len);
+        blobs_add_random(&want, 0);
+        blobs_add_random(&want, max_len - 1);
+        size_t total;
+        uint8_t *s = encode(&want, &total);
+        uint8_t *s2 = malloc(total + CH_FRAME_HEADER + max_len + 1);
+        if (!s2)
+            abort();
+        memcpy(s2, s, total);
+        put_hdr(s2 + total, (uint32_t)max_len + 1);
+        memset(s2 + total + CH_FRAME_HEADER, 1, max_len + 1);
+        REQUIRE(ch_rx_new(max_len, &rx) == 0);
+        CHECK_EQ(feed_split(rx, s2, total + CH_FRAME_HEADER + max_len + 1, max_len, &got, 0),
+                 CH_ERR_TOOBIG);
+        CHECK(blobs_equal(&want, &got));
+        size_t used;
+        CHECK_EQ(ch_rx_feed(rx, NULL, 0, &used), CH_ERR_TOOBIG); /* and it stays so */
+    out:
+        ch_rx_free(rx);
+        free(s);
+        free(s2);
+        blobs_free(&want);
+        blobs_free(&got);
+        if (g_fail)
+            return;
+    }
+}
+
+/* ---- malformed headers ------------------------------------------------------- */
+
+/* Any corruption of the magic or the reserved bytes is MALFORMED, reported after the good frames before it. */
+static void test_malformed_header(void)
+{
+    for (int byte = 0; byte < 4; byte++) {
+        for (int bit = 0; bit < 8; bit++) {
+            blobs want = {0}, got = {0};
+            ch_rx *rx = NULL;
+            blobs_add_random(&want, 5);
+            blobs_add_random(&want, 0);
+            size_t total;
+            uint8_t *s = encode(&want, &total);
+            uint8_t *s2 = malloc(total + CH_FRAME_HEADER + 3);
+            if (!s2)
+                abort();
+            memcpy(s2, s, total);
+            put_hdr(s2 + total, 3);
+            s2[total + byte] ^= (uint8_t)(1u << bit);
+            memset(s2 + total + CH_FRAME_HEADER, 0, 3);
+            REQUIRE(ch_rx_new(64, &rx) == 0);
+            CHECK_EQ(feed_split(rx, s2, total + CH_FRAME_HEADER + 3, 64, &got, 0),
+                     CH_ERR_MALFORMED);
+            CHECK(blobs_equal(&want, &got));
+            size_t used;
+            CHECK_EQ(ch_rx_feed(rx, s2, 1, &used), CH_ERR_MALFORMED); /* sticky */
+            CHECK_EQ(used, 0);
+        out:
+            ch_rx_free(rx);
+            free(s);
+            free(s2);
+            blobs_free(&want);
+            blobs_free(&got);
+            if (g_fail)
+                return;
+        }
+    }
+}
+
+/* Good frames and a malformed header in one recv: frames first, MALFORMED on the next call. */
+static void test_malformed_after_frames_socket(void)
+{
+    blobs want = {0}, got = {0};
+    ch_rx *rx = NULL;
+    int fds[2] = {-1, -1};
+    for (int i = 0; i < 3; i++)
+        blobs_add_random(&want, 10 + i);
+    size_t total;
+    uint8_t *s = encode(&want, &total);
+    uint8_t bad[CH_FRAME_HEADER] = {'X', 'X', 0, 0, 0, 0, 0, 0};
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_rx_new(64, &rx) == 0);
+    REQUIRE(write_all(fds[0], s, total) == 0);
+    REQUIRE(write_all(fds[0], bad, sizeof bad) == 0);
+    int n = ch_rx_read(rx, fds[1]);
+    CHECK_EQ(n, 3);
+    collect(rx, n > 0 ? n : 0, 64, &got);
+    CHECK(blobs_equal(&want, &got));
+    CHECK_EQ(ch_rx_read(rx, fds[1]), CH_ERR_MALFORMED);
+    CHECK_EQ(ch_rx_read(rx, fds[1]), CH_ERR_MALFORMED);
+out:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_rx_free(rx);
+    free(s);
+    blobs_free(&want);
+    blobs_free(&got);
+}
+
+/* ---- end of stream ------------------------------------------------------------ */
+
+/* Closing the writer between frames is EOF, mid-header or mid-payload is TRUNCATED, each after the complete frames. */
+static void test_eof_variants_socket(void)
+{
+    /* cut = bytes of the last frame (header 8 + payload 20) that are sent */
+    const size_t cuts[] = {0, 1, 3, 7, 8, 9, 27, 28};
+    for (size_t c = 0; c < sizeof cuts / sizeof cuts[0]; c++) {
+        for (int how = 0; how < 2; how++) { /* close(), shutdown(SHUT_WR) */
+            blobs want = {0}, got = {0};
+            ch_rx *rx = NULL;
+            int fds[2] = {-1, -1};
+            blobs_add_random(&want, 4);
+            blobs_add_random(&want, 0);
+            blobs_add_random(&want, 20);
+            size_t total;
+            uint8_t *s = encode(&want, &total);
+            size_t send = total - 28 + cuts[c];
+            int complete = cuts[c] == 28;
+            if (!complete)
+                want.n--, free(want.v[want.n].p);
+            REQUIRE(new_pair(fds) == 0);
+            REQUIRE(ch_rx_new(64, &rx) == 0);
+            REQUIRE(write_all(fds[0], s, send) == 0);
+            if (how == 0) {
+                close(fds[0]);
+                fds[0] = -1;
+            } else {
+                REQUIRE(shutdown(fds[0], SHUT_WR) == 0);
+            }
+            int want_code = cuts[c] == 0 || complete ? CH_ERR_EOF : CH_ERR_TRUNCATED;
+            CHECK_EQ(drain(rx, fds[1], 64, &got), want_code);
+            CHECK(blobs_equal(&want, &got));
+            CHECK_EQ(ch_rx_read(rx, fds[1]), want_code); /* and again */
+        out:
+            if (fds[0] >= 0)
+                close(fds[0]);
+            if (fds[1] >= 0)
+                close(fds[1]);
+            ch_rx_free(rx);
+            free(s);
+            blobs_free(&want);
+            blobs_free(&got);
+            if (g_fail)
+                return;
+        }
+    }
+}
+
+/* A peer that closes without sending anything gives EOF; an empty frame then close gives the frame, then EOF. */
+static void test_eof_immediate_and_empty_frame(void)
+{
+    ch_rx *rx = NULL;
+    int fds[2] = {-1, -1};
+    uint8_t h[CH_FRAME_HEADER];
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_rx_new(16, &rx) == 0);
+    CHECK_EQ(ch_rx_read(rx, fds[1]), 0); /* nothing yet: would block */
+    close(fds[0]);
+    fds[0] = -1;
+    CHECK_EQ(ch_rx_read(rx, fds[1]), CH_ERR_EOF);
+    close(fds[1]);
+    fds[1] = -1;
+    ch_rx_free(rx);
+    rx = NULL;
+
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_rx_new(16, &rx) == 0);
+    put_hdr(h, 0);
+    REQUIRE(write(fds[0], h, sizeof h) == (ssize_t)sizeof h);
+    close(fds[0]);
+    fds[0] = -1;
+    CHECK_EQ(ch_rx_read(rx, fds[1]), 1);
+    CHECK_EQ(ch_rx_frames(rx)[1], 0);
+    CHECK_EQ(ch_rx_read(rx, fds[1]), CH_ERR_EOF);
+out:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_rx_free(rx);
+}
+
+/* ch_rx_eof says EOF at a frame boundary and TRUNCATED for any partial header or payload fed. */
+static void test_eof_verdict_feed(void)
+{
+    blobs want = {0}, got = {0};
+    ch_rx *rx = NULL;
+    blobs_add_random(&want, 30);
+    size_t total;
+    uint8_t *s = encode(&want, &total);
+    for (size_t cut = 0; cut <= total; cut++) {
+        REQUIRE(ch_rx_new(64, &rx) == 0);
+        CHECK_EQ(ch_rx_eof(rx), CH_ERR_EOF);
+        CHECK_EQ(feed_split(rx, s, cut, 64, &got, 0), 0);
+        CHECK_EQ(ch_rx_eof(rx), cut == 0 || cut == total ? CH_ERR_EOF : CH_ERR_TRUNCATED);
+        ch_rx_free(rx);
+        rx = NULL;
+    }
+    CHECK_EQ(got.n, 1);
+out:
+    ch_rx_free(rx);
+    free(s);
+    blobs_free(&want);
+    blobs_free(&got);
+}
+
+/* ---- peer gone ------------------------------------------------------------------ */
+
+/* Child process body: returns 0 when every send to a closed peer gave -EPIPE/-ECONNRESET. */
+static int epipe_child(int fd, int peer_to_close)
+{
+    ch_tx *tx = NULL;
+    uint8_t pay[64] = {1, 2, 3};
+    int bad = 0;
+    signal(SIGPIPE, SIG_DFL);
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGPIPE);
+    sigprocmask(SIG_UNBLOCK, &set, NULL);
+    if (peer_to_close >= 0)
+        close(peer_to_close);
+    if (ch_tx_new(&tx) != 0)
+        return 1;
+    int64_t r = ch_tx_send(tx, fd, pay, sizeof pay, 100);
+    if (r != -EPIPE && r != -ECONNRESET)
+        bad |= 2;
+    /* again: push then flush */
+    ch_tx_free(tx);
+    if (ch_tx_new(&tx) != 0)
+        return 1;
+    if (ch_tx_push(tx, pay, sizeof pay, 100) <= 0)
+        bad |= 4;
+    r = ch_tx_flush(tx, fd);
+    if (r != -EPIPE && r != -ECONNRESET)
+        bad |= 8;
+    ch_tx_free(tx);
+    return bad;
+}
+
+/* With SIGPIPE at its default action, sending to a closed peer returns EPIPE and the process lives. */
+static void test_epipe_sigpipe_default(void)
+{
+    for (int variant = 0; variant < 2; variant++) {
+        int fds[2] = {-1, -1};
+        REQUIRE(new_pair(fds) == 0);
+        pid_t pid = fork();
+        REQUIRE(pid >= 0);
+        if (pid == 0) {
+            /* variant 0: the child's own pair, peer closed by the child; 1: the peer is
+             * closed by another process (the parent) */
+            int code;
+            if (variant == 0) {
+                int own[2];
+                close(fds[0]);
+                close(fds[1]);
+                if (ch_socketpair(own) != 0)
+                    _exit(21);
+                code = epipe_child(own[0], own[1]);
+            } else {
+                close(fds[1]);
+                char c;
+                struct pollfd p = {fds[0], POLLIN, 0};
+                poll(&p, 1, 20000); /* the parent closing its end wakes us (EOF) */
+                if (read(fds[0], &c, 1) != 0)
+                    _exit(20);
+                code = epipe_child(fds[0], -1);
+            }
+            _exit(code == 0 ? 42 : 10 + code);
+        }
+        close(fds[0]);
+        close(fds[1]);
+        int st = 0;
+        REQUIRE(waitpid(pid, &st, 0) == pid);
+        if (WIFSIGNALED(st))
+            fprintf(stderr, "[%s] child killed by signal %d\n", g_test, WTERMSIG(st));
+        CHECK(WIFEXITED(st));
+        CHECK_EQ(WIFEXITED(st) ? WEXITSTATUS(st) : -1, 42);
+    out:;
+    }
+}
+
+/* A writer with bytes queued on a full socket gets EPIPE from flush when the reader goes away. */
+static void test_epipe_with_queued_bytes(void)
+{
+    int fds[2] = {-1, -1};
+    ch_tx *tx = NULL;
+    uint8_t *pay = calloc(1, 128 * 1024);
+    void (*old)(int) = signal(SIGPIPE, SIG_DFL);
+    REQUIRE(pay != NULL);
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_tx_new(&tx) == 0);
+    int64_t q = 0;
+    for (int i = 0; q == 0; i++) {
+        REQUIRE(i < 1000);
+        q = ch_tx_send(tx, fds[0], pay, 128 * 1024, 128 * 1024);
+        REQUIRE(q >= 0);
+    }
+    close(fds[1]);
+    fds[1] = -1;
+    int64_t r = ch_tx_flush(tx, fds[0]);
+    CHECK(r == -EPIPE || r == -ECONNRESET);
+    r = ch_tx_send(tx, fds[0], pay, 10, 100);
+    CHECK(r == -EPIPE || r == -ECONNRESET);
+out:
+    signal(SIGPIPE, old);
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_tx_free(tx);
+    free(pay);
+}
+
+/* ch_socketpair gives close-on-exec, non-blocking, connected stream descriptors. */
+static void test_socketpair_flags(void)
+{
+    int fds[2] = {-1, -1};
+    REQUIRE(new_pair(fds) == 0);
+    for (int i = 0; i < 2; i++) {
+        CHECK(fcntl(fds[i], F_GETFD) & FD_CLOEXEC);
+        CHECK(fcntl(fds[i], F_GETFL) & O_NONBLOCK);
+        int type = 0;
+        socklen_t sl = sizeof type;
+        CHECK(getsockopt(fds[i], SOL_SOCKET, SO_TYPE, &type, &sl) == 0 && type == SOCK_STREAM);
+    }
+out:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+}
+
+/* ---- main ----------------------------------------------------------------------- */
+
+struct test {
+    const char *name;
+    void (*fn)(void);
+};
+
+#define T(f) {#f, f}
+static const struct test tests[] = {
+    T(test_feed_roundtrip_random_splits),
+    T(test_one_byte_at_a_time),
+    T(test_socket_roundtrip_raw_writes),
+    T(test_socket_roundtrip_tx),
+    T(test_socket_roundtrip_two_processes),
+    T(test_large_frame_then_small),
+    T(test_read_zero_means_would_block),
+    T(test_thousand_frames_one_read),
+    T(test_frames_cap_per_call),
+    T(test_push_batch_then_flush),
+    T(test_partial_writes_then_flush),
+    T(test_send_on_full_socket_queues_whole_frame),
+    T(test_msgsize_rejected_queue_usable),
+    T(test_rx_new_bounds),
+    T(test_toobig_before_allocation),
+    T(test_max_len_boundary),
+    T(test_malformed_header),
+    T(test_malformed_after_frames_socket),
+    T(test_eof_variants_socket),
+    T(test_eof_immediate_and_empty_frame),
+    T(test_eof_verdict_feed),
+    T(test_epipe_sigpipe_default),
+    T(test_epipe_with_queued_bytes),
+    T(test_socketpair_flags),
+};
+
+int main(int argc, char **argv)
+{
+    const char *env = getenv("CH_TEST_SEED");
+    uint64_t seed = env ? strtoull(env, NULL, 0) : (uint64_t)getpid() ^ (uint64_t)time(NULL);
+    printf("test_frame: CH_TEST_SEED=%" PRIu64 "\n", seed);
+    fflush(stdout);
+    int passed = 0, failed = 0;
+    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
+        if (argc > 1) {
+            int want = 0;
+            for (int a = 1; a < argc; a++)
+                want |= strcmp(argv[a], tests[i].name) == 0;
+            if (!want)
+                continue;
+        }
+        g_test = tests[i].name;
+        g_fail = 0;
+        g_rng = (seed + i) * 0x9E3779B97F4A7C15ULL | 1;
+        alarm(120); /* a hang is a failure too: SIGALRM kills the driver */
+        tests[i].fn();
+        alarm(0);
+        if (g_fail) {
+            failed++;
+            printf("FAIL %s\n", tests[i].name);
+        } else {
+            passed++;
+            printf("ok   %s\n", tests[i].name);
+        }
+        fflush(stdout);
+    }
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
