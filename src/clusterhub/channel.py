@@ -2,7 +2,12 @@
 
 A channel never blocks by itself.  ``send`` writes what the socket takes and
 queues the rest; whoever must wait for room (``wait_room``) polls for POLLOUT.
-Receiving is done by one thread at a time (the dispatcher), which owns ``rx``.
+
+Receiving is done by one thread at a time: the holder of ``reader``.  That is
+usually the dispatcher; a thread waiting for a reply on this channel takes it
+when it is free and reads its reply itself (leader/follower), which saves a
+thread hand-off per request.  ``poke()`` wakes such a leader early (its
+request ended some other way, or the peer is gone).
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from ._bindings import PeerGone, Rx, Tx
 class Channel:
     """A framed, non-blocking socket endpoint to one peer process."""
 
-    __slots__ = ("fd", "peer", "max_len", "max_queue", "rx", "_tx", "_lock", "closed")
+    __slots__ = (
+        "fd", "peer", "max_len", "max_queue", "rx", "_tx", "_lock", "closed",
+        "reader", "leader", "dying", "_wake",
+    )
 
     def __init__(self, fd: int, peer: Any, max_len: int, max_queue: int) -> None:
         self.fd = fd
@@ -29,6 +37,24 @@ class Channel:
         self._tx = Tx()
         self._lock = threading.Lock()
         self.closed = False
+        self.reader = threading.Lock()  # whoever holds it owns rx
+        self.leader: int | None = None  # thread id of a requester reading here
+        self.dying = False  # the peer is known dead: leaders step down
+        self._wake: int | None = None  # eventfd a leader also polls
+
+    def wake_fd(self) -> int:
+        """The eventfd that ``poke`` writes to (made on first use)."""
+        if self._wake is None:
+            self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        return self._wake
+
+    def poke(self) -> None:
+        """Wake the thread leading this channel, if any."""
+        if self._wake is not None and self.leader is not None:
+            try:
+                os.eventfd_write(self._wake, 1)
+            except OSError:
+                pass
 
     @property
     def lock(self) -> threading.Lock:
@@ -88,13 +114,24 @@ class Channel:
             except OSError:
                 pass
             self._tx.close()
-        self.rx.close()
+        if self._wake is not None:
+            os.close(self._wake)
+            self._wake = None
+        # rx belongs to the reader: a leader may still be finishing a read.
+        if self.reader.acquire(blocking=False):
+            self.rx.close()
+            self.reader.release()
 
     def abandon(self) -> None:
         """In a fork child: close our copy of the fd, without touching buffers
-        another thread of the parent may have been using at the fork."""
+        another thread of the parent may have been using at the fork.  A
+        channel already closed there may have its fd number reused: skip it."""
+        if self.closed:
+            return
         self.closed = True
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        for fd in (self.fd, self._wake):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass

@@ -21,7 +21,7 @@ import inspect
 import itertools
 import logging
 import os
-import selectors
+import select
 import threading
 import time
 from collections import deque
@@ -57,9 +57,13 @@ class Dispatcher:
         self._setup()
 
     def _setup(self) -> None:
-        self._sel = selectors.EpollSelector()
+        # Raw epoll: registrations may be changed from any thread (a requester
+        # disarms its channel while it reads its own reply); the callback map
+        # is only ever changed by single, GIL-atomic dict operations.
+        self._ep = select.epoll()
+        self._callbacks: dict[int, Callable[[int], None]] = {}
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._sel.register(self._wake_fd, selectors.EVENT_READ, self._on_wake)
+        self.register(self._wake_fd, select.EPOLLIN, self._on_wake)
         self._ops: deque[Callable[[], None]] = deque()
         self.inbox: deque[Item] = deque()
         self._timers: list[tuple[float, int, Timer]] = []
@@ -86,7 +90,7 @@ class Dispatcher:
         t = self._thread
         if t is not None and t.ident != threading.get_ident():
             t.join()
-        self._sel.close()
+        self._ep.close()
         os.close(self._wake_fd)
         if self._private_loop is not None:
             self._private_loop.call_soon_threadsafe(self._private_loop.stop)
@@ -95,11 +99,11 @@ class Dispatcher:
     def reinit_after_fork(self, name: str) -> None:
         """In a fork child: the thread is gone and the epoll instance is
         shared with the parent, so drop our copies and start afresh."""
-        for fd in (self._sel.fileno(), self._wake_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._ep.close()  # only our descriptor: the parent's epoll lives on
+        try:
+            os.close(self._wake_fd)
+        except OSError:
+            pass
         self.name = name
         self.registry.reset_lock()
         self.loop = None
@@ -109,11 +113,11 @@ class Dispatcher:
     def abandon(self) -> None:
         """In a child forked by other code: close our fds, run nothing."""
         self._stopping = True
-        for fd in (self._sel.fileno(), self._wake_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._ep.close()
+        try:
+            os.close(self._wake_fd)
+        except OSError:
+            pass
 
     @property
     def on_thread(self) -> bool:
@@ -140,17 +144,22 @@ class Dispatcher:
             self._ops.append(fn)
             self.wake()
 
-    # selector access: dispatcher thread only (use call_soon elsewhere)
+    # epoll registrations: any thread may call these
     def register(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
-        self._sel.register(fd, events, callback)
+        self._callbacks[fd] = callback
+        self._ep.register(fd, events)
 
-    def modify(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
-        self._sel.modify(fd, events, callback)
+    def modify(self, fd: int, events: int) -> None:
+        try:
+            self._ep.modify(fd, events)
+        except (OSError, ValueError):
+            pass  # unregistered or closed meanwhile
 
     def unregister(self, fd: int) -> None:
+        self._callbacks.pop(fd, None)
         try:
-            self._sel.unregister(fd)
-        except (KeyError, ValueError):
+            self._ep.unregister(fd)
+        except (OSError, ValueError):
             pass
 
     # ---- timers ---------------------------------------------------------
@@ -210,8 +219,15 @@ class Dispatcher:
         ops = self._ops
         while ops:
             ops.popleft()()
-        for key, mask in self._sel.select(timeout):
-            key.data(mask)
+        try:
+            events = self._ep.poll(-1 if timeout is None else timeout)
+        except InterruptedError:
+            events = []
+        callbacks = self._callbacks
+        for fd, ev in events:
+            cb = callbacks.get(fd)
+            if cb is not None:
+                cb(ev)
         while ops:
             ops.popleft()()
         if self._timers:

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import os
 import random
-import selectors
+import select
 import signal
 import threading
 import time
@@ -47,8 +47,12 @@ DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 8 * 1024 * 1024
 DEFAULT_LOCK_SLOTS = 1024
 
-_READ = selectors.EVENT_READ
-_WRITE = selectors.EVENT_WRITE
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+# Channels are registered one-shot: whoever read (the dispatcher, or a
+# requester leading the channel) re-arms them before letting go of the reader.
+_ONESHOT = select.EPOLLONESHOT
+_INPUT = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _PROTOCOL_ERRORS = (_bindings.MALFORMED, _bindings.TOOBIG)
 
 # Every hub of this process, so a fork by other code can neutralise them.
@@ -115,6 +119,7 @@ class Hub:
         self._next_id = 1
         self._exit_callbacks: list[Callable[[Worker], Any]] = []
         self._master: Optional[Channel] = None
+        self._master_gone = threading.Event()  # worker: the dispatcher saw the master go
         self._peer_stubs: dict[int, Worker] = {}
         self._pending = Pending()
         self._locks = Locks(lock_slots)
@@ -227,10 +232,32 @@ class Hub:
         self._locks.after_fork_child(wid)
         ch = Channel(wfd, None, self._max_message_size, self._max_queue)
         self._master = ch
+        self._master_gone = threading.Event()
         d = self._dispatcher
         d.reinit_after_fork(f"worker-{wid}")
-        d.register(ch.fd, _READ, lambda m: self._on_channel(ch, m))
+        d.register(ch.fd, _IN | _ONESHOT, lambda ev: self._on_channel(ch, ev))
         d.start()
+        if self._exit_on_master_death:
+            self._watch_master(ch)
+
+    def _watch_master(self, ch: Channel) -> None:
+        """exit_on_master_death must hold while a handler keeps the dispatcher
+        busy: a thread waits for the master's end of the channel to close
+        (POLLHUP) and, unless the dispatcher dealt with it within a grace
+        period (it reads the replies already sent), fails the pending
+        requests and exits itself."""
+        poller = select.poll()
+        poller.register(ch.fd, 0)  # now: the fd may be closed and reused later
+
+        def watch() -> None:
+            poller.poll()
+            if self._master_gone.wait(0.5) or self._closed:
+                return
+            self._pending.fail_all(lambda: MasterDied("the master has died"))
+            exit_process(1)
+
+        threading.Thread(target=watch, name=f"clusterhub-worker-{self._worker_id}-watch",
+                         daemon=True).start()
 
     def _flush_master(self) -> None:
         """Block until everything sent to the master is written (or it died)."""
@@ -467,10 +494,11 @@ class Hub:
         agg.add_done_callback(lambda f: [s.cancel() for s in subs] if f.cancelled() else None)
         return agg
 
-    def _new_future(self, local: bool = False) -> Future:
+    def _new_future(self, local: bool = False, channel: Optional[Channel] = None) -> Future:
         fut = Future()
         fut._waiter = self._wait_future
         fut._local = local
+        fut._channel = channel
         return fut
 
     def _failed(self, exc: BaseException, callback: Optional[Callback]) -> Future:
@@ -489,7 +517,7 @@ class Hub:
         _check_timeout(timeout)
         if callback is not None:
             _check_callback(callback)
-        fut = self._new_future()
+        fut = self._new_future(channel=ch)
         rid = self._pending.add(ch, fut)
         if callback is not None:
             add_callback(fut, callback)
@@ -534,9 +562,13 @@ class Hub:
         )
         fut.add_done_callback(lambda _f: timer.cancel())
 
-    def _wait_future(self, fut: Future, timeout: Optional[float]) -> None:
-        """Future.result()'s hook: serve the sockets when waiting on the
-        dispatcher thread; refuse a wait that could never end."""
+    def _wait_future(self, fut: Future, timeout: Optional[float]) -> Optional[float]:
+        """Future.result()'s hook, before it waits: returns the timeout left.
+
+        On the dispatcher thread, serve the sockets while waiting.  Elsewhere,
+        when nobody reads the reply's channel, read it here (no hand-off from
+        the dispatcher thread).  Refuse a wait that could never end.
+        """
         d = self._dispatcher
         me = threading.get_ident()
         if fut._local and me == d.handler_ident:
@@ -545,7 +577,54 @@ class Hub:
                 "never end: they run on this very thread (use a callback or await)"
             )
         if me == d.ident:
+            # Its reply may be read by a requester leading the channel: be woken then.
+            fut.add_done_callback(lambda _f: d.wake())
             d.pump_until(fut.done, timeout)
+            return 0 if timeout is not None else None
+        ch = fut._channel
+        if ch is not None and not ch.closed:
+            return self._lead(ch, fut, timeout)
+        return timeout
+
+    def _lead(self, ch: Channel, fut: Future, timeout: Optional[float]) -> Optional[float]:
+        """Read ``ch`` in this thread until ``fut`` is done (leader/follower)."""
+        if not ch.reader.acquire(blocking=False):
+            return timeout  # someone reads it already: they complete fut
+        deadline = None if timeout is None else time.monotonic() + timeout
+        d = self._dispatcher
+        try:
+            if ch.closed or ch.dying:
+                return timeout
+            ch.leader = threading.get_ident()
+            d.modify(ch.fd, _ONESHOT | (_OUT if ch.pending() else 0))  # dispatcher: hands off
+            poller = select.poll()
+            poller.register(ch.fd, select.POLLIN)
+            poller.register(ch.wake_fd(), select.POLLIN)
+            queued = len(d.inbox)
+            while not fut.done() and not ch.closed and not ch.dying:
+                if deadline is None:
+                    ready = poller.poll()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    ready = poller.poll(left * 1000)
+                for fd, _ev in ready:
+                    if fd == ch.fd:
+                        self._read(ch, 1)
+                    else:
+                        os.eventfd_read(fd)
+                if len(d.inbox) > queued:  # messages for the handlers meanwhile
+                    d.wake()
+                    queued = len(d.inbox)
+        finally:
+            ch.leader = None
+            if not ch.closed:
+                self._arm(ch)
+            ch.reader.release()
+        if deadline is None:
+            return None
+        return max(0.0, deadline - time.monotonic())
 
     def _wait_event(self, ev: threading.Event, timeout: Optional[float]) -> bool:
         if self._dispatcher.on_thread:
@@ -652,23 +731,37 @@ class Hub:
         if self._closed or ch is None or ch.closed or w.pidfd is None:
             return
         d = self._dispatcher
-        d.register(ch.fd, _READ, lambda m: self._on_channel(ch, m))
-        d.register(w.pidfd, _READ, lambda m: self._on_worker_exit(w))
+        d.register(ch.fd, _IN | _ONESHOT, lambda ev: self._on_channel(ch, ev))
+        d.register(w.pidfd, _IN, lambda ev: self._on_worker_exit(w))
+
+    def _arm(self, ch: Channel) -> None:
+        """Re-arm the one-shot registration of ``ch`` (reading, and writing
+        while bytes are queued)."""
+        self._dispatcher.modify(ch.fd, _IN | _ONESHOT | (_OUT if ch.pending() else 0))
 
     def _watch_write(self, ch: Channel) -> None:
         if not ch.closed and ch.pending():
-            self._dispatcher.modify(ch.fd, _READ | _WRITE, lambda m: self._on_channel(ch, m))
+            self._arm(ch)
 
-    def _on_channel(self, ch: Channel, mask: int) -> None:
-        if mask & _WRITE and not ch.closed:
+    def _on_channel(self, ch: Channel, ev: int) -> None:
+        if ch.closed:
+            return
+        if ev & _OUT:
             try:
-                if ch.flush() == 0:
-                    self._dispatcher.modify(ch.fd, _READ, lambda m: self._on_channel(ch, m))
+                ch.flush()
             except PeerGone:
                 self._channel_lost(ch, _bindings.EOF)
                 return
-        if mask & _READ:
-            self._read(ch, 8)
+        if not ev & _INPUT:
+            self._arm(ch)
+        elif ch.reader.acquire(blocking=False):
+            try:
+                self._read(ch, 1)
+            finally:
+                if not ch.closed:
+                    self._arm(ch)
+                ch.reader.release()
+        # else: a requester leads this channel; it re-arms it when done
 
     def _read(self, ch: Channel, rounds: int) -> None:
         """Read and route up to ``rounds`` batches of frames from ``ch``."""
@@ -755,6 +848,8 @@ class Hub:
     def _channel_lost(self, ch: Channel, code: int) -> None:
         if ch.closed:
             return
+        ch.dying = True
+        ch.poke()
         self._dispatcher.unregister(ch.fd)
         ch.close()
         w = ch.peer
@@ -766,6 +861,7 @@ class Hub:
             return
         if code != _bindings.EOF and code != _bindings.TRUNCATED:
             log.error("the master broke its channel (%s): treating it as dead", _describe(code))
+        self._master_gone.set()
         self._pending.fail_all(lambda: MasterDied("the master has died"))
         if self._exit_on_master_death:
             exit_process(1)
@@ -773,12 +869,16 @@ class Hub:
     def _on_worker_exit(self, w: Worker) -> None:
         ch = w.channel
         if ch is not None and not ch.closed:
-            self._read(ch, 1 << 30)  # everything it sent is handled first
+            ch.dying = True
+            ch.poke()  # a requester reading this channel lets go of it
+            with ch.reader:
+                self._read(ch, 1 << 30)  # everything it sent is handled first
             self._channel_lost(ch, _bindings.EOF)
-        if w.pidfd is not None:
-            self._dispatcher.unregister(w.pidfd)
-            os.close(w.pidfd)
-            w.pidfd = None
+        with self._state_lock:  # fork() holds it: a child sees it open or None, never stale
+            pidfd, w.pidfd = w.pidfd, None
+        if pidfd is not None:
+            self._dispatcher.unregister(pidfd)
+            os.close(pidfd)
         code = reap(w.pid) if w.pid is not None else None
         with self._state_lock:
             self._workers.pop(w.id, None)

@@ -27,8 +27,10 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
     for a request it made); a wait that could never be served raises at once.
     """
 
-    _waiter: Callable[["Future", Optional[float]], None] | None = None
+    # Hook run by result()/exception() before waiting; returns the timeout left.
+    _waiter: Callable[["Future", Optional[float]], Optional[float]] | None = None
     _local = False  # answered by this process's own handlers
+    _channel: Any = None  # the channel its reply comes on
 
     def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.wrap_future(self).__await__()
@@ -37,12 +39,12 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def result(self, timeout: float | None = None) -> Any:
         if self._waiter is not None and not self.done():
-            self._waiter(self, timeout)
+            timeout = self._waiter(self, timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._waiter is not None and not self.done():
-            self._waiter(self, timeout)
+            timeout = self._waiter(self, timeout)
         return super().exception(timeout)
 
 
@@ -88,7 +90,16 @@ class Pending:
         with self._lock:
             rid = next(self._ids)
             self._by_id[rid] = (peer, fut)
-        fut.add_done_callback(lambda _f: self.discard(rid))
+
+        def done(_f: Future) -> None:
+            with self._lock:
+                self._by_id.pop(rid, None)
+            # A thread reading this channel for its reply may be waiting on
+            # this very future: wake it, unless it is the one completing it.
+            if peer is not None and peer.leader not in (None, threading.get_ident()):
+                peer.poke()
+
+        fut.add_done_callback(done)
         return rid
 
     def discard(self, rid: int) -> None:
