@@ -192,6 +192,8 @@ class Dispatcher:
     def _timeout(self) -> float | None:
         if self._ops:
             return 0
+        if not self._timers:
+            return None
         with self._tlock:
             while self._timers and self._timers[0][2].fn is None:
                 heapq.heappop(self._timers)
@@ -353,7 +355,9 @@ class Dispatcher:
 
     def answer(self, r: Any, reply: Reply) -> None:
         """Answer a request with a handler's return value, now or when it ends."""
-        if isinstance(r, concurrent.futures.Future):
+        if r is None or r.__class__ in _PLAIN:
+            reply(True, r)
+        elif isinstance(r, concurrent.futures.Future):
             r.add_done_callback(lambda f: _reply_from_future(f, reply))
         elif inspect.isawaitable(r):
             self.run_awaitable(r, reply)
@@ -384,6 +388,11 @@ class Dispatcher:
             ).start()
             self._private_loop = loop
         return self._private_loop
+
+
+# Return values that are certainly not futures nor awaitables (skips the
+# costlier checks for the common answers).
+_PLAIN = frozenset((int, float, str, bytes, bool, list, dict, tuple, set))
 
 
 class _NoHandler(Exception):

@@ -600,7 +600,6 @@ class Hub:
             poller = select.poll()
             poller.register(ch.fd, select.POLLIN)
             poller.register(ch.wake_fd(), select.POLLIN)
-            queued = len(d.inbox)
             while not fut.done() and not ch.closed and not ch.dying:
                 if deadline is None:
                     ready = poller.poll()
@@ -614,9 +613,11 @@ class Hub:
                         self._read(ch, 1)
                     else:
                         os.eventfd_read(fd)
-                if len(d.inbox) > queued:  # messages for the handlers meanwhile
+                if ready and d.inbox:
+                    # Messages for the handlers: the dispatcher may have gone
+                    # back to sleep on an inbox it found empty (comparing
+                    # lengths misses a drain racing with our appends).
                     d.wake()
-                    queued = len(d.inbox)
         finally:
             ch.leader = None
             if not ch.closed:

@@ -19,32 +19,108 @@ log = logging.getLogger("clusterhub")
 Callback = Callable[[Optional[BaseException], Any], None]
 
 
+_FINISHED = "FINISHED"
+_DONE = frozenset((_FINISHED, "CANCELLED", "CANCELLED_AND_NOTIFIED"))
+_new_lock = threading.Lock
+_condition_guard = threading.Lock()
+
+
 class Future(concurrent.futures.Future):  # type: ignore[type-arg]
     """A ``concurrent.futures.Future`` that can also be awaited directly.
 
     ``result()`` and ``exception()`` called from the hub's own dispatching
     thread keep the hub's channels served while they wait (a handler may wait
     for a request it made); a wait that could never be served raises at once.
+
+    It is cheaper than the base class, which builds a ``threading.Condition``
+    per future: completion and the done/result checks use a plain lock, and
+    the Condition (on that same lock) is made only when a thread really has to
+    block in ``result()``, ``cancel()`` or ``concurrent.futures.wait()``.
     """
 
     # Hook run by result()/exception() before waiting; returns the timeout left.
     _waiter: Callable[["Future", Optional[float]], Optional[float]] | None = None
     _local = False  # answered by this process's own handlers
     _channel: Any = None  # the channel its reply comes on
+    _rid = 0  # its id in the Pending table
+    _cond: Optional[threading.Condition] = None
+
+    def __init__(self) -> None:  # the base's fields, without its Condition
+        self._lock = _new_lock()
+        self._state = "PENDING"
+        self._result = None
+        self._exception: Optional[BaseException] = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[Any], Any]] = []
+
+    @property  # type: ignore[override]
+    def _condition(self) -> threading.Condition:
+        cond = self._cond
+        if cond is None:
+            with _condition_guard:  # one Condition per future, even if two threads ask
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = threading.Condition(self._lock)
+        return cond
 
     def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.wrap_future(self).__await__()
 
     __iter__ = __await__
 
+    def done(self) -> bool:
+        return self._state in _DONE
+
+    def _complete(self, result: Any, exc: Optional[BaseException]) -> None:
+        with self._lock:
+            if self._state in _DONE:
+                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._exception = exc
+            self._state = _FINISHED
+            for waiter in self._waiters:
+                if exc is None:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
+            if self._cond is not None:
+                self._cond.notify_all()
+        self._invoke_callbacks()
+
+    def set_result(self, result: Any) -> None:
+        self._complete(result, None)
+
+    def set_exception(self, exception: Optional[BaseException]) -> None:
+        self._complete(None, exception)
+
+    def add_done_callback(self, fn: Callable[[Any], Any]) -> None:
+        with self._lock:
+            if self._state not in _DONE:
+                self._done_callbacks.append(fn)
+                return
+        try:
+            fn(self)
+        except Exception:
+            log.exception("exception calling callback for %r", self)
+
     def result(self, timeout: float | None = None) -> Any:
-        if self._waiter is not None and not self.done():
+        if self._state != _FINISHED and self._waiter is not None:
             timeout = self._waiter(self, timeout)
+        if self._state == _FINISHED:
+            exc = self._exception
+            if exc is None:
+                return self._result
+            try:
+                raise exc
+            finally:
+                exc = None  # break the reference cycle through the traceback
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._waiter is not None and not self.done():
+        if self._state != _FINISHED and self._waiter is not None:
             timeout = self._waiter(self, timeout)
+        if self._state == _FINISHED:
+            return self._exception
         return super().exception(timeout)
 
 
@@ -74,76 +150,57 @@ def add_callback(fut: concurrent.futures.Future, callback: Callback) -> None:  #
 
 
 class Pending:
-    """Requests sent and not yet answered, by request id."""
+    """Requests sent and not yet answered, by request id.
+
+    Entries are futures carrying their id and peer; single dict operations
+    (atomic under the GIL) keep it consistent without a lock of its own.
+    """
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self._by_id: dict[int, tuple[Any, Future]] = {}
-
-    @property
-    def lock(self) -> threading.Lock:
-        return self._lock
+        self._by_id: dict[int, Future] = {}
 
     def add(self, peer: Any, fut: Future) -> int:
         """Register a request to ``peer`` (a channel, or None for local)."""
-        with self._lock:
-            rid = next(self._ids)
-            self._by_id[rid] = (peer, fut)
-
-        def done(_f: Future) -> None:
-            with self._lock:
-                self._by_id.pop(rid, None)
-            # A thread reading this channel for its reply may be waiting on
-            # this very future: wake it, unless it is the one completing it.
-            if peer is not None and peer.leader not in (None, threading.get_ident()):
-                peer.poke()
-
-        fut.add_done_callback(done)
+        rid = fut._rid = next(self._ids)
+        fut._channel = peer
+        self._by_id[rid] = fut
+        fut.add_done_callback(self._done)
         return rid
 
+    def _done(self, fut: Future) -> None:
+        self._by_id.pop(fut._rid, None)
+        # A thread reading this channel for its reply may be waiting on this
+        # very future: wake it, unless it is the one completing it.
+        peer = fut._channel
+        if peer is not None and peer.leader is not None and peer.leader != threading.get_ident():
+            peer.poke()
+
     def discard(self, rid: int) -> None:
-        with self._lock:
-            self._by_id.pop(rid, None)
+        self._by_id.pop(rid, None)
 
     def complete(self, peer: Any, rid: int, ok: bool, value: Any) -> None:
         """Deliver a reply from ``peer``; dropped when unknown or from another peer."""
-        with self._lock:
-            entry = self._by_id.get(rid)
-            if entry is None or entry[0] is not peer:
-                entry = None
-            else:
-                del self._by_id[rid]
-        if entry is None:
+        fut = self._by_id.get(rid)
+        if fut is None or fut._channel is not peer:
             log.debug("dropping a reply to request %d nobody waits for", rid)
             return
-        resolve(entry[1], ok, value)
+        resolve(fut, ok, value)
 
     def fail(self, rid: int, exc: BaseException) -> None:
-        with self._lock:
-            entry = self._by_id.pop(rid, None)
-        if entry is not None:
-            resolve(entry[1], False, exc)
+        fut = self._by_id.get(rid)
+        if fut is not None:
+            resolve(fut, False, exc)
 
     def fail_peer(self, peer: Any, make_exc: Callable[[], BaseException]) -> None:
         """Fail every request waiting on ``peer``."""
-        with self._lock:
-            rids = [rid for rid, (p, _f) in self._by_id.items() if p is peer]
-            entries = [self._by_id.pop(rid) for rid in rids]
-        for _p, fut in entries:
-            resolve(fut, False, make_exc())
+        for fut in list(self._by_id.values()):
+            if fut._channel is peer:
+                resolve(fut, False, make_exc())
 
     def fail_all(self, make_exc: Callable[[], BaseException]) -> None:
-        with self._lock:
-            entries = list(self._by_id.values())
-            self._by_id.clear()
-        for _p, fut in entries:
+        for fut in list(self._by_id.values()):
             resolve(fut, False, make_exc())
-
-    def clear(self) -> None:
-        """Forget everything (in a fork child: those were the parent's)."""
-        self._by_id = {}
-        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._by_id)
