@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -630,11 +631,16 @@ int ch_lt_create(uint32_t nslots, ch_table **out)
     for (uint32_t b = 0; b < nb; b++)
         h->buckets[b] = NIL;
     set_region(t, p, total);
+    /* Generations start at a random point: once an id is reused after all,
+     * a ref kept from the old table still fails the generation check. */
+    uint32_t gen0;
+    if (getrandom(&gen0, sizeof gen0, GRND_NONBLOCK) != sizeof gen0)
+        gen0 = (uint32_t)ch_monotonic_ns() ^ (uint32_t)getpid() << 16;
     for (uint32_t i = 0; i < nslots; i++) {
         struct lt_slot *s = &t->slots[i];
         if ((r = init_robust_mutex(&s->m)))
             goto fail;
-        s->gen = 1;
+        s->gen = gen0;
         s->next = NIL;
     }
     h->magic = LT_MAGIC;
@@ -755,10 +761,14 @@ int ch_lt_close(ch_table *t)
 
 static int registry_add(ch_table *t)
 {
+    /* Ids are handed out round-robin, so a closed table's id is reused as
+     * late as possible: refs kept from it keep answering -EBADF. */
+    static uint32_t last_id;
     pthread_mutex_lock(&g_reg_mu);
-    for (uint32_t i = 1; i <= CH_LT_MAX_TABLES; i++) {
+    for (uint32_t k = 1; k <= CH_LT_MAX_TABLES; k++) {
+        uint32_t i = (last_id + k - 1) % CH_LT_MAX_TABLES + 1;
         if (!g_tables[i]) {
-            t->id = i;
+            t->id = last_id = i;
             __atomic_store_n(&g_tables[i], t, __ATOMIC_RELEASE);
             pthread_mutex_unlock(&g_reg_mu);
             return 0;
@@ -792,7 +802,14 @@ int ch_lt_trylock_ref(uint64_t ref)
 int ch_lt_unlock_ref(uint64_t ref)
 {
     ch_table *t = table_of(ref);
-    return t ? ch_lt_unlock(t, REF_SLOT(ref)) : -EBADF;
+    if (!t)
+        return -EBADF;
+    uint32_t slot = REF_SLOT(ref);
+    /* A holder sees a stable gen: on a mismatch the slot now stands for
+     * another key, perhaps one this thread holds, which is not ours to release. */
+    if (slot < t->nslots && !gen_is(&t->slots[slot], ref))
+        return -ESTALE;
+    return ch_lt_unlock(t, slot);
 }
 
 ch_table *ch_lt_enter(uint64_t ref)

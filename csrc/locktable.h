@@ -195,7 +195,12 @@ int ch_lt_crashpoint_count(void); /* the number of points above (14) */
 uint64_t ch_lt_ref(const ch_table *t, uint32_t slot, uint64_t gen);
 
 /* ch_lt_trylock / ch_lt_unlock through a ref: same results, plus -EBADF when
- * the ref's table is closed or disabled in this process.  Never block.  Must
+ * the ref's table is closed or disabled in this process, and for unlock
+ * -ESTALE when the slot no longer stands for the ref's key (nothing released:
+ * the slot's lock may be this thread's, but for another key).  A closed
+ * table's id is reused last, and each table starts its generations at a
+ * random point, so refs kept from it do not reach another table's slots.
+ * Never block.  Must
  * not race ch_lt_close of the same table from another thread (the Python
  * layer keeps the GIL across both, which serialises them). */
 int ch_lt_trylock_ref(uint64_t ref);

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import threading
 from typing import Any, Optional, Union
 
@@ -35,6 +36,7 @@ _get_ident = threading.get_ident
 _RECOVERED = _bindings.RECOVERED
 _NEW = _bindings.NEW
 _EBUSY = -errno.EBUSY
+_EPERM = -errno.EPERM
 _ESTALE = -errno.ESTALE
 _EINVAL = -errno.EINVAL
 _ETIMEDOUT = -errno.ETIMEDOUT
@@ -42,6 +44,7 @@ _EBADF = -errno.EBADF
 _SLICE_NS = 100_000_000  # wake this often while blocked, to see signals
 _CACHE_MAX = 4096  # by-name handles kept for `with hub.lock(name)`
 _DEFAULT: Any = object()
+_log = logging.getLogger("clusterhub")
 
 Key = Union[str, bytes]
 
@@ -165,6 +168,8 @@ class Lock:
     def acquire(self, timeout: Optional[float] = _DEFAULT) -> bool:
         """Acquire; wait up to ``timeout`` seconds (None: no limit; omitted:
         the handle's default).  True when acquired, False on timeout."""
+        if timeout is not _DEFAULT:  # before trylock: a bad value must not leave it held
+            timeout = _check_timeout(timeout)
         r = _trylock(self._ref)
         if r == 0:
             if self._rec:
@@ -172,8 +177,6 @@ class Lock:
             return True
         if timeout is _DEFAULT:
             timeout = self._timeout
-        else:
-            timeout = _check_timeout(timeout)
         return self._acquire_slow(r, timeout)
 
     def __enter__(self) -> "Lock":
@@ -188,56 +191,82 @@ class Lock:
         """Release; LockError if the calling thread does not hold it."""
         r = _unlock(self._ref)
         if r:
-            raise self._error(r)
+            self._release_slow(r)
 
     def __exit__(self, *exc: Any) -> None:
         r = _unlock(self._ref)
         if r:
-            raise self._error(r)
+            self._release_slow(r)
 
-    def _error(self, r: int) -> Exception:
-        if self._locks.ptr is None or r == _EBADF:
-            return HubClosedError("this hub is closed")
-        if r == _EINVAL:  # never resolved, so never acquired through this handle
-            return LockError(f"lock {self.key!r} is not held by this thread")
-        return lock_error(r, self.key)
+    def _release_slow(self, r: int) -> None:
+        """Finish a release whose unlock through the cached ref failed."""
+        locks = self._locks
+        if locks.ptr is None or r == _EBADF:
+            raise HubClosedError("this hub is closed")
+        if r != _EPERM and r != _ESTALE and r != _EINVAL:
+            raise lock_error(r, self.key)
+        # The handle may be shared: another thread may have re-resolved it
+        # since this one acquired.  While we hold the key its slot cannot
+        # change, so the key's current slot is the one to release.
+        if self._unlock_current():
+            return
+        raise LockError(f"lock {self.key!r} is not held by this thread")
 
-    def _acquire_slow(self, r: int, timeout: Optional[float]) -> bool:
-        """Finish an acquire that did not succeed at the first trylock."""
+    def _unlock_current(self) -> bool:
+        """Unlock the key's current slot if this thread holds it."""
+        if self._locks.ptr is None:  # closed: it held nothing (close checks)
+            return False
+        found = self._locks.table.find(self.key)
+        return found is not None and _unlock(self._locks.table.ref(*found)) == 0
+
+    def _acquire_slow(
+        self, r: int, timeout: Optional[float], abort: Optional[threading.Event] = None
+    ) -> bool:
+        """Finish an acquire that did not succeed at the first trylock.
+
+        ``abort`` (set by another thread) ends the wait, as a timeout would,
+        at the next slice.
+        """
         locks = self._locks
         locks._check()
         deadline = None if timeout is None else _now_ns() + int(timeout * 1e9)
-        held = False
+        # If an exception escapes while this thread holds the key, this call
+        # took it (to be let go) unless it was held before: EDEADLK, or ENOLCK
+        # (checked first, so it hides EDEADLK).
+        ours = r >= 0 or r == _EBUSY or r == _ESTALE or r == _EINVAL
         try:
             while True:
                 if r >= 0:
-                    held = True
-                    break
+                    me = _get_ident()
+                    if r == _RECOVERED:
+                        self._rec.add(me)
+                    else:
+                        self._rec.discard(me)
+                    return True
                 if r == _ESTALE or r == _EINVAL:
                     code, ref = locks.table.resolve(self.key)
                     self._ref = ref
                     r = 0 if code == _NEW else _trylock(ref)
-                    continue
-                if r == _EBUSY or r == _ETIMEDOUT:
+                elif r == _EBUSY or r == _ETIMEDOUT:
                     now = _now_ns()
                     if deadline is not None and now >= deadline:
+                        return False
+                    if abort is not None and abort.is_set():
                         return False
                     end = now + _SLICE_NS
                     if deadline is not None and deadline < end:
                         end = deadline
                     r = _timedlock(self._ref, end)
-                    continue
-                raise lock_error(r, self.key)
-            me = _get_ident()
-            if r == _RECOVERED:
-                self._rec.add(me)
-            else:
-                self._rec.discard(me)
-            return True
+                else:
+                    break  # an error, raised below: EDEADLK means held before
         except BaseException:
-            if held:  # e.g. KeyboardInterrupt right after the lock was taken
-                _unlock(self._ref)
+            # Typically KeyboardInterrupt, which CPython raises right after a C
+            # call returns, before its result is stored: a lock just taken is
+            # then known only to the table, so ask it, not our variables.
+            if ours:
+                self._unlock_current()
             raise
+        raise lock_error(r, self.key)
 
     # ---- asyncio ----------------------------------------------------------
 
@@ -246,7 +275,9 @@ class Lock:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        self.release_async()
+        holder = self._release_task()
+        if holder is not None:  # so that the key is free when the block ends
+            await holder.finished()
 
     async def acquire_async(self, timeout: Optional[float] = None) -> None:
         """Acquire for the current task without blocking the loop.
@@ -265,22 +296,29 @@ class Lock:
         if st is not None and st.owner is task:
             raise LockError(f"lock {self.key!r} is already held by this task")
         while st is not None and st.owner is not None:  # another task of this loop has it
-            fut = loop.create_future()
+            fut: asyncio.Future[None] = loop.create_future()
             st.waiters.append(fut)
+            timer = None
+            if deadline is not None:
+                timer = loop.call_at(deadline, _expire, fut, self.key, timeout)
             try:
-                await asyncio.wait_for(fut, _remaining(loop, deadline))
-            except asyncio.TimeoutError:
-                raise LockTimeout(f"lock {self.key!r} not acquired within {timeout} s") from None
-            finally:
+                await fut
+            except BaseException:
                 if fut in st.waiters:
                     st.waiters.remove(fut)
+                elif fut.done() and not fut.cancelled() and fut.exception() is None:
+                    _wake_next(locks, st, k)  # handed the key, but leaving: pass it on
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
             st = locks.aio.get(k)
         if st is None:
             st = locks.aio[k] = _AioState()
         st.owner = task  # tasks of this loop now queue behind us
         try:
             r = _trylock(self._ref)
-            if r == _ESTALE or r == _EINVAL:
+            while r == _ESTALE or r == _EINVAL:
                 code, self._ref = locks.table.resolve(self.key)
                 r = 0 if code == _NEW else _trylock(self._ref)
             if r >= 0:
@@ -288,8 +326,7 @@ class Lock:
             elif r == _EBUSY:
                 holder = _Holder(self, loop, deadline)
                 st.holder = holder
-                await holder.acquired(timeout)
-                r = holder.result
+                r = await holder.acquired(timeout)
             else:
                 raise lock_error(r, self.key)
             me = _get_ident()
@@ -302,29 +339,50 @@ class Lock:
             raise
 
     def release_async(self) -> None:
-        """Release what :meth:`acquire_async` took for the current task."""
+        """Release what :meth:`acquire_async` took for the current task (a
+        helper thread may let go of the OS lock a moment later)."""
+        self._release_task()
+
+    def _release_task(self) -> Optional["_Holder"]:
         loop = asyncio.get_running_loop()
         k = (loop, self.key)
         st = self._locks.aio.get(k)
         if st is None or st.owner is not asyncio.current_task():
             raise LockError(f"lock {self.key!r} is not held by this task")
-        self._aio_done(st, k)
+        return self._aio_done(st, k)
 
-    def _aio_done(self, st: "_AioState", k: tuple[Any, bytes]) -> None:
-        """Let go of the OS lock (if held) and hand over to the next task."""
+    def _aio_done(self, st: "_AioState", k: tuple[Any, bytes]) -> Optional["_Holder"]:
+        """Let go of the OS lock (if held) and hand over to the next task;
+        the helper thread that still has to unlock, if any."""
         holder, st.holder = st.holder, None
         if holder is not None:
             holder.release()
-        if st.loop_held:
-            st.loop_held = False
-            _unlock(self._ref)
-        st.owner = None
-        while st.waiters:
-            fut = st.waiters.pop(0)
-            if not fut.done():
-                fut.set_result(None)
-                return
-        self._locks.aio.pop(k, None)
+        try:
+            if st.loop_held:
+                st.loop_held = False
+                r = _unlock(self._ref)
+                if r:
+                    self._release_slow(r)
+        finally:
+            st.owner = None
+            _wake_next(self._locks, st, k)
+        return holder
+
+
+def _wake_next(locks: Locks, st: "_AioState", k: tuple[Any, bytes]) -> None:
+    """Hand the key to the first task still waiting; forget an idle state."""
+    while st.waiters:
+        fut = st.waiters.pop(0)
+        if not fut.done():
+            fut.set_result(None)
+            return
+    if st.owner is None and locks.aio.get(k) is st:
+        del locks.aio[k]
+
+
+def _expire(fut: "asyncio.Future[None]", key: bytes, timeout: Optional[float]) -> None:
+    if not fut.done():
+        fut.set_exception(LockTimeout(f"lock {key!r} not acquired within {timeout} s"))
 
 
 def _remaining(loop: asyncio.AbstractEventLoop, deadline: Optional[float]) -> Optional[float]:
@@ -349,43 +407,68 @@ class _Holder:
     def __init__(self, lock: Lock, loop: asyncio.AbstractEventLoop, deadline: Optional[float]) -> None:
         self._lock = lock
         self._loop = loop
-        self._fut: asyncio.Future[None] = loop.create_future()
-        self._release = threading.Event()
-        self._timeout_ns = None if deadline is None else int(max(0.0, deadline - loop.time()) * 1e9)
-        self.result = 0
+        self._got: asyncio.Future[None] = loop.create_future()  # the wait ended
+        self._done: asyncio.Future[None] = loop.create_future()  # the thread holds nothing
+        self._release = threading.Event()  # before the lock is got: give up waiting
+        self._timeout = _remaining(loop, deadline)
+        self.result: Any = 0
         threading.Thread(target=self._run, name="clusterhub-lock", daemon=True).start()
 
-    async def acquired(self, timeout: Optional[float]) -> None:
+    async def acquired(self, timeout: Optional[float]) -> int:
         try:
-            await asyncio.shield(self._fut)
+            await asyncio.shield(self._got)
         except asyncio.CancelledError:
-            self.release()  # the holder unlocks if it got the lock meanwhile
+            # Stop the thread (within a slice) and wait for it, so that a
+            # cancelled task leaves nothing held and nothing waiting.
+            self.release()
+            await self.finished()
             raise
         if self.result is None:
             raise LockTimeout(f"lock {self._lock.key!r} not acquired within {timeout} s")
         if isinstance(self.result, BaseException):
             raise self.result
+        return self.result
+
+    async def finished(self) -> None:
+        """Wait until the thread has let go of the lock, even if cancelled meanwhile."""
+        cancelled = False
+        while not self._done.done():
+            try:
+                await asyncio.shield(self._done)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
 
     def release(self) -> None:
         self._release.set()
 
+    def _signal(self, fut: "asyncio.Future[None]") -> bool:
+        try:
+            self._loop.call_soon_threadsafe(_set_done, fut)
+            return True
+        except RuntimeError:  # loop closed: nobody will release for us
+            return False
+
     def _run(self) -> None:
         lock = self._lock
+        ok = False
         try:
-            ok = lock._acquire_slow(
-                -errno.EBUSY, None if self._timeout_ns is None else self._timeout_ns / 1e9
-            )
+            ok = lock._acquire_slow(-errno.EBUSY, self._timeout, self._release)
             self.result = (_RECOVERED if lock.recovered else 0) if ok else None
             lock._rec.discard(threading.get_ident())
         except BaseException as e:
-            ok, self.result = False, e
+            self.result = e
         try:
-            self._loop.call_soon_threadsafe(_set_done, self._fut)
-        except RuntimeError:  # loop closed: nobody will release for us
-            self._release.set()
-        if ok:
-            self._release.wait()
-            _unlock(lock._ref)
+            if not self._signal(self._got):
+                self._release.set()
+            if ok:
+                self._release.wait()
+                r = _unlock(lock._ref)
+                if r and not lock._unlock_current():  # the handle was re-resolved meanwhile
+                    _log.error("lock %r: helper thread could not release it (%d)", lock.key, r)
+        finally:
+            self._signal(self._done)
 
 
 def _set_done(fut: "asyncio.Future[None]") -> None:

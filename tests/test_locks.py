@@ -1,0 +1,900 @@
+"""API.md "Locks" through the public API: ``hub.lock()`` handles, ``held_locks()``
+and their interaction with ``close()``, with real processes, threads and deaths.
+
+Processes and threads are sequenced with pipes (the ``reports`` fixture), events
+and the locks themselves; a test sleeps only where time is its subject (a
+timeout), and polls only kernel state that has no wake-up of its own (a thread
+blocked in the futex call, a dead thread's /proc entry), always with a bound.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import faulthandler
+import mmap
+import os
+import queue
+import resource
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+
+import clusterhub
+from clusterhub import HubClosedError, LockError, LockTableFull, LockTimeout
+
+from conftest import join_ok
+
+pytestmark = pytest.mark.timeout(30)
+
+_FUTEX_NR = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine)
+
+
+# ---- helpers ------------------------------------------------------------------
+
+
+def wait_blocked(pid: int, tid: int | None = None, timeout: float = 5.0) -> None:
+    """Wait until thread ``tid`` (default: the main thread) of ``pid`` sits in
+    the futex system call, i.e. is blocked waiting for a lock."""
+    if _FUTEX_NR is None:
+        pytest.skip("futex system call number unknown on this architecture")
+    path = f"/proc/{pid}/task/{tid or pid}/syscall"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as f:
+                nr = f.read().split(maxsplit=1)[0]
+        except (OSError, IndexError):
+            nr = ""
+        if nr == str(_FUTEX_NR):
+            return
+        assert time.monotonic() < deadline, f"{path} not blocked in futex within {timeout} s"
+        time.sleep(0.002)
+
+
+def wait_task_gone(tid: int, timeout: float = 5.0) -> None:
+    """Wait until thread ``tid`` of this process is gone from /proc (the kernel
+    has then walked its robust list; Thread.join returns slightly earlier)."""
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/self/task/{tid}"):
+        assert time.monotonic() < deadline, f"thread {tid} still exists after {timeout} s"
+        time.sleep(0.001)
+
+
+def mine(hub: clusterhub.Hub) -> list[bytes]:
+    """Keys that this process holds now, according to held_locks()."""
+    return sorted(h.key for h in hub.held_locks() if h.pid == os.getpid())
+
+
+def release_all(handles: list[clusterhub.Lock]) -> None:
+    """Release whichever of ``handles`` this thread still holds (test cleanup,
+    so that one failure does not leave the thread holding locks for the next
+    test)."""
+    for lk in handles:
+        try:
+            lk.release()
+        except (LockError, OSError):
+            pass
+
+
+def in_thread(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Run ``fn`` in a new thread, wait for it and return its result (or raise
+    its exception here)."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            out.append((False, e))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"thread did not finish within {timeout} s"
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
+class Holder:
+    """A thread that acquires a lock, reports, and holds it until told to release."""
+
+    def __init__(self, lk: clusterhub.Lock, timeout: float | None = 10.0) -> None:
+        self.lk = lk
+        self.acquired: "queue.Queue[Any]" = queue.Queue()
+        self.release = threading.Event()
+        self.started = threading.Event()  # tid is set
+        self.tid = 0
+        self.thread = threading.Thread(target=self._run, args=(timeout,))
+        self.thread.start()
+
+    def _run(self, timeout: float | None) -> None:
+        self.tid = threading.get_native_id()
+        self.started.set()
+        try:
+            ok = self.lk.acquire(timeout=timeout)
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            self.acquired.put(e)
+            return
+        self.acquired.put((ok, self.lk.recovered))
+        if ok:
+            self.release.wait(20)
+            self.lk.release()
+
+    def result(self, timeout: float = 10.0) -> Any:
+        return self.acquired.get(timeout=timeout)
+
+    def finish(self) -> None:
+        self.release.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+# ---- mutual exclusion ------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_counter_exact_across_processes_and_threads(hub):
+    """A non-atomic read-yield-write increment under ``with hub.lock("c")`` by 3
+    processes x 2 threads loses no update."""
+    n = 250
+    mem = mmap.mmap(-1, 8)  # MAP_SHARED: the workers see the same page
+
+    def bump() -> None:
+        lk = hub.lock("c")
+        for _ in range(n):
+            with lk:
+                v = int.from_bytes(mem[:8], "little")
+                time.sleep(0)  # let the other thread and processes run mid-update
+                mem[:8] = (v + 1).to_bytes(8, "little")
+
+    def work() -> None:
+        threads = [threading.Thread(target=bump) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    workers = [hub.fork(work) for _ in range(3)]
+    for w in workers:
+        join_ok(w, timeout=45)
+    assert int.from_bytes(mem[:8], "little") == 3 * 2 * n
+    assert hub.held_locks() == []
+
+
+@pytest.mark.timeout(60)
+def test_shared_handles_many_keys_tiny_table(make_hub):
+    """Threads sharing the cached by-name handles of more keys than the table
+    has slots (constant eviction and re-resolution) keep every key exclusive and
+    never see a spurious LockError."""
+    hub = make_hub(lock_slots=2)  # 2 to 4 slots for 6 keys
+    keys = [f"k{i}" for i in range(6)]
+    counts = {k: 0 for k in keys}
+    errors: list[BaseException] = []
+
+    def run(seed: int) -> None:
+        try:
+            for i in range(1500):
+                k = keys[(i * 7 + seed) % len(keys)]
+                with hub.lock(k):
+                    v = counts[k]
+                    time.sleep(0)
+                    counts[k] = v + 1
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(50)
+    assert not errors, errors
+    assert sum(counts.values()) == 4 * 1500
+    assert hub.held_locks() == []
+
+
+# ---- deaths ------------------------------------------------------------------------
+
+
+def _die(how: str) -> None:
+    if how == "sigkill":
+        threading.Event().wait()  # the master kills us
+    elif how == "os_exit":
+        os._exit(3)
+    elif how == "exception":
+        raise RuntimeError("worker died holding a lock (expected by the test)")
+    elif how == "sigsegv":
+        faulthandler.disable()  # pytest enables it: no traceback dump, just die
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+_EXIT = {"sigkill": -signal.SIGKILL, "os_exit": 3, "exception": 1, "sigsegv": -signal.SIGSEGV}
+
+
+@pytest.mark.parametrize("how", sorted(_EXIT))
+def test_holder_death_is_recovered_once(hub, reports, how):
+    """A worker that dies holding a lock (SIGKILL, os._exit, an uncaught
+    exception, SIGSEGV) loses it: the next acquirer gets it with recovered
+    True, the one after (another process) with False, for several rounds."""
+    lk = hub.lock("dead", timeout=10)
+
+    def hold_and_die() -> None:
+        assert hub.lock("dead").acquire(timeout=10)
+        reports.put("held", os.getpid())
+        _die(how)
+
+    def acquire_once() -> None:
+        with hub.lock("dead", timeout=10) as held:
+            reports.put("next", held.recovered)
+
+    for _ in range(2):
+        w = hub.fork(hold_and_die)
+        assert reports.get() == ("held", w.pid)
+        if how == "sigkill":
+            w.kill()
+        join_ok(w, _EXIT[how])
+        with lk as held:
+            assert held.recovered
+            assert mine(hub) == [b"dead"]
+        join_ok(hub.fork(acquire_once))
+        assert reports.get() == ("next", False)
+        with lk:
+            assert not lk.recovered
+    assert hub.held_locks() == []
+
+
+@pytest.mark.parametrize("waiting", [False, True], ids=["after", "blocked"])
+def test_thread_exit_while_holding_is_recovered(hub, waiting):
+    """A thread that exits while holding loses the lock: the next acquirer in
+    another thread (already blocked, or coming later) gets recovered True, the
+    one after gets False."""
+    lk = hub.lock("thread-exit")
+    ready, leave = threading.Event(), threading.Event()
+    tid: list[int] = []
+
+    def hold_and_exit() -> None:
+        tid.append(threading.get_native_id())
+        assert lk.acquire(timeout=5)
+        ready.set()
+        leave.wait(10)
+
+    t = threading.Thread(target=hold_and_exit)
+    t.start()
+    assert ready.wait(5)
+    if waiting:
+        nxt = Holder(lk)
+        assert nxt.started.wait(5)
+        wait_blocked(os.getpid(), nxt.tid)
+        leave.set()
+        assert nxt.result() == (True, True)
+        nxt.finish()
+    else:
+        leave.set()
+        t.join(5)
+        wait_task_gone(tid[0])
+        assert not lk.locked()  # a dead thread's lock is not held
+        assert hub.held_locks() == []
+
+        def take() -> bool:
+            with lk:
+                return lk.recovered
+
+        assert in_thread(take) is True
+    t.join(5)
+
+    def take_again() -> bool:
+        with lk:
+            return lk.recovered
+
+    assert in_thread(take_again) is False
+    assert hub.held_locks() == []
+
+
+def test_killed_waiter_harms_no_one(hub, reports):
+    """A process SIGKILLed while blocked waiting for a lock affects no one: when
+    the holder releases, another waiter gets it, not recovered."""
+    lk = hub.lock("w")
+    assert lk.acquire(timeout=0)
+
+    def wait_forever() -> None:
+        reports.put("waiting")
+        hub.lock("w").acquire(timeout=None)
+        reports.put("acquired?!")
+
+    def wait_and_report() -> None:
+        reports.put("waiting")
+        with hub.lock("w", timeout=10) as held:
+            reports.put("got", held.recovered)
+
+    a = hub.fork(wait_forever)
+    b = hub.fork(wait_and_report)
+    assert reports.get_n(2) == [("waiting",), ("waiting",)]
+    wait_blocked(a.pid)
+    wait_blocked(b.pid)
+    a.kill()
+    join_ok(a, -signal.SIGKILL)
+    lk.release()
+    assert reports.get() == ("got", False)
+    join_ok(b)
+    with lk:
+        assert not lk.recovered
+    assert hub.held_locks() == []
+
+
+# ---- timeouts ----------------------------------------------------------------------
+
+
+def test_timeouts(hub, reports, event):
+    """While another process holds the key: ``with`` on a handle with a timeout
+    raises LockTimeout (a TimeoutError), acquire(timeout=t) returns False after
+    about t, the handle's timeout is the default of both, and
+    acquire(timeout=None) waits without limit."""
+    assert issubclass(LockTimeout, TimeoutError)
+    release = event()
+
+    def hold() -> None:
+        with hub.lock("t"):
+            reports.put("held")
+            release.wait(20)
+            time.sleep(0.5)  # the subject is time: release well after the 0.2 s default
+
+    w = hub.fork(hold)
+    assert reports.get() == ("held",)
+    lk = hub.lock("t", timeout=0.2)
+
+    def timed(fn: Callable[[], Any]) -> float:
+        t0 = time.monotonic()
+        fn()
+        return time.monotonic() - t0
+
+    def with_lk() -> None:
+        with pytest.raises(LockTimeout):
+            with lk:
+                pytest.fail("acquired a lock another process holds")
+
+    def with_fresh() -> None:
+        with pytest.raises(TimeoutError):
+            with hub.lock("t", timeout=0.2):
+                pytest.fail("acquired a lock another process holds")
+
+    assert 0.2 <= timed(with_lk) < 1.0
+    assert 0.2 <= timed(with_fresh) < 1.0
+    assert 0.2 <= timed(lambda: assert_false(lk.acquire())) < 1.0  # the handle's default
+    assert 0.3 <= timed(lambda: assert_false(lk.acquire(timeout=0.3))) < 1.0
+    assert timed(lambda: assert_false(hub.lock("t").acquire(timeout=0))) < 0.2
+    assert not lk.recovered
+    release.set()
+    assert timed(lambda: assert_true(lk.acquire(timeout=None))) >= 0.4
+    lk.release()
+    join_ok(w)
+
+
+def assert_false(v: bool) -> None:
+    assert v is False
+
+
+def assert_true(v: bool) -> None:
+    assert v is True
+
+
+def test_timeout_arguments_are_validated(hub):
+    """Bad timeouts raise TypeError/ValueError before anything is acquired."""
+    with pytest.raises(ValueError):
+        hub.lock("v", timeout=-1)
+    with pytest.raises(TypeError):
+        hub.lock("v", timeout="1")  # type: ignore[arg-type]
+    lk = hub.lock("v")
+    with pytest.raises(ValueError):
+        lk.acquire(timeout=-0.5)
+    with pytest.raises(TypeError):
+        lk.acquire(timeout="soon")  # type: ignore[arg-type]
+    assert not lk.locked()
+    assert hub.held_locks() == []
+
+
+def test_bad_timeout_on_a_recovered_lock_leaves_it_recoverable(hub, reports):
+    """An acquire() with an invalid timeout raises without taking the lock,
+    even when the lock waits for recovery from a dead holder."""
+
+    def hold_and_die() -> None:
+        assert hub.lock("bad-t").acquire(timeout=5)
+        reports.put("held")
+        os._exit(0)
+
+    lk = hub.lock("bad-t")
+    with lk:  # the handle knows the key's slot: its next acquire tries it at once
+        pass
+    join_ok(hub.fork(hold_and_die))
+    assert reports.get() == ("held",)
+    with pytest.raises(ValueError):
+        lk.acquire(timeout=-1)
+    assert hub.held_locks() == []
+    with hub.lock("bad-t", timeout=5) as held:
+        assert held.recovered
+
+
+# ---- Ctrl-C ------------------------------------------------------------------------
+
+
+def test_ctrl_c_interrupts_a_blocked_acquire(hub, reports, event):
+    """SIGINT to a process blocked in acquire raises KeyboardInterrupt there
+    within about 0.1 s (measured < 0.3 s) and leaves the lock not held by it."""
+    lk = hub.lock("int")
+    assert lk.acquire(timeout=0)
+    go = event()
+
+    def blocked() -> None:
+        try:
+            reports.put("waiting")
+            hub.lock("int").acquire(timeout=None)
+            reports.put("acquired?!")
+        except KeyboardInterrupt:
+            reports.put("interrupted", time.monotonic(), mine(hub))
+        go.wait(10)
+        reports.put("after", mine(hub))
+
+    w = hub.fork(blocked)
+    assert reports.get() == ("waiting",)
+    wait_blocked(w.pid)
+    t0 = time.monotonic()
+    os.kill(w.pid, signal.SIGINT)
+    tag, t1, held = reports.get()
+    assert tag == "interrupted"
+    assert t1 - t0 < 0.3
+    assert held == []
+    assert lk.locked()  # still ours
+    lk.release()
+    assert not lk.locked()
+    assert lk.acquire(timeout=0)  # nobody else holds it
+    lk.release()
+    go.set()
+    assert reports.get() == ("after", [])
+    join_ok(w)
+    assert hub.held_locks() == []
+
+
+def test_ctrl_c_racing_a_release_leaves_nothing_held(hub, reports, event):
+    """SIGINT that arrives while an acquire is blocked, just before the holder
+    releases (so the wait ends holding the lock with the interrupt pending),
+    still leaves the interrupted process holding nothing."""
+    lk = hub.lock("race")
+    for _ in range(3):
+        assert lk.acquire(timeout=0)
+        go = event()
+
+        def blocked() -> None:
+            try:
+                reports.put("waiting")
+                with hub.lock("race"):
+                    reports.put("body")  # the interrupt may land here instead
+                    go.wait(10)
+            except KeyboardInterrupt:
+                pass
+            reports.put("after", mine(hub))
+            go.wait(10)
+
+        w = hub.fork(blocked)
+        assert reports.get() == ("waiting",)
+        wait_blocked(w.pid)
+        os.kill(w.pid, signal.SIGINT)
+        lk.release()
+        item = reports.get()
+        if item == ("body",):
+            item = reports.get()
+        assert item == ("after", [])
+        assert lk.acquire(timeout=5)
+        lk.release()
+        go.set()
+        join_ok(w)
+    assert hub.held_locks() == []
+
+
+def test_exception_in_with_body_releases(hub):
+    """An exception in a ``with`` block releases the lock (no recovery for the
+    next acquirer) and propagates."""
+    lk = hub.lock("body")
+    with pytest.raises(ZeroDivisionError):
+        with lk as held:
+            assert held is lk
+            1 / 0
+    assert not lk.locked()
+    assert in_thread(lambda: lk.acquire(timeout=0) and (lk.recovered, lk.release())[0]) is False
+
+
+# ---- misuse ------------------------------------------------------------------------
+
+
+def test_reacquire_by_holder_raises(hub):
+    """Acquiring a lock the thread already holds raises LockError at once
+    (through the same or another handle, even without a timeout)."""
+    lk = hub.lock("re")
+    with lk:
+        t0 = time.monotonic()
+        with pytest.raises(LockError):
+            lk.acquire()
+        with pytest.raises(LockError):
+            lk.acquire(timeout=None)
+        with pytest.raises(LockError):
+            with hub.lock("re", timeout=5):
+                pass
+        with pytest.raises(LockError):
+            hub.lock(b"re").acquire()
+        assert time.monotonic() - t0 < 1.0
+        assert mine(hub) == [b"re"]
+    assert hub.held_locks() == []
+
+
+def test_release_not_held_raises(hub):
+    """Releasing a lock this thread does not hold raises LockError: never
+    acquired, already released, or held by another thread (which keeps it)."""
+    lk = hub.lock("rel")
+    with pytest.raises(LockError):
+        lk.release()
+    with lk:
+        pass
+    with pytest.raises(LockError):
+        lk.release()
+    other = Holder(lk)
+    assert other.result() == (True, False)
+    with pytest.raises(LockError):
+        lk.release()
+    with pytest.raises(LockError):
+        hub.lock("rel", timeout=1).release()
+    assert lk.locked()
+    assert [(h.key, h.pid) for h in hub.held_locks()] == [(b"rel", os.getpid())]
+    other.finish()
+    assert not lk.locked()
+
+
+def test_release_through_a_stale_handle_does_not_release_another_key(make_hub):
+    """Releasing a key not held, through a handle whose slot has since been
+    given to another key this thread holds, raises LockError and releases
+    nothing."""
+    hub = make_hub(lock_slots=1)  # at most 2 slots
+    a = hub.lock("a", timeout=1)
+    with a:
+        pass
+    for k in ("b", "c"):  # evict "a"
+        with hub.lock(k):
+            pass
+    b, c = hub.lock("b"), hub.lock("c")
+    assert b.acquire(timeout=0) and c.acquire(timeout=0)
+    try:
+        with pytest.raises(LockError):
+            a.release()
+        assert mine(hub) == [b"b", b"c"]
+    finally:
+        release_all([b, c])
+    assert hub.held_locks() == []
+
+
+def test_bad_keys(hub):
+    """Keys must be str or bytes of 1 to 255 bytes (UTF-8 for str); a str and
+    its UTF-8 bytes name the same lock."""
+    for bad in (1, None, ["k"], 1.5, bytearray(b"k")):
+        with pytest.raises(TypeError):
+            hub.lock(bad)  # type: ignore[arg-type]
+    for bad in ("", b"", "x" * 256, b"x" * 256, "é" * 128):
+        with pytest.raises(ValueError):
+            hub.lock(bad)
+    for ok in ("x" * 255, b"y" * 255, "é" * 127):
+        with hub.lock(ok) as held:
+            assert held.locked()
+            assert mine(hub) == [ok.encode() if isinstance(ok, str) else ok]
+    with hub.lock("clé"):
+        with pytest.raises(LockError):  # the same lock: held by this thread
+            hub.lock("clé".encode()).acquire(timeout=0)
+        assert in_thread(lambda: hub.lock(b"cl\xc3\xa9").acquire(timeout=0)) is False
+        assert hub.lock(b"cl\xc3\xa9").locked()
+        assert mine(hub) == [b"cl\xc3\xa9"]
+    assert hub.held_locks() == []
+
+
+def test_at_most_1024_held_per_thread(make_hub):
+    """One thread holds at most 1024 locks: the 1025th acquire raises LockError
+    (not LockTableFull, not a hang); another thread may still take it; all of
+    them can be released."""
+    hub = make_hub(lock_slots=1100)
+    handles = [hub.lock(f"h{i}") for i in range(1024)]
+    try:
+        _hold_1024(hub, handles)
+    finally:
+        release_all(handles)
+    assert hub.held_locks() == []
+
+
+def _hold_1024(hub: clusterhub.Hub, handles: list[clusterhub.Lock]) -> None:
+    for lk in handles:
+        assert lk.acquire(timeout=0)
+    extra = hub.lock("h1024")
+    for attempt in (lambda: extra.acquire(timeout=0), lambda: extra.acquire(), extra.__enter__):
+        with pytest.raises(LockError) as info:
+            attempt()
+        assert not isinstance(info.value, LockTableFull)
+    assert in_thread(lambda: extra.acquire(timeout=0) and (extra.release() or True))
+    with pytest.raises(LockError):  # the key is in the table now: the limit still holds
+        hub.lock("h1024").acquire(timeout=None)
+    assert len(hub.held_locks()) == 1024
+    handles[0].release()
+    assert extra.acquire(timeout=0)  # room for one again
+    extra.release()
+    for lk in handles[1:]:
+        lk.release()
+
+
+def test_table_full_raises_and_never_hangs(make_hub):
+    """With Hub(lock_slots=4), between 4 and 8 distinct keys can be held at
+    once; acquiring one more raises LockTableFull promptly (even without a
+    timeout), waiting on a held key still works, and capacity returns after
+    the holders release."""
+    hub = make_hub(lock_slots=4)
+    holders: list[Holder] = []
+    try:
+        while True:
+            h = Holder(hub.lock(f"full-{len(holders)}"), timeout=None)
+            t0 = time.monotonic()
+            r = h.result()
+            assert time.monotonic() - t0 < 2.0
+            if isinstance(r, BaseException):
+                assert isinstance(r, LockTableFull), r
+                h.thread.join(5)
+                break
+            assert r == (True, False)
+            holders.append(h)
+            assert len(holders) <= 8
+        assert 4 <= len(holders) <= 8
+        assert len(hub.held_locks()) == len(holders)
+        with pytest.raises(LockTableFull):
+            hub.lock("one-more").acquire(timeout=0)
+        # A key already in the table needs no new slot: that acquire just times out.
+        assert hub.lock("full-0").acquire(timeout=0.05) is False
+    finally:
+        for h in holders:
+            h.finish()
+    assert hub.held_locks() == []
+    for i in range(8):
+        with hub.lock(f"again-{i}", timeout=1):
+            pass
+
+
+def test_close_refused_while_held_or_waited_on(make_hub, reports, event):
+    """close() raises LockError and leaves the hub open and usable while a
+    thread of this process holds one of its locks, or waits for one."""
+    hub = make_hub()
+    lk = hub.lock("busy")
+    holder = Holder(lk)
+    assert holder.result() == (True, False)
+    with pytest.raises(LockError):
+        hub.close()
+    assert mine(hub) == [b"busy"]
+    with hub.lock("other", timeout=1):  # still usable
+        pass
+    holder.finish()
+
+    release = event()
+
+    def hold() -> None:
+        with hub.lock("busy"):
+            reports.put("held")
+            release.wait(20)
+
+    w = hub.fork(hold)
+    assert reports.get() == ("held",)
+    waiter = Holder(lk, timeout=20)
+    assert waiter.started.wait(5)
+    wait_blocked(os.getpid(), waiter.tid)
+    with pytest.raises(LockError):
+        hub.close()
+    assert w.is_alive()  # the refused close() did not stop the workers
+    release.set()
+    assert waiter.result() == (True, False)
+    waiter.finish()
+    join_ok(w)
+    hub.close()
+
+
+def test_kept_handle_after_close_raises(make_hub):
+    """After close() a kept handle raises HubClosedError from every call and
+    never reaches the lock table of a hub made later in the process."""
+    hub = make_hub()
+    lk = hub.lock("kept")
+    unresolved = hub.lock("never-used", timeout=1)
+    with lk:
+        pass
+    hub.close()
+    for h in (lk, unresolved):
+        with pytest.raises(HubClosedError):
+            h.acquire()
+        with pytest.raises(HubClosedError):
+            h.acquire(timeout=0)
+        with pytest.raises(HubClosedError):
+            h.release()
+        with pytest.raises(HubClosedError):
+            h.locked()
+        with pytest.raises(HubClosedError):
+            with h:
+                pass
+    with pytest.raises(HubClosedError):
+        hub.lock("kept")
+    with pytest.raises(HubClosedError):
+        hub.held_locks()
+
+    later = make_hub()
+    for k in ("kept", "x", "y"):  # occupy the slots the old handle pointed at
+        with later.lock(k):
+            pass
+    with later.lock("kept"):
+        with pytest.raises(HubClosedError):
+            lk.acquire(timeout=0)
+        with pytest.raises(HubClosedError):
+            lk.release()
+        assert mine(later) == [b"kept"]
+    with pytest.raises(HubClosedError):
+        lk.acquire(timeout=0)
+    assert later.held_locks() == []
+
+
+# ---- many keys ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_many_distinct_keys_through_a_small_table(make_hub, reports):
+    """20,000 distinct keys over the hub's life pass through a table of
+    lock_slots=8, quickly, while a worker churns keys of its own."""
+    hub = make_hub(lock_slots=8)
+
+    def churn() -> None:
+        for i in range(5000):
+            with hub.lock(f"w-{i}", timeout=10):
+                pass
+        reports.put("done")
+
+    w = hub.fork(churn)
+    t0 = time.monotonic()
+    pinned = hub.lock("pinned")
+    for i in range(20_000):
+        if i % 1000 == 0:  # sometimes hold two at once
+            pinned.acquire(timeout=10)
+        with hub.lock(f"key-{i}", timeout=10):
+            pass
+        if i % 1000 == 1:
+            pinned.release()
+    assert time.monotonic() - t0 < 15.0
+    assert reports.get(30) == ("done",)
+    join_ok(w)
+    assert hub.held_locks() == []
+
+
+# ---- held_locks() and locked() -----------------------------------------------------
+
+
+def test_held_locks_lists_master_and_worker_holders(hub, reports, event):
+    """held_locks() gives one (key bytes, pid, worker_id) named tuple per held
+    key, worker_id None for the master; empty when nothing is held."""
+    assert hub.held_locks() == []
+    release = event()
+
+    def hold() -> None:
+        with hub.lock(b"by-worker"):
+            reports.put("held", [tuple(h) for h in hub.held_locks()])
+            release.wait(20)
+
+    with hub.lock("by-master"):
+        w = hub.fork(hold)
+        tag, seen_by_worker = reports.get()
+        held = sorted(hub.held_locks())
+        expected = sorted([(b"by-master", os.getpid(), None), (b"by-worker", w.pid, w.id)])
+        assert [tuple(h) for h in held] == expected
+        assert sorted(seen_by_worker) == expected
+        h = held[0]
+        assert (h.key, h.pid, h.worker_id) == (b"by-master", os.getpid(), None)
+        assert isinstance(h, tuple) and h._fields == ("key", "pid", "worker_id")
+    release.set()
+    join_ok(w)
+    assert hub.held_locks() == []
+
+
+def test_locked_is_a_snapshot_that_never_takes_the_lock(hub, reports, event):
+    """locked() is True while any process holds the key and False after; with
+    a dead holder it is False and leaves the recovery to the next acquirer."""
+    lk = hub.lock("snap")
+    assert not lk.locked()  # never used
+    with lk:
+        assert lk.locked()
+        assert in_thread(lk.locked)
+    assert not lk.locked()
+    release = event()
+
+    def hold(then: str) -> None:
+        assert hub.lock("snap").acquire(timeout=5)
+        reports.put("held")
+        if then == "release":
+            release.wait(20)
+            hub.lock("snap").release()
+        else:
+            threading.Event().wait()
+
+    w = hub.fork(hold, "release")
+    assert reports.get() == ("held",)
+    assert lk.locked() and hub.lock("snap", timeout=3).locked()
+    release.set()
+    join_ok(w)
+    assert not lk.locked()
+
+    w = hub.fork(hold, "die")
+    assert reports.get() == ("held",)
+    assert lk.locked()
+    w.kill()
+    join_ok(w, -signal.SIGKILL)
+    for _ in range(3):
+        assert not lk.locked()
+    assert hub.held_locks() == []
+    with hub.lock("snap", timeout=5) as held:
+        assert held.recovered
+
+
+def test_worker_forked_while_master_holds_does_not_hold(hub, reports):
+    """A worker forked while the master holds a lock does not hold it: its
+    acquire times out, its release raises LockError, and the master keeps it."""
+    lk = hub.lock("forked")
+    with lk:
+
+        def work() -> None:
+            lk2 = hub.lock("forked")
+            t0 = time.monotonic()
+            got = lk.acquire(timeout=0.2)
+            waited = time.monotonic() - t0
+            try:
+                lk.release()
+                released = "released?!"
+            except LockError:
+                released = "LockError"
+            reports.put(got, waited >= 0.2, released, lk2.locked(), mine(hub))
+
+        w = hub.fork(work)
+        assert reports.get() == (False, True, "LockError", True, [])
+        join_ok(w)
+        assert lk.locked()
+        assert mine(hub) == [b"forked"]
+    assert hub.held_locks() == []
+
+
+def test_recovered_is_per_thread(hub, reports):
+    """A handle shared between threads reports recovered for each thread's own
+    latest acquire."""
+    lk = hub.lock("per-thread")
+
+    def hold_and_die() -> None:
+        assert hub.lock("per-thread").acquire(timeout=5)
+        reports.put("held")
+        os._exit(0)
+
+    join_ok(hub.fork(hold_and_die))
+    assert reports.get() == ("held",)
+    a_done, b_done = threading.Event(), threading.Event()
+
+    def a() -> tuple[bool, bool]:
+        with lk:
+            first = lk.recovered
+        a_done.set()
+        assert b_done.wait(10)
+        return first, lk.recovered  # unchanged by b's later acquire
+
+    def b() -> tuple[bool, bool]:
+        assert a_done.wait(10)
+        with lk:
+            got = lk.recovered
+        b_done.set()
+        return got, lk.recovered
+
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        fa, fb = ex.submit(a), ex.submit(b)
+        assert fa.result(10) == (True, True)
+        assert fb.result(10) == (False, False)
+    assert not lk.recovered  # this thread never acquired
