@@ -43,4 +43,5 @@ uint64_t ch_lt_ref(const ch_table *t, uint32_t slot, uint64_t gen);
 int ch_lt_trylock_ref(uint64_t ref);
 int ch_lt_unlock_ref(uint64_t ref);
 int ch_lt_timedlock_ref_nogil(uint64_t ref, int64_t deadline_ns);
+int ch_lt_retire(ch_table *t);
 void ch_lt_disable(ch_table *t);

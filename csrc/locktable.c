@@ -832,6 +832,18 @@ int ch_lt_timedlock_ref(ch_table *t, uint64_t ref, int64_t deadline_ns)
     return ch_lt_timedlock(t, REF_SLOT(ref), ref, deadline_ns);
 }
 
+int ch_lt_retire(ch_table *t)
+{
+    pthread_mutex_lock(&g_reg_mu); /* as ch_lt_enter: no blocking call slips in */
+    int busy = ch_lt_busy(t);
+    if (!busy && t->id) {
+        g_tables[t->id] = NULL;
+        t->id = 0;
+    }
+    pthread_mutex_unlock(&g_reg_mu);
+    return busy ? -EBUSY : 0;
+}
+
 void ch_lt_disable(ch_table *t)
 {
     pthread_mutex_lock(&g_reg_mu);

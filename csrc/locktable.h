@@ -218,6 +218,14 @@ void ch_lt_leave(ch_table *t);
  * from ch_lt_enter(ref).  Blocks until the deadline, like ch_lt_timedlock. */
 int ch_lt_timedlock_ref(ch_table *t, uint64_t ref, int64_t deadline_ns);
 
+/* The first step of closing: if no thread of this process holds or waits on
+ * one of t's locks (ch_lt_busy(t) == 0), forget t in the registry, so every
+ * later ref call gives -EBADF, and return 0; otherwise change nothing and
+ * return -EBUSY.  Atomic with respect to the GIL-holding ref calls and to
+ * ch_lt_enter, so no lock can be taken between the check and the retirement.
+ * ch_lt_close(t) then unmaps.  Never blocks (but for the registry mutex). */
+int ch_lt_retire(ch_table *t);
+
 /* Forget t in the registry without unmapping it: refs to it then give
  * -EBADF.  For a hub made inert in a child forked by foreign code. */
 void ch_lt_disable(ch_table *t);

@@ -209,6 +209,11 @@ class LockTable:
         """The hot-path ref of (slot, gen); by default one that means "resolve first"."""
         return lib.ch_lt_ref(self.ptr, slot, gen)
 
+    def retire(self) -> bool:
+        """Refuse every later lock call, unless a thread of this process holds
+        or waits on a lock (then False, and nothing changes)."""
+        return lib.ch_lt_retire(self.ptr) == 0
+
     def disable(self) -> None:
         """Refs to this table fail from now on (the mapping stays)."""
         if self.ptr != ffi.NULL:

@@ -101,13 +101,18 @@ class Locks:
             raise HubClosedError("this hub is closed")
         return self.ptr
 
-    def check_idle(self) -> None:
-        """LockError while a thread of this process holds or waits on a lock."""
-        if self.ptr is not None and self.table.busy():
+    def retire(self) -> None:
+        """Refuse all further lock use (HubClosedError), in one step with
+        checking that no thread of this process holds or waits on a lock;
+        if one does, raise LockError and change nothing."""
+        if self.ptr is None:
+            return
+        if not self.table.retire():
             raise LockError(
                 "cannot close the hub while a thread of this process holds or waits "
                 "on one of its locks (unmapping the table would break lock recovery)"
             )
+        self.ptr = None
 
     def after_fork_child(self, worker_id: int) -> None:
         self.table.after_fork_child()
@@ -120,10 +125,9 @@ class Locks:
         self.ptr = None
 
     def close(self) -> None:
-        if self.ptr is None:
-            return
+        """Retire (see above), then unmap the table.  Idempotent."""
+        self.retire()
         self.table.close()
-        self.ptr = None
         self._handles.clear()
 
 
