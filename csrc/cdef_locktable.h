@@ -6,6 +6,7 @@
 #define CH_LT_SLOTS_MAX ...
 #define CH_LT_RECOVERED 1
 #define CH_LT_NEW 2
+#define CH_LT_NEW_RECOVERED 3
 #define CH_LT_MAX_TABLES 255
 #define CH_LT_SLOT_NONE 16777215
 

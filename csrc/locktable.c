@@ -38,7 +38,7 @@
 #endif
 
 #define LT_MAGIC UINT64_C(0x3154424c42554843) /* "CHUBLBT1" */
-#define LT_LAYOUT 1u
+#define LT_LAYOUT 2u
 #define NIL UINT32_MAX
 #define CACHELINE 64
 
@@ -53,6 +53,8 @@ struct lt_header {
     uint32_t nslots;
     uint32_t nbuckets; /* power of two >= nslots */
     uint32_t hand;     /* clock hand for claiming slots */
+    uint32_t ntombs;   /* tombstones in use (0: skip the search) */
+    uint32_t tomb_next; /* ring position of the next tombstone */
     uint64_t slots_off;
     uint64_t total_size;
     pthread_mutex_t mutex; /* the table mutex */
@@ -78,9 +80,20 @@ struct lt_slot {
     uint8_t key[CH_LT_KEY_MAX];
 } __attribute__((aligned(CACHELINE)));
 
+/* A key whose holder died and whose slot was then given to another key (the
+ * table was full): its next acquirer must still be told "recovered".  Ring of
+ * nslots entries after the slots, guarded by the table mutex; keylen is
+ * written last, so a half-written tombstone is just ignored. */
+struct lt_tomb {
+    uint32_t keylen; /* 0 = free */
+    uint32_t hash;
+    uint8_t key[CH_LT_KEY_MAX];
+};
+
 struct ch_table {
     struct lt_header *h;
     struct lt_slot *slots;
+    struct lt_tomb *tombs;
     size_t maplen;
     uint32_t nslots, mask; /* validated private copies: never trust the map */
     int fd;
@@ -205,7 +218,7 @@ static int geometry(uint32_t nslots, uint32_t *nbuckets, uint64_t *slots_off, ui
     uint64_t hdr = offsetof(struct lt_header, buckets) + (uint64_t)nb * sizeof(uint32_t);
     *nbuckets = nb;
     *slots_off = (hdr + CACHELINE - 1) & ~(uint64_t)(CACHELINE - 1);
-    *total = *slots_off + (uint64_t)nslots * sizeof(struct lt_slot);
+    *total = *slots_off + (uint64_t)nslots * (sizeof(struct lt_slot) + sizeof(struct lt_tomb));
     return 0;
 }
 
@@ -216,6 +229,42 @@ static void set_region(ch_table *t, void *p, size_t len)
     t->nslots = t->h->nslots;
     t->mask = t->h->nbuckets - 1;
     t->slots = (struct lt_slot *)((char *)p + t->h->slots_off);
+    t->tombs = (struct lt_tomb *)(t->slots + t->nslots);
+}
+
+/* Keep the recovery of slot v's key, whose slot is being taken (table mutex held). */
+static void bury(ch_table *t, uint32_t v)
+{
+    struct lt_header *h = t->h;
+    const struct lt_slot *s = &t->slots[v];
+    uint32_t kl = s->keylen;
+    if (kl == 0 || kl > CH_LT_KEY_MAX)
+        return;
+    uint32_t i = h->tomb_next < t->nslots ? h->tomb_next : 0;
+    struct lt_tomb *tb = &t->tombs[i];
+    if (tb->keylen == 0)
+        h->ntombs++; /* else the oldest tombstone is overwritten */
+    __atomic_store_n(&tb->keylen, 0, __ATOMIC_RELEASE);
+    memcpy(tb->key, s->key, kl);
+    tb->hash = s->hash;
+    __atomic_store_n(&tb->keylen, kl, __ATOMIC_RELEASE);
+    h->tomb_next = i + 1 < t->nslots ? i + 1 : 0;
+}
+
+/* Whether `key` has a tombstone; removes it (table mutex held). */
+static bool unbury(ch_table *t, const uint8_t *key, uint32_t keylen, uint32_t hash)
+{
+    if (t->h->ntombs == 0)
+        return false;
+    for (uint32_t i = 0; i < t->nslots; i++) {
+        struct lt_tomb *tb = &t->tombs[i];
+        if (tb->keylen == keylen && tb->hash == hash && !memcmp(tb->key, key, keylen)) {
+            tb->keylen = 0;
+            t->h->ntombs--;
+            return true;
+        }
+    }
+    return false;
 }
 
 /* ---- index (table mutex held) ------------------------------------------------ */
@@ -227,6 +276,9 @@ static void table_repair(ch_table *t)
     struct lt_header *h = t->h;
     if (h->hand >= t->nslots)
         h->hand = 0;
+    h->ntombs = 0; /* recount: a bury may have been cut short */
+    for (uint32_t i = 0; i < t->nslots; i++)
+        h->ntombs += t->tombs[i].keylen != 0;
     for (uint32_t b = 0; b <= t->mask; b++)
         h->buckets[b] = NIL;
     for (uint32_t i = 0; i < t->nslots; i++) {
@@ -288,7 +340,7 @@ static void unlink_slot(ch_table *t, uint32_t v)
  * and not used since the hand last passed.  Lap 3 (last resort, so capacity is
  * never lost for good): any slot whose futex has no live owner, including a
  * dead holder's (its key and pending recovery are forgotten). */
-static uint32_t claim_slot(ch_table *t)
+static uint32_t claim_slot(ch_table *t, bool *bury_old)
 {
     uint32_t n = t->nslots;
     for (uint64_t step = 0; step < 3 * (uint64_t)n; step++) {
@@ -321,6 +373,8 @@ static uint32_t claim_slot(ch_table *t)
         } else if (r != 0) {
             continue;
         }
+        /* A dead holder's key loses its slot: remember it is to be recovered. */
+        *bury_old = !empty && (r == EOWNERDEAD || LOAD(&s->recovered_pending));
         return i;
     }
     return NIL;
@@ -472,19 +526,23 @@ int ch_lt_resolve(ch_table *t, const uint8_t *key, size_t keylen, uint32_t *slot
         table_unlock(t);
         goto out;
     }
+    bool bury_old = false;
     if (tl_held >= CH_LT_THREAD_MAX_HELD) {
         r = -ENOLCK;
-    } else if ((i = claim_slot(t)) == NIL) {
+    } else if ((i = claim_slot(t, &bury_old)) == NIL) {
         r = -ENOSPC;
     } else {
+        if (bury_old)
+            bury(t, i);
+        bool recovered = unbury(t, key, (uint32_t)keylen, hash);
         install(t, i, key, (uint32_t)keylen, hash);
         note_acquired(t, &t->slots[i]);
         *slot = i;
         *gen = gen_of(&t->slots[i]);
-        r = CH_LT_NEW;
+        r = recovered ? CH_LT_NEW_RECOVERED : CH_LT_NEW;
     }
     table_unlock(t);
-    if (r == CH_LT_NEW)
+    if (r >= CH_LT_NEW)
         CRASHPOINT(9);
 out:
     atomic_fetch_sub(&t->inflight, 1);

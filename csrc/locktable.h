@@ -35,6 +35,8 @@
 #define CH_LT_RECOVERED 1          /* acquired; previous holder died holding it */
 #define CH_LT_NEW 2                /* ch_lt_resolve inserted the key; the calling
                                       thread now holds its lock */
+#define CH_LT_NEW_RECOVERED 3      /* as CH_LT_NEW, and the key's last holder died
+                                      holding it (its slot had been reused) */
 
 typedef struct ch_table ch_table; /* per-process handle (malloc'ed), opaque */
 
@@ -101,7 +103,11 @@ int ch_lt_busy(const ch_table *t);
  * mutex.  Found: returns 0 with *slot and *gen set and nothing locked.  Absent:
  * claims a slot for it (a free slot, or one whose lock nobody holds, whose
  * old key is then forgotten) and returns CH_LT_NEW with the calling thread
- * holding that slot's lock (counts as an acquire; *slot and *gen set).
+ * holding that slot's lock (counts as an acquire; *slot and *gen set), or
+ * CH_LT_NEW_RECOVERED when the key's last holder had died holding it and its
+ * slot was taken meanwhile (a full table reuses a dead holder's slot only as
+ * a last resort, and keeps the key as a tombstone so its recovery is still
+ * reported; the ring holds nslots tombstones, the oldest is dropped first).
  * Errors: -EINVAL bad keylen, -ENOSPC no slot can be claimed (every one is
  * held), -ENOLCK the calling thread already holds CH_LT_THREAD_MAX_HELD locks
  * (only when an insert is needed).  Blocks only for the table mutex. */

@@ -29,6 +29,7 @@ KEY_MAX: int = lib.CH_LT_KEY_MAX
 THREAD_MAX_HELD: int = lib.CH_LT_THREAD_MAX_HELD
 RECOVERED: int = lib.CH_LT_RECOVERED
 NEW: int = lib.CH_LT_NEW
+NEW_RECOVERED: int = lib.CH_LT_NEW_RECOVERED
 
 EOF: int = lib.CH_ERR_EOF
 TRUNCATED: int = lib.CH_ERR_TRUNCATED
@@ -234,7 +235,8 @@ class LockTable:
         return lib.ch_lt_busy(self.ptr)
 
     def resolve(self, key: bytes) -> tuple[int, int]:
-        """(code, ref): code 0 = found, NEW = inserted and now held.
+        """(code, ref): code 0 = found, NEW = inserted and now held (NEW_RECOVERED:
+        and its last holder died holding it).
 
         Raises LockTableFull or LockError (thread limit).
         """

@@ -35,6 +35,7 @@ _get_ident = threading.get_ident
 
 _RECOVERED = _bindings.RECOVERED
 _NEW = _bindings.NEW
+_NEW_RECOVERED = _bindings.NEW_RECOVERED
 _EBUSY = -errno.EBUSY
 _EPERM = -errno.EPERM
 _ESTALE = -errno.ESTALE
@@ -62,6 +63,11 @@ def encode_key(key: Key) -> bytes:
     return kb
 
 
+def _inserted(code: int) -> int:
+    """The acquire result of a resolve that inserted the key (and took it)."""
+    return _RECOVERED if code == _NEW_RECOVERED else 0
+
+
 def _check_timeout(timeout: Optional[float]) -> Optional[float]:
     if timeout is None:
         return None
@@ -69,7 +75,10 @@ def _check_timeout(timeout: Optional[float]) -> Optional[float]:
         raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
     if not timeout >= 0:
         raise ValueError("timeout must be >= 0")
-    return timeout
+    return None if timeout > _FOREVER else timeout
+
+
+_FOREVER = 1e9  # seconds (31 years): a longer timeout means no limit
 
 
 class Locks:
@@ -250,7 +259,7 @@ class Lock:
                 if r == _ESTALE or r == _EINVAL:
                     code, ref = locks.table.resolve(self.key)
                     self._ref = ref
-                    r = 0 if code == _NEW else _trylock(ref)
+                    r = _inserted(code) if code >= _NEW else _trylock(ref)
                 elif r == _EBUSY or r == _ETIMEDOUT:
                     now = _now_ns()
                     if deadline is not None and now >= deadline:
@@ -324,7 +333,7 @@ class Lock:
             r = _trylock(self._ref)
             while r == _ESTALE or r == _EINVAL:
                 code, self._ref = locks.table.resolve(self.key)
-                r = 0 if code == _NEW else _trylock(self._ref)
+                r = _inserted(code) if code >= _NEW else _trylock(self._ref)
             if r >= 0:
                 st.loop_held = True  # the loop's thread holds the mutex
             elif r == _EBUSY:
