@@ -346,11 +346,14 @@ def measure_once(job: Job, case: str, pinned: Optional[bool] = None) -> list[Sam
 def summarize(samples: list[Sample]) -> dict[str, Any]:
     """Medians of a case's samples (element-wise for lists; all() for flags)."""
     out: dict[str, Any] = {"rounds": len(samples)}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
+    for key in dict.fromkeys(k for s in samples for k in s):
+        values = [s[key] for s in samples if s.get(key) is not None]
+        if not values:
+            out[key] = None
+            continue
         v0 = values[0]
-        if isinstance(v0, bool) or v0 is None:
-            out[key] = all(values) if isinstance(v0, bool) else None
+        if isinstance(v0, bool):
+            out[key] = all(values)
         elif isinstance(v0, (int, float)):
             out[key] = statistics.median(values)
         elif isinstance(v0, list):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import threading
 from typing import Any
 
@@ -25,7 +26,7 @@ class Channel:
 
     __slots__ = (
         "fd", "peer", "max_len", "max_queue", "rx", "_tx", "_lock", "closed",
-        "reader", "leader", "dying", "_wake",
+        "reader", "leader", "dying", "_wake", "_fds_open", "blockers", "held_back",
     )
 
     def __init__(self, fd: int, peer: Any, max_len: int, max_queue: int) -> None:
@@ -41,6 +42,11 @@ class Channel:
         self.leader: int | None = None  # thread id of a requester reading here
         self.dying = False  # the peer is known dead: leaders step down
         self._wake: int | None = None  # eventfd a leader also polls
+        self._fds_open = True  # fd and _wake (closed by the reader: see close)
+        # Relay backpressure (master side): while a channel this worker's
+        # broadcasts go to is over max_queue, its input is not read.
+        self.blockers: set[Channel] = set()  # channels holding our input back
+        self.held_back: set[Channel] = set()  # channels whose input we hold back
 
     def wake_fd(self) -> int:
         """The eventfd that ``poke`` writes to (made on first use)."""
@@ -51,10 +57,12 @@ class Channel:
     def poke(self) -> None:
         """Wake the thread leading this channel, if any."""
         if self._wake is not None and self.leader is not None:
-            try:
-                os.eventfd_write(self._wake, 1)
-            except OSError:
-                pass
+            with self._lock:  # not once release_reader closed it (its number may be reused)
+                if self._fds_open and self._wake is not None:
+                    try:
+                        os.eventfd_write(self._wake, 1)
+                    except OSError:
+                        pass
 
     @property
     def lock(self) -> threading.Lock:
@@ -89,7 +97,9 @@ class Channel:
             return self._tx.flush(self.fd)
 
     def pending(self) -> int:
-        return self._tx.pending()
+        """Bytes queued, not yet written (0 once closed)."""
+        with self._lock:  # close() may free the queue under another thread's call
+            return 0 if self.closed else self._tx.pending()
 
     def wait_room(self, limit: int) -> None:
         """Block until at most ``limit`` bytes are queued.
@@ -104,34 +114,62 @@ class Channel:
             poller.poll()
 
     def close(self) -> None:
-        """Close the socket; queued bytes are dropped.  Idempotent."""
+        """Close the socket; queued bytes are dropped.  Idempotent.
+
+        The fds and rx belong to the holder of ``reader`` (a leader polls the
+        socket and the wake fd): if it is busy, it closes them as it lets go
+        (``release_reader``), so their numbers are never reused under it.
+        """
         with self._lock:
             if self.closed:
                 return
             self.closed = True
-            try:
-                os.close(self.fd)
+            self._tx.close()
+            try:  # wake whoever polls the socket (a sender waiting for room)
+                _shutdown(self.fd)
             except OSError:
                 pass
-            self._tx.close()
-        if self._wake is not None:
-            os.close(self._wake)
-            self._wake = None
-        # rx belongs to the reader: a leader may still be finishing a read.
         if self.reader.acquire(blocking=False):
-            self.rx.close()
-            self.reader.release()
+            self.release_reader()
+        else:
+            self.poke()  # the leader sees the channel closed and lets go
+
+    def release_reader(self) -> None:
+        """Let go of ``reader``, closing what ``close`` left to its holder."""
+        if self.closed:
+            with self._lock:
+                fds = (self.fd, self._wake) if self._fds_open else ()
+                self._fds_open = False
+            for fd in fds:
+                if fd is not None:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            if fds:
+                self.rx.close()
+        self.reader.release()
 
     def abandon(self) -> None:
-        """In a fork child: close our copy of the fd, without touching buffers
-        another thread of the parent may have been using at the fork.  A
-        channel already closed there may have its fd number reused: skip it."""
-        if self.closed:
-            return
+        """In a fork child: close our copy of the fds, without touching buffers
+        another thread of the parent may have been using at the fork.  Fds
+        already closed there may have their numbers reused: skip them."""
         self.closed = True
+        if not self._fds_open:
+            return
+        self._fds_open = False
         for fd in (self.fd, self._wake):
             if fd is not None:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
+
+
+def _shutdown(fd: int) -> None:
+    """shutdown(SHUT_RDWR) on a socket fd we keep owning."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        sock.detach()

@@ -67,8 +67,9 @@ class Dispatcher:
         self._ops: deque[Callable[[], None]] = deque()
         self.inbox: deque[Item] = deque()
         self._timers: list[tuple[float, int, Timer]] = []
-        self._tlock = threading.Lock()
+        self._tcond = threading.Condition(threading.Lock())
         self._tseq = itertools.count()
+        self._timer_thread: threading.Thread | None = None
         self._thread: threading.Thread | None = None
         self.ident: int | None = None  # the dispatcher thread
         self.handler_ident: int | None = None  # where handlers run (thread or loop)
@@ -87,6 +88,8 @@ class Dispatcher:
         """Stop the thread (joined unless called from it) and close its fds."""
         self._stopping = True
         self.wake()
+        with self._tcond:
+            self._tcond.notify()  # the timer thread ends too
         t = self._thread
         if t is not None and t.ident != threading.get_ident():
             t.join()
@@ -144,6 +147,13 @@ class Dispatcher:
             self._ops.append(fn)
             self.wake()
 
+    def call_next(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the dispatcher thread at its next turn, never inline
+        (the caller may hold what ``fn`` needs; handlers get their turn
+        between two such calls)."""
+        self._ops.append(fn)
+        self.wake()  # off the thread; on it, the loop does not block while ops wait
+
     # epoll registrations: any thread may call these
     def register(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
         self._callbacks[fd] = callback
@@ -164,24 +174,39 @@ class Dispatcher:
 
     # ---- timers ---------------------------------------------------------
 
+    # Timers have a thread of their own (started on first use): a handler
+    # keeping the dispatcher thread busy must not hold back request timeouts.
+
     def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
-        """Run ``fn`` on the dispatcher thread after ``delay`` seconds."""
+        """Run ``fn`` on the timer thread after ``delay`` seconds."""
         when = time.monotonic() + delay
         timer = Timer(when, fn)
-        with self._tlock:
+        with self._tcond:
             heapq.heappush(self._timers, (when, next(self._tseq), timer))
-            first = self._timers[0][2] is timer
-        if first:
-            self.wake()
+            if self._timer_thread is None:
+                self._timer_thread = threading.Thread(
+                    target=self._run_timers, name=f"clusterhub-{self.name}-timers", daemon=True
+                )
+                self._timer_thread.start()
+            elif self._timers[0][2] is timer:
+                self._tcond.notify()
         return timer
 
     def _run_timers(self) -> None:
-        now = time.monotonic()
+        timers, cond = self._timers, self._tcond
         while True:
-            with self._tlock:
-                if not self._timers or self._timers[0][0] > now:
-                    return
-                timer = heapq.heappop(self._timers)[2]
+            with cond:
+                while True:
+                    if self._stopping:
+                        return
+                    while timers and timers[0][2].fn is None:
+                        heapq.heappop(timers)  # cancelled
+                    left = timers[0][0] - time.monotonic() if timers else None
+                    if left is not None and left <= 0:
+                        timer = heapq.heappop(timers)[2]
+                        break
+                    # (capped: a huge or infinite timeout overflows the wait)
+                    cond.wait(None if left is None else min(left, 86400.0))
             fn, timer.fn = timer.fn, None
             if fn is not None:
                 try:
@@ -190,16 +215,7 @@ class Dispatcher:
                     log.exception("clusterhub timer callback failed")
 
     def _timeout(self) -> float | None:
-        if self._ops:
-            return 0
-        if not self._timers:
-            return None
-        with self._tlock:
-            while self._timers and self._timers[0][2].fn is None:
-                heapq.heappop(self._timers)
-            if not self._timers:
-                return None
-            return max(0.0, self._timers[0][0] - time.monotonic())
+        return 0 if self._ops else None
 
     # ---- the loop -------------------------------------------------------
 
@@ -219,7 +235,7 @@ class Dispatcher:
     def poll(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` for events and handle them (no handlers run)."""
         ops = self._ops
-        while ops:
+        for _ in range(len(ops)):  # not those they add: see call_next
             ops.popleft()()
         try:
             events = self._ep.poll(-1 if timeout is None else timeout)
@@ -230,10 +246,8 @@ class Dispatcher:
             cb = callbacks.get(fd)
             if cb is not None:
                 cb(ev)
-        while ops:
+        for _ in range(len(ops)):
             ops.popleft()()
-        if self._timers:
-            self._run_timers()
 
     def pump_until(self, done: Callable[[], bool], timeout: float | None) -> None:
         """On the dispatcher thread: serve the sockets until ``done()`` or timeout."""
@@ -265,16 +279,24 @@ class Dispatcher:
             self._schedule_on_loop()
 
     def _schedule_on_loop(self) -> None:
-        if self._loop_scheduled or self.loop is None:
+        loop = self.loop
+        if loop is None:
             return
-        self._loop_scheduled = True
-        try:
-            self.loop.call_soon_threadsafe(self._drain_on_loop)
-        except RuntimeError:  # the loop was closed under us: fall back to the thread
-            self._loop_scheduled = False
-            self.loop = None
-            self.handler_ident = self.ident
-            self.wake()
+        # Closed under us, perhaps with a delivery scheduled that will never
+        # run (so _loop_scheduled may be stale): the thread takes over.
+        if not loop.is_closed():
+            if self._loop_scheduled:
+                return
+            self._loop_scheduled = True
+            try:
+                loop.call_soon_threadsafe(self._drain_on_loop)
+                return
+            except RuntimeError:  # closed meanwhile
+                pass
+        self._loop_scheduled = False
+        self.loop = None
+        self.handler_ident = self.ident
+        self.wake_self()  # wake() is a no-op on the dispatcher thread, which may be here
 
     def _drain_on_loop(self) -> None:
         self._loop_scheduled = False

@@ -5,6 +5,7 @@ locks together.  The same object is the master side in the master and, after
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -36,7 +37,7 @@ from .errors import (
 )
 from .locks import Lock, Locks
 from .process import Worker, exit_process, flush_stdio as _flush_stdio, reap, run_target
-from .requests import Callback, Future, Pending, add_callback, resolve
+from .requests import Callback, Future, Pending, add_callback, resolve, run_callbacks
 
 log = logging.getLogger("clusterhub")
 
@@ -53,11 +54,15 @@ _OUT = select.EPOLLOUT
 # requester leading the channel) re-arms them before letting go of the reader.
 _ONESHOT = select.EPOLLONESHOT
 _INPUT = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_GONE = select.EPOLLHUP | select.EPOLLERR
 _PROTOCOL_ERRORS = (_bindings.MALFORMED, _bindings.TOOBIG)
 
 # Every hub of this process, so a fork by other code can neutralise them.
 _hubs: "weakref.WeakSet[Hub]" = weakref.WeakSet()
 _forking: Optional["Hub"] = None  # the hub whose fork() is in progress
+# One hub fork at a time in this process: _forking is global, and a fork by
+# one thread must not inherit the fresh socketpair of another thread's fork.
+_fork_lock = threading.Lock()
 
 
 class HeldLock(NamedTuple):
@@ -69,6 +74,8 @@ class HeldLock(NamedTuple):
 
 
 def _after_fork_in_child() -> None:
+    global _fork_lock
+    _fork_lock = threading.Lock()  # held by the forking thread, maybe: a worker may fork too
     for hub in list(_hubs):
         if hub is not _forking:
             hub._abandon()
@@ -175,8 +182,8 @@ class Hub:
         if not callable(target):
             raise TypeError(f"target must be callable, not {type(target).__name__}")
         _flush_stdio()  # or the child inherits, and prints again, unflushed output
-        mfd, wfd = _bindings.socketpair()
-        with self._state_lock:
+        with _fork_lock, self._state_lock:
+            mfd, wfd = _bindings.socketpair()
             wid = self._next_id
             self._next_id += 1
             _forking = self
@@ -188,7 +195,10 @@ class Hub:
             finally:
                 _forking = None
             if pid == 0:
-                self._run_worker(wid, mfd, wfd, target, args, kwargs)  # never returns
+                try:
+                    self._run_worker(wid, mfd, wfd, target, args, kwargs)  # never returns...
+                finally:
+                    os._exit(1)  # ...even if a second Ctrl-C hits its exit path
             os.close(wfd)
             w = Worker(wid, pid, self._wait_event)
             w.channel = Channel(mfd, w, self._max_message_size, self._max_queue)
@@ -314,7 +324,8 @@ class Hub:
         """
         if self._closed:
             return
-        self._locks.check_idle()
+        _check_timeout(timeout)  # before anything is stopped
+        self._locks.retire()  # LockError while a thread holds or waits; else no new lock use
         if self._is_master:
             workers = list(self._workers.values())
             for w in workers:
@@ -592,27 +603,38 @@ class Hub:
             return timeout  # someone reads it already: they complete fut
         deadline = None if timeout is None else time.monotonic() + timeout
         d = self._dispatcher
+        done: list[Future] = []
+        more = False
         try:
-            if ch.closed or ch.dying:
-                return timeout
+            if ch.closed or ch.dying or ch.blockers:
+                return timeout  # held back: the dispatcher reads it once released
             ch.leader = threading.get_ident()
             d.modify(ch.fd, _ONESHOT | (_OUT if ch.pending() else 0))  # dispatcher: hands off
             poller = select.poll()
             poller.register(ch.fd, select.POLLIN)
             poller.register(ch.wake_fd(), select.POLLIN)
-            while not fut.done() and not ch.closed and not ch.dying:
-                if deadline is None:
+            # Frames buffered in rx (left by the reader before us, whose
+            # revisit finds us holding the channel): no poll announces them.
+            more = ch.rx.eof() != _bindings.EOF
+            while not fut.done() and not ch.closed and not ch.dying and not ch.blockers:
+                if more:
+                    ready = [(ch.fd, 0)]
+                elif deadline is None:
                     ready = poller.poll()
                 else:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     ready = poller.poll(left * 1000)
+                more = False
                 for fd, _ev in ready:
                     if fd == ch.fd:
-                        self._read(ch, 1)
+                        more = self._read(ch, 1, done)
                     else:
                         os.eventfd_read(fd)
+                if done and not fut.done():  # others' replies: their callbacks run there
+                    d.call_soon(functools.partial(run_callbacks, done))
+                    done = []
                 if ready and d.inbox:
                     # Messages for the handlers: the dispatcher may have gone
                     # back to sleep on an inbox it found empty (comparing
@@ -620,9 +642,14 @@ class Hub:
                     d.wake()
         finally:
             ch.leader = None
+            ch.release_reader()
+            # Re-armed only once we let go: an event the dispatcher took while
+            # we held the reader found it taken and was dropped.
             if not ch.closed:
                 self._arm(ch)
-            ch.reader.release()
+            if more:  # left buffered: the dispatcher takes them
+                d.call_next(lambda: self._on_channel(ch, _IN))
+            run_callbacks(done)  # even when interrupted (Ctrl-C): these futures ended
         if deadline is None:
             return None
         return max(0.0, deadline - time.monotonic())
@@ -641,6 +668,8 @@ class Hub:
         self._check()
         if loop is None:
             loop = asyncio.get_running_loop()
+        elif not isinstance(loop, asyncio.AbstractEventLoop):
+            raise TypeError(f"loop must be an asyncio event loop, not {type(loop).__name__}")
         self._dispatcher.attach(loop)
 
     def detach(self) -> None:
@@ -736,9 +765,11 @@ class Hub:
         d.register(w.pidfd, _IN, lambda ev: self._on_worker_exit(w))
 
     def _arm(self, ch: Channel) -> None:
-        """Re-arm the one-shot registration of ``ch`` (reading, and writing
-        while bytes are queued)."""
-        self._dispatcher.modify(ch.fd, _IN | _ONESHOT | (_OUT if ch.pending() else 0))
+        """Re-arm the one-shot registration of ``ch`` (reading unless held
+        back, and writing while bytes are queued)."""
+        self._dispatcher.modify(
+            ch.fd, (0 if ch.blockers else _IN) | _ONESHOT | (_OUT if ch.pending() else 0)
+        )
 
     def _watch_write(self, ch: Channel) -> None:
         if not ch.closed and ch.pending():
@@ -753,46 +784,63 @@ class Hub:
             except PeerGone:
                 self._channel_lost(ch, _bindings.EOF)
                 return
-        if not ev & _INPUT:
-            self._arm(ch)
+            if ch.held_back and ch.pending() <= ch.max_queue:
+                self._release_held(ch)
+        if not ev & _INPUT or (ch.blockers and not ev & _GONE):
+            self._arm(ch)  # (held back: read anyway once the peer is gone)
         elif ch.reader.acquire(blocking=False):
+            done: list[Future] = []
             try:
-                self._read(ch, 1)
+                more = self._read(ch, 1, done)
             finally:
                 if not ch.closed:
                     self._arm(ch)
-                ch.reader.release()
+                ch.release_reader()
+            if more:  # buffered frames no socket event will announce
+                self._dispatcher.call_next(lambda: self._on_channel(ch, _IN))
+            run_callbacks(done)
         # else: a requester leads this channel; it re-arms it when done
 
-    def _read(self, ch: Channel, rounds: int) -> None:
-        """Read and route up to ``rounds`` batches of frames from ``ch``."""
+    def _read(self, ch: Channel, rounds: int, done: list[Future]) -> bool:
+        """Read and route up to ``rounds`` batches of frames from ``ch``.
+
+        The reader holds ``ch.reader``: the requests it completes are added to
+        ``done`` and their callbacks run after it let go of the channel, so a
+        callback may wait for another reply on it (and never runs while the
+        batch's frames are in use).
+
+        Returns True when it stopped with bytes still buffered in ``ch.rx``
+        (more complete frames, or an error that comes after them): no socket
+        event will announce those, so the caller must read again.
+        """
         for _ in range(rounds):
             if ch.closed:
-                return
+                return False
             frames = ch.rx.read(ch.fd)
             if frames.__class__ is int:
                 self._channel_lost(ch, frames)  # type: ignore[arg-type]
-                return
+                return False
             if not frames:
-                return
+                return False
             for mv in frames:  # type: ignore[union-attr]
                 try:
-                    self._route(ch, mv)
+                    self._route(ch, mv, done)
                 except ValueError as e:
                     log.debug("malformed envelope: %s", e)
                     self._channel_lost(ch, _bindings.MALFORMED)
-                    return
+                    return False
+        return not ch.closed and ch.rx.eof() != _bindings.EOF
 
-    def _route(self, ch: Channel, mv: memoryview) -> None:
+    def _route(self, ch: Channel, mv: memoryview, done: list[Future]) -> None:
         kind, origin, rid, name, body = protocol.decode(mv)
         if kind == protocol.RES:
             try:
                 ok, value = True, self._loads(body)
             except Exception as e:
                 ok, value = False, HubError(f"cannot decode the reply: {e!r}")
-            self._pending.complete(ch, rid, ok, value)
+            self._pending.complete(ch, rid, ok, value, done)
         elif kind == protocol.ERR:
-            self._pending.complete(ch, rid, False, _remote_error(body))
+            self._pending.complete(ch, rid, False, _remote_error(body), done)
         elif kind == protocol.BCAST and self._is_master:
             if ch.peer is None or origin != ch.peer.id:
                 raise ValueError("broadcast with a forged origin")
@@ -819,6 +867,9 @@ class Hub:
         return w
 
     def _relay(self, origin: Channel, payload: bytes) -> None:
+        """Pass a worker's broadcast on.  The relay cannot block (it runs
+        where frames are read): a target over max_queue instead holds back
+        the origin's input until it drained, so the origin's sender blocks."""
         for w in list(self._workers.values()):
             ch = w.channel
             if ch is origin or ch is None or ch.closed:
@@ -826,7 +877,19 @@ class Hub:
             try:
                 self._send(ch, payload, wait=False)
             except PeerDied:
-                pass
+                continue
+            if ch.pending() > ch.max_queue:
+                ch.held_back.add(origin)
+                origin.blockers.add(ch)
+
+    def _release_held(self, ch: Channel) -> None:
+        """``ch`` drained (or closed): read the origins it held back again."""
+        for origin in list(ch.held_back):
+            ch.held_back.discard(origin)
+            origin.blockers.discard(ch)
+            if not origin.blockers and not origin.closed:
+                # Frames may wait in its buffer, which no event announces.
+                self._dispatcher.call_next(lambda o=origin: self._on_channel(o, _IN))
 
     def _replier(self, ch: Channel, rid: int, wait: bool = True) -> Reply:
         def reply(ok: bool, value: Any) -> None:
@@ -849,18 +912,24 @@ class Hub:
     def _channel_lost(self, ch: Channel, code: int) -> None:
         if ch.closed:
             return
+        w = ch.peer
+        if w is not None and code in _PROTOCOL_ERRORS:
+            # Killed before its channel closes, or it would see that and exit
+            # by itself first.  (Other codes, e.g. a reset or EOF inside a
+            # frame, only mean the worker is gone or going.)
+            log.error("worker %d broke its channel (%s): killing it", w.id, _describe(code))
+            w.kill()
         ch.dying = True
         ch.poke()
         self._dispatcher.unregister(ch.fd)
         ch.close()
-        w = ch.peer
+        self._release_held(ch)
+        for target in list(ch.blockers):
+            target.held_back.discard(ch)
         if w is not None:
-            if code != _bindings.EOF:
-                log.error("worker %d broke its channel (%s): killing it", w.id, _describe(code))
-                w.kill()
             self._pending.fail_peer(ch, lambda: WorkerDied(f"worker {w.id} has exited"))
             return
-        if code != _bindings.EOF and code != _bindings.TRUNCATED:
+        if code in _PROTOCOL_ERRORS:
             log.error("the master broke its channel (%s): treating it as dead", _describe(code))
         self._master_gone.set()
         self._pending.fail_all(lambda: MasterDied("the master has died"))
@@ -868,13 +937,26 @@ class Hub:
             exit_process(1)
 
     def _on_worker_exit(self, w: Worker) -> None:
+        pidfd = w.pidfd
+        if pidfd is None:
+            return
+        try:  # an event already polled may be stale once a nested wait reused its fd number
+            if os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                return  # still running
+        except ChildProcessError:
+            pass  # reaped by someone else: it did exit
         ch = w.channel
         if ch is not None and not ch.closed:
             ch.dying = True
             ch.poke()  # a requester reading this channel lets go of it
-            with ch.reader:
-                self._read(ch, 1 << 30)  # everything it sent is handled first
+            done: list[Future] = []
+            ch.reader.acquire()
+            try:
+                self._read(ch, 1 << 30, done)  # everything it sent is handled first
+            finally:
+                ch.release_reader()
             self._channel_lost(ch, _bindings.EOF)
+            run_callbacks(done)
         with self._state_lock:  # fork() holds it: a child sees it open or None, never stale
             pidfd, w.pidfd = w.pidfd, None
         if pidfd is not None:

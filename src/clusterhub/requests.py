@@ -72,6 +72,12 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
         return self._state in _DONE
 
     def _complete(self, result: Any, exc: Optional[BaseException]) -> None:
+        self._finish(result, exc)
+        self._invoke_callbacks()
+
+    def _finish(self, result: Any, exc: Optional[BaseException]) -> None:
+        """Set the outcome and wake the waiting threads, without running the
+        done callbacks (the caller runs ``_invoke_callbacks`` later)."""
         with self._lock:
             if self._state in _DONE:
                 raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
@@ -85,7 +91,6 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
                     waiter.add_exception(self)
             if self._cond is not None:
                 self._cond.notify_all()
-        self._invoke_callbacks()
 
     def set_result(self, result: Any) -> None:
         self._complete(result, None)
@@ -124,15 +129,32 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
         return super().exception(timeout)
 
 
-def resolve(fut: concurrent.futures.Future, ok: bool, value: Any) -> None:  # type: ignore[type-arg]
-    """Complete ``fut`` unless it already ended (cancelled, timed out)."""
+def resolve(
+    fut: concurrent.futures.Future, ok: bool, value: Any,  # type: ignore[type-arg]
+    defer: Optional[list[Future]] = None,
+) -> None:
+    """Complete ``fut`` unless it already ended (cancelled, timed out).
+
+    With ``defer``, its done callbacks are not run here: ``fut`` is appended
+    to ``defer`` for the caller to run them (``run_callbacks``) once it holds
+    nothing a callback could need.
+    """
     try:
-        if ok:
+        if defer is not None:
+            fut._finish(value if ok else None, None if ok else value)  # type: ignore[attr-defined]
+            defer.append(fut)  # type: ignore[arg-type]
+        elif ok:
             fut.set_result(value)
         else:
             fut.set_exception(value)
     except concurrent.futures.InvalidStateError:
         pass
+
+
+def run_callbacks(done: list[Future]) -> None:
+    """Run the done callbacks ``resolve(..., defer=done)`` held back."""
+    for fut in done:
+        fut._invoke_callbacks()
 
 
 def add_callback(fut: concurrent.futures.Future, callback: Callback) -> None:  # type: ignore[type-arg]
@@ -179,13 +201,17 @@ class Pending:
     def discard(self, rid: int) -> None:
         self._by_id.pop(rid, None)
 
-    def complete(self, peer: Any, rid: int, ok: bool, value: Any) -> None:
-        """Deliver a reply from ``peer``; dropped when unknown or from another peer."""
+    def complete(
+        self, peer: Any, rid: int, ok: bool, value: Any, defer: Optional[list[Future]] = None
+    ) -> None:
+        """Deliver a reply from ``peer``; dropped when unknown or from another
+        peer.  ``defer``: see ``resolve``."""
         fut = self._by_id.get(rid)
         if fut is None or fut._channel is not peer:
             log.debug("dropping a reply to request %d nobody waits for", rid)
             return
-        resolve(fut, ok, value)
+        self._by_id.pop(rid, None)  # now: its callbacks may run later
+        resolve(fut, ok, value, defer)
 
     def fail(self, rid: int, exc: BaseException) -> None:
         fut = self._by_id.get(rid)
