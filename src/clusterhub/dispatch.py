@@ -38,14 +38,17 @@ Item = tuple[Optional[str], Any, Any, Optional[Reply]]
 
 
 class Timer:
-    __slots__ = ("when", "fn")
+    __slots__ = ("when", "fn", "_owner")
 
-    def __init__(self, when: float, fn: Callable[[], None] | None) -> None:
+    def __init__(self, when: float, fn: Callable[[], None] | None, owner: "Dispatcher") -> None:
         self.when = when
         self.fn = fn
+        self._owner = owner
 
     def cancel(self) -> None:
-        self.fn = None
+        if self.fn is not None:
+            self.fn = None
+            self._owner.cancelled_timers += 1  # approximate: only a hint to compact
 
 
 class Dispatcher:
@@ -70,6 +73,7 @@ class Dispatcher:
         self._tcond = threading.Condition(threading.Lock())
         self._tseq = itertools.count()
         self._timer_thread: threading.Thread | None = None
+        self.cancelled_timers = 0
         self._thread: threading.Thread | None = None
         self.ident: int | None = None  # the dispatcher thread
         self.handler_ident: int | None = None  # where handlers run (thread or loop)
@@ -180,9 +184,16 @@ class Dispatcher:
     def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
         """Run ``fn`` on the timer thread after ``delay`` seconds."""
         when = time.monotonic() + delay
-        timer = Timer(when, fn)
+        timer = Timer(when, fn, self)
         with self._tcond:
-            heapq.heappush(self._timers, (when, next(self._tseq), timer))
+            timers = self._timers
+            if self.cancelled_timers >= 64 and 2 * self.cancelled_timers >= len(timers):
+                # Mostly cancelled (answered requests): drop them, or long
+                # timeouts would keep every answered request's timer alive.
+                timers[:] = [t for t in timers if t[2].fn is not None]
+                heapq.heapify(timers)
+                self.cancelled_timers = 0
+            heapq.heappush(timers, (when, next(self._tseq), timer))
             if self._timer_thread is None:
                 self._timer_thread = threading.Thread(
                     target=self._run_timers, name=f"clusterhub-{self.name}-timers", daemon=True
