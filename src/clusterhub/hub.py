@@ -758,11 +758,12 @@ class Hub:
 
     def _watch_worker(self, w: Worker) -> None:
         ch = w.channel
-        if self._closed or ch is None or ch.closed or w.pidfd is None:
+        if self._closed or w.pidfd is None:
             return
         d = self._dispatcher
-        d.register(ch.fd, _IN | _ONESHOT, lambda ev: self._on_channel(ch, ev))
-        d.register(w.pidfd, _IN, lambda ev: self._on_worker_exit(w))
+        if ch is not None and not ch.closed:  # (a requester may have read its EOF already)
+            d.register(ch.fd, _IN | _ONESHOT, lambda ev: self._on_channel(ch, ev))
+        d.register(w.pidfd, _IN, lambda ev: self._on_worker_exit(w))  # always: it must be reaped
 
     def _arm(self, ch: Channel) -> None:
         """Re-arm the one-shot registration of ``ch`` (reading unless held
