@@ -115,7 +115,9 @@ class Hub:
         self._dumps, self._loads = protocol.serializer_functions(serializer)
         self._max_message_size = max_message_size
         self._max_queue = max_queue
-        self._exit_on_master_death = bool(exit_on_master_death)
+        if not isinstance(exit_on_master_death, bool):
+            raise TypeError("exit_on_master_death must be True or False")
+        self._exit_on_master_death = exit_on_master_death
         self._pid = os.getpid()
         self._is_master = True
         self._worker_id: Optional[int] = None
@@ -376,6 +378,9 @@ class Hub:
     def off(self, name: str, handler: Optional[Callable[[Any, Any], Any]] = None) -> None:
         """Remove ``handler`` for ``name``, or every handler of ``name``."""
         self._check()
+        protocol.encode_name(name)
+        if handler is not None and not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
         self._dispatcher.registry.remove(name, handler)
 
     # ---- plain messages -------------------------------------------------

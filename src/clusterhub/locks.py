@@ -91,7 +91,10 @@ class Locks:
         self.aio: dict[tuple[asyncio.AbstractEventLoop, bytes], _AioState] = {}
 
     def lock(self, key: Key, timeout: Optional[float]) -> "Lock":
-        h = self._handles.get(key)
+        try:
+            h = self._handles.get(key)
+        except TypeError:  # unhashable: encode_key says what a key must be
+            h = None
         if h is not None and h._timeout == timeout and key.__class__ is h._key_type:
             return h
         h = Lock(self, encode_key(key), _check_timeout(timeout), key.__class__)
