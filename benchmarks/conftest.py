@@ -1,0 +1,106 @@
+"""pytest-benchmark glue for the clusterhub benchmarks (see README.md).
+
+The measuring itself is the kit of ``clusterhub.bench`` (the same code as
+``python -m clusterhub bench``): every case of a job runs in forked processes
+and is timed inside them.  Here:
+
+- With benchmarks enabled, the first test of a group measures *all* the cases
+  of its group at once, interleaved (A B A B ..., the method PERFORMANCE.md
+  asks for on these noisy machines), and every test of the group then hands
+  its own case's samples to pytest-benchmark through a clock that replays
+  them (``_ReplayClock``): the table shows the figures measured inside the
+  processes, one round per interleaved batch.
+- With ``--benchmark-disable`` (the default in pyproject.toml) each test runs
+  one small batch of its own case: a smoke test.
+- At the end, ``pytest_terminal_summary`` prints clusterhub/peer ratios per
+  group against the targets; the same ratios are in each test's
+  ``extra_info`` (and so in ``--benchmark-json``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pytest
+
+from clusterhub.bench import Job, compare, conditions, format_group, measure_job, measure_once, summarize
+
+# group -> case -> samples, measured once per group (benchmarks enabled)
+_measured: dict[str, dict[str, list[dict[str, Any]]]] = {}
+# group -> (job, case -> summary): what the terminal summary prints
+_reported: dict[str, tuple[Job, dict[str, dict[str, Any]]]] = {}
+
+
+@pytest.fixture(params=[False, True], ids=["unpinned", "pinned"])
+def pinned(request: pytest.FixtureRequest) -> bool:
+    """Run a messaging benchmark unpinned and with every process on CPU 0."""
+    return request.param
+
+
+class _ReplayClock:
+    """A timer for pytest-benchmark that advances by recorded figures: each
+    call of ``step`` (the benchmarked function) lasts exactly the next one."""
+
+    __name__ = "replayed in-process measurements"  # shown as the timer in the JSON
+
+    def __init__(self, values: list[float]) -> None:
+        self._values = iter(values)
+        self._now = 0.0
+
+    def __call__(self) -> float:
+        return self._now
+
+    def step(self) -> None:
+        self._now += next(self._values)
+
+
+def _record(benchmark: Any, values: list[float]) -> None:
+    """One ``benchmark.pedantic`` whose rounds are ``values``."""
+    clock = _ReplayClock(values)
+    benchmark._timer = clock  # read when pedantic builds its runner
+    benchmark.pedantic(clock.step, rounds=len(values), iterations=1, warmup_rounds=0)
+
+
+@pytest.fixture
+def measure(benchmark: Any) -> Any:
+    """``measure(job, case, pinned=None)``: benchmark one case of a job (see
+    the module docstring); returns the case's summary."""
+
+    def run(job: Job, case: str, pinned: Optional[bool] = None) -> dict[str, Any]:
+        if benchmark.group != job.name:
+            raise ValueError(f"mark the test @pytest.mark.benchmark(group={job.name!r})")
+        group = job.group(pinned)
+        benchmark.group = group  # plus "pinned"/"unpinned" for the messaging jobs
+        if benchmark.disabled:
+            samples = measure_once(job, case, pinned)
+            _record(benchmark, [s["t"] for s in samples])
+            return summarize(samples)
+        if group not in _measured:
+            _measured[group] = measure_job(job, pinned)
+        summaries = {c: summarize(s) for c, s in _measured[group].items()}
+        _reported[group] = (job, summaries)
+        cmp = compare(job, summaries)
+        benchmark.extra_info.update(
+            figure=job.figure, batch_size=job.size, interleaved_with=sorted(set(summaries) - {case}),
+            pinned=pinned, summary=summaries[case], ratios=cmp["ratios"],
+            targets=[t for t in cmp["targets"] if case in (t["case"], t["peer"])],
+        )
+        _record(benchmark, [s["t"] for s in _measured[group][case]])
+        return summaries[case]
+
+    return run
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _reported:
+        return
+    tr = terminalreporter
+    cond = conditions()
+    tr.write_sep("=", "clusterhub / peer (same-run interleaved medians; < 1: clusterhub faster)")
+    tr.write_line(f"{cond['cpus']} CPUs ({cond['cpu_model']}), load now "
+                  f"{', '.join(f'{x:.2f}' for x in cond['loadavg'])}; 'pinned': every process on CPU 0")
+    for group, (job, summaries) in _reported.items():
+        tr.write_line("")
+        for line in format_group(job, group, summaries):
+            tr.write_line(line)

@@ -1,0 +1,163 @@
+"""Locks: uncontended, tail latency beside a busy thread, contended by 2 and 4
+processes, and recovery after the holder's SIGKILL.
+
+clusterhub and the stdlib peers come from the kit in ``clusterhub.bench``;
+filelock, fasteners, posix_ipc and sysv_ipc are added here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Iterator
+
+import fasteners
+import filelock
+import posix_ipc
+import pytest
+import sysv_ipc
+
+from clusterhub.bench import (
+    CONTENDED_2,
+    CONTENDED_4,
+    P99_BUSY,
+    RECOVERY,
+    UNCONTENDED,
+    Handle,
+    LockKind,
+    Target,
+    contended,
+    in_host,
+    recovery,
+    temp_path,
+    with_loop,
+)
+
+Loop = Iterator[Callable[[int], float]]
+
+
+@contextlib.contextmanager
+def _filelock() -> Loop:
+    with temp_path(".lock") as path:
+        yield with_loop(filelock.FileLock(path))
+
+
+@contextlib.contextmanager
+def _fasteners() -> Loop:
+    with temp_path(".lock") as path:
+        yield with_loop(fasteners.InterProcessLock(path))
+
+
+@contextlib.contextmanager
+def _posix_semaphore() -> Iterator[posix_ipc.Semaphore]:
+    sem = posix_ipc.Semaphore(f"/clusterhub-bench-{os.getpid()}", posix_ipc.O_CREX, initial_value=1)
+    try:
+        yield sem
+    finally:
+        sem.unlink()
+        sem.close()
+
+
+@contextlib.contextmanager
+def _sysv_semaphore() -> Iterator[sysv_ipc.Semaphore]:
+    sem = sysv_ipc.Semaphore(None, sysv_ipc.IPC_CREX, initial_value=1)
+    sem.undo = True  # the kernel gives a dead holder's unit back
+    try:
+        yield sem
+    finally:
+        sem.remove()
+
+
+@contextlib.contextmanager
+def _posix_ipc() -> Loop:
+    with _posix_semaphore() as sem:
+        yield with_loop(sem)
+
+
+@contextlib.contextmanager
+def _sysv_ipc() -> Loop:
+    with _sysv_semaphore() as sem:
+        yield with_loop(sem)
+
+
+class PosixKind(LockKind):
+    """A named POSIX semaphore each process opens by name."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.name = self.stack.enter_context(_posix_semaphore()).name
+
+    def open(self) -> Handle:
+        sem = posix_ipc.Semaphore(self.name)
+        return Handle(sem.acquire, sem.release, _bounded(sem.acquire, posix_ipc.BusyError), lambda: None)
+
+
+class SysvKind(LockKind):
+    """A System V semaphore with SEM_UNDO, each process attaching by key."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.key = self.stack.enter_context(_sysv_semaphore()).key
+
+    def open(self) -> Handle:
+        sem = sysv_ipc.Semaphore(self.key)
+        sem.undo = True
+        return Handle(sem.acquire, sem.release, _bounded(sem.acquire, sysv_ipc.BusyError), lambda: None)
+
+
+def _bounded(acquire: Callable[[float], Any], busy: type) -> Callable[[float], bool]:
+    def acquire_within(timeout: float) -> bool:
+        try:
+            acquire(timeout)
+        except busy:
+            return False
+        return True
+
+    return acquire_within
+
+
+UNCONTENDED_ALL = UNCONTENDED.extended(
+    {
+        "filelock": in_host(_filelock),
+        "fasteners": in_host(_fasteners),
+        "posix-ipc": in_host(_posix_ipc),
+        "sysv-ipc-undo": in_host(_sysv_ipc),
+    },
+    targets=(
+        Target("clusterhub-by-name", "filelock", 1 / 20, "`with hub.lock(name):` >= 20 x faster than filelock"),
+        Target("clusterhub-by-name", "fasteners", 1 / 20, "`with hub.lock(name):` >= 20 x faster than fasteners"),
+    ),
+)
+_MULTI = {"posix-ipc": contended(PosixKind), "sysv-ipc-undo": contended(SysvKind)}
+CONTENDED = {job.params["procs"]: job.extended(_MULTI) for job in (CONTENDED_2, CONTENDED_4)}
+RECOVERY_ALL = RECOVERY.extended({"sysv-ipc-undo": recovery(SysvKind)})
+
+
+@pytest.mark.benchmark(group="lock-uncontended")
+@pytest.mark.parametrize("case", UNCONTENDED_ALL.cases)
+def test_uncontended(measure: Any, case: str) -> None:
+    """Acquire+release with nobody else around, per call, against every peer."""
+    measure(UNCONTENDED_ALL, case)
+
+
+@pytest.mark.benchmark(group="lock-p99-busy-thread")
+@pytest.mark.parametrize("case", P99_BUSY.cases)
+def test_p99_with_busy_thread(measure: Any, case: str) -> None:
+    """The p99 of one `with lock: pass` while another Python thread of the process spins."""
+    measure(P99_BUSY, case)
+
+
+@pytest.mark.parametrize(
+    "procs", [pytest.param(p, marks=pytest.mark.benchmark(group=f"lock-contended-{p}")) for p in CONTENDED]
+)
+@pytest.mark.parametrize("case", CONTENDED[2].cases)
+def test_contended(measure: Any, case: str, procs: int) -> None:
+    """Processes looping acquire/increment/release for a fixed time: acquisitions/s, owner switches/s, shares."""
+    measure(CONTENDED[procs], case)
+
+
+@pytest.mark.benchmark(group="recovery")
+@pytest.mark.parametrize("case", RECOVERY_ALL.cases)
+def test_recovery(measure: Any, case: str) -> None:
+    """From just before SIGKILL of the holder to the blocked waiter holding the lock."""
+    measure(RECOVERY_ALL, case)
