@@ -529,16 +529,7 @@ class Hub:
         self, ch: Optional[Channel], name: str, body: bytes,
         timeout: Optional[float], callback: Optional[Callback],
     ) -> Future:
-        nb = protocol.encode_name(name)
-        _check_timeout(timeout)
-        if callback is not None:
-            _check_callback(callback)
-        fut = self._new_future(channel=ch)
-        rid = self._pending.add(ch, fut)
-        if callback is not None:
-            add_callback(fut, callback)
-        if timeout is not None:
-            self._arm_timeout(fut, rid, timeout)
+        nb, fut, rid = self._pending_request(ch, name, timeout, callback)
         if ch is None:  # a worker whose master is gone
             self._pending.fail(rid, MasterDied("the master has died"))
             return fut
@@ -554,22 +545,31 @@ class Hub:
     def _request_local(
         self, name: str, data: Any, timeout: Optional[float], callback: Optional[Callback]
     ) -> Future:
-        protocol.encode_name(name)
-        _check_timeout(timeout)
-        if callback is not None:
-            _check_callback(callback)
-        fut = self._new_future(local=True)
-        rid = self._pending.add(None, fut)
-        if callback is not None:
-            add_callback(fut, callback)
-        if timeout is not None:
-            self._arm_timeout(fut, rid, timeout)
+        _nb, fut, rid = self._pending_request(None, name, timeout, callback, local=True)
 
         def reply(ok: bool, value: Any) -> None:
             self._pending.complete(None, rid, ok, value if ok else _as_remote_error(value))
 
         self._dispatcher.post((name, data, None, reply))
         return fut
+
+    def _pending_request(
+        self, ch: Optional[Channel], name: str, timeout: Optional[float],
+        callback: Optional[Callback], local: bool = False,
+    ) -> tuple[bytes, Future, int]:
+        """Check a request's arguments, then register its future (with its
+        callback and timeout): (wire name, future, request id)."""
+        nb = protocol.encode_name(name)
+        _check_timeout(timeout)
+        if callback is not None:
+            _check_callback(callback)
+        fut = self._new_future(local=local, channel=ch)
+        rid = self._pending.add(ch, fut)
+        if callback is not None:
+            add_callback(fut, callback)
+        if timeout is not None:
+            self._arm_timeout(fut, rid, timeout)
+        return nb, fut, rid
 
     def _arm_timeout(self, fut: Future, rid: int, timeout: float) -> None:
         timer = self._dispatcher.call_later(
