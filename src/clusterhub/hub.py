@@ -227,6 +227,7 @@ class Hub:
             exit_process(code)
 
     def _become_worker(self, wid: int, mfd: int, wfd: int) -> None:
+        master_pid = self._pid  # still the parent's
         os.close(mfd)
         for w in self._workers.values():
             if w.channel is not None:
@@ -250,19 +251,23 @@ class Hub:
         d.register(ch.fd, _IN | _ONESHOT, lambda ev: self._on_channel(ch, ev))
         d.start()
         if self._exit_on_master_death:
-            self._watch_master(ch)
+            self._watch_master(master_pid)
 
-    def _watch_master(self, ch: Channel) -> None:
+    def _watch_master(self, master_pid: int) -> None:
         """exit_on_master_death must hold while a handler keeps the dispatcher
-        busy: a thread waits for the master's end of the channel to close
-        (POLLHUP) and, unless the dispatcher dealt with it within a grace
-        period (it reads the replies already sent), fails the pending
-        requests and exits itself."""
-        poller = select.poll()
-        poller.register(ch.fd, 0)  # now: the fd may be closed and reused later
+        busy: a thread waits for the master to exit and, unless the dispatcher
+        dealt with it within a grace period (it reads the replies already
+        sent), fails the pending requests and exits itself.  It waits on the
+        master's pidfd, not on the socket: a socket wakes every poller on
+        every incoming frame."""
+        try:
+            pidfd: Optional[int] = os.pidfd_open(master_pid)
+        except ProcessLookupError:
+            pidfd = None  # gone already
 
         def watch() -> None:
-            poller.poll()
+            if pidfd is not None:
+                select.select([pidfd], [], [])
             if self._master_gone.wait(0.5) or self._closed:
                 return
             self._pending.fail_all(lambda: MasterDied("the master has died"))
