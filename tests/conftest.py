@@ -16,7 +16,7 @@ import select
 import signal
 import struct
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import pytest
 

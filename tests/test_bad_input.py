@@ -7,7 +7,6 @@ rather than tested again here.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import math
@@ -20,7 +19,6 @@ import pytest
 
 import clusterhub
 from clusterhub import (
-    HubError,
     LockError,
     MessageTooLarge,
     NoHandlerError,

@@ -172,12 +172,9 @@ class Lock:
     def locked(self) -> bool:
         """Whether anyone holds the lock now (a snapshot; never takes it)."""
         locks = self._locks
-        ptr = locks._check()
+        locks._check()
         ref = locks.table.find(self.key)
-        if ref is None:
-            return False
-        state = locks.table.is_locked(*ref)
-        return bool(state)
+        return ref is not None and bool(locks.table.is_locked(*ref))
 
     # ---- threads ----------------------------------------------------------
 
