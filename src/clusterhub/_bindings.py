@@ -138,7 +138,7 @@ class Tx:
 class Rx:
     """A receive buffer (``ch_rx``) that hands out complete frames in batches."""
 
-    __slots__ = ("_p", "_read", "_data", "_frames")
+    __slots__ = ("_p", "_read")
 
     def __init__(self, max_len: int) -> None:
         pp = ffi.new("ch_rx **")

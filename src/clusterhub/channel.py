@@ -80,15 +80,6 @@ class Channel:
                 raise PeerGone(0)
             return self._tx.send(self.fd, payload, self.max_len)
 
-    def send_many(self, payloads: list[bytes]) -> int:
-        """Queue several frames and write them with as few syscalls as possible."""
-        with self._lock:
-            if self.closed:
-                raise PeerGone(0)
-            for p in payloads:
-                self._tx.push(p, self.max_len)
-            return self._tx.flush(self.fd)
-
     def flush(self) -> int:
         """Write what the socket takes of the queue; return the bytes left."""
         with self._lock:
