@@ -2,6 +2,8 @@
 #define CH_FRAME_HEADER 8
 #define CH_FRAME_MAX_LIMIT 2147483647
 #define CH_RX_MAX_FRAMES 1024
+#define CH_MSG_HEADER 15
+#define CH_MSG_NAME_MAX 65535
 #define CH_ERR_EOF ...
 #define CH_ERR_TRUNCATED ...
 #define CH_ERR_MALFORMED ...
@@ -14,6 +16,10 @@ int ch_socketpair(int fds[2]);
 int ch_tx_new(ch_tx **out);
 void ch_tx_free(ch_tx *tx);
 int64_t ch_tx_send(ch_tx *tx, int fd, const uint8_t *payload, size_t len, size_t max_len);
+int64_t ch_tx_send_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_t origin,
+                       uint64_t rid, const uint8_t *name, size_t name_len,
+                       const uint8_t *body, size_t body_len);
+void ch_tx_close(ch_tx *tx);
 int64_t ch_tx_push(ch_tx *tx, const uint8_t *payload, size_t len, size_t max_len);
 int64_t ch_tx_flush(ch_tx *tx, int fd);
 size_t ch_tx_pending(const ch_tx *tx);

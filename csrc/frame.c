@@ -17,6 +17,7 @@ struct ch_tx {
     size_t cap;
     size_t head; /* first byte not yet written to the socket */
     size_t tail; /* end of queued bytes */
+    int closed;  /* ch_tx_close: every send fails with EPIPE */
 };
 
 struct ch_rx {
@@ -130,6 +131,8 @@ static ssize_t send_iov(int fd, struct iovec *iov, int iovcnt)
 
 int64_t ch_tx_flush(ch_tx *tx, int fd)
 {
+    if (tx->closed)
+        return -EPIPE;
     while (tx->head < tx->tail) {
         struct iovec iov = {tx->buf + tx->head, tx->tail - tx->head};
         ssize_t n = send_iov(fd, &iov, 1);
@@ -146,6 +149,8 @@ int64_t ch_tx_flush(ch_tx *tx, int fd)
 
 int64_t ch_tx_push(ch_tx *tx, const uint8_t *payload, size_t len, size_t max_len)
 {
+    if (tx->closed)
+        return -EPIPE;
     if (len > max_len || len > CH_FRAME_MAX_LIMIT)
         return -EMSGSIZE;
     uint8_t h[CH_FRAME_HEADER];
@@ -156,46 +161,91 @@ int64_t ch_tx_push(ch_tx *tx, const uint8_t *payload, size_t len, size_t max_len
     return (int64_t)(tx->tail - tx->head);
 }
 
-int64_t ch_tx_send(ch_tx *tx, int fd, const uint8_t *payload, size_t len, size_t max_len)
+/*
+ * Send one frame made of the pieces in iov (the first one starting with the
+ * frame header), in order behind anything queued: one gathered sendmsg when
+ * the queue is empty, the unwritten rest copied into the queue.
+ */
+static int64_t tx_sendv(ch_tx *tx, int fd, struct iovec *iov, int cnt, size_t total)
 {
-    if (len > max_len || len > CH_FRAME_MAX_LIMIT)
-        return -EMSGSIZE;
     if (tx->head != tx->tail) { /* keep order: queue behind what is waiting */
-        int64_t r = ch_tx_push(tx, payload, len, max_len);
-        return r < 0 ? r : ch_tx_flush(tx, fd);
-    }
-    uint8_t h[CH_FRAME_HEADER];
-    put_header(h, (uint32_t)len);
-    struct iovec iov[2] = {{h, sizeof h}, {(void *)payload, len}};
-    size_t total = sizeof h + len, done = 0;
-    while (done < total) {
-        struct iovec *v = iov;
-        int cnt = 2;
-        if (done >= sizeof h) { /* header out: the rest of the payload only */
-            v = &iov[1];
-            cnt = 1;
-            iov[1].iov_base = (uint8_t *)payload + (done - sizeof h);
-            iov[1].iov_len = len - (done - sizeof h);
-        } else {
-            iov[0].iov_base = h + done;
-            iov[0].iov_len = sizeof h - done;
+        for (int i = 0; i < cnt; i++) {
+            int r = tx_append(tx, iov[i].iov_base, iov[i].iov_len, NULL, 0);
+            if (r < 0)
+                return r; /* (ENOMEM: the frame is partly queued; the channel is lost anyway) */
         }
-        ssize_t n = send_iov(fd, v, cnt);
+        return ch_tx_flush(tx, fd);
+    }
+    size_t done = 0;
+    while (done < total) {
+        ssize_t n = send_iov(fd, iov, cnt);
         if (n < 0)
             return n;
         if (n == 0)
             break;
         done += (size_t)n;
+        while (cnt > 0 && (size_t)n >= iov->iov_len) { /* drop the pieces written */
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
     }
-    if (done == total)
-        return 0;
-    /* The socket is full: keep the unwritten tail of this frame. */
-    int r = done < sizeof h
-                ? tx_append(tx, h + done, sizeof h - done, payload, len)
-                : tx_append(tx, NULL, 0, payload + (done - sizeof h), total - done);
-    if (r < 0)
-        return r;
+    /* The socket is full: keep the unwritten rest of this frame. */
+    for (int i = 0; i < cnt; i++) {
+        int r = tx_append(tx, iov[i].iov_base, iov[i].iov_len, NULL, 0);
+        if (r < 0)
+            return r;
+    }
     return (int64_t)(tx->tail - tx->head);
+}
+
+int64_t ch_tx_send(ch_tx *tx, int fd, const uint8_t *payload, size_t len, size_t max_len)
+{
+    if (tx->closed)
+        return -EPIPE;
+    if (len > max_len || len > CH_FRAME_MAX_LIMIT)
+        return -EMSGSIZE;
+    uint8_t h[CH_FRAME_HEADER];
+    put_header(h, (uint32_t)len);
+    struct iovec iov[2] = {{h, sizeof h}, {(void *)payload, len}};
+    return tx_sendv(tx, fd, iov, 2, sizeof h + len);
+}
+
+int64_t ch_tx_send_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_t origin,
+                       uint64_t rid, const uint8_t *name, size_t name_len,
+                       const uint8_t *body, size_t body_len)
+{
+    if (tx->closed)
+        return -EPIPE;
+    if (name_len > CH_MSG_NAME_MAX || kind > 0xff)
+        return -EINVAL;
+    size_t len = CH_MSG_HEADER + name_len + body_len;
+    if (len > max_len || len > CH_FRAME_MAX_LIMIT || body_len > CH_FRAME_MAX_LIMIT)
+        return -EMSGSIZE;
+    uint8_t h[CH_FRAME_HEADER + CH_MSG_HEADER];
+    put_header(h, (uint32_t)len);
+    uint8_t *e = h + CH_FRAME_HEADER;
+    e[0] = (uint8_t)kind;
+    for (int i = 0; i < 4; i++)
+        e[1 + i] = (uint8_t)(origin >> (8 * i));
+    for (int i = 0; i < 8; i++)
+        e[5 + i] = (uint8_t)(rid >> (8 * i));
+    e[13] = name_len & 0xff;
+    e[14] = (uint8_t)(name_len >> 8);
+    struct iovec iov[3] = {{h, sizeof h}, {(void *)name, name_len}, {(void *)body, body_len}};
+    return tx_sendv(tx, fd, iov, 3, sizeof h + name_len + body_len);
+}
+
+void ch_tx_close(ch_tx *tx)
+{
+    tx->closed = 1;
+    free(tx->buf);
+    tx->buf = NULL;
+    tx->cap = tx->head = tx->tail = 0;
 }
 
 /* ---- receive side ---------------------------------------------------- */

@@ -27,6 +27,11 @@
 #define CH_FRAME_MAGIC 0x4843u
 /* Hard ceiling of any frame; a receiver's own maximum may only be lower. */
 #define CH_FRAME_MAX_LIMIT 0x7fffffffu
+/* The message envelope that starts every payload clusterhub sends (see
+ * ch_tx_send_msg): kind u8, origin u32, request id u64, name length u16,
+ * all little-endian, then the name and the body. */
+#define CH_MSG_HEADER 15
+#define CH_MSG_NAME_MAX 0xffff
 /* ch_rx_read hands out at most this many frames per call. */
 #define CH_RX_MAX_FRAMES 1024
 
@@ -68,6 +73,24 @@ void ch_tx_free(ch_tx *tx);
  * an error.  Never blocks.
  */
 int64_t ch_tx_send(ch_tx *tx, int fd, const uint8_t *payload, size_t len, size_t max_len);
+
+/*
+ * Like ch_tx_send, for a payload made of a message envelope (CH_MSG_HEADER
+ * bytes built here from kind, origin and rid), the name and the body: the
+ * three go out in one gathered sendmsg without being copied together first.
+ * Also returns -EINVAL for kind > 255 or name_len > CH_MSG_NAME_MAX, and
+ * -EMSGSIZE when the whole payload exceeds max_len.
+ */
+int64_t ch_tx_send_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_t origin,
+                       uint64_t rid, const uint8_t *name, size_t name_len,
+                       const uint8_t *body, size_t body_len);
+
+/*
+ * Mark the queue closed and drop what it holds: every later send, push or
+ * flush returns -EPIPE without touching its fd (whose number may have been
+ * reused).  The object stays valid until ch_tx_free.  Idempotent.
+ */
+void ch_tx_close(ch_tx *tx);
 
 /*
  * Append a frame to the queue without any syscall (for batching several frames

@@ -13,6 +13,7 @@ of a :class:`LockTable`, so that ``with lk:`` costs one C call each way.
 from __future__ import annotations
 
 import errno as _errno
+import functools
 import os
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ __all__ = ["ffi", "lib"]
 
 FRAME_HEADER: int = lib.CH_FRAME_HEADER
 FRAME_MAX_LIMIT: int = lib.CH_FRAME_MAX_LIMIT
+MSG_HEADER: int = lib.CH_MSG_HEADER
 KEY_MAX: int = lib.CH_LT_KEY_MAX
 THREAD_MAX_HELD: int = lib.CH_LT_THREAD_MAX_HELD
 RECOVERED: int = lib.CH_LT_RECOVERED
@@ -69,6 +71,10 @@ def socketpair() -> tuple[int, int]:
     return fds[0], fds[1]
 
 
+_unpack = ffi.unpack
+_buffer = ffi.buffer
+
+
 class PeerGone(Exception):
     """Internal: the socket's peer closed or reset (mapped to PeerDied above)."""
 
@@ -81,16 +87,23 @@ _PEER_GONE = {-_errno.EPIPE, -_errno.ECONNRESET, -_errno.ENOTCONN, EOF, TRUNCATE
 
 
 class Tx:
-    """A frame send queue (``ch_tx``) for one non-blocking socket."""
+    """A frame send queue (``ch_tx``) for one non-blocking socket.
 
-    __slots__ = ("_p", "_send", "_flush")
+    Every call runs in C under the GIL, so threads need no lock of their own
+    around it; once closed, calls fail with PeerGone without touching the fd.
+    """
+
+    __slots__ = ("_p", "_send", "_send_msg", "_flush", "pending")
 
     def __init__(self) -> None:
         pp = ffi.new("ch_tx **")
         check(lib.ch_tx_new(pp), "ch_tx_new")
-        self._p = ffi.gc(pp[0], lib.ch_tx_free)
+        self._p = ffi.gc(pp[0], lib.ch_tx_free)  # freed only when unreachable
         self._send = lib.ch_tx_send
+        self._send_msg = lib.ch_tx_send_msg
         self._flush = lib.ch_tx_flush
+        # Bytes queued and not yet written: one C call.
+        self.pending: Callable[[], int] = functools.partial(lib.ch_tx_pending, self._p)
 
     def send(self, fd: int, payload: bytes, max_len: int) -> int:
         """Frame and send ``payload``; return the bytes left queued.
@@ -99,33 +112,38 @@ class Tx:
         """
         r = self._send(self._p, fd, payload, len(payload), max_len)
         if r < 0:
-            raise self._error(r, len(payload), max_len)
+            raise self.error(r, len(payload), max_len)
         return r
+
+    def message_sender(self, fd: int, max_len: int) -> Callable[..., int]:
+        """The raw C call that sends one message on ``fd`` (envelope, name
+        and body gathered, see ``protocol``): ``f(kind, origin, rid, name,
+        len(name), body, len(body))`` returns the bytes left queued, or a
+        negative code that :meth:`error` turns into the exception to raise.
+        (The send hot path: no Python frame of ours around the C call.)"""
+        return functools.partial(self._send_msg, self._p, fd, max_len)
 
     def push(self, payload: bytes, max_len: int) -> int:
         """Queue a frame without writing; return the bytes queued."""
         r = lib.ch_tx_push(self._p, payload, len(payload), max_len)
         if r < 0:
-            raise self._error(r, len(payload), max_len)
+            raise self.error(r, len(payload), max_len)
         return r
 
     def flush(self, fd: int) -> int:
         """Write what the socket takes; return the bytes still queued."""
         r = self._flush(self._p, fd)
         if r < 0:
-            raise self._error(r, 0, 0)
+            raise self.error(r, 0, 0)
         return r
 
-    def pending(self) -> int:
-        return lib.ch_tx_pending(self._p)
-
     def close(self) -> None:
-        p, self._p = self._p, ffi.NULL
-        if p:
-            ffi.release(p)
+        """Drop what is queued; later calls raise PeerGone.  Idempotent."""
+        lib.ch_tx_close(self._p)
 
     @staticmethod
-    def _error(r: int, size: int, max_len: int) -> Exception:
+    def error(r: int, size: int, max_len: int) -> Exception:
+        """The exception for a negative send result (``size``: the payload's)."""
         if r == TOOBIG:
             return errors.MessageTooLarge(
                 f"message of {size} bytes exceeds max_message_size={max_len}"
@@ -138,13 +156,28 @@ class Tx:
 class Rx:
     """A receive buffer (``ch_rx``) that hands out complete frames in batches."""
 
-    __slots__ = ("_p", "_read")
+    __slots__ = ("_p", "_read", "_frames", "eof")
 
     def __init__(self, max_len: int) -> None:
         pp = ffi.new("ch_rx **")
         check(lib.ch_rx_new(max_len, pp), "ch_rx_new")
         self._p = ffi.gc(pp[0], lib.ch_rx_free)
         self._read = lib.ch_rx_read
+        self._frames = lib.ch_rx_frames(self._p)  # a fixed array inside the ch_rx
+        # EOF if nothing partial is buffered, else TRUNCATED: one C call.
+        self.eof: Callable[[], int] = functools.partial(lib.ch_rx_eof, self._p)
+
+    def batch(self, fd: int) -> tuple[memoryview, list[int]] | int:
+        """Read what ``fd`` has: ``(buffer, offsets)`` where frame i is
+        ``buffer[offsets[2i] : offsets[2i] + offsets[2i+1]]``, valid until the
+        next call; or 0 when the socket would block, or the code ``read``
+        returns at end of stream or on an error.  (The receive hot path: no
+        view per frame.)"""
+        n = self._read(self._p, fd)
+        if n <= 0:
+            return n
+        offs = _unpack(self._frames, 2 * n)
+        return memoryview(_buffer(lib.ch_rx_data(self._p), offs[-2] + offs[-1])), offs
 
     def read(self, fd: int) -> list[memoryview] | int:
         """Read what ``fd`` has and return the complete frames as memoryviews.
@@ -166,12 +199,8 @@ class Rx:
             return ([] if n == 0 else n), used[0]
         return self._views(n), used[0]
 
-    def eof(self) -> int:
-        """EOF if nothing partial is buffered, else TRUNCATED."""
-        return lib.ch_rx_eof(self._p)
-
     def _views(self, n: int) -> list[memoryview]:
-        offs = ffi.unpack(lib.ch_rx_frames(self._p), 2 * n)
+        offs = _unpack(self._frames, 2 * n)
         end = offs[-2] + offs[-1]
         buf = memoryview(ffi.buffer(lib.ch_rx_data(self._p), end))
         return [buf[offs[i] : offs[i] + offs[i + 1]] for i in range(0, 2 * n, 2)]

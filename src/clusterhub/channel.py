@@ -12,13 +12,14 @@ request ended some other way, or the peer is gone).
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import socket
 import threading
 from typing import Any
 
-from ._bindings import PeerGone, Rx, Tx
+from ._bindings import Rx, Tx
 
 
 class Channel:
@@ -27,6 +28,7 @@ class Channel:
     __slots__ = (
         "fd", "peer", "max_len", "max_queue", "rx", "_tx", "_lock", "closed",
         "reader", "leader", "dying", "_wake", "_fds_open", "blockers", "held_back",
+        "mask", "arming", "disarmed", "lep", "send", "send_msg", "pending",
     )
 
     def __init__(self, fd: int, peer: Any, max_len: int, max_queue: int) -> None:
@@ -41,56 +43,53 @@ class Channel:
         self.reader = threading.Lock()  # whoever holds it owns rx
         self.leader: int | None = None  # thread id of a requester reading here
         self.dying = False  # the peer is known dead: leaders step down
-        self._wake: int | None = None  # eventfd a leader also polls
-        self._fds_open = True  # fd and _wake (closed by the reader: see close)
+        # What a leader waits on: the socket, registered here before the
+        # dispatcher registers it and both EPOLLEXCLUSIVE, so that data
+        # arriving wakes the leader alone when one waits, and the dispatcher
+        # otherwise (the kernel wakes the first exclusive waiter in the
+        # socket's queue whose epoll has a thread waiting).  Plus the eventfd
+        # that ``poke`` writes to.
+        self.lep = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.lep.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        self.lep.register(self._wake, select.EPOLLIN)
+        self._fds_open = True  # fd, _wake and lep (closed by the reader: see close)
         # Relay backpressure (master side): while a channel this worker's
         # broadcasts go to is over max_queue, its input is not read.
         self.blockers: set[Channel] = set()  # channels holding our input back
         self.held_back: set[Channel] = set()  # channels whose input we hold back
-
-    def wake_fd(self) -> int:
-        """The eventfd that ``poke`` writes to (made on first use)."""
-        if self._wake is None:
-            self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        return self._wake
+        self.mask = 0  # the dispatcher's epoll registration, 0: none (see Hub._arm)
+        self.arming = threading.Lock()  # held while mask and registration change
+        self.disarmed = False  # the dispatcher dropped it for a leader (see Hub._arm)
+        # The send queue needs no lock (its C calls keep the GIL and refuse
+        # use once closed), so sending is a bound C-backed method call.
+        self.send = functools.partial(self._tx.send, fd, max_len=max_len)
+        self.send_msg = self._tx.message_sender(fd, max_len)
+        self.pending = self._tx.pending  # bytes queued, not yet written (0 once closed)
 
     def poke(self) -> None:
         """Wake the thread leading this channel, if any."""
-        if self._wake is not None and self.leader is not None:
+        if self.leader is not None:
             with self._lock:  # not once release_reader closed it (its number may be reused)
-                if self._fds_open and self._wake is not None:
+                if self._fds_open:
                     try:
                         os.eventfd_write(self._wake, 1)
                     except OSError:
                         pass
 
-    @property
-    def lock(self) -> threading.Lock:
-        """Held around every use of the send queue (and across fork)."""
-        return self._lock
+    # send(payload) (set in __init__) sends one frame and returns the bytes
+    # left queued.  It raises PeerGone if the channel is closed or the peer
+    # has gone, and MessageTooLarge (nothing queued) for an oversized payload.
+    # send_msg (see Tx.message_sender) returns those errors as codes.
 
-    def send(self, payload: bytes) -> int:
-        """Send one frame; return the bytes left queued.
-
-        Raises PeerGone if the channel is closed or the peer has gone, and
-        MessageTooLarge (nothing queued) for an oversized payload.
-        """
-        with self._lock:
-            if self.closed:
-                raise PeerGone(0)
-            return self._tx.send(self.fd, payload, self.max_len)
+    def send_error(self, code: int, size: int) -> Exception:
+        """The exception for a negative ``send_msg`` result."""
+        return Tx.error(code, size, self.max_len)
 
     def flush(self) -> int:
         """Write what the socket takes of the queue; return the bytes left."""
-        with self._lock:
-            if self.closed:
-                raise PeerGone(0)
-            return self._tx.flush(self.fd)
+        return self._tx.flush(self.fd)
 
-    def pending(self) -> int:
-        """Bytes queued, not yet written (0 once closed)."""
-        with self._lock:  # close() may free the queue under another thread's call
-            return 0 if self.closed else self._tx.pending()
 
     def wait_room(self, limit: int) -> None:
         """Block until at most ``limit`` bytes are queued.
@@ -129,17 +128,20 @@ class Channel:
         """Let go of ``reader``, closing what ``close`` left to its holder."""
         if self.closed:
             with self._lock:
-                fds = (self.fd, self._wake) if self._fds_open else ()
+                fds = self._fds_open
                 self._fds_open = False
-            for fd in fds:
-                if fd is not None:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
             if fds:
+                self._close_fds()
                 self.rx.close()
         self.reader.release()
+
+    def _close_fds(self) -> None:
+        self.lep.close()
+        for fd in (self.fd, self._wake):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def abandon(self) -> None:
         """In a fork child: close our copy of the fds, without touching buffers
@@ -149,12 +151,7 @@ class Channel:
         if not self._fds_open:
             return
         self._fds_open = False
-        for fd in (self.fd, self._wake):
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        self._close_fds()
 
 
 def _shutdown(fd: int) -> None:

@@ -63,7 +63,7 @@ class Dispatcher:
         # Raw epoll: registrations may be changed from any thread (a requester
         # disarms its channel while it reads its own reply); the callback map
         # is only ever changed by single, GIL-atomic dict operations.
-        self._ep = select.epoll()
+        self._ep = self.epoll = select.epoll()
         self._callbacks: dict[int, Callable[[int], None]] = {}
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.register(self._wake_fd, select.EPOLLIN, self._on_wake)
@@ -163,11 +163,9 @@ class Dispatcher:
         self._callbacks[fd] = callback
         self._ep.register(fd, events)
 
-    def modify(self, fd: int, events: int) -> None:
-        try:
-            self._ep.modify(fd, events)
-        except (OSError, ValueError):
-            pass  # unregistered or closed meanwhile
+    def set_callback(self, fd: int, callback: Callable[[int], None]) -> None:
+        """The callback for ``fd``, which the caller registers in ``epoll`` itself."""
+        self._callbacks[fd] = callback
 
     def unregister(self, fd: int) -> None:
         self._callbacks.pop(fd, None)
@@ -372,19 +370,23 @@ class Dispatcher:
             else:
                 log.debug("no handler for message %r: dropped", name)
             return
-        for i, h in enumerate(handlers):
+        for h in handlers:
             try:
                 r = h(data, sender)
             except Exception as e:
-                if i == 0 and reply is not None:
+                if reply is not None:
                     reply(False, e)
                 else:
                     log.exception("handler %r for %r raised", h, name)
-                continue
-            if i == 0 and reply is not None:
-                self.answer(r, reply)
-            elif inspect.isawaitable(r):
-                self.run_awaitable(r, None)
+            else:
+                if reply is not None:
+                    if r is None or r.__class__ in _PLAIN:
+                        reply(True, r)
+                    else:
+                        self.answer(r, reply)
+                elif r is not None and inspect.isawaitable(r):
+                    self.run_awaitable(r, None)
+            reply = None  # the first handler answers a request
 
     def answer(self, r: Any, reply: Reply) -> None:
         """Answer a request with a handler's return value, now or when it ends."""

@@ -7,7 +7,7 @@ handlers without taking a lock and calls them outside any lock.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 Handler = Callable[[Any, Any], Any]
 
@@ -26,12 +26,15 @@ class Registry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_name: dict[str, tuple[Any, ...]] = {}
+        self._with_once: set[str] = set()  # names with a ``once`` entry
 
     def add(self, name: str, handler: Handler, once: bool = False) -> None:
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {type(handler).__name__}")
         entry: Any = _Once(handler) if once else handler
         with self._lock:
+            if once:
+                self._with_once.add(name)
             self._by_name[name] = self._by_name.get(name, ()) + (entry,)
 
     def remove(self, name: str, handler: Optional[Handler] = None) -> None:
@@ -49,12 +52,11 @@ class Registry:
             else:
                 self._by_name.pop(name, None)
 
-    def take(self, name: str) -> list[Handler]:
+    def take(self, name: str) -> Sequence[Handler]:
         """The handlers to run for one message of ``name``, in registration
         order; ``once`` handlers are removed here, before they run."""
-        entries = self._by_name.get(name, ())
-        if not any(isinstance(h, _Once) for h in entries):
-            return list(entries)
+        if name not in self._with_once:  # (a stale yes only costs the slow path)
+            return self._by_name.get(name, ())
         out: list[Handler] = []
         with self._lock:
             for h in self._by_name.get(name, ()):
@@ -71,6 +73,8 @@ class Registry:
                 self._by_name[name] = kept
             else:
                 self._by_name.pop(name, None)
+            if not any(isinstance(h, _Once) for h in kept):
+                self._with_once.discard(name)
         return out
 
     def reset_lock(self) -> None:

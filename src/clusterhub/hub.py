@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
 from . import _bindings, protocol
 from ._bindings import PeerGone
 from .channel import Channel
-from .dispatch import Dispatcher, Reply, _NoHandler
+from .dispatch import Dispatcher, _NoHandler
 from .errors import (
     HubClosedError,
     HubError,
@@ -50,12 +50,17 @@ DEFAULT_LOCK_SLOTS = 1024
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
-# Channels are registered one-shot: whoever read (the dispatcher, or a
-# requester leading the channel) re-arms them before letting go of the reader.
-_ONESHOT = select.EPOLLONESHOT
+# A channel's registration is level-triggered and EPOLLEXCLUSIVE (see
+# Channel.lep): no epoll_ctl per message or per request.
+_EXCLUSIVE = select.EPOLLEXCLUSIVE
 _INPUT = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _GONE = select.EPOLLHUP | select.EPOLLERR
 _PROTOCOL_ERRORS = (_bindings.MALFORMED, _bindings.TOOBIG)
+_unpack_envelope = protocol.HEADER.unpack_from
+_ENVELOPE = protocol.HEADER.size
+_MSG, _RES, _ERR, _BCAST = protocol.MSG, protocol.RES, protocol.ERR, protocol.BCAST
+_EOF = _bindings.EOF
+_FUTURE_DONE = frozenset(("FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"))
 
 # Every hub of this process, so a fork by other code can neutralise them.
 _hubs: "weakref.WeakSet[Hub]" = weakref.WeakSet()
@@ -248,7 +253,8 @@ class Hub:
         self._master_gone = threading.Event()
         d = self._dispatcher
         d.reinit_after_fork(f"worker-{wid}")
-        d.register(ch.fd, _IN | _ONESHOT, lambda ev: self._on_channel(ch, ev))
+        d.set_callback(ch.fd, lambda ev: self._on_channel(ch, ev))
+        self._arm(ch)
         d.start()
         if self._exit_on_master_death:
             self._watch_master(master_pid)
@@ -398,13 +404,15 @@ class Hub:
             protocol.encode_name(name)
             self._dispatcher.post((name, data, None, None))
             return
-        self._send(self._master_channel(), self._encode(protocol.MSG, 0, name, data))
+        nb = protocol.encode_name(name)
+        self._send_msg(self._master_channel(), protocol.MSG, 0, 0, nb, self._dumps(data))
 
     def send_to_worker(self, worker: WorkerRef, name: str, data: Any = None) -> None:
         """Send a message to one worker (master only)."""
         self._check_master("send_to_worker")
         w = self._worker(worker)
-        self._send(w.channel, self._encode(protocol.MSG, 0, name, data))
+        nb = protocol.encode_name(name)
+        self._send_msg(w.channel, protocol.MSG, 0, 0, nb, self._dumps(data))
 
     def send_to_workers(self, name: str, data: Any = None) -> None:
         """Broadcast: from the master to every live worker; from a worker to
@@ -412,8 +420,9 @@ class Hub:
         are not called; receivers see the originating worker as sender)."""
         self._check()
         if not self._is_master:
-            payload = self._encode(protocol.BCAST, self._worker_id or 0, name, data)
-            self._send(self._master_channel(), payload)
+            nb = protocol.encode_name(name)
+            body = self._dumps(data)
+            self._send_msg(self._master_channel(), protocol.BCAST, self._worker_id or 0, 0, nb, body)
             return
         payload = self._encode(protocol.MSG, 0, name, data)
         for w in list(self._workers.values()):
@@ -447,7 +456,7 @@ class Hub:
         self._check()
         if self._is_master:
             return self._request_local(name, data, timeout, callback)
-        body = self._dumps_data(data)
+        body = self._dumps(data)
         return self._request(self._master_channel(check=False), name, body, timeout, callback)
 
     def request_worker(
@@ -457,7 +466,7 @@ class Hub:
         """Ask one worker's handlers (master only)."""
         self._check_master("request_worker")
         w = self._worker(worker)
-        return self._request(w.channel, name, self._dumps_data(data), timeout, callback)
+        return self._request(w.channel, name, self._dumps(data), timeout, callback)
 
     def request_random_worker(
         self, name: str, data: Any = None, *,
@@ -466,7 +475,7 @@ class Hub:
         """Ask one live worker chosen at random; with none the Future fails
         with NoWorkersError (master only)."""
         self._check_master("request_random_worker")
-        body = self._dumps_data(data)
+        body = self._dumps(data)
         live = [w for w in self._workers.values() if w.channel and not w.channel.closed]
         if not live:
             return self._failed(NoWorkersError("no live worker"), callback)
@@ -479,7 +488,7 @@ class Hub:
         """Ask every live worker; a Future of ``{worker id: result or the
         exception its request ended with}`` (master only)."""
         self._check_master("request_workers")
-        body = self._dumps_data(data)
+        body = self._dumps(data)
         protocol.encode_name(name)
         _check_timeout(timeout)
         live = sorted(self._workers.values(), key=lambda w: w.id)
@@ -515,12 +524,8 @@ class Hub:
         agg.add_done_callback(lambda f: [s.cancel() for s in subs] if f.cancelled() else None)
         return agg
 
-    def _new_future(self, local: bool = False, channel: Optional[Channel] = None) -> Future:
-        fut = Future()
-        fut._waiter = self._wait_future
-        fut._local = local
-        fut._channel = channel
-        return fut
+    def _new_future(self) -> Future:
+        return Future(self._wait_future)
 
     def _failed(self, exc: BaseException, callback: Optional[Callback]) -> Future:
         fut = self._new_future()
@@ -538,13 +543,15 @@ class Hub:
         if ch is None:  # a worker whose master is gone
             self._pending.fail(rid, MasterDied("the master has died"))
             return fut
-        try:
-            self._send(ch, protocol.encode(protocol.REQ, self._worker_id or 0, rid, nb, body))
-        except PeerDied as e:
-            self._pending.fail(rid, e)
-        except BaseException:
-            self._pending.discard(rid)
-            raise
+        left = ch.send_msg(protocol.REQ, self._worker_id or 0, rid, nb, len(nb), body, len(body))
+        if left:
+            try:
+                self._sent_part(ch, left, True, len(nb) + len(body))
+            except PeerDied as e:
+                self._pending.fail(rid, e)
+            except BaseException:
+                self._pending.discard(rid)
+                raise
         return fut
 
     def _request_local(
@@ -565,11 +572,14 @@ class Hub:
         """Check a request's arguments, then register its future (with its
         callback and timeout): (wire name, future, request id)."""
         nb = protocol.encode_name(name)
-        _check_timeout(timeout)
+        if timeout is not None:
+            _check_timeout(timeout)
         if callback is not None:
             _check_callback(callback)
-        fut = self._new_future(local=local, channel=ch)
-        rid = self._pending.add(ch, fut)
+        fut = Future(self._wait_future, ch)
+        if local:
+            fut._local = True
+        rid = self._pending.add(fut)
         if callback is not None:
             add_callback(fut, callback)
         if timeout is not None:
@@ -609,7 +619,8 @@ class Hub:
 
     def _lead(self, ch: Channel, fut: Future, timeout: Optional[float]) -> Optional[float]:
         """Read ``ch`` in this thread until ``fut`` is done (leader/follower)."""
-        if not ch.reader.acquire(blocking=False):
+        reader = ch.reader
+        if not reader.acquire(blocking=False):
             return timeout  # someone reads it already: they complete fut
         deadline = None if timeout is None else time.monotonic() + timeout
         d = self._dispatcher
@@ -619,33 +630,32 @@ class Hub:
             if ch.closed or ch.dying or ch.blockers:
                 return timeout  # held back: the dispatcher reads it once released
             ch.leader = threading.get_ident()
-            d.modify(ch.fd, _ONESHOT | (_OUT if ch.pending() else 0))  # dispatcher: hands off
-            poller = select.poll()
-            poller.register(ch.fd, select.POLLIN)
-            poller.register(ch.wake_fd(), select.POLLIN)
+            poll = ch.lep.poll
+            fd = ch.fd
             # Frames buffered in rx (left by the reader before us, whose
             # revisit finds us holding the channel): no poll announces them.
-            more = ch.rx.eof() != _bindings.EOF
-            while not fut.done() and not ch.closed and not ch.dying and not ch.blockers:
+            more = ch.rx.eof() != _EOF
+            while fut._state not in _FUTURE_DONE and not (ch.closed or ch.dying or ch.blockers):
                 if more:
-                    ready = [(ch.fd, 0)]
+                    ready = [(fd, 0)]
                 elif deadline is None:
-                    ready = poller.poll()
+                    ready = poll()
                 else:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
-                    ready = poller.poll(left * 1000)
+                    ready = poll(left)
                 more = False
-                for fd, _ev in ready:
-                    if fd == ch.fd:
+                for rfd, _ev in ready:
+                    if rfd == fd:
                         more = self._read(ch, 1, done)
                     else:
-                        os.eventfd_read(fd)
-                if done and not fut.done():  # others' replies: their callbacks run there
+                        os.eventfd_read(rfd)
+                if done and fut._state not in _FUTURE_DONE:
+                    # Others' replies: their callbacks run on the dispatcher.
                     d.call_soon(functools.partial(run_callbacks, done))
                     done = []
-                if ready and d.inbox:
+                if d.inbox:
                     # Messages for the handlers: the dispatcher may have gone
                     # back to sleep on an inbox it found empty (comparing
                     # lengths misses a drain racing with our appends).
@@ -653,13 +663,16 @@ class Hub:
         finally:
             ch.leader = None
             ch.release_reader()
-            # Re-armed only once we let go: an event the dispatcher took while
-            # we held the reader found it taken and was dropped.
-            if not ch.closed:
-                self._arm(ch)
+            # The dispatcher may have stopped watching the channel while we
+            # held it (checked after letting go: see _on_channel).
+            if ch.disarmed or ch.arming.locked():
+                with ch.arming:
+                    ch.disarmed = False
+                    self._arm_locked(ch)
             if more:  # left buffered: the dispatcher takes them
                 d.call_next(lambda: self._on_channel(ch, _IN))
-            run_callbacks(done)  # even when interrupted (Ctrl-C): these futures ended
+            if done:
+                run_callbacks(done)  # even when interrupted (Ctrl-C): these futures ended
         if deadline is None:
             return None
         return max(0.0, deadline - time.monotonic())
@@ -701,12 +714,30 @@ class Hub:
 
     # ---- sending --------------------------------------------------------
 
-    def _dumps_data(self, data: Any) -> bytes:
-        return self._dumps(data)
-
     def _encode(self, kind: int, origin: int, name: str, data: Any) -> bytes:
         nb = protocol.encode_name(name)
         return protocol.encode(kind, origin, 0, nb, self._dumps(data))
+
+    def _send_msg(
+        self, ch: Optional[Channel], kind: int, origin: int, rid: int, nb: bytes, body: bytes,
+        wait: bool = True,
+    ) -> None:
+        """Like ``_send``, for a message built in C from its parts."""
+        if ch is None:
+            raise MasterDied("the master has died")
+        left = ch.send_msg(kind, origin, rid, nb, len(nb), body, len(body))
+        if left:
+            self._sent_part(ch, left, wait, len(nb) + len(body))
+
+    def _sent_part(self, ch: Channel, left: int, wait: bool, size: int) -> None:
+        """After a ``send_msg`` that did not write everything: raise its
+        error, or deal with the bytes it left queued."""
+        try:
+            if left < 0:
+                raise ch.send_error(left, _bindings.MSG_HEADER + size)
+            self._backlog(ch, left, wait)
+        except PeerGone:
+            raise self._died(ch) from None
 
     def _master_channel(self, check: bool = True) -> Optional[Channel]:
         ch = self._master
@@ -772,15 +803,35 @@ class Hub:
             return
         d = self._dispatcher
         if ch is not None and not ch.closed:  # (a requester may have read its EOF already)
-            d.register(ch.fd, _IN | _ONESHOT, lambda ev: self._on_channel(ch, ev))
+            d.set_callback(ch.fd, lambda ev: self._on_channel(ch, ev))
+            self._arm(ch)
         d.register(w.pidfd, _IN, lambda ev: self._on_worker_exit(w))  # always: it must be reaped
 
     def _arm(self, ch: Channel) -> None:
-        """Re-arm the one-shot registration of ``ch`` (reading unless held
-        back, and writing while bytes are queued)."""
-        self._dispatcher.modify(
-            ch.fd, (0 if ch.blockers else _IN) | _ONESHOT | (_OUT if ch.pending() else 0)
-        )
+        """Bring the dispatcher's registration of ``ch`` up to date: reading
+        unless its input is held back or a leader took it over (``disarmed``),
+        writing while bytes are queued.  A syscall only when that changes."""
+        with ch.arming:
+            self._arm_locked(ch)
+
+    def _arm_locked(self, ch: Channel) -> None:
+        if ch.closed:
+            return
+        want = 0 if ch.disarmed or ch.blockers else _IN
+        if ch.pending():
+            want |= _OUT
+        if want != ch.mask:
+            # EPOLLEXCLUSIVE registrations cannot be modified: drop and add
+            # (which also keeps the leader's registration first in the queue).
+            ep = self._dispatcher.epoll
+            try:
+                if ch.mask:
+                    ep.unregister(ch.fd)
+                if want:
+                    ep.register(ch.fd, want | _EXCLUSIVE)
+            except (OSError, ValueError):
+                pass  # lost (unregistered and closed) meanwhile
+            ch.mask = want
 
     def _watch_write(self, ch: Channel) -> None:
         if not ch.closed and ch.pending():
@@ -804,13 +855,20 @@ class Hub:
             try:
                 more = self._read(ch, 1, done)
             finally:
-                if not ch.closed:
-                    self._arm(ch)
+                self._arm(ch)  # (usually no change: no syscall)
                 ch.release_reader()
             if more:  # buffered frames no socket event will announce
                 self._dispatcher.call_next(lambda: self._on_channel(ch, _IN))
-            run_callbacks(done)
-        # else: a requester leads this channel; it re-arms it when done
+            if done:
+                run_callbacks(done)
+        else:
+            # A requester leads the channel and reads what came.  Level-
+            # triggered, this event would come back until it has: stop
+            # watching meanwhile; the leader restores it as it lets go.
+            with ch.arming:
+                if ch.reader.locked():  # (else it let go: the next poll tells)
+                    ch.disarmed = True
+                    self._arm_locked(ch)
 
     def _read(self, ch: Channel, rounds: int, done: list[Future]) -> bool:
         """Read and route up to ``rounds`` batches of frames from ``ch``.
@@ -823,53 +881,78 @@ class Hub:
         Returns True when it stopped with bytes still buffered in ``ch.rx``
         (more complete frames, or an error that comes after them): no socket
         event will announce those, so the caller must read again.
+
+        This is the receive hot path: frames are decoded in place, without
+        a view or a call per frame for replies.
         """
+        rx, fd, loads, pending = ch.rx, ch.fd, self._loads, self._pending
         for _ in range(rounds):
             if ch.closed:
                 return False
-            frames = ch.rx.read(ch.fd)
-            if frames.__class__ is int:
-                self._channel_lost(ch, frames)  # type: ignore[arg-type]
+            got = rx.batch(fd)
+            if got.__class__ is int:
+                if got:
+                    self._channel_lost(ch, got)  # type: ignore[arg-type]
                 return False
-            if not frames:
-                return False
-            for mv in frames:  # type: ignore[union-attr]
-                try:
-                    self._route(ch, mv, done)
-                except ValueError as e:
-                    log.debug("malformed envelope: %s", e)
-                    self._channel_lost(ch, _bindings.MALFORMED)
-                    return False
-        return not ch.closed and ch.rx.eof() != _bindings.EOF
+            buf, offs = got  # type: ignore[misc]
+            for i in range(0, len(offs), 2):
+                start = offs[i]
+                end = start + offs[i + 1]
+                if end - start < _ENVELOPE:
+                    return self._malformed(ch, "frame shorter than the envelope")
+                kind, origin, rid, nlen = _unpack_envelope(buf, start)
+                data_at = start + _ENVELOPE + nlen
+                if data_at > end:
+                    return self._malformed(ch, "name longer than the frame")
+                if kind == _RES:
+                    fut = pending.get(rid)
+                    if fut is None or fut._channel is not ch:
+                        log.debug("dropping a reply to request %d nobody waits for", rid)
+                        continue
+                    pending.pop(rid, None)  # now: its callbacks may run later
+                    try:
+                        resolve(fut, True, loads(buf[data_at:end]), done)
+                    except Exception as e:
+                        resolve(fut, False, HubError(f"cannot decode the reply: {e!r}"), done)
+                elif kind == _ERR:
+                    pending.complete(ch, rid, False, _remote_error(buf[data_at:end]), done)
+                elif _MSG <= kind <= _BCAST:
+                    try:
+                        name = str(buf[start + _ENVELOPE : data_at], "utf-8")
+                    except UnicodeDecodeError:
+                        return self._malformed(ch, "name is not UTF-8")
+                    if kind == _BCAST and self._is_master:
+                        if ch.peer is None or origin != ch.peer.id:
+                            return self._malformed(ch, "broadcast with a forged origin")
+                        self._relay(ch, bytes(buf[start:end]))
+                    else:
+                        self._incoming(ch, kind, origin, rid, name, buf[data_at:end])
+                else:
+                    return self._malformed(ch, f"unknown kind {kind}")
+        return not ch.closed and rx.eof() != _bindings.EOF
 
-    def _route(self, ch: Channel, mv: memoryview, done: list[Future]) -> None:
-        kind, origin, rid, name, body = protocol.decode(mv)
-        if kind == protocol.RES:
-            try:
-                ok, value = True, self._loads(body)
-            except Exception as e:
-                ok, value = False, HubError(f"cannot decode the reply: {e!r}")
-            self._pending.complete(ch, rid, ok, value, done)
-        elif kind == protocol.ERR:
-            self._pending.complete(ch, rid, False, _remote_error(body), done)
-        elif kind == protocol.BCAST and self._is_master:
-            if ch.peer is None or origin != ch.peer.id:
-                raise ValueError("broadcast with a forged origin")
-            self._relay(ch, bytes(mv))
+    def _malformed(self, ch: Channel, what: str) -> bool:
+        log.debug("malformed envelope: %s", what)
+        self._channel_lost(ch, _bindings.MALFORMED)
+        return False
+
+    def _incoming(
+        self, ch: Channel, kind: int, origin: int, rid: int, name: str, body: memoryview
+    ) -> None:
+        """A message or request for this process's handlers: to the inbox."""
+        if self._is_master:
+            sender = ch.peer
         else:
-            if self._is_master:
-                sender = ch.peer
-            else:
-                sender = None if origin == 0 or kind != protocol.BCAST else self._peer(origin)
-            try:
-                data = self._loads(body)
-            except Exception as e:
-                log.error("cannot decode the data of %r: %r", name, e)
-                if kind == protocol.REQ:
-                    self._replier(ch, rid, wait=False)(False, e)
-                return
-            reply = self._replier(ch, rid) if kind == protocol.REQ else None
-            self._dispatcher.inbox.append((name, data, sender, reply))
+            sender = None if origin == 0 or kind != protocol.BCAST else self._peer(origin)
+        try:
+            data = self._loads(body)
+        except Exception as e:
+            log.error("cannot decode the data of %r: %r", name, e)
+            if kind == protocol.REQ:
+                self._reply(ch, rid, False, e, False)
+            return
+        reply = functools.partial(self._reply, ch, rid) if kind == protocol.REQ else None
+        self._dispatcher.inbox.append((name, data, sender, reply))
 
     def _peer(self, wid: int) -> Worker:
         w = self._peer_stubs.get(wid)
@@ -902,23 +985,24 @@ class Hub:
                 # Frames may wait in its buffer, which no event announces.
                 self._dispatcher.call_next(lambda o=origin: self._on_channel(o, _IN))
 
-    def _replier(self, ch: Channel, rid: int, wait: bool = True) -> Reply:
-        def reply(ok: bool, value: Any) -> None:
-            if ok:
-                try:
-                    payload = protocol.encode(protocol.RES, 0, rid, b"", self._dumps(value))
-                except Exception as e:
-                    ok, value = False, e
-            if not ok:
-                payload = protocol.encode(protocol.ERR, 0, rid, b"", _error_body(value))
+    def _reply(self, ch: Channel, rid: int, ok: bool, value: Any, wait: bool = True) -> None:
+        """Answer request ``rid`` that came on ``ch`` (bound with functools.partial
+        as an inbox item's ``reply(ok, value)``)."""
+        if ok:
             try:
-                self._send(ch, payload, wait)
-            except PeerDied:
-                log.debug("reply to request %d dropped: the peer is gone", rid)
-            except MessageTooLarge as e:
-                self._send(ch, protocol.encode(protocol.ERR, 0, rid, b"", _error_body(e)), False)
-
-        return reply
+                kind, body = protocol.RES, self._dumps(value)
+            except Exception as e:
+                ok, value = False, e
+        if not ok:
+            kind, body = protocol.ERR, _error_body(value)
+        try:
+            left = ch.send_msg(kind, 0, rid, b"", 0, body, len(body))
+            if left:
+                self._sent_part(ch, left, wait, len(body))
+        except PeerDied:
+            log.debug("reply to request %d dropped: the peer is gone", rid)
+        except MessageTooLarge as e:
+            self._send_msg(ch, protocol.ERR, 0, rid, b"", _error_body(e), False)
 
     def _channel_lost(self, ch: Channel, code: int) -> None:
         if ch.closed:

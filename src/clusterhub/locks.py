@@ -206,8 +206,8 @@ class Lock:
         if r:
             self._release_slow(r)
 
-    def __exit__(self, *exc: Any) -> None:
-        r = _unlock(self._ref)
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        r = _unlock(self._ref)  # (no *args: packing them costs more than the unlock)
         if r:
             self._release_slow(r)
 

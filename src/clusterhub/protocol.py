@@ -14,6 +14,7 @@ serializer.
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import struct
@@ -53,8 +54,7 @@ def _json_loads(data: Any) -> Any:
     return json.loads(bytes(data))
 
 
-def _pickle_dumps(obj: Any) -> bytes:
-    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+_pickle_dumps = functools.partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def serializer_functions(spec: str | Serializer) -> tuple[Dumps, Loads]:
@@ -78,13 +78,22 @@ def serializer_functions(spec: str | Serializer) -> tuple[Dumps, Loads]:
     return checked_dumps, lambda data: loads(bytes(data))
 
 
+_names: dict[str, bytes] = {}  # names seen, checked and encoded (bounded)
+
+
 def encode_name(name: str) -> bytes:
     """The wire form of a message name; TypeError/ValueError for a bad one."""
+    try:
+        return _names[name]
+    except (KeyError, TypeError):  # (unhashable: not a str, said below)
+        pass
     if not isinstance(name, str):
         raise TypeError(f"message name must be str, not {type(name).__name__}")
     b = name.encode()
     if not b or len(b) > NAME_MAX:
         raise ValueError(f"message name must be 1 to {NAME_MAX} bytes of UTF-8")
+    if len(_names) < 4096:
+        _names[name] = b
     return b
 
 

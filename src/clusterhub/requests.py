@@ -43,9 +43,14 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
     _local = False  # answered by this process's own handlers
     _channel: Any = None  # the channel its reply comes on
     _rid = 0  # its id in the Pending table
+    _pending: Optional["Pending"] = None  # the table it waits in
     _cond: Optional[threading.Condition] = None
 
-    def __init__(self) -> None:  # the base's fields, without its Condition
+    def __init__(self, waiter: Any = None, channel: Any = None) -> None:
+        # The base's fields, without its Condition.
+        if waiter is not None:
+            self._waiter = waiter
+            self._channel = channel
         self._lock = _new_lock()
         self._state = "PENDING"
         self._result = None
@@ -91,6 +96,13 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
                     waiter.add_exception(self)
             if self._cond is not None:
                 self._cond.notify_all()
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        if self._pending is not None:
+            self._pending.ended(self)
+        return True
 
     def set_result(self, result: Any) -> None:
         self._complete(result, None)
@@ -176,24 +188,28 @@ class Pending:
 
     Entries are futures carrying their id and peer; single dict operations
     (atomic under the GIL) keep it consistent without a lock of its own.
+    Every way a request ends takes it out: a reply (``complete``), a failure
+    (``fail``, ``fail_peer``, ``fail_all``) or ``Future.cancel``.
     """
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._by_id: dict[int, Future] = {}
+        self.get = self._by_id.get
+        self.pop = self._by_id.pop
 
-    def add(self, peer: Any, fut: Future) -> int:
-        """Register a request to ``peer`` (a channel, or None for local)."""
+    def add(self, fut: Future) -> int:
+        """Register a request (its ``_channel`` set: the peer asked, or None
+        for this process's own handlers); returns its id."""
         rid = fut._rid = next(self._ids)
-        fut._channel = peer
+        fut._pending = self
         self._by_id[rid] = fut
-        fut.add_done_callback(self._done)
         return rid
 
-    def _done(self, fut: Future) -> None:
+    def ended(self, fut: Future) -> None:
+        """``fut`` ended other than by its reply: forget it, and wake a thread
+        that may be reading its channel for it (unless that is us)."""
         self._by_id.pop(fut._rid, None)
-        # A thread reading this channel for its reply may be waiting on this
-        # very future: wake it, unless it is the one completing it.
         peer = fut._channel
         if peer is not None and peer.leader is not None and peer.leader != threading.get_ident():
             peer.poke()
@@ -217,16 +233,19 @@ class Pending:
         fut = self._by_id.get(rid)
         if fut is not None:
             resolve(fut, False, exc)
+            self.ended(fut)  # (after: a woken leader must find it done)
 
     def fail_peer(self, peer: Any, make_exc: Callable[[], BaseException]) -> None:
         """Fail every request waiting on ``peer``."""
         for fut in list(self._by_id.values()):
             if fut._channel is peer:
                 resolve(fut, False, make_exc())
+                self.ended(fut)
 
     def fail_all(self, make_exc: Callable[[], BaseException]) -> None:
         for fut in list(self._by_id.values()):
             resolve(fut, False, make_exc())
+            self.ended(fut)
 
     def __len__(self) -> int:
         return len(self._by_id)
