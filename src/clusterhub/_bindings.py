@@ -115,13 +115,14 @@ class Tx:
             raise self.error(r, len(payload), max_len)
         return r
 
-    def message_sender(self, fd: int, max_len: int) -> Callable[..., int]:
+    def message_sender(self, fd: int, max_len: int, release_gil: bool = False) -> Callable[..., int]:
         """The raw C call that sends one message on ``fd`` (envelope, name
         and body gathered, see ``protocol``): ``f(kind, origin, rid, name,
         len(name), body, len(body))`` returns the bytes left queued, or a
         negative code that :meth:`error` turns into the exception to raise.
         (The send hot path: no Python frame of ours around the C call.)"""
-        return functools.partial(self._send_msg, self._p, fd, max_len)
+        send = lib.ch_tx_send_msg_nogil if release_gil else self._send_msg
+        return functools.partial(send, self._p, fd, max_len)
 
     def push(self, payload: bytes, max_len: int) -> int:
         """Queue a frame without writing; return the bytes queued."""

@@ -28,7 +28,7 @@ class Channel:
     __slots__ = (
         "fd", "peer", "max_len", "max_queue", "rx", "_tx", "_lock", "closed",
         "reader", "leader", "dying", "_wake", "_fds_open", "blockers", "held_back",
-        "mask", "arming", "disarmed", "lep", "send", "send_msg", "pending",
+        "mask", "arming", "disarmed", "lep", "send", "send_msg", "send_request", "pending",
     )
 
     def __init__(self, fd: int, peer: Any, max_len: int, max_queue: int) -> None:
@@ -65,6 +65,7 @@ class Channel:
         # use once closed), so sending is a bound C-backed method call.
         self.send = functools.partial(self._tx.send, fd, max_len=max_len)
         self.send_msg = self._tx.message_sender(fd, max_len)
+        self.send_request = self._tx.message_sender(fd, max_len, release_gil=True)
         self.pending = self._tx.pending  # bytes queued, not yet written (0 once closed)
 
     def poke(self) -> None:

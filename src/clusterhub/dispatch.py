@@ -232,11 +232,15 @@ class Dispatcher:
         self.ident = threading.get_ident()
         if self.loop is None:
             self.handler_ident = self.ident
+        inbox, poll = self.inbox, self.poll
         try:
             while not self._stopping:
-                self.poll(self._timeout())
-                if self.inbox:
-                    self.deliver()
+                poll(0 if self._ops else None)
+                if inbox:
+                    if self.loop is None:
+                        self.drain()
+                    else:
+                        self._schedule_on_loop()
         except Exception:  # a bug of ours: say so loudly rather than hang silently
             log.critical("clusterhub dispatcher %s crashed", self.name, exc_info=True)
             raise
@@ -244,8 +248,9 @@ class Dispatcher:
     def poll(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` for events and handle them (no handlers run)."""
         ops = self._ops
-        for _ in range(len(ops)):  # not those they add: see call_next
-            ops.popleft()()
+        if ops:
+            for _ in range(len(ops)):  # not those they add: see call_next
+                ops.popleft()()
         try:
             events = self._ep.poll(-1 if timeout is None else timeout)
         except InterruptedError:
@@ -255,8 +260,9 @@ class Dispatcher:
             cb = callbacks.get(fd)
             if cb is not None:
                 cb(ev)
-        for _ in range(len(ops)):
-            ops.popleft()()
+        if ops:
+            for _ in range(len(ops)):
+                ops.popleft()()
 
     def pump_until(self, done: Callable[[], bool], timeout: float | None) -> None:
         """On the dispatcher thread: serve the sockets until ``done()`` or timeout."""
@@ -279,13 +285,6 @@ class Dispatcher:
             self._schedule_on_loop()
         else:
             self.wake()
-
-    def deliver(self) -> None:
-        """Run what the inbox holds: here, or on the attached loop."""
-        if self.loop is None:
-            self.drain()
-        else:
-            self._schedule_on_loop()
 
     def _schedule_on_loop(self) -> None:
         loop = self.loop
@@ -319,7 +318,8 @@ class Dispatcher:
         if not self._drain_lock.acquire(blocking=False):
             return  # the other drainer (thread or loop) is at it; it re-delivers
         try:
-            inbox = self.inbox
+            inbox, registry = self.inbox, self.registry
+            once, lookup = registry.with_once, registry.get
             while inbox:
                 name, data, sender, reply = inbox.popleft()
                 if name is None:
@@ -327,8 +327,25 @@ class Dispatcher:
                         data(sender)
                     except Exception:
                         log.exception("clusterhub callback failed")
-                else:
-                    self.run_handlers(name, data, sender, reply)
+                    continue
+                # (run_handlers, inline: this is the per-message hot path)
+                handlers = registry.take(name) if name in once else lookup(name, ())
+                if not handlers:
+                    self._unhandled(name, reply)
+                for h in handlers:
+                    try:
+                        r = h(data, sender)
+                    except Exception as e:
+                        self._raised(e, h, name, reply)
+                    else:
+                        if reply is not None:
+                            if r is None or r.__class__ in _PLAIN:
+                                reply(True, r)
+                            else:
+                                self.answer(r, reply)
+                        elif r is not None and inspect.isawaitable(r):
+                            self.run_awaitable(r, None)
+                    reply = None  # the first handler answers a request
         finally:
             self._drain_lock.release()
         if self.inbox:  # arrived as we let go, or attached/detached meanwhile
@@ -362,31 +379,19 @@ class Dispatcher:
         self.handler_ident = self.ident
         self.wake_self()
 
-    def run_handlers(self, name: str, data: Any, sender: Any, reply: Reply | None) -> None:
-        handlers = self.registry.take(name)
-        if not handlers:
-            if reply is not None:
-                reply(False, _NoHandler(name))
-            else:
-                log.debug("no handler for message %r: dropped", name)
-            return
-        for h in handlers:
-            try:
-                r = h(data, sender)
-            except Exception as e:
-                if reply is not None:
-                    reply(False, e)
-                else:
-                    log.exception("handler %r for %r raised", h, name)
-            else:
-                if reply is not None:
-                    if r is None or r.__class__ in _PLAIN:
-                        reply(True, r)
-                    else:
-                        self.answer(r, reply)
-                elif r is not None and inspect.isawaitable(r):
-                    self.run_awaitable(r, None)
-            reply = None  # the first handler answers a request
+    @staticmethod
+    def _unhandled(name: str, reply: Reply | None) -> None:
+        if reply is not None:
+            reply(False, _NoHandler(name))
+        else:
+            log.debug("no handler for message %r: dropped", name)
+
+    @staticmethod
+    def _raised(e: Exception, h: Any, name: str, reply: Reply | None) -> None:
+        if reply is not None:
+            reply(False, e)
+        else:
+            log.exception("handler %r for %r raised", h, name)
 
     def answer(self, r: Any, reply: Reply) -> None:
         """Answer a request with a handler's return value, now or when it ends."""

@@ -26,7 +26,8 @@ class Registry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_name: dict[str, tuple[Any, ...]] = {}
-        self._with_once: set[str] = set()  # names with a ``once`` entry
+        self.with_once: set[str] = set()  # names with a ``once`` entry: use take()
+        self.get = self._by_name.get  # handlers of a name not in with_once
 
     def add(self, name: str, handler: Handler, once: bool = False) -> None:
         if not callable(handler):
@@ -34,7 +35,7 @@ class Registry:
         entry: Any = _Once(handler) if once else handler
         with self._lock:
             if once:
-                self._with_once.add(name)
+                self.with_once.add(name)
             self._by_name[name] = self._by_name.get(name, ()) + (entry,)
 
     def remove(self, name: str, handler: Optional[Handler] = None) -> None:
@@ -55,7 +56,7 @@ class Registry:
     def take(self, name: str) -> Sequence[Handler]:
         """The handlers to run for one message of ``name``, in registration
         order; ``once`` handlers are removed here, before they run."""
-        if name not in self._with_once:  # (a stale yes only costs the slow path)
+        if name not in self.with_once:  # (a stale yes only costs the slow path)
             return self._by_name.get(name, ())
         out: list[Handler] = []
         with self._lock:
@@ -74,7 +75,7 @@ class Registry:
             else:
                 self._by_name.pop(name, None)
             if not any(isinstance(h, _Once) for h in kept):
-                self._with_once.discard(name)
+                self.with_once.discard(name)
         return out
 
     def reset_lock(self) -> None:

@@ -16,6 +16,7 @@ import time
 import traceback
 import warnings
 import weakref
+from concurrent.futures import InvalidStateError
 from numbers import Real
 from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
 
@@ -28,15 +29,16 @@ from .errors import (
     HubError,
     MasterDied,
     MessageTooLarge,
+    NoHandlerError,
     NotMasterError,
     NoWorkersError,
     PeerDied,
     RemoteError,
-    NoHandlerError,
     WorkerDied,
 )
 from .locks import Lock, Locks
-from .process import Worker, exit_process, flush_stdio as _flush_stdio, reap, run_target
+from .process import Worker, exit_process, reap, run_target
+from .process import flush_stdio as _flush_stdio
 from .requests import Callback, Future, Pending, add_callback, resolve, run_callbacks
 
 log = logging.getLogger("clusterhub")
@@ -58,8 +60,9 @@ _GONE = select.EPOLLHUP | select.EPOLLERR
 _PROTOCOL_ERRORS = (_bindings.MALFORMED, _bindings.TOOBIG)
 _unpack_envelope = protocol.HEADER.unpack_from
 _ENVELOPE = protocol.HEADER.size
-_MSG, _RES, _ERR, _BCAST = protocol.MSG, protocol.RES, protocol.ERR, protocol.BCAST
+_MSG, _REQ, _RES, _ERR, _BCAST = protocol.MSG, protocol.REQ, protocol.RES, protocol.ERR, protocol.BCAST
 _EOF = _bindings.EOF
+_known_names = protocol.known_names
 _FUTURE_DONE = frozenset(("FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"))
 
 # Every hub of this process, so a fork by other code can neutralise them.
@@ -253,7 +256,7 @@ class Hub:
         self._master_gone = threading.Event()
         d = self._dispatcher
         d.reinit_after_fork(f"worker-{wid}")
-        d.set_callback(ch.fd, lambda ev: self._on_channel(ch, ev))
+        d.set_callback(ch.fd, functools.partial(self._on_channel, ch))
         self._arm(ch)
         d.start()
         if self._exit_on_master_death:
@@ -453,11 +456,14 @@ class Hub:
         timeout: Optional[float] = None, callback: Optional[Callback] = None,
     ) -> Future:
         """Ask the master's handlers; a Future of the first handler's result."""
-        self._check()
+        if self._closed:
+            self._check()
         if self._is_master:
             return self._request_local(name, data, timeout, callback)
-        body = self._dumps(data)
-        return self._request(self._master_channel(check=False), name, body, timeout, callback)
+        return self._request(self._master, name, self._dumps(data), timeout, callback)
+
+    # (The request hot path, worker -> master -> worker, is request_master,
+    # _request, and the result() hook _wait_future: a Python call costs.)
 
     def request_worker(
         self, worker: WorkerRef, name: str, data: Any = None, *,
@@ -539,11 +545,19 @@ class Hub:
         self, ch: Optional[Channel], name: str, body: bytes,
         timeout: Optional[float], callback: Optional[Callback],
     ) -> Future:
-        nb, fut, rid = self._pending_request(ch, name, timeout, callback)
+        if timeout is None and callback is None:  # (the common case, inline)
+            try:
+                nb = _known_names[name]
+            except (KeyError, TypeError):
+                nb = protocol.encode_name(name)  # (checks it)
+            fut = Future(self._wait_future, ch)
+            rid = self._pending.add(fut)
+        else:
+            nb, fut, rid = self._pending_request(ch, name, timeout, callback)
         if ch is None:  # a worker whose master is gone
             self._pending.fail(rid, MasterDied("the master has died"))
             return fut
-        left = ch.send_msg(protocol.REQ, self._worker_id or 0, rid, nb, len(nb), body, len(body))
+        left = ch.send_request(protocol.REQ, self._worker_id or 0, rid, nb, len(nb), body, len(body))
         if left:
             try:
                 self._sent_part(ch, left, True, len(nb) + len(body))
@@ -613,17 +627,13 @@ class Hub:
             d.pump_until(fut.done, timeout)
             return 0 if timeout is not None else None
         ch = fut._channel
-        if ch is not None and not ch.closed:
-            return self._lead(ch, fut, timeout)
-        return timeout
-
-    def _lead(self, ch: Channel, fut: Future, timeout: Optional[float]) -> Optional[float]:
-        """Read ``ch`` in this thread until ``fut`` is done (leader/follower)."""
+        if ch is None or ch.closed:
+            return timeout
+        # Lead: read ``ch`` in this thread until ``fut`` is done (leader/follower).
         reader = ch.reader
         if not reader.acquire(blocking=False):
             return timeout  # someone reads it already: they complete fut
         deadline = None if timeout is None else time.monotonic() + timeout
-        d = self._dispatcher
         done: list[Future] = []
         more = False
         try:
@@ -662,7 +672,10 @@ class Hub:
                     d.wake()
         finally:
             ch.leader = None
-            ch.release_reader()
+            if ch.closed:
+                ch.release_reader()
+            else:
+                reader.release()
             # The dispatcher may have stopped watching the channel while we
             # held it (checked after letting go: see _on_channel).
             if ch.disarmed or ch.arming.locked():
@@ -671,8 +684,9 @@ class Hub:
                     self._arm_locked(ch)
             if more:  # left buffered: the dispatcher takes them
                 d.call_next(lambda: self._on_channel(ch, _IN))
-            if done:
-                run_callbacks(done)  # even when interrupted (Ctrl-C): these futures ended
+            for f in done:  # even when interrupted (Ctrl-C): these futures ended
+                if f._done_callbacks:
+                    f._invoke_callbacks()
         if deadline is None:
             return None
         return max(0.0, deadline - time.monotonic())
@@ -803,7 +817,7 @@ class Hub:
             return
         d = self._dispatcher
         if ch is not None and not ch.closed:  # (a requester may have read its EOF already)
-            d.set_callback(ch.fd, lambda ev: self._on_channel(ch, ev))
+            d.set_callback(ch.fd, functools.partial(self._on_channel, ch))
             self._arm(ch)
         d.register(w.pidfd, _IN, lambda ev: self._on_worker_exit(w))  # always: it must be reaped
 
@@ -855,7 +869,8 @@ class Hub:
             try:
                 more = self._read(ch, 1, done)
             finally:
-                self._arm(ch)  # (usually no change: no syscall)
+                if ch.blockers or ch.mask != _IN or ch.pending():
+                    self._arm(ch)  # (else nothing to change)
                 ch.release_reader()
             if more:  # buffered frames no socket event will announce
                 self._dispatcher.call_next(lambda: self._on_channel(ch, _IN))
@@ -886,6 +901,7 @@ class Hub:
         a view or a call per frame for replies.
         """
         rx, fd, loads, pending = ch.rx, ch.fd, self._loads, self._pending
+        inbox_append, partial = self._dispatcher.inbox.append, functools.partial
         for _ in range(rounds):
             if ch.closed:
                 return False
@@ -911,9 +927,15 @@ class Hub:
                         continue
                     pending.pop(rid, None)  # now: its callbacks may run later
                     try:
-                        resolve(fut, True, loads(buf[data_at:end]), done)
+                        value = loads(buf[data_at:end])
                     except Exception as e:
                         resolve(fut, False, HubError(f"cannot decode the reply: {e!r}"), done)
+                        continue
+                    try:
+                        fut._finish(value, None)
+                    except InvalidStateError:  # ended meanwhile (cancelled)
+                        continue
+                    done.append(fut)
                 elif kind == _ERR:
                     pending.complete(ch, rid, False, _remote_error(buf[data_at:end]), done)
                 elif _MSG <= kind <= _BCAST:
@@ -921,12 +943,26 @@ class Hub:
                         name = str(buf[start + _ENVELOPE : data_at], "utf-8")
                     except UnicodeDecodeError:
                         return self._malformed(ch, "name is not UTF-8")
-                    if kind == _BCAST and self._is_master:
-                        if ch.peer is None or origin != ch.peer.id:
-                            return self._malformed(ch, "broadcast with a forged origin")
-                        self._relay(ch, bytes(buf[start:end]))
+                    if self._is_master:
+                        if kind == _BCAST:
+                            if ch.peer is None or origin != ch.peer.id:
+                                return self._malformed(ch, "broadcast with a forged origin")
+                            self._relay(ch, bytes(buf[start:end]))
+                            continue
+                        sender = ch.peer
+                    elif origin == 0 or kind != _BCAST:
+                        sender = None
                     else:
-                        self._incoming(ch, kind, origin, rid, name, buf[data_at:end])
+                        sender = self._peer(origin)
+                    try:
+                        data = loads(buf[data_at:end])
+                    except Exception as e:
+                        log.error("cannot decode the data of %r: %r", name, e)
+                        if kind == _REQ:
+                            self._reply(ch, rid, False, e, False)
+                        continue
+                    reply = partial(self._reply, ch, rid) if kind == _REQ else None
+                    inbox_append((name, data, sender, reply))
                 else:
                     return self._malformed(ch, f"unknown kind {kind}")
         return not ch.closed and rx.eof() != _bindings.EOF
@@ -935,24 +971,6 @@ class Hub:
         log.debug("malformed envelope: %s", what)
         self._channel_lost(ch, _bindings.MALFORMED)
         return False
-
-    def _incoming(
-        self, ch: Channel, kind: int, origin: int, rid: int, name: str, body: memoryview
-    ) -> None:
-        """A message or request for this process's handlers: to the inbox."""
-        if self._is_master:
-            sender = ch.peer
-        else:
-            sender = None if origin == 0 or kind != protocol.BCAST else self._peer(origin)
-        try:
-            data = self._loads(body)
-        except Exception as e:
-            log.error("cannot decode the data of %r: %r", name, e)
-            if kind == protocol.REQ:
-                self._reply(ch, rid, False, e, False)
-            return
-        reply = functools.partial(self._reply, ch, rid) if kind == protocol.REQ else None
-        self._dispatcher.inbox.append((name, data, sender, reply))
 
     def _peer(self, wid: int) -> Worker:
         w = self._peer_stubs.get(wid)

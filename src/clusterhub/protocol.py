@@ -78,7 +78,8 @@ def serializer_functions(spec: str | Serializer) -> tuple[Dumps, Loads]:
     return checked_dumps, lambda data: loads(bytes(data))
 
 
-_names: dict[str, bytes] = {}  # names seen, checked and encoded (bounded)
+known_names: dict[str, bytes] = {}  # names seen, checked and encoded (bounded)
+_names = known_names
 
 
 def encode_name(name: str) -> bytes:

@@ -166,7 +166,8 @@ def resolve(
 def run_callbacks(done: list[Future]) -> None:
     """Run the done callbacks ``resolve(..., defer=done)`` held back."""
     for fut in done:
-        fut._invoke_callbacks()
+        if fut._done_callbacks:
+            fut._invoke_callbacks()
 
 
 def add_callback(fut: concurrent.futures.Future, callback: Callback) -> None:  # type: ignore[type-arg]
