@@ -51,6 +51,20 @@ static int ch_lt_resolve_nogil(ch_table *t, const uint8_t *key, size_t keylen,
     return r;
 }
 
+/* A request is sent with the GIL released: if the peer answers before the
+ * requester waits (it is often scheduled at once, on this very CPU), the
+ * dispatcher thread woken by the reply can take it without waiting for the
+ * GIL held by a requester descheduled inside sendmsg. */
+static int64_t ch_tx_send_msg_nogil(ch_tx *tx, int fd, size_t max_len, unsigned kind,
+                                    uint32_t origin, uint64_t rid, const uint8_t *name,
+                                    size_t name_len, const uint8_t *body, size_t body_len)
+{
+    PyThreadState *ts = PyEval_SaveThread();
+    int64_t r = ch_tx_send_msg(tx, fd, max_len, kind, origin, rid, name, name_len, body, body_len);
+    PyEval_RestoreThread(ts);
+    return r;
+}
+
 static int ch_lt_timedlock_ref_nogil(uint64_t ref, int64_t deadline_ns)
 {
     ch_table *t = ch_lt_enter(ref);
@@ -65,7 +79,13 @@ static int ch_lt_timedlock_ref_nogil(uint64_t ref, int64_t deadline_ns)
 """
 
 ffi = FFI()
-ffi.cdef("\n".join((HERE / f"cdef_{u}.h").read_text() for u in UNITS))
+# Declarations of the preamble's own functions.
+PREAMBLE_CDEF = """
+int64_t ch_tx_send_msg_nogil(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_t origin,
+                             uint64_t rid, const uint8_t *name, size_t name_len,
+                             const uint8_t *body, size_t body_len);
+"""
+ffi.cdef("\n".join((HERE / f"cdef_{u}.h").read_text() for u in UNITS) + PREAMBLE_CDEF)
 ffi.set_source(
     "clusterhub._core",
     PREAMBLE,

@@ -4,6 +4,7 @@
 #define CH_RX_MAX_FRAMES 1024
 #define CH_MSG_HEADER 15
 #define CH_MSG_NAME_MAX 65535
+#define CH_TX_POST_WINDOW_NS 50000
 #define CH_ERR_EOF ...
 #define CH_ERR_TRUNCATED ...
 #define CH_ERR_MALFORMED ...
@@ -22,7 +23,20 @@ int64_t ch_tx_send_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_
 void ch_tx_close(ch_tx *tx);
 int64_t ch_tx_push(ch_tx *tx, const uint8_t *payload, size_t len, size_t max_len);
 int64_t ch_tx_flush(ch_tx *tx, int fd);
+int64_t ch_tx_post(ch_tx *tx, int fd, const uint8_t *payload, size_t len, size_t max_len);
+int64_t ch_tx_post_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_t origin,
+                       uint64_t rid, const uint8_t *name, size_t name_len,
+                       const uint8_t *body, size_t body_len);
 size_t ch_tx_pending(const ch_tx *tx);
+size_t ch_tx_unowned(const ch_tx *tx);
+typedef struct {
+    uint64_t wakeups;
+    uint64_t sleeps;
+    uint64_t writes;
+    int64_t cpu_ns;
+    int running;
+} ch_writer_stats;
+void ch_tx_writer_stats(ch_writer_stats *out);
 int ch_rx_new(size_t max_len, ch_rx **out);
 void ch_rx_free(ch_rx *rx);
 int ch_rx_read(ch_rx *rx, int fd);

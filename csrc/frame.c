@@ -3,21 +3,48 @@
 #include "frame.h"
 
 #include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 /* A receive buffer starts (and, after a large frame, shrinks back to) this. */
 #define RX_DEFAULT_CAP (256u * 1024u)
 
+/* Circular doubly linked list with a sentinel head: O(1) removal on close. */
+struct node {
+    struct node *prev, *next;
+};
+
+/*
+ * Lock order: REG.mu, then a tx's mu, then the writer's W.mu; never another
+ * order (the writer releases W.mu before it takes a tx's mu), and never two
+ * txs' mutexes but in the fork handlers (which hold REG.mu).
+ */
 struct ch_tx {
+    pthread_mutex_t mu; /* guards the fields up to `node` */
     uint8_t *buf;
     size_t cap;
-    size_t head; /* first byte not yet written to the socket */
-    size_t tail; /* end of queued bytes */
-    int closed;  /* ch_tx_close: every send fails with EPIPE */
+    size_t head;          /* first byte not yet written to the socket */
+    size_t tail;          /* end of queued bytes */
+    int closed;           /* ch_tx_close: every send fails with EPIPE */
+    int err;              /* error a background write met (sticky), or 0 */
+    int owned;            /* on the writer's schedule (or being written by it) */
+    int fd;               /* the socket of the posts (set under both mutexes) */
+    uint64_t last_direct; /* CLOCK_MONOTONIC ns of the last direct write */
+    /* Under W.mu: */
+    struct node node; /* on W.run or W.stall when linked */
+    int stalled;      /* on W.stall, waiting for POLLOUT */
+    int zombie;       /* ch_tx_free ran while the writer had it: the writer frees it */
+    size_t pidx;      /* its entry in W.pfd while stalled; 0 = not polled */
+    struct node all;  /* on REG.all, under REG.mu */
 };
 
 struct ch_rx {
@@ -50,26 +77,146 @@ int ch_socketpair(int fds[2])
 
 /* ---- send side ------------------------------------------------------- */
 
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void node_init(struct node *n)
+{
+    n->prev = n->next = n;
+}
+
+static int node_linked(const struct node *n)
+{
+    return n->next != n;
+}
+
+static void node_unlink(struct node *n)
+{
+    n->prev->next = n->next;
+    n->next->prev = n->prev;
+    node_init(n);
+}
+
+static void node_push(struct node *head, struct node *n)
+{
+    n->prev = head->prev;
+    n->next = head;
+    head->prev->next = n;
+    head->prev = n;
+}
+
+#define TX_OF(p, field) ((ch_tx *)((char *)(p) - offsetof(ch_tx, field)))
+
+/* Every tx, so that fork() can wait until none is in use (see atfork_prepare). */
+static struct {
+    pthread_mutex_t mu;
+    struct node all;
+} REG = {PTHREAD_MUTEX_INITIALIZER, {&REG.all, &REG.all}};
+
+/* The process-wide writer thread and its schedule, all under W.mu. */
+static struct {
+    pthread_mutex_t mu;
+    struct node run;    /* txs with frames for the writer to write */
+    struct node stall;  /* txs the writer waits on for POLLOUT */
+    ch_tx *cur;         /* the tx the writer took off `run` and is writing */
+    int efd;            /* eventfd that wakes the writer, -1 before it starts */
+    int running;
+    int asleep;         /* in (or about to enter) poll(): wake it through efd */
+    pthread_t thread;
+    struct pollfd *pfd; /* the writer's poll set (its own, used outside mu) */
+    size_t pcap;
+    ch_writer_stats st;
+} W = {
+    .mu = PTHREAD_MUTEX_INITIALIZER,
+    .run = {&W.run, &W.run},
+    .stall = {&W.stall, &W.stall},
+    .efd = -1,
+};
+
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void register_atfork(void);
+
 int ch_tx_new(ch_tx **out)
 {
+    pthread_once(&atfork_once, register_atfork);
     ch_tx *tx = calloc(1, sizeof *tx);
     if (!tx)
         return -ENOMEM;
+    int r = pthread_mutex_init(&tx->mu, NULL);
+    if (r) {
+        free(tx);
+        return -r;
+    }
+    node_init(&tx->node);
+    tx->fd = -1;
+    pthread_mutex_lock(&REG.mu);
+    node_push(&REG.all, &tx->all);
+    pthread_mutex_unlock(&REG.mu);
     *out = tx;
     return 0;
+}
+
+static void tx_drop(ch_tx *tx)
+{
+    free(tx->buf);
+    tx->buf = NULL;
+    tx->cap = tx->head = tx->tail = 0;
+}
+
+static void tx_release(ch_tx *tx)
+{
+    pthread_mutex_destroy(&tx->mu);
+    free(tx->buf);
+    free(tx);
+}
+
+/* Unregister and release tx.  No lock held. */
+static void tx_destroy(ch_tx *tx)
+{
+    pthread_mutex_lock(&REG.mu);
+    node_unlink(&tx->all);
+    pthread_mutex_unlock(&REG.mu);
+    tx_release(tx);
 }
 
 void ch_tx_free(ch_tx *tx)
 {
     if (!tx)
         return;
-    free(tx->buf);
-    free(tx);
+    ch_tx_close(tx); /* off the writer's lists; only W.cur may still point to it */
+    pthread_mutex_lock(&W.mu);
+    int busy = W.cur == tx;
+    tx->zombie = busy;
+    pthread_mutex_unlock(&W.mu);
+    if (!busy)
+        tx_destroy(tx);
+}
+
+/* The mutex is not part of the value: locking it in a const getter is fine. */
+static pthread_mutex_t *tx_mu(const ch_tx *tx)
+{
+    return (pthread_mutex_t *)&tx->mu;
 }
 
 size_t ch_tx_pending(const ch_tx *tx)
 {
-    return tx->tail - tx->head;
+    pthread_mutex_lock(tx_mu(tx));
+    size_t n = tx->tail - tx->head;
+    pthread_mutex_unlock(tx_mu(tx));
+    return n;
+}
+
+size_t ch_tx_unowned(const ch_tx *tx)
+{
+    pthread_mutex_lock(tx_mu(tx));
+    size_t n = tx->owned ? 0 : tx->tail - tx->head;
+    pthread_mutex_unlock(tx_mu(tx));
+    return n;
 }
 
 /* Make room for `need` more bytes at the tail. */
@@ -100,16 +247,20 @@ static int tx_reserve(ch_tx *tx, size_t need)
     return 0;
 }
 
-static int tx_append(ch_tx *tx, const uint8_t *a, size_t alen, const uint8_t *b, size_t blen)
+/* Queue the pieces whole or not at all: the writer must never see half a frame. */
+static int tx_append(ch_tx *tx, const struct iovec *iov, int cnt)
 {
-    int r = tx_reserve(tx, alen + blen);
+    size_t total = 0;
+    for (int i = 0; i < cnt; i++)
+        total += iov[i].iov_len;
+    int r = tx_reserve(tx, total);
     if (r < 0)
         return r;
-    if (alen)
-        memcpy(tx->buf + tx->tail, a, alen);
-    if (blen)
-        memcpy(tx->buf + tx->tail + alen, b, blen);
-    tx->tail += alen + blen;
+    for (int i = 0; i < cnt; i++) {
+        if (iov[i].iov_len)
+            memcpy(tx->buf + tx->tail, iov[i].iov_base, iov[i].iov_len);
+        tx->tail += iov[i].iov_len;
+    }
     return 0;
 }
 
@@ -129,13 +280,13 @@ static ssize_t send_iov(int fd, struct iovec *iov, int iovcnt)
     }
 }
 
-int64_t ch_tx_flush(ch_tx *tx, int fd)
+/* Write the queue until it is empty or the socket is full; counts the sendmsg calls. */
+static int64_t tx_write(ch_tx *tx, int fd, uint64_t *calls)
 {
-    if (tx->closed)
-        return -EPIPE;
     while (tx->head < tx->tail) {
         struct iovec iov = {tx->buf + tx->head, tx->tail - tx->head};
         ssize_t n = send_iov(fd, &iov, 1);
+        ++*calls;
         if (n < 0)
             return n;
         if (n == 0)
@@ -147,18 +298,38 @@ int64_t ch_tx_flush(ch_tx *tx, int fd)
     return (int64_t)(tx->tail - tx->head);
 }
 
+/* 0 when tx may be used, else what every call returns. */
+static int tx_error(const ch_tx *tx)
+{
+    return tx->closed ? -EPIPE : tx->err;
+}
+
+int64_t ch_tx_flush(ch_tx *tx, int fd)
+{
+    uint64_t calls = 0;
+    pthread_mutex_lock(&tx->mu);
+    int64_t r = tx_error(tx);
+    if (r == 0)
+        r = tx_write(tx, fd, &calls);
+    pthread_mutex_unlock(&tx->mu);
+    return r;
+}
+
 int64_t ch_tx_push(ch_tx *tx, const uint8_t *payload, size_t len, size_t max_len)
 {
-    if (tx->closed)
-        return -EPIPE;
-    if (len > max_len || len > CH_FRAME_MAX_LIMIT)
-        return -EMSGSIZE;
     uint8_t h[CH_FRAME_HEADER];
     put_header(h, (uint32_t)len);
-    int r = tx_append(tx, h, sizeof h, payload, len);
-    if (r < 0)
-        return r;
-    return (int64_t)(tx->tail - tx->head);
+    struct iovec iov[2] = {{h, sizeof h}, {(void *)payload, len}};
+    pthread_mutex_lock(&tx->mu);
+    int64_t r = tx_error(tx);
+    if (r == 0 && (len > max_len || len > CH_FRAME_MAX_LIMIT))
+        r = -EMSGSIZE;
+    if (r == 0)
+        r = tx_append(tx, iov, 2);
+    if (r == 0)
+        r = (int64_t)(tx->tail - tx->head);
+    pthread_mutex_unlock(&tx->mu);
+    return r;
 }
 
 /*
@@ -166,66 +337,350 @@ int64_t ch_tx_push(ch_tx *tx, const uint8_t *payload, size_t len, size_t max_len
  * frame header), in order behind anything queued: one gathered sendmsg when
  * the queue is empty, the unwritten rest copied into the queue.
  */
-static int64_t tx_sendv(ch_tx *tx, int fd, struct iovec *iov, int cnt, size_t total)
+static int64_t tx_sendv(ch_tx *tx, int fd, struct iovec *iov, int cnt)
 {
+    uint64_t calls = 0;
     if (tx->head != tx->tail) { /* keep order: queue behind what is waiting */
-        for (int i = 0; i < cnt; i++) {
-            int r = tx_append(tx, iov[i].iov_base, iov[i].iov_len, NULL, 0);
-            if (r < 0)
-                return r; /* (ENOMEM: the frame is partly queued; the channel is lost anyway) */
-        }
-        return ch_tx_flush(tx, fd);
+        int r = tx_append(tx, iov, cnt);
+        return r < 0 ? r : tx_write(tx, fd, &calls);
     }
-    size_t done = 0;
-    while (done < total) {
+    tx->last_direct = mono_ns();
+    for (;;) {
         ssize_t n = send_iov(fd, iov, cnt);
         if (n < 0)
             return n;
         if (n == 0)
             break;
-        done += (size_t)n;
         while (cnt > 0 && (size_t)n >= iov->iov_len) { /* drop the pieces written */
             n -= (ssize_t)iov->iov_len;
             iov++;
             cnt--;
         }
-        if (cnt > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + n;
-            iov->iov_len -= (size_t)n;
-        }
+        if (cnt == 0)
+            return 0;
+        iov->iov_base = (uint8_t *)iov->iov_base + n;
+        iov->iov_len -= (size_t)n;
     }
     /* The socket is full: keep the unwritten rest of this frame. */
-    for (int i = 0; i < cnt; i++) {
-        int r = tx_append(tx, iov[i].iov_base, iov[i].iov_len, NULL, 0);
-        if (r < 0)
-            return r;
+    int r = tx_append(tx, iov, cnt);
+    return r < 0 ? r : (int64_t)(tx->tail - tx->head);
+}
+
+/* ---- the writer thread ------------------------------------------------- */
+
+static void writer_wake(int efd)
+{
+    uint64_t one = 1;
+    ssize_t n;
+    do
+        n = write(efd, &one, sizeof one);
+    while (n < 0 && errno == EINTR);
+    /* (EAGAIN would mean the counter is full: the writer is awake anyway) */
+}
+
+/* Under W.mu: the eventfd to write (after unlocking) if the writer sleeps, else -1. */
+static int writer_need_wake(void)
+{
+    if (!W.asleep)
+        return -1;
+    W.asleep = 0; /* one wake-up per sleep, however many posters */
+    W.st.wakeups++;
+    return W.efd;
+}
+
+/*
+ * Write tx's queue (W.mu held on entry and on return; tx taken off the lists
+ * and W.cur == tx).  Holds tx->mu across the sendmsg calls, so that
+ * ch_tx_close can wait for them to end.
+ */
+static void writer_serve(ch_tx *tx)
+{
+    pthread_mutex_unlock(&W.mu);
+    pthread_mutex_lock(&tx->mu);
+    uint64_t calls = 0;
+    int64_t left = 0;
+    if (!tx_error(tx)) {
+        left = tx_write(tx, tx->fd, &calls);
+        if (left < 0) { /* the peer is gone (or the fd is bad): nobody will read these */
+            tx->err = (int)left;
+            tx_drop(tx);
+            left = 0;
+        }
+    }
+    pthread_mutex_lock(&W.mu);
+    W.cur = NULL;
+    W.st.writes += calls;
+    if (left > 0) {
+        tx->stalled = 1;
+        node_push(&W.stall, &tx->node);
+    } else {
+        tx->owned = 0;
+    }
+    pthread_mutex_unlock(&tx->mu);
+    if (tx->zombie) {
+        pthread_mutex_unlock(&W.mu);
+        tx_destroy(tx);
+        pthread_mutex_lock(&W.mu);
+    }
+}
+
+/*
+ * Sleep in poll() until a poster writes the eventfd or a stalled socket takes
+ * bytes again, then move the writable txs to W.run (W.mu held on entry and on
+ * return).  No timeout: an idle writer costs nothing.
+ */
+static void writer_sleep(void)
+{
+    size_t n = 1;
+    for (struct node *p = W.stall.next; p != &W.stall; p = p->next)
+        n++;
+    if (n > W.pcap) {
+        struct pollfd *np = realloc(W.pfd, n * sizeof *np);
+        if (np) {
+            W.pfd = np;
+            W.pcap = n;
+        }
+    }
+    /* Out of memory, the txs that do not fit are retried every millisecond. */
+    int timeout = -1;
+    size_t i = 1;
+    W.pfd[0] = (struct pollfd){.fd = W.efd, .events = POLLIN};
+    for (struct node *p = W.stall.next; p != &W.stall; p = p->next) {
+        ch_tx *tx = TX_OF(p, node);
+        tx->pidx = i < W.pcap ? i : 0;
+        if (tx->pidx)
+            W.pfd[i++] = (struct pollfd){.fd = tx->fd, .events = POLLOUT};
+        else
+            timeout = 1;
+    }
+    W.asleep = 1;
+    W.st.sleeps++;
+    pthread_mutex_unlock(&W.mu);
+    /* (A tx closed from here on may have its fd number polled once, after its
+     * close woke us: poll has no effect on a descriptor, and the stale result
+     * is ignored below since the tx is no longer on W.stall.) */
+    int r = poll(W.pfd, i, timeout);
+    if (r < 0 && errno != EINTR)
+        poll(NULL, 0, 1); /* (ENOMEM) retry soon rather than spin */
+    pthread_mutex_lock(&W.mu);
+    W.asleep = 0;
+    if (r > 0 && W.pfd[0].revents) {
+        uint64_t v;
+        ssize_t got = read(W.efd, &v, sizeof v);
+        (void)got; /* EAGAIN: a spurious wake-up, nothing to clear */
+    }
+    for (struct node *p = W.stall.next, *next; p != &W.stall; p = next) {
+        next = p->next;
+        ch_tx *tx = TX_OF(p, node);
+        if (r < 0 || tx->pidx == 0 || W.pfd[tx->pidx].revents) {
+            node_unlink(p);
+            tx->stalled = 0;
+            node_push(&W.run, p);
+        }
+    }
+}
+
+static void *writer_main(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&W.mu);
+    for (;;) {
+        while (node_linked(&W.run)) {
+            ch_tx *tx = TX_OF(W.run.next, node);
+            node_unlink(&tx->node);
+            W.cur = tx;
+            writer_serve(tx);
+        }
+        writer_sleep();
+    }
+    return NULL;
+}
+
+/*
+ * fork() keeps only the forking thread.  So that the child finds every tx and
+ * the writer's schedule in a consistent state, with no lock held by a thread
+ * that is not there, the fork waits until no tx is in use: it takes every
+ * tx's mutex (each is held for microseconds at a time, and a Python thread
+ * may hold one without the GIL) and W.mu.  The child then forgets the
+ * parent's writer (its own starts on demand) and unlocks it all.
+ */
+static void atfork_prepare(void)
+{
+    pthread_mutex_lock(&REG.mu);
+    for (struct node *p = REG.all.next; p != &REG.all; p = p->next)
+        pthread_mutex_lock(&TX_OF(p, all)->mu);
+    pthread_mutex_lock(&W.mu);
+}
+
+static void unlock_all(void)
+{
+    pthread_mutex_unlock(&W.mu);
+    for (struct node *p = REG.all.next; p != &REG.all; p = p->next)
+        pthread_mutex_unlock(&TX_OF(p, all)->mu);
+}
+
+static void atfork_parent(void)
+{
+    unlock_all();
+    pthread_mutex_unlock(&REG.mu);
+}
+
+static void forget(ch_tx *tx)
+{
+    node_unlink(&tx->node);
+    tx->stalled = 0;
+    tx->owned = 0;
+}
+
+static void atfork_child(void)
+{
+    while (node_linked(&W.run))
+        forget(TX_OF(W.run.next, node));
+    while (node_linked(&W.stall))
+        forget(TX_OF(W.stall.next, node));
+    ch_tx *zombie = NULL;
+    if (W.cur) { /* taken off W.run by the parent's writer, which waited for its mutex */
+        W.cur->owned = 0;
+        if (W.cur->zombie)
+            zombie = W.cur;
+        W.cur = NULL;
+    }
+    if (W.efd >= 0)
+        close(W.efd); /* shared with the parent: its wake-ups are not for us */
+    W.efd = -1;
+    W.running = 0;
+    W.asleep = 0;
+    free(W.pfd);
+    W.pfd = NULL;
+    W.pcap = 0;
+    memset(&W.st, 0, sizeof W.st);
+    unlock_all(); /* (locked by atfork_prepare, in this very thread) */
+    if (zombie) { /* ch_tx_free left it to the parent's writer */
+        node_unlink(&zombie->all);
+        tx_release(zombie);
+    }
+    pthread_mutex_unlock(&REG.mu);
+}
+
+static void register_atfork(void)
+{
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+/* Under W.mu.  Returns 0 or -errno. */
+static int writer_start(void)
+{
+    if (!W.pfd) {
+        W.pfd = malloc(16 * sizeof *W.pfd);
+        if (!W.pfd)
+            return -ENOMEM;
+        W.pcap = 16;
+    }
+    if (W.efd < 0) {
+        W.efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (W.efd < 0)
+            return -errno;
+    }
+    /* All signals blocked in the writer: process signals go to the Python
+     * threads (whose handlers must run there) and never interrupt its poll. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int r = pthread_create(&W.thread, &attr, writer_main, NULL);
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (r)
+        return -r;
+    pthread_setname_np(W.thread, "ch-writer");
+    W.running = 1;
+    return 0;
+}
+
+/* Put tx (not on the writer's schedule) on it.  Under tx->mu; *wake as writer_need_wake. */
+static int writer_schedule(ch_tx *tx, int fd, int *wake)
+{
+    pthread_mutex_lock(&W.mu);
+    int r = W.running ? 0 : writer_start();
+    if (r == 0) {
+        tx->fd = fd;
+        node_push(&W.run, &tx->node);
+        *wake = writer_need_wake();
+    }
+    pthread_mutex_unlock(&W.mu);
+    return r;
+}
+
+void ch_tx_writer_stats(ch_writer_stats *out)
+{
+    pthread_mutex_lock(&W.mu);
+    *out = W.st;
+    out->running = W.running;
+    out->cpu_ns = 0;
+    clockid_t cid;
+    struct timespec ts;
+    if (W.running && pthread_getcpuclockid(W.thread, &cid) == 0 && clock_gettime(cid, &ts) == 0)
+        out->cpu_ns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    pthread_mutex_unlock(&W.mu);
+}
+
+/* ---- sending and posting ---------------------------------------------- */
+
+/* See ch_tx_post for the policy.  Under tx->mu; *wake as writer_need_wake. */
+static int64_t tx_post(ch_tx *tx, int fd, struct iovec *iov, int cnt, int *wake)
+{
+    if (tx->head == tx->tail && !tx->owned && mono_ns() - tx->last_direct > CH_TX_POST_WINDOW_NS)
+        return tx_sendv(tx, fd, iov, cnt);
+    int r = tx_append(tx, iov, cnt);
+    if (r < 0)
+        return r;
+    if (!tx->owned) {
+        uint64_t calls = 0;
+        if (writer_schedule(tx, fd, wake) < 0) /* no writer thread: do as ch_tx_send */
+            return tx_write(tx, fd, &calls);
+        tx->owned = 1;
     }
     return (int64_t)(tx->tail - tx->head);
 }
 
-int64_t ch_tx_send(ch_tx *tx, int fd, const uint8_t *payload, size_t len, size_t max_len)
+/* Send or post the frame in iov, unless tx is unusable or `bad` (a validation error). */
+static int64_t tx_submit(ch_tx *tx, int fd, int bad, struct iovec *iov, int cnt, int post)
 {
-    if (tx->closed)
-        return -EPIPE;
-    if (len > max_len || len > CH_FRAME_MAX_LIMIT)
-        return -EMSGSIZE;
+    int wake = -1;
+    pthread_mutex_lock(&tx->mu);
+    int64_t r = tx_error(tx);
+    if (r == 0)
+        r = bad;
+    if (r == 0)
+        r = post ? tx_post(tx, fd, iov, cnt, &wake) : tx_sendv(tx, fd, iov, cnt);
+    pthread_mutex_unlock(&tx->mu);
+    if (wake >= 0) /* after unlocking: the writer wants tx->mu first thing */
+        writer_wake(wake);
+    return r;
+}
+
+static int64_t tx_frame(ch_tx *tx, int fd, const uint8_t *payload, size_t len, size_t max_len,
+                        int post)
+{
+    int bad = len > max_len || len > CH_FRAME_MAX_LIMIT ? -EMSGSIZE : 0;
     uint8_t h[CH_FRAME_HEADER];
     put_header(h, (uint32_t)len);
     struct iovec iov[2] = {{h, sizeof h}, {(void *)payload, len}};
-    return tx_sendv(tx, fd, iov, 2, sizeof h + len);
+    return tx_submit(tx, fd, bad, iov, 2, post);
 }
 
-int64_t ch_tx_send_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_t origin,
-                       uint64_t rid, const uint8_t *name, size_t name_len,
-                       const uint8_t *body, size_t body_len)
+static int64_t tx_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_t origin,
+                      uint64_t rid, const uint8_t *name, size_t name_len, const uint8_t *body,
+                      size_t body_len, int post)
 {
-    if (tx->closed)
-        return -EPIPE;
-    if (name_len > CH_MSG_NAME_MAX || kind > 0xff)
-        return -EINVAL;
     size_t len = CH_MSG_HEADER + name_len + body_len;
-    if (len > max_len || len > CH_FRAME_MAX_LIMIT || body_len > CH_FRAME_MAX_LIMIT)
-        return -EMSGSIZE;
+    int bad = 0;
+    if (name_len > CH_MSG_NAME_MAX || kind > 0xff)
+        bad = -EINVAL;
+    else if (len > max_len || len > CH_FRAME_MAX_LIMIT || body_len > CH_FRAME_MAX_LIMIT)
+        bad = -EMSGSIZE;
     uint8_t h[CH_FRAME_HEADER + CH_MSG_HEADER];
     put_header(h, (uint32_t)len);
     uint8_t *e = h + CH_FRAME_HEADER;
@@ -237,15 +692,54 @@ int64_t ch_tx_send_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_
     e[13] = name_len & 0xff;
     e[14] = (uint8_t)(name_len >> 8);
     struct iovec iov[3] = {{h, sizeof h}, {(void *)name, name_len}, {(void *)body, body_len}};
-    return tx_sendv(tx, fd, iov, 3, sizeof h + name_len + body_len);
+    return tx_submit(tx, fd, bad, iov, 3, post);
+}
+
+int64_t ch_tx_send(ch_tx *tx, int fd, const uint8_t *payload, size_t len, size_t max_len)
+{
+    return tx_frame(tx, fd, payload, len, max_len, 0);
+}
+
+int64_t ch_tx_post(ch_tx *tx, int fd, const uint8_t *payload, size_t len, size_t max_len)
+{
+    return tx_frame(tx, fd, payload, len, max_len, 1);
+}
+
+int64_t ch_tx_send_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_t origin,
+                       uint64_t rid, const uint8_t *name, size_t name_len,
+                       const uint8_t *body, size_t body_len)
+{
+    return tx_msg(tx, fd, max_len, kind, origin, rid, name, name_len, body, body_len, 0);
+}
+
+int64_t ch_tx_post_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_t origin,
+                       uint64_t rid, const uint8_t *name, size_t name_len,
+                       const uint8_t *body, size_t body_len)
+{
+    return tx_msg(tx, fd, max_len, kind, origin, rid, name, name_len, body, body_len, 1);
 }
 
 void ch_tx_close(ch_tx *tx)
 {
+    int wake = -1;
+    pthread_mutex_lock(&tx->mu); /* waits for a write of the writer in progress */
     tx->closed = 1;
-    free(tx->buf);
-    tx->buf = NULL;
-    tx->cap = tx->head = tx->tail = 0;
+    tx->owned = 0;
+    tx_drop(tx);
+    pthread_mutex_lock(&W.mu);
+    if (node_linked(&tx->node)) {
+        /* A sleeping writer polls a stalled tx's socket, and poll holds a
+         * reference to it: the peer would not see the caller's close(fd) until
+         * the writer wakes up.  Wake it so that it drops the socket now. */
+        if (tx->stalled)
+            wake = writer_need_wake();
+        node_unlink(&tx->node);
+        tx->stalled = 0;
+    }
+    pthread_mutex_unlock(&W.mu);
+    pthread_mutex_unlock(&tx->mu);
+    if (wake >= 0)
+        writer_wake(wake);
 }
 
 /* ---- receive side ---------------------------------------------------- */

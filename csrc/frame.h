@@ -8,10 +8,18 @@
  *
  * A ch_tx queues outgoing frames for one socket and writes them with as few
  * sendmsg() calls as possible; a ch_rx buffers incoming bytes and hands out
- * every complete frame one read brought.  Neither is internally locked: each
- * is owned by one thread at a time (the Python layer serialises access).
- * Neither ever blocks: sockets must be non-blocking (ch_socketpair makes
- * them so) and "would block" is reported, never waited for.
+ * every complete frame one read brought.
+ *
+ * A ch_tx is internally locked (a pthread mutex per tx): threads may call the
+ * ch_tx_* functions (all but ch_tx_free) concurrently, and must, since the
+ * process-wide writer thread (see ch_tx_post) works on posted txs alongside
+ * the callers.  The mutex is only ever held for copying bytes and for
+ * non-blocking sendmsg calls, so a call may wait for it briefly (microseconds
+ * for ordinary frames), never on a peer.  A ch_rx is not
+ * locked: it is owned by one thread at a time (the Python layer serialises
+ * access).  Neither ever blocks on a socket: sockets must be non-blocking
+ * (ch_socketpair makes them so) and "would block" is reported, never waited
+ * for.
  *
  * Every function returns 0 (or a documented non-negative count) on success
  * and a negative errno on failure.
@@ -41,6 +49,10 @@
 #define CH_ERR_MALFORMED (-EPROTO)    /* bad magic or reserved bits */
 #define CH_ERR_TOOBIG (-EMSGSIZE)     /* declared length above the maximum */
 
+/* ch_tx_post writes directly only when the previous direct write on that tx
+ * is older than this (CLOCK_MONOTONIC nanoseconds): 50 us. */
+#define CH_TX_POST_WINDOW_NS 50000
+
 typedef struct ch_tx ch_tx;
 typedef struct ch_rx ch_rx;
 
@@ -56,7 +68,13 @@ int ch_socketpair(int fds[2]);
  * ch_tx_free.  Returns 0 or -ENOMEM.
  */
 int ch_tx_new(ch_tx **out);
-/* Release a send queue and any bytes still queued in it.  NULL is a no-op. */
+/*
+ * Release a send queue and any bytes still queued in it (it is closed first,
+ * see ch_tx_close, so nothing more is written).  NULL is a no-op.  Safe
+ * while the writer thread has the tx scheduled: if the writer is working on it
+ * at that moment, the writer releases the memory when it is done.  No other
+ * thread may use tx during or after the call.
+ */
 void ch_tx_free(ch_tx *tx);
 
 /*
@@ -69,8 +87,9 @@ void ch_tx_free(ch_tx *tx);
  * is full: wait for POLLOUT, then ch_tx_flush), or -EMSGSIZE when len exceeds
  * `max_len` (nothing queued, the queue stays usable), -ENOMEM, or the socket's
  * error: -EPIPE / -ECONNRESET when the peer is gone (the process does not get
- * SIGPIPE, whatever its SIGPIPE disposition).  EINTR is retried; EAGAIN is not
- * an error.  Never blocks.
+ * SIGPIPE, whatever its SIGPIPE disposition), or -EPIPE when tx is closed,
+ * or the error a background write of the writer thread met (see ch_tx_post).
+ * EINTR is retried; EAGAIN is not an error.  Never blocks.
  */
 int64_t ch_tx_send(ch_tx *tx, int fd, const uint8_t *payload, size_t len, size_t max_len);
 
@@ -86,27 +105,100 @@ int64_t ch_tx_send_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_
                        const uint8_t *body, size_t body_len);
 
 /*
- * Mark the queue closed and drop what it holds: every later send, push or
- * flush returns -EPIPE without touching its fd (whose number may have been
- * reused).  The object stays valid until ch_tx_free.  Idempotent.
+ * Mark the queue closed and drop what it holds: every later send, post, push
+ * or flush returns -EPIPE without touching its fd (whose number may have been
+ * reused).  Waits for the writer thread to finish a sendmsg in progress on tx
+ * (microseconds) and takes tx off its schedule: once this returns, the writer
+ * never writes to that fd again, so the caller may close it right away.  The
+ * object stays valid until ch_tx_free.  Idempotent.
  */
 void ch_tx_close(ch_tx *tx);
 
 /*
  * Append a frame to the queue without any syscall (for batching several frames
- * into the next flush).  Returns the bytes now queued, -EMSGSIZE, or -ENOMEM.
+ * into the next flush; while the writer thread owns the queue, see
+ * ch_tx_unowned, it writes them too).  Returns the bytes now queued,
+ * -EMSGSIZE, -ENOMEM, or the error of a closed tx (see ch_tx_post).
  */
 int64_t ch_tx_push(ch_tx *tx, const uint8_t *payload, size_t len, size_t max_len);
 
 /*
  * Write as much of the queue as the socket takes, with one sendmsg per
- * contiguous run.  Returns the bytes still queued (0 = empty) or -EPIPE /
- * -ECONNRESET / other socket errors.  Never blocks.
+ * contiguous run (harmless while the writer thread owns the queue: both write
+ * under the tx mutex, in order).  Returns the bytes still queued (0 = empty)
+ * or -EPIPE / -ECONNRESET / other socket errors, or the error of a closed tx
+ * (see ch_tx_post).  Never blocks.
  */
 int64_t ch_tx_flush(ch_tx *tx, int fd);
 
-/* Bytes queued and not yet written. */
+/*
+ * Send a frame, or hand it to the process-wide writer thread so that a burst
+ * of frames goes out in few sendmsg calls.  Same framing, arguments and
+ * validation as ch_tx_send / ch_tx_send_msg; `fd` must be the same socket on
+ * every call for one tx.  The payload is copied or written before return.
+ *
+ * When the queue is empty, the writer is not responsible for tx, and the last
+ * direct write on tx (by a send or a post) is more than CH_TX_POST_WINDOW_NS
+ * old, the frame is sent right away exactly as ch_tx_send would (a lone
+ * message pays no hand-over latency).  Otherwise it is appended to the queue
+ * without a syscall and the writer thread becomes responsible for the queue:
+ * it writes everything queued on tx, in order, as soon as it runs (it never
+ * waits on purpose: frames batch up while it is being woken or is busy), and
+ * when the socket is full it waits for POLLOUT itself.  Waking the writer
+ * costs one eventfd write, and only when it is asleep, so a burst costs at
+ * most one wake-up.  The writer thread ("ch-writer", all signals blocked,
+ * never calls into Python) is started on the first post that needs it; if it
+ * cannot be started, the frame is written like ch_tx_send would.
+ *
+ * Returns the bytes now queued on tx (>= 0, including bytes the writer has yet
+ * to write: compare it with your own limit on queued bytes), or a negative
+ * errno: -EPIPE when tx is closed; the error an earlier background write met
+ * (-EPIPE, -ECONNRESET, ...: the writer drops the queue and keeps that error,
+ * which every later send, post, push and flush returns); the socket's error of
+ * a direct write; -EMSGSIZE or -EINVAL (ch_tx_post_msg: kind > 255 or
+ * name_len > CH_MSG_NAME_MAX), nothing queued; -ENOMEM, nothing queued.
+ * Never blocks (except on the tx mutex, see above).  Any thread.
+ */
+int64_t ch_tx_post(ch_tx *tx, int fd, const uint8_t *payload, size_t len, size_t max_len);
+int64_t ch_tx_post_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_t origin,
+                       uint64_t rid, const uint8_t *name, size_t name_len,
+                       const uint8_t *body, size_t body_len);
+
+/* Bytes queued and not yet written (by anyone). */
 size_t ch_tx_pending(const ch_tx *tx);
+
+/*
+ * Bytes queued that the writer thread is not responsible for: 0 while the
+ * writer has tx scheduled or is waiting for POLLOUT on it, else
+ * ch_tx_pending(tx) (bytes a send left on a full socket: the caller must wait
+ * for POLLOUT and ch_tx_flush them itself).
+ */
+size_t ch_tx_unowned(const ch_tx *tx);
+
+/*
+ * The writer thread's counters since this process started it (a forked child
+ * starts from zero), for tests and monitoring.  Fills *out under the writer's
+ * lock; cpu_ns is the writer thread's CPU time (0 when it is not running).
+ * Any thread; never blocks but on that lock (held for microseconds).
+ */
+typedef struct {
+    uint64_t wakeups; /* eventfd writes that woke it (by posts and closes) */
+    uint64_t sleeps;  /* times it went to sleep in poll() */
+    uint64_t writes;  /* sendmsg calls it made */
+    int64_t cpu_ns;
+    int running;
+} ch_writer_stats;
+void ch_tx_writer_stats(ch_writer_stats *out);
+
+/*
+ * fork(): pthread_atfork handlers (registered by the first ch_tx_new) make
+ * fork() wait until no ch_tx_* call is in progress in any thread (each holds a
+ * tx mutex for microseconds), so a child finds every tx consistent and
+ * unlocked.  The writer thread does not exist in a child: the child starts its
+ * own on demand, so txs created in the child can post.  Txs inherited from the
+ * parent share their sockets with it and must not be written in the child;
+ * ch_tx_close and ch_tx_free on them are safe.
+ */
 
 /*
  * Allocate a receive buffer for frames of at most max_len payload bytes

@@ -19,6 +19,7 @@
 #include <inttypes.h>
 #include <malloc.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1339,6 +1340,843 @@ out:
         close(fds[1]);
 }
 
+/* ---- posting and the writer thread ------------------------------------------------ */
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void sleep_us(long us)
+{
+    struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+/* xorshift64* on caller-owned state, for threads (g_rng is the main thread's). */
+static uint64_t xs(uint64_t *s)
+{
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return *s * 0x2545F4914F6CDD1DULL;
+}
+
+static ch_writer_stats wstats(void)
+{
+    ch_writer_stats st;
+    ch_tx_writer_stats(&st);
+    return st;
+}
+
+/*
+ * Wait until at most `limit` bytes are queued on tx, as the Python layer does:
+ * flush what the writer thread does not own when the socket takes bytes, and
+ * leave the rest to the writer.  Returns 0, -ETIMEDOUT or the send error.
+ */
+static int settle(ch_tx *tx, int fd, size_t limit, int timeout_ms)
+{
+    int64_t deadline = now_ns() + (int64_t)timeout_ms * 1000000;
+    while (ch_tx_pending(tx) > limit) {
+        if (now_ns() > deadline)
+            return -ETIMEDOUT;
+        if (ch_tx_unowned(tx) > 0) {
+            struct pollfd p = {fd, POLLOUT, 0};
+            poll(&p, 1, 10);
+            int64_t r = ch_tx_flush(tx, fd);
+            if (r < 0)
+                return (int)r;
+        } else {
+            sleep_us(200);
+        }
+    }
+    return 0;
+}
+
+/* Frame i of a numbered stream: 4-byte sequence number, then len - 4 pattern bytes. */
+static size_t seq_frame(uint8_t *p, uint32_t i, size_t len);
+static int seq_frame_ok(const uint8_t *p, size_t len, uint32_t i);
+
+/* A thread that reads frames with ch_rx_read until end of stream or error. */
+typedef struct {
+    int fd;
+    size_t max_len;
+    int seq_only;  /* check seq_frame numbers as they come instead of keeping frames */
+    blobs got;     /* the frames (unless seq_only) */
+    uint32_t nseq; /* seq_only: frames received in order; bad_seq: one was not */
+    int bad_seq;
+    int end;       /* the ch_rx_read result that ended it (CH_ERR_EOF expected) */
+    int max_batch; /* most frames one ch_rx_read handed out */
+    pthread_t th;
+} reader;
+
+static void *reader_main(void *arg)
+{
+    reader *r = arg;
+    ch_rx *rx = NULL;
+    r->end = ch_rx_new(r->max_len, &rx);
+    if (r->end < 0)
+        return NULL;
+    int64_t deadline = now_ns() + 100 * 1000000000LL;
+    for (;;) {
+        int n = ch_rx_read(rx, r->fd);
+        if (n < 0) {
+            r->end = n;
+            break;
+        }
+        if (n == 0) {
+            if (now_ns() > deadline) {
+                r->end = -ETIMEDOUT;
+                break;
+            }
+            struct pollfd p = {r->fd, POLLIN, 0};
+            poll(&p, 1, 100);
+            continue;
+        }
+        if (n > r->max_batch)
+            r->max_batch = n;
+        const uint8_t *d = ch_rx_data(rx);
+        const uint32_t *fr = ch_rx_frames(rx);
+        for (int i = 0; i < n; i++) {
+            if (!r->seq_only)
+                blobs_add(&r->got, d + fr[2 * i], fr[2 * i + 1]);
+            else if (seq_frame_ok(d + fr[2 * i], fr[2 * i + 1], r->nseq))
+                r->nseq++;
+            else
+                r->bad_seq = 1;
+        }
+    }
+    ch_rx_free(rx);
+    return NULL;
+}
+
+static int reader_start(reader *r, int fd, size_t max_len, int seq_only)
+{
+    memset(r, 0, sizeof *r);
+    r->fd = fd;
+    r->max_len = max_len;
+    r->seq_only = seq_only;
+    return pthread_create(&r->th, NULL, reader_main, r);
+}
+
+static uint32_t le32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void put_le32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* A message envelope as frame.h documents it; returns CH_MSG_HEADER. */
+static size_t put_env(uint8_t *e, unsigned kind, uint32_t origin, uint64_t rid, size_t name_len)
+{
+    e[0] = (uint8_t)kind;
+    put_le32(e + 1, origin);
+    for (int i = 0; i < 8; i++)
+        e[5 + i] = (uint8_t)(rid >> (8 * i));
+    e[13] = (uint8_t)name_len;
+    e[14] = (uint8_t)(name_len >> 8);
+    return CH_MSG_HEADER;
+}
+
+static size_t seq_frame(uint8_t *p, uint32_t i, size_t len)
+{
+    put_le32(p, i);
+    for (size_t k = 4; k < len; k++)
+        p[k] = (uint8_t)(i * 7 + k);
+    return len;
+}
+
+static int seq_frame_ok(const uint8_t *p, size_t len, uint32_t i)
+{
+    int ok = len >= 4 && le32(p) == i;
+    for (size_t k = 4; ok && k < len; k++)
+        ok = p[k] == (uint8_t)(i * 7 + k);
+    return ok;
+}
+
+/* The frames of got are seq_frame 0, 1, 2, ... n-1 (lengths not checked). */
+static int seq_ok(const blobs *got, size_t n)
+{
+    if (got->n != n) {
+        fprintf(stderr, "[%s] got %zu frames, want %zu\n", g_test, got->n, n);
+        return 0;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const blob *b = &got->v[i];
+        if (!seq_frame_ok(b->p, b->len, (uint32_t)i)) {
+            fprintf(stderr, "[%s] frame %zu is wrong (len %zu)\n", g_test, i, b->len);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* A lone post is written before it returns; a post behind queued bytes is left to the writer thread. */
+static void test_post_policy(void)
+{
+    reader rd = {0};
+    int fds[2] = {-1, -1}, started = 0;
+    ch_tx *tx = NULL;
+    uint8_t f[64];
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_tx_new(&tx) == 0);
+    /* validation, nothing queued */
+    CHECK_EQ(ch_tx_post(tx, fds[0], f, 65, 64), -EMSGSIZE);
+    CHECK_EQ(ch_tx_post_msg(tx, fds[0], 64, 256, 0, 0, f, 0, f, 0), -EINVAL);
+    CHECK_EQ(ch_tx_post_msg(tx, fds[0], SIZE_MAX, 1, 0, 0, f, CH_MSG_NAME_MAX + 1, f, 0), -EINVAL);
+    CHECK_EQ(ch_tx_post_msg(tx, fds[0], 20, 1, 0, 0, f, 3, f, 3), -EMSGSIZE);
+    CHECK_EQ(ch_tx_pending(tx), 0);
+    /* direct: written before the call returns, 50 us and more apart */
+    CHECK_EQ(ch_tx_post(tx, fds[0], f, seq_frame(f, 0, 20), 64), 0);
+    CHECK_EQ(unread(fds[1]), CH_FRAME_HEADER + 20);
+    sleep_us(2000);
+    CHECK_EQ(ch_tx_post(tx, fds[0], f, seq_frame(f, 1, 30), 64), 0);
+    CHECK_EQ(unread(fds[1]), 2 * CH_FRAME_HEADER + 50);
+    /* a send counts as a direct write too: a post right after it is queued,
+     * unless this thread was descheduled for 50 us in between */
+    CHECK_EQ(ch_tx_send(tx, fds[0], f, seq_frame(f, 2, 4), 64), 0);
+    int64_t q = ch_tx_post(tx, fds[0], f, seq_frame(f, 3, 4), 64);
+    CHECK(q == 0 || q == CH_FRAME_HEADER + 4);
+    if (q == 0)
+        printf("     (post after send went direct: descheduled for over 50 us)\n");
+    REQUIRE(settle(tx, fds[0], 0, 10000) == 0);
+    /* behind queued bytes: queued, and the writer owns the queue (nobody flushes) */
+    CHECK_EQ(ch_tx_push(tx, f, seq_frame(f, 4, 10), 64), CH_FRAME_HEADER + 10);
+    CHECK_EQ(ch_tx_unowned(tx), CH_FRAME_HEADER + 10);
+    q = ch_tx_post_msg(tx, fds[0], 64, 7, 5, 0x1122334455667788ULL, (const uint8_t *)"nm", 2,
+                       (const uint8_t *)"body", 4);
+    CHECK_EQ(q, 2 * CH_FRAME_HEADER + 10 + CH_MSG_HEADER + 6);
+    CHECK_EQ(ch_tx_unowned(tx), 0);
+    CHECK(wstats().running);
+    int64_t deadline = now_ns() + 10 * 1000000000LL;
+    while (ch_tx_pending(tx) > 0 && now_ns() < deadline)
+        sleep_us(100);
+    CHECK_EQ(ch_tx_pending(tx), 0);
+    CHECK_EQ(ch_tx_unowned(tx), 0);
+    ch_tx_close(tx);
+    close(fds[0]);
+    fds[0] = -1;
+    REQUIRE(reader_start(&rd, fds[1], 64, 0) == 0);
+    started = 1;
+    pthread_join(rd.th, NULL);
+    started = 0;
+    CHECK_EQ(rd.end, CH_ERR_EOF);
+    REQUIRE(rd.got.n == 6);
+    blobs first = {rd.got.v, 5, 5};
+    CHECK(seq_ok(&first, 5));
+    uint8_t want[CH_MSG_HEADER + 6];
+    put_env(want, 7, 5, 0x1122334455667788ULL, 2);
+    memcpy(want + CH_MSG_HEADER, "nmbody", 6);
+    CHECK(rd.got.v[5].len == sizeof want && memcmp(rd.got.v[5].p, want, sizeof want) == 0);
+    CHECK_EQ(ch_tx_post(tx, fds[1], f, 1, 64), -EPIPE); /* closed: the fd is not touched */
+out:
+    if (started)
+        pthread_join(rd.th, NULL);
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_tx_free(tx);
+    blobs_free(&rd.got);
+}
+
+/* ---- many threads ---- */
+
+#define MT_MAX_LEN (200 * 1024)
+
+typedef struct {
+    ch_tx *tx;
+    int fd;
+    unsigned id;
+    uint32_t n;
+    uint64_t rng;
+    int64_t err;
+    pthread_t th;
+} poster;
+
+static uint64_t mt_rid(unsigned id, uint32_t seq)
+{
+    return (uint64_t)seq * 0x9E3779B97F4A7C15ULL ^ id;
+}
+
+/* Thread id's messages 0..n-1, each through one of send, post, send_msg, post_msg. */
+static void *poster_main(void *arg)
+{
+    poster *p = arg;
+    uint8_t *buf = malloc(MT_MAX_LEN);
+    if (!buf)
+        abort();
+    const uint8_t name[2] = {'t', (uint8_t)('0' + p->id)};
+    for (uint32_t seq = 0; seq < p->n; seq++) {
+        uint64_t r = xs(&p->rng);
+        size_t blen = r % 100 == 0 ? xs(&p->rng) % (MT_MAX_LEN - 64)
+                      : r % 10 == 0 ? xs(&p->rng) % 4096
+                                    : xs(&p->rng) % 200;
+        uint8_t *body = buf + CH_MSG_HEADER + 2;
+        for (size_t i = 0; i < blen; i++)
+            body[i] = (uint8_t)(p->id * 131 + seq * 7 + i);
+        int64_t q;
+        switch ((r >> 20) % 4) {
+        case 0:
+            q = ch_tx_send_msg(p->tx, p->fd, MT_MAX_LEN, p->id, seq, mt_rid(p->id, seq), name, 2,
+                               body, blen);
+            break;
+        case 1:
+            q = ch_tx_post_msg(p->tx, p->fd, MT_MAX_LEN, p->id, seq, mt_rid(p->id, seq), name, 2,
+                               body, blen);
+            break;
+        default:
+            put_env(buf, p->id, seq, mt_rid(p->id, seq), 2);
+            memcpy(buf + CH_MSG_HEADER, name, 2);
+            q = ((r >> 20) % 4 == 2 ? ch_tx_send : ch_tx_post)(p->tx, p->fd, buf,
+                                                                 CH_MSG_HEADER + 2 + blen,
+                                                                 MT_MAX_LEN);
+        }
+        if (q >= 0 && (size_t)q > (1u << 20))
+            q = settle(p->tx, p->fd, 256 * 1024, 60000);
+        if (q < 0) {
+            p->err = q;
+            break;
+        }
+        if ((r >> 40) % 64 == 0) /* let the 50 us window lapse now and then */
+            sleep_us((long)((r >> 50) % 200));
+    }
+    free(buf);
+    return NULL;
+}
+
+/* Each frame is the message poster `kind` numbered `origin`; returns 0 or why not. */
+static const char *mt_check(const blob *b, unsigned nth, uint32_t *next)
+{
+    if (b->len < CH_MSG_HEADER + 2)
+        return "short";
+    const uint8_t *p = b->p;
+    unsigned id = p[0];
+    uint32_t seq = le32(p + 1);
+    if (id >= nth)
+        return "kind";
+    if (seq != next[id])
+        return "order";
+    uint64_t rid = 0;
+    for (int i = 0; i < 8; i++)
+        rid |= (uint64_t)p[5 + i] << (8 * i);
+    if (rid != mt_rid(id, seq) || p[13] != 2 || p[14] != 0 || p[15] != 't' || p[16] != '0' + id)
+        return "envelope";
+    for (size_t i = 0; i < b->len - CH_MSG_HEADER - 2; i++)
+        if (p[CH_MSG_HEADER + 2 + i] != (uint8_t)(id * 131 + seq * 7 + i))
+            return "body";
+    next[id]++;
+    return NULL;
+}
+
+/* Frames from 2 and 4 threads mixing posts and direct sends arrive exactly once, each thread's in order. */
+static void test_post_threads_order(void)
+{
+    for (unsigned nth = 2; nth <= 4; nth += 2) {
+        int fds[2] = {-1, -1};
+        ch_tx *tx = NULL;
+        reader rd = {0};
+        poster ps[4];
+        unsigned started = 0, rd_started = 0;
+        const uint32_t n = 2500;
+        REQUIRE(new_pair(fds) == 0);
+        REQUIRE(ch_tx_new(&tx) == 0);
+        REQUIRE(reader_start(&rd, fds[1], MT_MAX_LEN, 0) == 0);
+        rd_started = 1;
+        ch_writer_stats s0 = wstats();
+        for (; started < nth; started++) {
+            ps[started] = (poster){tx, fds[0], started, n, rnd() | 1, 0, 0};
+            REQUIRE(pthread_create(&ps[started].th, NULL, poster_main, &ps[started]) == 0);
+        }
+        for (unsigned i = 0; i < nth; i++)
+            pthread_join(ps[i].th, NULL);
+        started = 0;
+        for (unsigned i = 0; i < nth; i++)
+            CHECK_EQ(ps[i].err, 0);
+        CHECK_EQ(settle(tx, fds[0], 0, 60000), 0);
+        ch_writer_stats s1 = wstats();
+        ch_tx_close(tx);
+        close(fds[0]);
+        fds[0] = -1;
+        pthread_join(rd.th, NULL);
+        rd_started = 0;
+        CHECK_EQ(rd.end, CH_ERR_EOF);
+        uint32_t next[4] = {0};
+        for (size_t i = 0; i < rd.got.n; i++) {
+            const char *why = mt_check(&rd.got.v[i], nth, next);
+            if (why) {
+                fprintf(stderr, "[%s] %u threads: frame %zu: bad %s\n", g_test, nth, i, why);
+                g_fail++;
+                break;
+            }
+        }
+        CHECK_EQ(rd.got.n, (size_t)n * nth);
+        for (unsigned i = 0; i < nth; i++)
+            CHECK_EQ(next[i], n);
+        printf("     %u threads, %u frames: the writer made %" PRIu64 " sendmsg calls after %" PRIu64
+               " wake-ups\n",
+               nth, n * nth, s1.writes - s0.writes, s1.wakeups - s0.wakeups);
+    out:
+        for (unsigned i = 0; i < started; i++)
+            pthread_join(ps[i].th, NULL);
+        if (fds[0] >= 0) {
+            ch_tx_close(tx);
+            close(fds[0]);
+        }
+        if (rd_started)
+            pthread_join(rd.th, NULL);
+        if (fds[1] >= 0)
+            close(fds[1]);
+        ch_tx_free(tx);
+        blobs_free(&rd.got);
+        if (g_fail)
+            return;
+    }
+}
+
+/* 10,000 small posts in a burst arrive complete and in order with far fewer sendmsg calls than frames. */
+static void test_post_burst_coalesces(void)
+{
+    const uint32_t n = 10000;
+    int fds[2] = {-1, -1}, rd_started = 0;
+    ch_tx *tx = NULL;
+    reader rd = {0};
+    uint8_t f[32];
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_tx_new(&tx) == 0);
+    REQUIRE(reader_start(&rd, fds[1], 64, 0) == 0);
+    rd_started = 1;
+    ch_writer_stats s0 = wstats();
+    uint32_t direct = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        int64_t q = ch_tx_post(tx, fds[0], f, seq_frame(f, i, 4 + i % 29), 64);
+        REQUIRE(q >= 0);
+        direct += q == 0; /* (a queued frame leaves at least its own bytes queued) */
+        if ((size_t)q > (1u << 20))
+            REQUIRE(settle(tx, fds[0], 0, 60000) == 0);
+    }
+    REQUIRE(settle(tx, fds[0], 0, 60000) == 0);
+    ch_writer_stats s1 = wstats();
+    uint64_t writes = s1.writes - s0.writes, wakeups = s1.wakeups - s0.wakeups;
+    printf("     %u posts: %u written directly, %" PRIu64 " sendmsg calls by the writer after %" PRIu64
+           " wake-ups\n",
+           n, direct, writes, wakeups);
+    CHECK(direct + writes <= n / 5); /* on average at least 5 frames per sendmsg */
+    CHECK(wakeups <= n / 5);         /* not one per post */
+
+    /* idle: no wake-ups, no work */
+    sleep_us(20000);
+    s0 = wstats();
+    sleep_us(200000);
+    s1 = wstats();
+    CHECK_EQ(s1.sleeps, s0.sleeps);
+    CHECK_EQ(s1.wakeups, s0.wakeups);
+    CHECK(s1.cpu_ns - s0.cpu_ns < 1000000);
+
+    ch_tx_close(tx);
+    close(fds[0]);
+    fds[0] = -1;
+    pthread_join(rd.th, NULL);
+    rd_started = 0;
+    CHECK_EQ(rd.end, CH_ERR_EOF);
+    CHECK(seq_ok(&rd.got, n));
+    printf("     most frames one recv brought: %d\n", rd.max_batch);
+    CHECK(rd.max_batch > 8);
+out:
+    if (fds[0] >= 0) {
+        ch_tx_close(tx);
+        close(fds[0]);
+    }
+    if (rd_started)
+        pthread_join(rd.th, NULL);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_tx_free(tx);
+    blobs_free(&rd.got);
+}
+
+/*
+ * Post 64 KiB frames on a socket nobody reads until the writer thread owns a
+ * queue of more than `want` bytes (beyond the socket's buffer).  Returns the
+ * number of frames posted, or -1.
+ */
+static int fill_stalled(ch_tx *tx, int fd, size_t want, uint8_t *f)
+{
+    const size_t len = 64 * 1024;
+    for (uint32_t i = 0; i < 1000; i++) {
+        if (ch_tx_post(tx, fd, f, seq_frame(f, i, len), len) < 0)
+            return -1;
+        if (ch_tx_pending(tx) > want && ch_tx_unowned(tx) == 0)
+            return (int)i + 1;
+    }
+    return -1;
+}
+
+/* A writer waiting on a full socket sleeps (no CPU, no loop) and drains the queue once the reader reads. */
+static void test_post_stalled_socket(void)
+{
+    int fds[2] = {-1, -1};
+    ch_tx *tx = NULL;
+    ch_rx *rx = NULL;
+    blobs got = {0};
+    uint8_t *f = malloc(64 * 1024);
+    REQUIRE(f != NULL);
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_tx_new(&tx) == 0);
+    REQUIRE(ch_rx_new(64 * 1024, &rx) == 0);
+    int nf = fill_stalled(tx, fds[0], 2u << 20, f);
+    REQUIRE(nf > 0);
+    sleep_us(20000); /* let it reach its poll() */
+    size_t in_socket = (size_t)unread(fds[1]);
+    CHECK(in_socket > 0);
+    ch_writer_stats s0 = wstats();
+    size_t pending = ch_tx_pending(tx);
+    sleep_us(300000);
+    ch_writer_stats s1 = wstats();
+    printf("     stalled 300 ms with %zu bytes queued: writer cpu %" PRId64 " us, %" PRIu64
+           " sleeps, %" PRIu64 " sendmsg calls\n",
+           pending, (s1.cpu_ns - s0.cpu_ns) / 1000, s1.sleeps - s0.sleeps, s1.writes - s0.writes);
+    CHECK(s1.cpu_ns - s0.cpu_ns < 5000000); /* a busy loop would use ~300 ms */
+    CHECK(s1.sleeps - s0.sleeps <= 1);
+    CHECK(s1.writes - s0.writes <= 2);
+    CHECK_EQ(ch_tx_pending(tx), pending);
+    CHECK_EQ(ch_tx_unowned(tx), 0);
+    CHECK_EQ((size_t)unread(fds[1]), in_socket);
+    /* now read: the writer alone writes the rest */
+    int64_t deadline = now_ns() + 30 * 1000000000LL;
+    while (got.n < (size_t)nf && now_ns() < deadline) {
+        CHECK_EQ(drain(rx, fds[1], 64 * 1024, &got), 0);
+        struct pollfd p = {fds[1], POLLIN, 0};
+        poll(&p, 1, 100);
+    }
+    CHECK(seq_ok(&got, (size_t)nf));
+    CHECK_EQ(ch_tx_pending(tx), 0);
+out:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_tx_free(tx);
+    ch_rx_free(rx);
+    blobs_free(&got);
+    free(f);
+}
+
+/* When the writer meets a closed peer, the error sticks to the tx: later posts, sends, pushes and flushes return it. */
+static void test_post_peer_closed(void)
+{
+    int fds[2] = {-1, -1};
+    ch_tx *tx = NULL;
+    uint8_t f[100] = {0};
+    void (*old)(int) = signal(SIGPIPE, SIG_DFL);
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_tx_new(&tx) == 0);
+    CHECK_EQ(ch_tx_post(tx, fds[0], f, 10, 100), 0);
+    close(fds[1]);
+    fds[1] = -1;
+    /* queued behind a pushed frame: the writer thread writes it and fails */
+    CHECK(ch_tx_push(tx, f, 10, 100) > 0);
+    CHECK(ch_tx_post_msg(tx, fds[0], 100, 1, 2, 3, f, 1, f, 1) > 0);
+    int64_t deadline = now_ns() + 10 * 1000000000LL;
+    while (ch_tx_pending(tx) > 0 && now_ns() < deadline)
+        sleep_us(100);
+    CHECK_EQ(ch_tx_pending(tx), 0); /* dropped */
+    int64_t e = ch_tx_post(tx, fds[0], f, 10, 100);
+    CHECK(e == -EPIPE || e == -ECONNRESET);
+    CHECK_EQ(ch_tx_post(tx, fds[0], f, 10, 100), e);
+    CHECK_EQ(ch_tx_post_msg(tx, fds[0], 100, 1, 2, 3, f, 1, f, 1), e);
+    CHECK_EQ(ch_tx_send(tx, fds[0], f, 10, 100), e);
+    CHECK_EQ(ch_tx_push(tx, f, 10, 100), e);
+    CHECK_EQ(ch_tx_flush(tx, fds[0]), e);
+    CHECK_EQ(ch_tx_pending(tx), 0);
+    ch_tx_close(tx);
+    CHECK_EQ(ch_tx_post(tx, fds[0], f, 10, 100), -EPIPE);
+    /* a lone post to a closed peer fails directly */
+    ch_tx_free(tx);
+    tx = NULL;
+    REQUIRE(ch_tx_new(&tx) == 0);
+    e = ch_tx_post(tx, fds[0], f, 10, 100);
+    CHECK(e == -EPIPE || e == -ECONNRESET);
+out:
+    signal(SIGPIPE, old);
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_tx_free(tx);
+}
+
+/*
+ * ch_tx_close of a tx the writer thread holds data for returns at once, and
+ * the writer never writes to that fd again, even when its number is reused.
+ */
+static void test_post_close_while_queued(void)
+{
+    int fds[2] = {-1, -1}, nfds[2] = {-1, -1};
+    ch_tx *tx = NULL;
+    uint8_t *f = malloc(64 * 1024);
+    REQUIRE(f != NULL);
+    /* (a) a stalled queue */
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_tx_new(&tx) == 0);
+    REQUIRE(fill_stalled(tx, fds[0], 1u << 20, f) > 0);
+    sleep_us(20000); /* the writer sleeps in poll() on fds[0] */
+    ch_writer_stats s0 = wstats();
+    int64_t t0 = now_ns();
+    ch_tx_close(tx);
+    int64_t took = now_ns() - t0;
+    CHECK(took < 100000000);
+    CHECK_EQ(ch_tx_pending(tx), 0);
+    close(fds[0]);
+    int old0 = fds[0], old1 = fds[1];
+    fds[0] = -1;
+    /* the peer sees the end promptly: the writer no longer holds the socket in its poll() */
+    ch_rx *rx = NULL;
+    blobs got = {0};
+    REQUIRE(ch_rx_new(64 * 1024, &rx) == 0);
+    int r = 0;
+    int64_t deadline = now_ns() + 5 * 1000000000LL;
+    while ((r = drain(rx, fds[1], 64 * 1024, &got)) == 0 && now_ns() < deadline) {
+        struct pollfd p = {fds[1], POLLIN, 0};
+        poll(&p, 1, 100);
+    }
+    CHECK(r == CH_ERR_EOF || r == CH_ERR_TRUNCATED); /* (the writer may have cut a frame) */
+    ch_rx_free(rx);
+    CHECK(got.n > 0 && seq_ok(&got, got.n));
+    blobs_free(&got);
+    close(fds[1]);
+    fds[1] = -1;
+    REQUIRE(new_pair(nfds) == 0);
+    if (!(nfds[0] == old0 || nfds[0] == old1 || nfds[1] == old0 || nfds[1] == old1))
+        printf("     (a) fd numbers not reused\n");
+    sleep_us(50000);
+    CHECK_EQ(unread(nfds[0]), 0);
+    CHECK_EQ(unread(nfds[1]), 0);
+    CHECK_EQ(wstats().writes, s0.writes);
+    close(nfds[0]);
+    close(nfds[1]);
+    nfds[0] = nfds[1] = -1;
+    ch_tx_free(tx);
+    tx = NULL;
+
+    /* (b) close (or free) while the writer is probably writing, again and again */
+    int reused = 0;
+    for (int it = 0; it < 300; it++) {
+        REQUIRE(new_pair(fds) == 0);
+        REQUIRE(ch_tx_new(&tx) == 0);
+        CHECK(ch_tx_push(tx, f, seq_frame(f, 0, 60000), 64 * 1024) > 0);
+        CHECK(ch_tx_post(tx, fds[0], f, seq_frame(f, 1, 100), 64 * 1024) > 0);
+        for (uint64_t spin = rnd_below(20000); spin > 0; spin--)
+            __asm__ volatile("" ::: "memory");
+        if (it % 3 == 0) {
+            ch_tx_free(tx); /* closes it too */
+            tx = NULL;
+        } else {
+            ch_tx_close(tx);
+        }
+        old0 = fds[0];
+        old1 = fds[1];
+        close(fds[0]);
+        close(fds[1]);
+        fds[0] = fds[1] = -1;
+        REQUIRE(new_pair(nfds) == 0);
+        reused += nfds[0] == old0 || nfds[0] == old1;
+        sleep_us(200);
+        CHECK_EQ(unread(nfds[0]), 0);
+        CHECK_EQ(unread(nfds[1]), 0);
+        close(nfds[0]);
+        close(nfds[1]);
+        nfds[0] = nfds[1] = -1;
+        ch_tx_free(tx);
+        tx = NULL;
+        if (g_fail)
+            break;
+    }
+    CHECK(reused > 0);
+out:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    if (nfds[0] >= 0)
+        close(nfds[0]);
+    if (nfds[1] >= 0)
+        close(nfds[1]);
+    ch_tx_free(tx);
+    free(f);
+}
+
+/* A parent thread that sends and posts on its own tx without pause until told to stop. */
+typedef struct {
+    ch_tx *tx;
+    int fd;
+    int stop; /* (atomic) */
+    uint32_t sent;
+    int64_t err;
+    pthread_t th;
+} hammer;
+
+static void *hammer_main(void *arg)
+{
+    hammer *h = arg;
+    uint8_t f[64];
+    while (!__atomic_load_n(&h->stop, __ATOMIC_RELAXED)) {
+        size_t len = seq_frame(f, h->sent, 4 + h->sent % 60);
+        int64_t q = (h->sent % 3 ? ch_tx_post : ch_tx_send)(h->tx, h->fd, f, len, sizeof f);
+        if (q >= 0 && (size_t)q > (256u << 10))
+            q = settle(h->tx, h->fd, 0, 60000);
+        if (q < 0) {
+            h->err = q;
+            break;
+        }
+        h->sent++;
+    }
+    return NULL;
+}
+
+/* Child body: a new tx posts a burst through the child's own writer thread. */
+static int fork_child(ch_tx *inherited, ch_tx *hammered)
+{
+    alarm(60); /* (alarms are not inherited) */
+    /* the parent's writer and its hammer thread were using these at the fork */
+    ch_tx_close(inherited);
+    ch_tx_free(inherited);
+    ch_tx_close(hammered);
+    ch_tx_free(hammered);
+    ch_writer_stats s = wstats();
+    if (s.running || s.writes || s.wakeups)
+        return 1;
+    int fds[2];
+    ch_tx *tx = NULL;
+    reader rd;
+    uint8_t f[64];
+    if (ch_socketpair(fds) != 0 || ch_tx_new(&tx) != 0 || reader_start(&rd, fds[1], 64, 0) != 0)
+        return 2;
+    for (uint32_t i = 0; i < 3000; i++)
+        if (ch_tx_post(tx, fds[0], f, seq_frame(f, i, 4 + i % 40), 64) < 0)
+            return 3;
+    if (settle(tx, fds[0], 0, 30000) != 0)
+        return 4;
+    s = wstats();
+    ch_tx_close(tx);
+    close(fds[0]);
+    pthread_join(rd.th, NULL);
+    if (rd.end != CH_ERR_EOF || !seq_ok(&rd.got, 3000))
+        return 5;
+    if (!s.running || s.writes == 0)
+        return 6;
+    ch_tx_free(tx);
+    blobs_free(&rd.got);
+    close(fds[1]);
+    return 0;
+}
+
+/*
+ * After fork, with the parent's writer busy and another parent thread inside
+ * ch_tx calls, the child can close and free the inherited txs, and a new tx
+ * of the child posts through a new writer thread; the parent's streams are
+ * intact.
+ */
+static void test_post_fork(void)
+{
+    int fds[2] = {-1, -1}, hfds[2] = {-1, -1}, rd_started = 0, hrd_started = 0, h_started = 0;
+    ch_tx *tx = NULL;
+    reader rd = {0}, hrd = {0};
+    hammer h = {0};
+    uint8_t f[300];
+    uint32_t seq = 0;
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(new_pair(hfds) == 0);
+    REQUIRE(ch_tx_new(&tx) == 0);
+    REQUIRE(ch_tx_new(&h.tx) == 0);
+    h.fd = hfds[0];
+    /* The parent's threads must not allocate when it forks: the ASan of clang
+     * 14 does not lock its allocator around fork(), so a child could inherit
+     * one of its locks held (glibc's malloc has no such problem; and frame.c
+     * allocates only under a tx mutex, which fork waits for). */
+    REQUIRE(reader_start(&rd, fds[1], sizeof f, 1) == 0);
+    rd_started = 1;
+    REQUIRE(reader_start(&hrd, hfds[1], 64, 1) == 0);
+    hrd_started = 1;
+    REQUIRE(pthread_create(&h.th, NULL, hammer_main, &h) == 0);
+    h_started = 1;
+    for (int k = 0; k < 6; k++) {
+        /* keep the writer busy with this tx at the fork */
+        for (int i = 0; i < 2000; i++, seq++) {
+            int64_t q = ch_tx_post(tx, fds[0], f, seq_frame(f, seq, 4 + seq % 290), sizeof f);
+            REQUIRE(q >= 0);
+            if ((size_t)q > (1u << 20))
+                REQUIRE(settle(tx, fds[0], 0, 60000) == 0);
+        }
+        fflush(stdout);
+        pid_t pid = fork();
+        REQUIRE(pid >= 0);
+        if (pid == 0) {
+            int code = fork_child(tx, h.tx);
+            _exit(code == 0 ? 42 : 10 + code);
+        }
+        int st = 0;
+        REQUIRE(waitpid(pid, &st, 0) == pid);
+        if (!WIFEXITED(st) || WEXITSTATUS(st) != 42)
+            fprintf(stderr, "[%s] child %d: %s %d\n", g_test, k,
+                    WIFEXITED(st) ? "exit" : "signal", WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
+        CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 42);
+    }
+    REQUIRE(settle(tx, fds[0], 0, 60000) == 0);
+    ch_tx_close(tx);
+    close(fds[0]);
+    fds[0] = -1;
+    pthread_join(rd.th, NULL);
+    rd_started = 0;
+    CHECK_EQ(rd.end, CH_ERR_EOF);
+    CHECK(!rd.bad_seq);
+    CHECK_EQ(rd.nseq, seq);
+    __atomic_store_n(&h.stop, 1, __ATOMIC_RELAXED);
+    pthread_join(h.th, NULL);
+    h_started = 0;
+    CHECK_EQ(h.err, 0);
+    REQUIRE(settle(h.tx, hfds[0], 0, 60000) == 0);
+    ch_tx_close(h.tx);
+    close(hfds[0]);
+    hfds[0] = -1;
+    pthread_join(hrd.th, NULL);
+    hrd_started = 0;
+    CHECK_EQ(hrd.end, CH_ERR_EOF);
+    CHECK(!hrd.bad_seq);
+    CHECK_EQ(hrd.nseq, h.sent);
+    CHECK(h.sent > 0);
+out:
+    if (h_started) {
+        __atomic_store_n(&h.stop, 1, __ATOMIC_RELAXED);
+        pthread_join(h.th, NULL);
+    }
+    if (fds[0] >= 0) {
+        ch_tx_close(tx);
+        close(fds[0]);
+    }
+    if (hfds[0] >= 0) {
+        ch_tx_close(h.tx);
+        close(hfds[0]);
+    }
+    if (rd_started)
+        pthread_join(rd.th, NULL);
+    if (hrd_started)
+        pthread_join(hrd.th, NULL);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    if (hfds[1] >= 0)
+        close(hfds[1]);
+    ch_tx_free(tx);
+    ch_tx_free(h.tx);
+}
+
 /* ---- main ----------------------------------------------------------------------- */
 
 struct test {
@@ -1372,6 +2210,13 @@ static const struct test tests[] = {
     T(test_epipe_sigpipe_default),
     T(test_epipe_with_queued_bytes),
     T(test_socketpair_flags),
+    T(test_post_policy),
+    T(test_post_threads_order),
+    T(test_post_burst_coalesces),
+    T(test_post_stalled_socket),
+    T(test_post_peer_closed),
+    T(test_post_close_while_queued),
+    T(test_post_fork),
 };
 
 int main(int argc, char **argv)

@@ -93,7 +93,7 @@ class Tx:
     around it; once closed, calls fail with PeerGone without touching the fd.
     """
 
-    __slots__ = ("_p", "_send", "_send_msg", "_flush", "pending")
+    __slots__ = ("_p", "_send", "_send_msg", "_flush", "pending", "unowned")
 
     def __init__(self) -> None:
         pp = ffi.new("ch_tx **")
@@ -104,6 +104,8 @@ class Tx:
         self._flush = lib.ch_tx_flush
         # Bytes queued and not yet written: one C call.
         self.pending: Callable[[], int] = functools.partial(lib.ch_tx_pending, self._p)
+        # Those of them that the C writer thread does not take care of.
+        self.unowned: Callable[[], int] = functools.partial(lib.ch_tx_unowned, self._p)
 
     def send(self, fd: int, payload: bytes, max_len: int) -> int:
         """Frame and send ``payload``; return the bytes left queued.
@@ -123,6 +125,17 @@ class Tx:
         (The send hot path: no Python frame of ours around the C call.)"""
         send = lib.ch_tx_send_msg_nogil if release_gil else self._send_msg
         return functools.partial(send, self._p, fd, max_len)
+
+    def message_poster(self, fd: int, max_len: int) -> Callable[..., int]:
+        """Like :meth:`message_sender`, for ``ch_tx_post_msg``: a message in
+        a burst is queued for the process's C writer thread, which writes
+        the burst with few syscalls (a lone message is written at once)."""
+        return functools.partial(lib.ch_tx_post_msg, self._p, fd, max_len)
+
+    def frame_poster(self, fd: int) -> Callable[[bytes, int, int], int]:
+        """The raw C call that posts a prebuilt frame on ``fd`` (see
+        :meth:`message_poster`): ``f(payload, len(payload), max_len)``."""
+        return functools.partial(lib.ch_tx_post, self._p, fd)
 
     def push(self, payload: bytes, max_len: int) -> int:
         """Queue a frame without writing; return the bytes queued."""
@@ -152,6 +165,13 @@ class Tx:
         if r in _PEER_GONE:
             return PeerGone(r)
         return os_error(r, "send")
+
+
+def writer_stats() -> dict[str, int]:
+    """The C writer thread's counters in this process (see ``ch_tx_writer_stats``)."""
+    st = ffi.new("ch_writer_stats *")
+    lib.ch_tx_writer_stats(st)
+    return {k: getattr(st, k) for k in ("wakeups", "sleeps", "writes", "cpu_ns", "running")}
 
 
 class Rx:

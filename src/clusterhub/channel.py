@@ -28,7 +28,8 @@ class Channel:
     __slots__ = (
         "fd", "peer", "max_len", "max_queue", "rx", "_tx", "_lock", "closed",
         "reader", "leader", "dying", "_wake", "_fds_open", "blockers", "held_back",
-        "mask", "arming", "disarmed", "lep", "send", "send_msg", "send_request", "pending",
+        "mask", "arming", "disarmed", "lep", "send", "send_msg", "send_request", "post", "post_msg",
+        "pending", "unowned", "room_waiters",
     )
 
     def __init__(self, fd: int, peer: Any, max_len: int, max_queue: int) -> None:
@@ -61,12 +62,16 @@ class Channel:
         self.mask = 0  # the dispatcher's epoll registration, 0: none (see Hub._arm)
         self.arming = threading.Lock()  # held while mask and registration change
         self.disarmed = False  # the dispatcher dropped it for a leader (see Hub._arm)
+        self.room_waiters = 0  # dispatcher waits for room here (see Hub._wait_room)
         # The send queue needs no lock (its C calls keep the GIL and refuse
         # use once closed), so sending is a bound C-backed method call.
         self.send = functools.partial(self._tx.send, fd, max_len=max_len)
         self.send_msg = self._tx.message_sender(fd, max_len)
         self.send_request = self._tx.message_sender(fd, max_len, release_gil=True)
+        self.post = self._tx.frame_poster(fd)
+        self.post_msg = self._tx.message_poster(fd, max_len)
         self.pending = self._tx.pending  # bytes queued, not yet written (0 once closed)
+        self.unowned = self._tx.unowned  # those the C writer thread does not write
 
     def poke(self) -> None:
         """Wake the thread leading this channel, if any."""
@@ -81,7 +86,9 @@ class Channel:
     # send(payload) (set in __init__) sends one frame and returns the bytes
     # left queued.  It raises PeerGone if the channel is closed or the peer
     # has gone, and MessageTooLarge (nothing queued) for an oversized payload.
-    # send_msg (see Tx.message_sender) returns those errors as codes.
+    # send_msg and send_request (see Tx.message_sender) return those errors
+    # as codes.  post and post_msg (see Tx.frame_poster and message_poster)
+    # are their counterparts for one-way messages, which may be coalesced.
 
     def send_error(self, code: int, size: int) -> Exception:
         """The exception for a negative ``send_msg`` result."""

@@ -37,6 +37,9 @@ Reply = Callable[[bool, Any], None]
 Item = tuple[Optional[str], Any, Any, Optional[Reply]]
 
 
+_MAX_EVENTS = 64  # per epoll_wait (more just wait for the next turn)
+
+
 class Timer:
     __slots__ = ("when", "fn", "_owner")
 
@@ -252,7 +255,9 @@ class Dispatcher:
             for _ in range(len(ops)):  # not those they add: see call_next
                 ops.popleft()()
         try:
-            events = self._ep.poll(-1 if timeout is None else timeout)
+            # (maxevents bounded: by default CPython allocates room for 1023
+            # events on every call, a cost per wake-up.)
+            events = self._ep.poll(-1 if timeout is None else timeout, _MAX_EVENTS)
         except InterruptedError:
             events = []
         callbacks = self._callbacks

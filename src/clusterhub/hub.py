@@ -402,20 +402,31 @@ class Hub:
     def send_to_master(self, name: str, data: Any = None) -> None:
         """Send a message to the master's handlers (in the master: to its own
         handlers, in call order, without serializing)."""
-        self._check()
+        if self._closed:
+            self._check()
         if self._is_master:
             protocol.encode_name(name)
             self._dispatcher.post((name, data, None, None))
             return
-        nb = protocol.encode_name(name)
-        self._send_msg(self._master_channel(), protocol.MSG, 0, 0, nb, self._dumps(data))
+        # (The one-way hot path: inline.)
+        try:
+            nb = _known_names[name]
+        except (KeyError, TypeError):
+            nb = protocol.encode_name(name)  # (checks it)
+        body = self._dumps(data)
+        ch = self._master
+        if ch is None:
+            raise MasterDied("the master has died")
+        queued = ch.post_msg(_MSG, 0, 0, nb, len(nb), body, len(body))
+        if queued < 0 or queued > ch.max_queue:
+            self._post_backlog(ch, queued, len(nb) + len(body))
 
     def send_to_worker(self, worker: WorkerRef, name: str, data: Any = None) -> None:
         """Send a message to one worker (master only)."""
         self._check_master("send_to_worker")
         w = self._worker(worker)
         nb = protocol.encode_name(name)
-        self._send_msg(w.channel, protocol.MSG, 0, 0, nb, self._dumps(data))
+        self._post_msg(w.channel, protocol.MSG, 0, nb, self._dumps(data))
 
     def send_to_workers(self, name: str, data: Any = None) -> None:
         """Broadcast: from the master to every live worker; from a worker to
@@ -425,14 +436,20 @@ class Hub:
         if not self._is_master:
             nb = protocol.encode_name(name)
             body = self._dumps(data)
-            self._send_msg(self._master_channel(), protocol.BCAST, self._worker_id or 0, 0, nb, body)
+            self._post_msg(self._master_channel(), protocol.BCAST, self._worker_id or 0, nb, body)
             return
         payload = self._encode(protocol.MSG, 0, name, data)
+        n = len(payload)
         for w in list(self._workers.values()):
-            try:
-                self._send(w.channel, payload)
-            except WorkerDied:
-                pass  # it is exiting; on_exit will report it
+            ch = w.channel
+            if ch is None:
+                continue
+            queued = ch.post(payload, n, ch.max_len)
+            if queued < 0 or queued > ch.max_queue:
+                try:
+                    self._post_backlog(ch, queued, n - _bindings.MSG_HEADER)
+                except WorkerDied:
+                    pass  # it is exiting; on_exit will report it
 
     def send_to_random_worker(self, name: str, data: Any = None) -> Optional[Worker]:
         """Send to one live worker chosen at random; that worker, or None when
@@ -443,7 +460,7 @@ class Hub:
         random.shuffle(candidates)
         for w in candidates:
             try:
-                self._send(w.channel, payload)
+                self._post(w.channel, payload)
                 return w
             except WorkerDied:
                 continue
@@ -649,12 +666,12 @@ class Hub:
                 if more:
                     ready = [(fd, 0)]
                 elif deadline is None:
-                    ready = poll()
+                    ready = poll(-1, 2)  # (the socket and the wake fd)
                 else:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
-                    ready = poll(left)
+                    ready = poll(left, 2)
                 more = False
                 for rfd, _ev in ready:
                     if rfd == fd:
@@ -743,6 +760,34 @@ class Hub:
         if left:
             self._sent_part(ch, left, wait, len(nb) + len(body))
 
+    # One-way messages are posted: coalesced in bursts by the C writer thread,
+    # which then owns the queued bytes (so the dispatcher does not watch
+    # for room on their behalf); a sender only waits while over max_queue.
+
+    def _post_msg(
+        self, ch: Optional[Channel], kind: int, origin: int, nb: bytes, body: bytes
+    ) -> None:
+        if ch is None:
+            raise MasterDied("the master has died")
+        queued = ch.post_msg(kind, origin, 0, nb, len(nb), body, len(body))
+        if queued < 0 or queued > ch.max_queue:
+            self._post_backlog(ch, queued, len(nb) + len(body))
+
+    def _post(self, ch: Optional[Channel], payload: bytes) -> None:
+        if ch is None:
+            raise MasterDied("the master has died")
+        queued = ch.post(payload, len(payload), ch.max_len)
+        if queued < 0 or queued > ch.max_queue:
+            self._post_backlog(ch, queued, len(payload) - _bindings.MSG_HEADER)
+
+    def _post_backlog(self, ch: Channel, queued: int, size: int) -> None:
+        try:
+            if queued < 0:
+                raise ch.send_error(queued, _bindings.MSG_HEADER + size)
+            self._wait_room(ch)
+        except PeerGone:
+            raise self._died(ch) from None
+
     def _sent_part(self, ch: Channel, left: int, wait: bool, size: int) -> None:
         """After a ``send_msg`` that did not write everything: raise its
         error, or deal with the bytes it left queued."""
@@ -792,17 +837,28 @@ class Hub:
             raise self._died(ch) from None
 
     def _backlog(self, ch: Channel, left: int, wait: bool) -> None:
-        d = self._dispatcher
         if wait and left > ch.max_queue:
-            if d.on_thread:  # keep reading meanwhile, or two full peers deadlock
-                self._watch_write(ch)
+            self._wait_room(ch)
+        if ch.unowned():
+            self._dispatcher.call_soon(lambda: self._watch_write(ch))
+
+    def _wait_room(self, ch: Channel) -> None:
+        """Block until at most max_queue bytes are queued to ``ch``."""
+        d = self._dispatcher
+        if d.on_thread:  # keep reading meanwhile, or two full peers deadlock
+            # Watched for room even if the writer thread owns the bytes: its
+            # progress wakes no epoll; an EPOLLOUT here does.
+            ch.room_waiters += 1
+            self._arm(ch)
+            try:
                 d.pump_until(lambda: ch.closed or ch.pending() <= ch.max_queue, None)
-                if ch.closed:
-                    raise PeerGone(0)
-            else:
-                ch.wait_room(ch.max_queue)
-        if ch.pending():
-            d.call_soon(lambda: self._watch_write(ch))
+            finally:
+                ch.room_waiters -= 1
+                self._arm(ch)
+            if ch.closed:
+                raise PeerGone(0)
+        else:
+            ch.wait_room(ch.max_queue)
 
     def _died(self, ch: Channel) -> PeerDied:
         if ch.peer is None:
@@ -832,7 +888,7 @@ class Hub:
         if ch.closed:
             return
         want = 0 if ch.disarmed or ch.blockers else _IN
-        if ch.pending():
+        if ch.unowned() or (ch.room_waiters and ch.pending()):
             want |= _OUT
         if want != ch.mask:
             # EPOLLEXCLUSIVE registrations cannot be modified: drop and add
@@ -848,7 +904,7 @@ class Hub:
             ch.mask = want
 
     def _watch_write(self, ch: Channel) -> None:
-        if not ch.closed and ch.pending():
+        if not ch.closed and ch.unowned():
             self._arm(ch)
 
     def _on_channel(self, ch: Channel, ev: int) -> None:
@@ -869,7 +925,7 @@ class Hub:
             try:
                 more = self._read(ch, 1, done)
             finally:
-                if ch.blockers or ch.mask != _IN or ch.pending():
+                if ch.blockers or ch.mask != _IN or ch.unowned():
                     self._arm(ch)  # (else nothing to change)
                 ch.release_reader()
             if more:  # buffered frames no socket event will announce
@@ -902,6 +958,7 @@ class Hub:
         """
         rx, fd, loads, pending = ch.rx, ch.fd, self._loads, self._pending
         inbox_append, partial = self._dispatcher.inbox.append, functools.partial
+        is_master = self._is_master
         for _ in range(rounds):
             if ch.closed:
                 return False
@@ -943,7 +1000,7 @@ class Hub:
                         name = str(buf[start + _ENVELOPE : data_at], "utf-8")
                     except UnicodeDecodeError:
                         return self._malformed(ch, "name is not UTF-8")
-                    if self._is_master:
+                    if is_master:
                         if kind == _BCAST:
                             if ch.peer is None or origin != ch.peer.id:
                                 return self._malformed(ch, "broadcast with a forged origin")
