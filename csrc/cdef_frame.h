@@ -36,6 +36,7 @@ typedef struct {
     int64_t cpu_ns;
     int running;
 } ch_writer_stats;
+int ch_tx_writer_start(void);
 void ch_tx_writer_stats(ch_writer_stats *out);
 int ch_rx_new(size_t max_len, ch_rx **out);
 void ch_rx_free(ch_rx *rx);

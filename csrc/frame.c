@@ -613,6 +613,14 @@ static int writer_schedule(ch_tx *tx, int fd, int *wake)
     return r;
 }
 
+int ch_tx_writer_start(void)
+{
+    pthread_mutex_lock(&W.mu);
+    int r = W.running ? 0 : writer_start();
+    pthread_mutex_unlock(&W.mu);
+    return r;
+}
+
 void ch_tx_writer_stats(ch_writer_stats *out)
 {
     pthread_mutex_lock(&W.mu);

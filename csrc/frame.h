@@ -176,6 +176,15 @@ size_t ch_tx_pending(const ch_tx *tx);
 size_t ch_tx_unowned(const ch_tx *tx);
 
 /*
+ * Start this process's writer thread now rather than on the first post that
+ * needs it (thread creation then delays that burst by milliseconds).
+ * Returns 0 (also when already running) or -errno from eventfd/pthread_create
+ * (posts then fall back to direct writes).  Any thread; takes the writer's
+ * lock briefly; never blocks otherwise.
+ */
+int ch_tx_writer_start(void);
+
+/*
  * The writer thread's counters since this process started it (a forked child
  * starts from zero), for tests and monitoring.  Fills *out under the writer's
  * lock; cpu_ns is the writer thread's CPU time (0 when it is not running).

@@ -127,21 +127,6 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def start_writer_thread() -> None:
-    """Make the C core start its writer thread: posts in a burst need it."""
-    a, b = _bindings.socketpair()
-    tx = _bindings.Tx()
-    try:
-        post = tx.frame_poster(a)
-        for _ in range(3):
-            assert post(b"x", 1, 16) >= 0
-        assert _bindings.writer_stats()["running"]
-    finally:
-        tx.close()
-        os.close(a)
-        os.close(b)
-
-
 def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
@@ -454,7 +439,7 @@ def run_storm(hub: clusterhub.Hub, seconds: float, record: Callable[[str, Any], 
     # The lazily made parts (the hub's timer thread, the process's C writer
     # thread and its eventfd) come into being before the baseline.
     assert hub.request_master("add", (1, 2), timeout=REQ_BOUND).result(timeout=REQ_BOUND) == 3
-    start_writer_thread()
+    _bindings.start_writer()  # (else the first fork starts it)
     fds0, threads0 = fd_count(), thread_count()
 
     slot_of: dict[int, int] = {}

@@ -167,6 +167,13 @@ class Tx:
         return os_error(r, "send")
 
 
+def start_writer() -> None:
+    """Start the process's C writer thread (see ``ch_tx_writer_start``) now,
+    so that the first burst of posts does not wait for its creation.  If it
+    cannot start, posts are written directly: nothing to raise."""
+    lib.ch_tx_writer_start()
+
+
 def writer_stats() -> dict[str, int]:
     """The C writer thread's counters in this process (see ``ch_tx_writer_stats``)."""
     st = ffi.new("ch_writer_stats *")

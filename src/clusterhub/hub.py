@@ -212,6 +212,7 @@ class Hub:
             os.close(wfd)
             w = Worker(wid, pid, self._wait_event)
             w.channel = Channel(mfd, w, self._max_message_size, self._max_queue)
+            _bindings.start_writer()  # (a first burst need not wait for its creation)
             w.pidfd = os.pidfd_open(pid)
             self._workers[wid] = w
             self._known.add(w)
@@ -252,6 +253,7 @@ class Hub:
         self._pending = Pending()
         self._locks.after_fork_child(wid)
         ch = Channel(wfd, None, self._max_message_size, self._max_queue)
+        _bindings.start_writer()
         self._master = ch
         self._master_gone = threading.Event()
         d = self._dispatcher
