@@ -85,12 +85,21 @@ int64_t ch_tx_send_msg_nogil(ch_tx *tx, int fd, size_t max_len, unsigned kind, u
                              uint64_t rid, const uint8_t *name, size_t name_len,
                              const uint8_t *body, size_t body_len);
 """
+# LockBase, the C base type of locks.Lock (csrc/lockhandle.h says why).  It is
+# written against the CPython API, so it is not one of UNITS (which also build
+# without Python, for the C drivers and fuzzers); cffi only calls the function
+# that registers the type.
+PREAMBLE += '\n#include "lockhandle.h"\n'
+PREAMBLE_CDEF += """
+#define CH_LOCK_FOREVER_S 1000000000
+int ch_lockbase_register(const char *module);
+"""
 ffi.cdef("\n".join((HERE / f"cdef_{u}.h").read_text() for u in UNITS) + PREAMBLE_CDEF)
 ffi.set_source(
     "clusterhub._core",
     PREAMBLE,
     # Relative paths: setuptools wants them relative to the project root.
-    sources=[f"csrc/{u}.c" for u in UNITS],
+    sources=[f"csrc/{u}.c" for u in UNITS] + ["csrc/lockhandle.c"],
     include_dirs=["csrc"],
     extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-O2"],
     libraries=["pthread"],

@@ -5,9 +5,10 @@ and wraps the C objects (send queue, receive buffer, lock table) in small
 classes that own them.  Sizes and limits come from the C side: nothing here
 restates a C number.
 
-The lock fast path is performance critical: ``locks.py`` calls the raw C
-functions re-exported below (``lt_trylock`` and friends) on the table pointer
-of a :class:`LockTable`, so that ``with lk:`` costs one C call each way.
+Two hot paths bypass Python wrappers: lock handles derive from ``LockBase``
+(C methods acquire/release/__enter__/__exit__, see the end of this file),
+and channels call the raw C send, post and read functions handed out by
+:class:`Tx` and :class:`Rx` with their first arguments bound.
 """
 
 from __future__ import annotations
@@ -364,3 +365,18 @@ def lock_error(r: int, key: bytes | None = None) -> Exception:
             "the lock table is full: raise Hub(lock_slots=...) or hold fewer keys at once"
         )
     return os_error(r, f"lock{k}")
+
+
+# ---- lock handles ----------------------------------------------------------------
+# LockBase (csrc/lockhandle.c) is the C base type of locks.Lock: acquire,
+# release, __enter__ and __exit__ as C methods, so that the uncontended case
+# costs one C call each way and no Python frame.  cffi cannot return a Python
+# object, so the C side sets the type as an attribute of the compiled module.
+
+from . import _core  # noqa: E402
+
+if lib.ch_lockbase_register(_core.__name__.encode()) != 0:
+    raise ImportError(f"{_core.__name__}: could not create LockBase (see the error above)")
+from ._core import LockBase as LockBase  # noqa: E402  (set by the call above)
+
+LOCK_FOREVER_S: int = lib.CH_LOCK_FOREVER_S  # longer timeouts mean no limit

@@ -1,6 +1,20 @@
 # Stub for the cffi-compiled module built from csrc/ by csrc/build_core.py.
 # Its functions are declared in csrc/cdef_*.h; only _bindings.py imports it.
-from typing import Any
+from typing import Any, TypeVar
 
 ffi: Any
 lib: Any
+
+_L = TypeVar("_L", bound=LockBase)
+
+class LockBase:
+    """The C base type of clusterhub.Lock (csrc/lockhandle.c), set on this
+    module by ``lib.ch_lockbase_register`` (see _bindings.py)."""
+
+    _ref: int  # the handle's lock-table ref
+    @property
+    def _rec(self) -> set[int]: ...  # thread idents whose latest acquire recovered
+    def acquire(self, timeout: float | None = ...) -> bool: ...
+    def release(self) -> None: ...
+    def __enter__(self: _L) -> _L: ...
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any, /) -> None: ...

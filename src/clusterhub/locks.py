@@ -1,7 +1,10 @@
 """Global named locks on the shared-memory lock table.
 
 A :class:`Lock` handle caches the (slot, generation) its key resolved to, so
-``with lk:`` is one C call to acquire and one to release, both keeping the GIL.
+``with lk:`` is one C call to acquire and one to release, both keeping the GIL:
+its acquire, release, __enter__ and __exit__ are C methods of its base type
+``LockBase`` (csrc/lockhandle.c), which call the ``_*_slow`` methods below only
+when the trylock or unlock did not simply succeed.
 Only a contended acquire waits, in C with the GIL released, in slices of
 about 0.1 s so that Ctrl-C is seen between slices.  When the slot has been
 handed to another key meanwhile, C says "stale" and the handle resolves again.
@@ -24,7 +27,7 @@ import threading
 from typing import Any, Optional, Union
 
 from . import _bindings
-from ._bindings import LockTable, lock_error
+from ._bindings import LockBase, LockTable, lock_error
 from .errors import HubClosedError, LockError, LockTimeout
 
 _trylock = _bindings.lt_trylock
@@ -44,7 +47,6 @@ _ETIMEDOUT = -errno.ETIMEDOUT
 _EBADF = -errno.EBADF
 _SLICE_NS = 100_000_000  # wake this often while blocked, to see signals
 _CACHE_MAX = 4096  # by-name handles kept for `with hub.lock(name)`
-_DEFAULT: Any = object()
 _log = logging.getLogger("clusterhub")
 
 Key = Union[str, bytes]
@@ -78,7 +80,7 @@ def _check_timeout(timeout: Optional[float]) -> Optional[float]:
     return None if timeout > _FOREVER else timeout
 
 
-_FOREVER = 1e9  # seconds (31 years): a longer timeout means no limit
+_FOREVER = float(_bindings.LOCK_FOREVER_S)  # s (31 years): longer means no limit (also in C)
 
 
 class Locks:
@@ -143,7 +145,7 @@ class Locks:
         self._handles.clear()
 
 
-class Lock:
+class Lock(LockBase):
     """A handle on one global lock, usable from any thread and in asyncio.
 
     ``with lk:`` / ``async with lk:`` acquire and release it; ``acquire()``
@@ -152,7 +154,12 @@ class Lock:
     holder that died holding it.
     """
 
-    __slots__ = ("key", "_locks", "_ref", "_timeout", "_key_type", "_rec")
+    # LockBase (C) holds ``_ref``, the ref the key resolved to, and ``_rec``,
+    # the set of thread idents whose latest acquire recovered the lock, and
+    # implements acquire(timeout=<the handle's>), release(), __enter__ and
+    # __exit__: trylock or unlock through ``_ref``, then, unless that simply
+    # succeeded, ``_enter_slow``, ``_acquire_slow`` or ``_release_slow``.
+    __slots__ = ("key", "_locks", "_timeout", "_key_type")
 
     def __init__(self, locks: Locks, key: bytes, timeout: Optional[float], key_type: type) -> None:
         self.key = key
@@ -160,7 +167,6 @@ class Lock:
         self._ref = locks.table.ref()  # C answers -EINVAL until first resolved
         self._timeout = timeout
         self._key_type = key_type
-        self._rec: set[int] = set()  # thread idents whose latest acquire recovered
 
     def __repr__(self) -> str:
         return f"<clusterhub.Lock {self.key!r}>"
@@ -177,39 +183,17 @@ class Lock:
         return ref is not None and bool(locks.table.is_locked(*ref))
 
     # ---- threads ----------------------------------------------------------
+    # acquire, release, __enter__, __exit__: in LockBase (C), see above.
 
-    def acquire(self, timeout: Optional[float] = _DEFAULT) -> bool:
-        """Acquire; wait up to ``timeout`` seconds (None: no limit; omitted:
-        the handle's default).  True when acquired, False on timeout."""
-        if timeout is not _DEFAULT:  # before trylock: a bad value must not leave it held
-            timeout = _check_timeout(timeout)
-        r = _trylock(self._ref)
-        if r == 0:
-            if self._rec:
-                self._rec.discard(_get_ident())
-            return True
-        if timeout is _DEFAULT:
-            timeout = self._timeout
-        return self._acquire_slow(r, timeout)
+    # For LockBase.acquire(timeout): the check of what it does not check itself
+    # (it takes None and valid exact ints and floats); raises before the trylock.
+    _check_timeout = staticmethod(_check_timeout)
 
-    def __enter__(self) -> "Lock":
-        r = _trylock(self._ref)
-        if r == 0 and not self._rec:
-            return self
+    def _enter_slow(self, r: int) -> "Lock":
+        """Finish ``__enter__`` when its trylock gave ``r`` (not 0)."""
         if not self._acquire_slow(r, self._timeout):
             raise LockTimeout(f"lock {self.key!r} not acquired within {self._timeout} s")
         return self
-
-    def release(self) -> None:
-        """Release; LockError if the calling thread does not hold it."""
-        r = _unlock(self._ref)
-        if r:
-            self._release_slow(r)
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        r = _unlock(self._ref)  # (no *args: packing them costs more than the unlock)
-        if r:
-            self._release_slow(r)
 
     def _release_slow(self, r: int) -> None:
         """Finish a release whose unlock through the cached ref failed."""
