@@ -3,6 +3,11 @@
 #include "frame.h"
 
 #include <fcntl.h>
+#include <sys/prctl.h>
+#include <time.h>
+#ifndef CH_TX_COALESCE_NS
+#define CH_TX_COALESCE_NS 20000
+#endif
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -126,6 +131,7 @@ static struct {
     int efd;            /* eventfd that wakes the writer, -1 before it starts */
     int running;
     int asleep;         /* in (or about to enter) poll(): wake it through efd */
+    int waker_cpu;      /* the CPU the last wake-up came from */
     pthread_t thread;
     struct pollfd *pfd; /* the writer's poll set (its own, used outside mu) */
     size_t pcap;
@@ -385,6 +391,7 @@ static int writer_need_wake(void)
         return -1;
     W.asleep = 0; /* one wake-up per sleep, however many posters */
     W.st.wakeups++;
+    W.waker_cpu = sched_getcpu();
     return W.efd;
 }
 
@@ -462,6 +469,14 @@ static void writer_sleep(void)
     int r = poll(W.pfd, i, timeout);
     if (r < 0 && errno != EINTR)
         poll(NULL, 0, 1); /* (ENOMEM) retry soon rather than spin */
+    /* Woken by a poster running on another CPU: let its burst grow for a
+     * moment (bounded, CH_TX_COALESCE_NS), so that one sendmsg and one wake-up
+     * of the reader carry many frames.  (On the poster's own CPU the poster
+     * runs meanwhile anyway, and a timer would only add switches.) */
+    if (r > 0 && W.pfd[0].revents && sched_getcpu() != W.waker_cpu) {
+        struct timespec ts = {0, CH_TX_COALESCE_NS};
+        nanosleep(&ts, NULL);
+    }
     pthread_mutex_lock(&W.mu);
     W.asleep = 0;
     if (r > 0 && W.pfd[0].revents) {
@@ -483,6 +498,7 @@ static void writer_sleep(void)
 static void *writer_main(void *arg)
 {
     (void)arg;
+    prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
     pthread_mutex_lock(&W.mu);
     for (;;) {
         while (node_linked(&W.run)) {
