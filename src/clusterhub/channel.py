@@ -65,7 +65,7 @@ class Channel:
         self.room_waiters = 0  # dispatcher waits for room here (see Hub._wait_room)
         # The send queue needs no lock (its C calls keep the GIL and refuse
         # use once closed), so sending is a bound C-backed method call.
-        self.send = functools.partial(self._tx.send, fd, max_len=max_len)
+        self.send = functools.partial(self._tx.send, fd)  # (payload, max_len)
         self.send_msg = self._tx.message_sender(fd, max_len)
         self.send_request = self._tx.message_sender(fd, max_len, release_gil=True)
         self.post = self._tx.frame_poster(fd)

@@ -832,7 +832,7 @@ class Hub:
         if ch is None:
             raise MasterDied("the master has died")
         try:
-            left = ch.send(payload)
+            left = ch.send(payload, ch.max_len)
             if left:
                 self._backlog(ch, left, wait)
         except PeerGone:
@@ -960,7 +960,7 @@ class Hub:
         """
         rx, fd, loads, pending = ch.rx, ch.fd, self._loads, self._pending
         inbox_append, partial = self._dispatcher.inbox.append, functools.partial
-        is_master = self._is_master
+        is_master, peer, reply_to = self._is_master, ch.peer, self._reply
         for _ in range(rounds):
             if ch.closed:
                 return False
@@ -1004,11 +1004,11 @@ class Hub:
                         return self._malformed(ch, "name is not UTF-8")
                     if is_master:
                         if kind == _BCAST:
-                            if ch.peer is None or origin != ch.peer.id:
+                            if peer is None or origin != peer.id:
                                 return self._malformed(ch, "broadcast with a forged origin")
                             self._relay(ch, bytes(buf[start:end]))
                             continue
-                        sender = ch.peer
+                        sender = peer
                     elif origin == 0 or kind != _BCAST:
                         sender = None
                     else:
@@ -1020,7 +1020,7 @@ class Hub:
                         if kind == _REQ:
                             self._reply(ch, rid, False, e, False)
                         continue
-                    reply = partial(self._reply, ch, rid) if kind == _REQ else None
+                    reply = partial(reply_to, ch, rid) if kind == _REQ else None
                     inbox_append((name, data, sender, reply))
                 else:
                     return self._malformed(ch, f"unknown kind {kind}")
