@@ -4,10 +4,6 @@
 
 #include <fcntl.h>
 #include <sys/prctl.h>
-#include <time.h>
-#ifndef CH_TX_COALESCE_NS
-#define CH_TX_COALESCE_NS 20000
-#endif
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -28,17 +24,28 @@ struct node {
     struct node *prev, *next;
 };
 
+/* Bytes [head, tail) of p (cap bytes allocated) are waiting to be written. */
+struct seg {
+    uint8_t *p;
+    size_t cap, head, tail;
+};
+
 /*
  * Lock order: REG.mu, then a tx's mu, then the writer's W.mu; never another
  * order (the writer releases W.mu before it takes a tx's mu), and never two
  * txs' mutexes but in the fork handlers (which hold REG.mu).
+ *
+ * The bytes of a tx go out in this order: fl's, then q's.  Appends go to q.
+ * fl holds what the writer thread took out of q to write without the mutex
+ * (see writer_serve) and, after a partial write, the rest of it; when empty
+ * it is a spare buffer, swapped with q at the writer's next take.
  */
 struct ch_tx {
-    pthread_mutex_t mu; /* guards the fields up to `node` */
-    uint8_t *buf;
-    size_t cap;
-    size_t head;          /* first byte not yet written to the socket */
-    size_t tail;          /* end of queued bytes */
+    pthread_mutex_t mu;   /* guards the fields up to `node` */
+    pthread_cond_t idle;  /* broadcast when `writing` returns to 0 */
+    struct seg fl;        /* first: bytes the writer took (see above) */
+    struct seg q;         /* then: bytes queued since */
+    int writing;          /* the writer is in sendmsg on fl, without mu (fl is its own) */
     int closed;           /* ch_tx_close: every send fails with EPIPE */
     int err;              /* error a background write met (sticky), or 0 */
     int owned;            /* on the writer's schedule (or being written by it) */
@@ -131,7 +138,7 @@ static struct {
     int efd;            /* eventfd that wakes the writer, -1 before it starts */
     int running;
     int asleep;         /* in (or about to enter) poll(): wake it through efd */
-    int waker_cpu;      /* the CPU the last wake-up came from */
+    int waker_cpu;      /* the CPU the last wake-up came from (atomic: read without mu) */
     pthread_t thread;
     struct pollfd *pfd; /* the writer's poll set (its own, used outside mu) */
     size_t pcap;
@@ -158,6 +165,12 @@ int ch_tx_new(ch_tx **out)
         free(tx);
         return -r;
     }
+    r = pthread_cond_init(&tx->idle, NULL);
+    if (r) {
+        pthread_mutex_destroy(&tx->mu);
+        free(tx);
+        return -r;
+    }
     node_init(&tx->node);
     tx->fd = -1;
     pthread_mutex_lock(&REG.mu);
@@ -167,17 +180,38 @@ int ch_tx_new(ch_tx **out)
     return 0;
 }
 
+static size_t seg_len(const struct seg *s)
+{
+    return s->tail - s->head;
+}
+
+/* Mark n bytes written (from the front). */
+static void seg_eat(struct seg *s, size_t n)
+{
+    s->head += n;
+    if (s->head == s->tail)
+        s->head = s->tail = 0;
+}
+
+/* Every byte not yet written, in flight or not. */
+static size_t tx_queued(const ch_tx *tx)
+{
+    return seg_len(&tx->fl) + seg_len(&tx->q);
+}
+
+/* Drop every byte queued and the buffers.  Not while tx->writing. */
 static void tx_drop(ch_tx *tx)
 {
-    free(tx->buf);
-    tx->buf = NULL;
-    tx->cap = tx->head = tx->tail = 0;
+    free(tx->fl.p);
+    free(tx->q.p);
+    tx->fl = tx->q = (struct seg){0};
 }
 
 static void tx_release(ch_tx *tx)
 {
+    pthread_cond_destroy(&tx->idle);
     pthread_mutex_destroy(&tx->mu);
-    free(tx->buf);
+    tx_drop(tx);
     free(tx);
 }
 
@@ -212,7 +246,7 @@ static pthread_mutex_t *tx_mu(const ch_tx *tx)
 size_t ch_tx_pending(const ch_tx *tx)
 {
     pthread_mutex_lock(tx_mu(tx));
-    size_t n = tx->tail - tx->head;
+    size_t n = tx_queued(tx);
     pthread_mutex_unlock(tx_mu(tx));
     return n;
 }
@@ -220,36 +254,38 @@ size_t ch_tx_pending(const ch_tx *tx)
 size_t ch_tx_unowned(const ch_tx *tx)
 {
     pthread_mutex_lock(tx_mu(tx));
-    size_t n = tx->owned ? 0 : tx->tail - tx->head;
+    size_t n = tx->owned ? 0 : tx_queued(tx);
     pthread_mutex_unlock(tx_mu(tx));
     return n;
 }
 
-/* Make room for `need` more bytes at the tail. */
+/* Make room for `need` more bytes at the tail of q (which may move it: only
+ * fl may be pointed into without the mutex). */
 static int tx_reserve(ch_tx *tx, size_t need)
 {
-    if (tx->head == tx->tail)
-        tx->head = tx->tail = 0;
-    if (tx->cap - tx->tail >= need)
+    struct seg *q = &tx->q;
+    if (q->head == q->tail)
+        q->head = q->tail = 0;
+    if (q->cap - q->tail >= need)
         return 0;
-    if (tx->head > 0) { /* slide the unsent bytes to the front first */
-        memmove(tx->buf, tx->buf + tx->head, tx->tail - tx->head);
-        tx->tail -= tx->head;
-        tx->head = 0;
-        if (tx->cap - tx->tail >= need)
+    if (q->head > 0) { /* slide the unsent bytes to the front first */
+        memmove(q->p, q->p + q->head, q->tail - q->head);
+        q->tail -= q->head;
+        q->head = 0;
+        if (q->cap - q->tail >= need)
             return 0;
     }
-    size_t want = tx->cap ? tx->cap : 4096;
-    while (want - tx->tail < need) {
+    size_t want = q->cap ? q->cap : 4096;
+    while (want - q->tail < need) {
         if (want > SIZE_MAX / 2)
             return -ENOMEM;
         want *= 2;
     }
-    uint8_t *nb = realloc(tx->buf, want);
+    uint8_t *nb = realloc(q->p, want);
     if (!nb)
         return -ENOMEM;
-    tx->buf = nb;
-    tx->cap = want;
+    q->p = nb;
+    q->cap = want;
     return 0;
 }
 
@@ -264,8 +300,8 @@ static int tx_append(ch_tx *tx, const struct iovec *iov, int cnt)
         return r;
     for (int i = 0; i < cnt; i++) {
         if (iov[i].iov_len)
-            memcpy(tx->buf + tx->tail, iov[i].iov_base, iov[i].iov_len);
-        tx->tail += iov[i].iov_len;
+            memcpy(tx->q.p + tx->q.tail, iov[i].iov_base, iov[i].iov_len);
+        tx->q.tail += iov[i].iov_len;
     }
     return 0;
 }
@@ -286,22 +322,30 @@ static ssize_t send_iov(int fd, struct iovec *iov, int iovcnt)
     }
 }
 
-/* Write the queue until it is empty or the socket is full; counts the sendmsg calls. */
-static int64_t tx_write(ch_tx *tx, int fd, uint64_t *calls)
+/*
+ * Write the queue (fl, then q, in one gathered sendmsg) until it is empty or
+ * the socket is full.  Under tx->mu and not while tx->writing (the writer's
+ * bytes would interleave with ours).  Returns the bytes still queued or -errno.
+ */
+static int64_t tx_write(ch_tx *tx, int fd)
 {
-    while (tx->head < tx->tail) {
-        struct iovec iov = {tx->buf + tx->head, tx->tail - tx->head};
-        ssize_t n = send_iov(fd, &iov, 1);
-        ++*calls;
+    while (tx_queued(tx) > 0) {
+        struct iovec iov[2];
+        int cnt = 0;
+        if (seg_len(&tx->fl))
+            iov[cnt++] = (struct iovec){tx->fl.p + tx->fl.head, seg_len(&tx->fl)};
+        if (seg_len(&tx->q))
+            iov[cnt++] = (struct iovec){tx->q.p + tx->q.head, seg_len(&tx->q)};
+        ssize_t n = send_iov(fd, iov, cnt);
         if (n < 0)
             return n;
         if (n == 0)
             break;
-        tx->head += (size_t)n;
+        size_t first = (size_t)n < seg_len(&tx->fl) ? (size_t)n : seg_len(&tx->fl);
+        seg_eat(&tx->fl, first);
+        seg_eat(&tx->q, (size_t)n - first);
     }
-    if (tx->head == tx->tail)
-        tx->head = tx->tail = 0;
-    return (int64_t)(tx->tail - tx->head);
+    return (int64_t)tx_queued(tx);
 }
 
 /* 0 when tx may be used, else what every call returns. */
@@ -312,11 +356,10 @@ static int tx_error(const ch_tx *tx)
 
 int64_t ch_tx_flush(ch_tx *tx, int fd)
 {
-    uint64_t calls = 0;
     pthread_mutex_lock(&tx->mu);
     int64_t r = tx_error(tx);
-    if (r == 0)
-        r = tx_write(tx, fd, &calls);
+    if (r == 0) /* (while the writer writes, the rest is its job too) */
+        r = tx->writing ? (int64_t)tx_queued(tx) : tx_write(tx, fd);
     pthread_mutex_unlock(&tx->mu);
     return r;
 }
@@ -333,7 +376,7 @@ int64_t ch_tx_push(ch_tx *tx, const uint8_t *payload, size_t len, size_t max_len
     if (r == 0)
         r = tx_append(tx, iov, 2);
     if (r == 0)
-        r = (int64_t)(tx->tail - tx->head);
+        r = (int64_t)tx_queued(tx);
     pthread_mutex_unlock(&tx->mu);
     return r;
 }
@@ -341,14 +384,17 @@ int64_t ch_tx_push(ch_tx *tx, const uint8_t *payload, size_t len, size_t max_len
 /*
  * Send one frame made of the pieces in iov (the first one starting with the
  * frame header), in order behind anything queued: one gathered sendmsg when
- * the queue is empty, the unwritten rest copied into the queue.
+ * the queue is empty, the unwritten rest copied into the queue.  While the
+ * writer thread is in sendmsg on tx, the frame is only queued: the writer,
+ * which owns tx then, writes it next.
  */
 static int64_t tx_sendv(ch_tx *tx, int fd, struct iovec *iov, int cnt)
 {
-    uint64_t calls = 0;
-    if (tx->head != tx->tail) { /* keep order: queue behind what is waiting */
+    if (tx->writing || tx_queued(tx) > 0) { /* keep order: queue behind what is waiting */
         int r = tx_append(tx, iov, cnt);
-        return r < 0 ? r : tx_write(tx, fd, &calls);
+        if (r < 0)
+            return r;
+        return tx->writing ? (int64_t)tx_queued(tx) : tx_write(tx, fd);
     }
     tx->last_direct = mono_ns();
     for (;;) {
@@ -369,7 +415,7 @@ static int64_t tx_sendv(ch_tx *tx, int fd, struct iovec *iov, int cnt)
     }
     /* The socket is full: keep the unwritten rest of this frame. */
     int r = tx_append(tx, iov, cnt);
-    return r < 0 ? r : (int64_t)(tx->tail - tx->head);
+    return r < 0 ? r : (int64_t)tx_queued(tx);
 }
 
 /* ---- the writer thread ------------------------------------------------- */
@@ -391,37 +437,63 @@ static int writer_need_wake(void)
         return -1;
     W.asleep = 0; /* one wake-up per sleep, however many posters */
     W.st.wakeups++;
-    W.waker_cpu = sched_getcpu();
+    __atomic_store_n(&W.waker_cpu, sched_getcpu(), __ATOMIC_RELAXED);
     return W.efd;
 }
 
 /*
- * Write tx's queue (W.mu held on entry and on return; tx taken off the lists
- * and W.cur == tx).  Holds tx->mu across the sendmsg calls, so that
- * ch_tx_close can wait for them to end.
+ * Write tx's queue with one sendmsg (W.mu held on entry and on return; tx
+ * taken off the lists and W.cur == tx), then put tx back on the schedule if
+ * bytes remain: on W.stall when the socket took nothing, else on W.run (what
+ * was queued meanwhile, or the rest of a partial write, goes out on the next
+ * turn, after the other txs' turns).
+ *
+ * The sendmsg runs without tx->mu, so that posters are not held up by it
+ * (a sendmsg that wakes the reader takes microseconds).  Under the mutex the
+ * writer takes the bytes out of q into fl, its own while `writing` is set:
+ * posters append to q meanwhile (tx_reserve may move q's buffer, never fl's),
+ * direct writers queue behind (their bytes would interleave with the
+ * writer's), and ch_tx_close waits for `writing` to clear before it returns.
+ * A partial write leaves its rest in fl, ahead of q.
  */
 static void writer_serve(ch_tx *tx)
 {
     pthread_mutex_unlock(&W.mu);
     pthread_mutex_lock(&tx->mu);
-    uint64_t calls = 0;
-    int64_t left = 0;
-    if (!tx_error(tx)) {
-        left = tx_write(tx, tx->fd, &calls);
-        if (left < 0) { /* the peer is gone (or the fd is bad): nobody will read these */
-            tx->err = (int)left;
+    ssize_t n = 0;
+    int wrote = 0;
+    if (!tx_error(tx) && tx_queued(tx) > 0) {
+        if (seg_len(&tx->fl) == 0) { /* take q; the empty fl becomes q */
+            struct seg t = tx->fl;
+            tx->fl = tx->q;
+            tx->q = t;
+        }
+        struct iovec iov = {tx->fl.p + tx->fl.head, seg_len(&tx->fl)};
+        int fd = tx->fd;
+        tx->writing = 1;
+        pthread_mutex_unlock(&tx->mu);
+        n = send_iov(fd, &iov, 1);
+        pthread_mutex_lock(&tx->mu);
+        tx->writing = 0;
+        pthread_cond_broadcast(&tx->idle); /* (a ch_tx_close may wait for it) */
+        wrote = 1;
+        if (n > 0) {
+            seg_eat(&tx->fl, (size_t)n);
+        } else if (n < 0) { /* the peer is gone (or the fd is bad): nobody will read these */
+            tx->err = (int)n;
             tx_drop(tx);
-            left = 0;
         }
     }
     pthread_mutex_lock(&W.mu);
     W.cur = NULL;
-    W.st.writes += calls;
-    if (left > 0) {
+    W.st.writes += (uint64_t)wrote;
+    if (tx_error(tx) || tx_queued(tx) == 0) {
+        tx->owned = 0;
+    } else if (n == 0) { /* the socket is full */
         tx->stalled = 1;
         node_push(&W.stall, &tx->node);
     } else {
-        tx->owned = 0;
+        node_push(&W.run, &tx->node);
     }
     pthread_mutex_unlock(&tx->mu);
     if (tx->zombie) {
@@ -473,7 +545,8 @@ static void writer_sleep(void)
      * moment (bounded, CH_TX_COALESCE_NS), so that one sendmsg and one wake-up
      * of the reader carry many frames.  (On the poster's own CPU the poster
      * runs meanwhile anyway, and a timer would only add switches.) */
-    if (r > 0 && W.pfd[0].revents && sched_getcpu() != W.waker_cpu) {
+    if (r > 0 && W.pfd[0].revents &&
+        sched_getcpu() != __atomic_load_n(&W.waker_cpu, __ATOMIC_RELAXED)) {
         struct timespec ts = {0, CH_TX_COALESCE_NS};
         nanosleep(&ts, NULL);
     }
@@ -556,6 +629,9 @@ static void atfork_child(void)
         forget(TX_OF(W.stall.next, node));
     ch_tx *zombie = NULL;
     if (W.cur) { /* taken off W.run by the parent's writer, which waited for its mutex */
+        /* (or was in sendmsg on it, `writing`: the bytes it took stay queued
+         * in fl, ahead of q, the rest of the parent's stream) */
+        W.cur->writing = 0;
         W.cur->owned = 0;
         if (W.cur->zombie)
             zombie = W.cur;
@@ -570,6 +646,10 @@ static void atfork_child(void)
     W.pfd = NULL;
     W.pcap = 0;
     memset(&W.st, 0, sizeof W.st);
+    /* A parent's thread waiting in ch_tx_close (for that sendmsg) is not here:
+     * start every tx's condition variable afresh, without its waiters. */
+    for (struct node *p = REG.all.next; p != &REG.all; p = p->next)
+        pthread_cond_init(&TX_OF(p, all)->idle, NULL);
     unlock_all(); /* (locked by atfork_prepare, in this very thread) */
     if (zombie) { /* ch_tx_free left it to the parent's writer */
         node_unlink(&zombie->all);
@@ -655,18 +735,17 @@ void ch_tx_writer_stats(ch_writer_stats *out)
 /* See ch_tx_post for the policy.  Under tx->mu; *wake as writer_need_wake. */
 static int64_t tx_post(ch_tx *tx, int fd, struct iovec *iov, int cnt, int *wake)
 {
-    if (tx->head == tx->tail && !tx->owned && mono_ns() - tx->last_direct > CH_TX_POST_WINDOW_NS)
+    if (tx_queued(tx) == 0 && !tx->owned && mono_ns() - tx->last_direct > CH_TX_POST_WINDOW_NS)
         return tx_sendv(tx, fd, iov, cnt);
     int r = tx_append(tx, iov, cnt);
     if (r < 0)
         return r;
-    if (!tx->owned) {
-        uint64_t calls = 0;
+    if (!tx->owned) { /* (so the writer is not writing: owned covers writing) */
         if (writer_schedule(tx, fd, wake) < 0) /* no writer thread: do as ch_tx_send */
-            return tx_write(tx, fd, &calls);
+            return tx_write(tx, fd);
         tx->owned = 1;
     }
-    return (int64_t)(tx->tail - tx->head);
+    return (int64_t)tx_queued(tx);
 }
 
 /* Send or post the frame in iov, unless tx is unusable or `bad` (a validation error). */
@@ -746,8 +825,12 @@ int64_t ch_tx_post_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_
 void ch_tx_close(ch_tx *tx)
 {
     int wake = -1;
-    pthread_mutex_lock(&tx->mu); /* waits for a write of the writer in progress */
-    tx->closed = 1;
+    pthread_mutex_lock(&tx->mu);
+    tx->closed = 1; /* nothing is queued from here on */
+    /* The writer may be in sendmsg on the fd (without tx->mu): the caller
+     * closes the fd once we return, so wait for it (microseconds). */
+    while (tx->writing)
+        pthread_cond_wait(&tx->idle, &tx->mu);
     tx->owned = 0;
     tx_drop(tx);
     pthread_mutex_lock(&W.mu);

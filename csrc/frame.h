@@ -13,9 +13,10 @@
  * A ch_tx is internally locked (a pthread mutex per tx): threads may call the
  * ch_tx_* functions (all but ch_tx_free) concurrently, and must, since the
  * process-wide writer thread (see ch_tx_post) works on posted txs alongside
- * the callers.  The mutex is only ever held for copying bytes and for
- * non-blocking sendmsg calls, so a call may wait for it briefly (microseconds
- * for ordinary frames), never on a peer.  A ch_rx is not
+ * the callers.  The mutex is only ever held for copying bytes and for the
+ * non-blocking sendmsg calls of direct writes (the writer thread makes its
+ * own without it, so posting goes on while it writes), so a call may wait for
+ * it briefly (microseconds for ordinary frames), never on a peer.  A ch_rx is not
  * locked: it is owned by one thread at a time (the Python layer serialises
  * access).  Neither ever blocks on a socket: sockets must be non-blocking
  * (ch_socketpair makes them so) and "would block" is reported, never waited
@@ -52,6 +53,10 @@
 /* ch_tx_post writes directly only when the previous direct write on that tx
  * is older than this (CLOCK_MONOTONIC nanoseconds): 50 us. */
 #define CH_TX_POST_WINDOW_NS 50000
+/* The writer thread, woken by a post from another CPU, waits this long
+ * (nanoseconds, 20 us) before it writes, so that a sendmsg carries more of
+ * the burst (see ch_tx_post). */
+#define CH_TX_COALESCE_NS 20000
 
 typedef struct ch_tx ch_tx;
 typedef struct ch_rx ch_rx;
@@ -82,9 +87,13 @@ void ch_tx_free(ch_tx *tx);
  * ownership) and send it on `fd`.  When nothing is queued the header and payload
  * go out in one gathered sendmsg(MSG_NOSIGNAL); whatever the socket did not take
  * is copied into the queue.  When bytes are already queued the frame is
- * appended and the whole queue is flushed with one sendmsg.
+ * appended and the whole queue is flushed (see ch_tx_flush).  While the
+ * writer thread is in a sendmsg on tx (microseconds; see ch_tx_post), the
+ * frame is appended without a syscall, behind the writer's bytes, and left to
+ * the writer, which owns the queue then (ch_tx_unowned is 0).
  * Returns the number of bytes still queued (0 = all written, > 0 = the socket
- * is full: wait for POLLOUT, then ch_tx_flush), or -EMSGSIZE when len exceeds
+ * is full: wait for POLLOUT, then ch_tx_flush, unless ch_tx_unowned says the
+ * writer thread writes them), or -EMSGSIZE when len exceeds
  * `max_len` (nothing queued, the queue stays usable), -ENOMEM, or the socket's
  * error: -EPIPE / -ECONNRESET when the peer is gone (the process does not get
  * SIGPIPE, whatever its SIGPIPE disposition), or -EPIPE when tx is closed,
@@ -108,9 +117,11 @@ int64_t ch_tx_send_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_
  * Mark the queue closed and drop what it holds: every later send, post, push
  * or flush returns -EPIPE without touching its fd (whose number may have been
  * reused).  Waits for the writer thread to finish a sendmsg in progress on tx
- * (microseconds) and takes tx off its schedule: once this returns, the writer
- * never writes to that fd again, so the caller may close it right away.  The
- * object stays valid until ch_tx_free.  Idempotent.
+ * (microseconds: it makes them without the tx mutex, and close waits on a
+ * condition variable for the one in flight) and takes tx off its schedule:
+ * once this returns, the writer never writes to that fd again, so the caller
+ * may close it right away.  The object stays valid until ch_tx_free.
+ * Idempotent.
  */
 void ch_tx_close(ch_tx *tx);
 
@@ -123,11 +134,12 @@ void ch_tx_close(ch_tx *tx);
 int64_t ch_tx_push(ch_tx *tx, const uint8_t *payload, size_t len, size_t max_len);
 
 /*
- * Write as much of the queue as the socket takes, with one sendmsg per
- * contiguous run (harmless while the writer thread owns the queue: both write
- * under the tx mutex, in order).  Returns the bytes still queued (0 = empty)
- * or -EPIPE / -ECONNRESET / other socket errors, or the error of a closed tx
- * (see ch_tx_post).  Never blocks.
+ * Write as much of the queue as the socket takes, with gathered sendmsg calls
+ * (harmless while the writer thread owns the queue: bytes go out in queue
+ * order; while the writer is in a sendmsg on tx, flush writes nothing and
+ * leaves the queue to it, since their bytes would interleave on the stream).
+ * Returns the bytes still queued (0 = empty) or -EPIPE / -ECONNRESET / other
+ * socket errors, or the error of a closed tx (see ch_tx_post).  Never blocks.
  */
 int64_t ch_tx_flush(ch_tx *tx, int fd);
 
@@ -142,13 +154,22 @@ int64_t ch_tx_flush(ch_tx *tx, int fd);
  * old, the frame is sent right away exactly as ch_tx_send would (a lone
  * message pays no hand-over latency).  Otherwise it is appended to the queue
  * without a syscall and the writer thread becomes responsible for the queue:
- * it writes everything queued on tx, in order, as soon as it runs (it never
- * waits on purpose: frames batch up while it is being woken or is busy), and
- * when the socket is full it waits for POLLOUT itself.  Waking the writer
- * costs one eventfd write, and only when it is asleep, so a burst costs at
- * most one wake-up.  The writer thread ("ch-writer", all signals blocked,
- * never calls into Python) is started on the first post that needs it; if it
- * cannot be started, the frame is written like ch_tx_send would.
+ * it writes everything queued on tx, in order, and when the socket is full it
+ * waits for POLLOUT itself.  Waking the writer costs one eventfd write, and
+ * only when it is asleep, so a burst costs at most one wake-up.  Frames batch
+ * up while the writer is being woken or is busy: it takes what is queued on
+ * tx, makes its sendmsg without the tx mutex (posts, on tx too, go on
+ * meanwhile: their frames go out after the ones being written) and then
+ * takes what came meanwhile.  It waits on purpose only in one case: when a
+ * wake-up came from a poster running on another CPU than the writer's, it
+ * pauses CH_TX_COALESCE_NS (20 us) before it writes, so that one sendmsg
+ * (and one wake-up of the reader) carries more of the burst; this delays
+ * the frames it then writes by that much (the first frame of a burst, written
+ * directly, is not delayed).  Never when it runs on the
+ * poster's own CPU (the poster runs meanwhile anyway, and a timer would only
+ * add context switches).  The writer thread ("ch-writer", all signals
+ * blocked, never calls into Python) is started on the first post that needs
+ * it; if it cannot be started, the frame is written like ch_tx_send would.
  *
  * Returns the bytes now queued on tx (>= 0, including bytes the writer has yet
  * to write: compare it with your own limit on queued bytes), or a negative
@@ -164,7 +185,8 @@ int64_t ch_tx_post_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_
                        uint64_t rid, const uint8_t *name, size_t name_len,
                        const uint8_t *body, size_t body_len);
 
-/* Bytes queued and not yet written (by anyone). */
+/* Bytes queued and not yet written (by anyone), including those the writer
+ * thread is writing at the moment (until its sendmsg returns). */
 size_t ch_tx_pending(const ch_tx *tx);
 
 /*
@@ -203,10 +225,11 @@ void ch_tx_writer_stats(ch_writer_stats *out);
  * fork(): pthread_atfork handlers (registered by the first ch_tx_new) make
  * fork() wait until no ch_tx_* call is in progress in any thread (each holds a
  * tx mutex for microseconds), so a child finds every tx consistent and
- * unlocked.  The writer thread does not exist in a child: the child starts its
- * own on demand, so txs created in the child can post.  Txs inherited from the
- * parent share their sockets with it and must not be written in the child;
- * ch_tx_close and ch_tx_free on them are safe.
+ * unlocked (a tx whose bytes the parent's writer thread was writing keeps
+ * them queued in the child).  The writer thread does not exist in a child:
+ * the child starts its own on demand, so txs created in the child can post.
+ * Txs inherited from the parent share their sockets with it and must not be
+ * written in the child; ch_tx_close and ch_tx_free on them are safe.
  */
 
 /*

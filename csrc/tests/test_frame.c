@@ -6,6 +6,8 @@
  *   ./test_frame [test-name ...]
  * Environment: CH_TEST_SEED=<n> replays one random seed (the seed in use is
  * printed first).  Prints "N passed, M failed" and exits non-zero on failure.
+ * Under ThreadSanitizer (clang -fsanitize=thread), run with
+ * TSAN_OPTIONS=die_after_fork=0: test_post_fork starts threads in its child.
  *
  * The frames are encoded here by hand from the wire format in frame.h, not
  * with frame.c's own encoder, so both directions are checked against the
@@ -25,21 +27,24 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 /* ---- sanitizer-aware heap accounting ---------------------------------- */
 
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define CH_ASAN 1
 #elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
 #define CH_ASAN 1
 #endif
 #endif
 
+/* (ASan and TSan have their own allocator, which mallinfo2 does not see) */
 #ifdef CH_ASAN
 size_t __sanitizer_get_current_allocated_bytes(void);
 static size_t heap_in_use(void)
@@ -1365,6 +1370,120 @@ static uint64_t xs(uint64_t *s)
     return *s * 0x2545F4914F6CDD1DULL;
 }
 
+/*
+ * A sendmsg hook.  This definition overrides the C library's for frame.c
+ * (linked into this executable), so a test can make the writer thread's
+ * sendmsg calls on one socket slow and partial, and watch for direct writes
+ * that would interleave with them.  While off, or on another fd, it is a
+ * plain sendmsg.
+ */
+static struct {
+    int on;                 /* (atomic) active, on socket fd */
+    int fd;
+    long wsleep_min_us;     /* the writer sleeps this long (random in [min, max]) in each call */
+    long wsleep_max_us;
+    int cap;                /* write a random part of what each call offers, now and then */
+    int busy;               /* (atomic) the writer thread is inside sendmsg on fd */
+    /* (atomic) counters: */
+    long wcalls;            /* the writer's calls */
+    long wpartial;          /* ... that wrote less than offered */
+    long overlap;           /* ... with a poster's call completed while in them */
+    long overlap_partial;   /* ... both */
+    long mutated;           /* the writer's bytes changed while it wrote them (a race) */
+    long clash;             /* another thread's sendmsg on fd while the writer was in one */
+} H;
+
+/* (atomic) ch_tx calls completed by the posters of the multi-thread tests */
+static uint64_t g_calls_done;
+
+static __thread int t_is_writer = -1;
+static __thread uint64_t t_rng;
+
+static uint32_t iov_sum(const struct iovec *iov, size_t cnt)
+{
+    uint32_t h = 2166136261u; /* FNV-1a: reads every byte (ASan and TSan see the reads) */
+    for (size_t i = 0; i < cnt; i++)
+        for (size_t k = 0; k < iov[i].iov_len; k++)
+            h = (h ^ ((const uint8_t *)iov[i].iov_base)[k]) * 16777619u;
+    return h;
+}
+
+ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    if (!__atomic_load_n(&H.on, __ATOMIC_ACQUIRE) || fd != H.fd)
+        return syscall(SYS_sendmsg, fd, msg, flags);
+    if (t_is_writer < 0) { /* (frame.c names its writer before the writer does anything) */
+        char name[16] = "";
+        prctl(PR_GET_NAME, name);
+        t_is_writer = strcmp(name, "ch-writer") == 0;
+        t_rng = (uint64_t)(uintptr_t)&t_rng ^ (uint64_t)now_ns() ^ 0x9E3779B97F4A7C15ULL;
+        t_rng |= 1;
+    }
+    /* Offer a random part of the bytes now and then (a forced partial write). */
+    struct iovec iov[8];
+    struct msghdr m = *msg;
+    size_t offered = 0;
+    for (size_t i = 0; i < msg->msg_iovlen; i++)
+        offered += msg->msg_iov[i].iov_len;
+    if (H.cap && msg->msg_iovlen <= 8 && offered > 1 && xs(&t_rng) % 2) {
+        size_t want = 1 + xs(&t_rng) % (offered - 1), left = want;
+        m.msg_iov = iov;
+        m.msg_iovlen = 0;
+        for (size_t i = 0; i < msg->msg_iovlen && left > 0; i++) {
+            iov[i] = msg->msg_iov[i];
+            if (iov[i].iov_len > left)
+                iov[i].iov_len = left;
+            left -= iov[i].iov_len;
+            m.msg_iovlen++;
+        }
+    }
+    if (!t_is_writer) {
+        if (__atomic_load_n(&H.busy, __ATOMIC_ACQUIRE))
+            __atomic_add_fetch(&H.clash, 1, __ATOMIC_RELAXED);
+        return syscall(SYS_sendmsg, fd, &m, flags);
+    }
+    __atomic_store_n(&H.busy, 1, __ATOMIC_RELEASE);
+    uint64_t calls0 = __atomic_load_n(&g_calls_done, __ATOMIC_RELAXED);
+    uint32_t sum0 = iov_sum(msg->msg_iov, msg->msg_iovlen);
+    long span = H.wsleep_max_us - H.wsleep_min_us;
+    sleep_us(H.wsleep_min_us + (span > 0 ? (long)(xs(&t_rng) % (uint64_t)(span + 1)) : 0));
+    ssize_t n = syscall(SYS_sendmsg, fd, &m, flags);
+    int e = errno;
+    if (iov_sum(msg->msg_iov, msg->msg_iovlen) != sum0)
+        __atomic_add_fetch(&H.mutated, 1, __ATOMIC_RELAXED);
+    int partial = n >= 0 && (size_t)n < offered;
+    int overlap = __atomic_load_n(&g_calls_done, __ATOMIC_RELAXED) != calls0;
+    __atomic_add_fetch(&H.wcalls, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&H.wpartial, partial, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&H.overlap, overlap, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&H.overlap_partial, overlap && partial, __ATOMIC_RELAXED);
+    __atomic_store_n(&H.busy, 0, __ATOMIC_RELEASE);
+    errno = e;
+    return n;
+}
+
+/* Watch socket fd: the writer sleeps [min_us, max_us] in each sendmsg; cap: partial writes. */
+static void hook_on(int fd, long min_us, long max_us, int cap)
+{
+    H.fd = fd;
+    H.wsleep_min_us = min_us;
+    H.wsleep_max_us = max_us;
+    H.cap = cap;
+    __atomic_store_n(&H.wcalls, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&H.wpartial, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&H.overlap, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&H.overlap_partial, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&H.mutated, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&H.clash, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&H.on, 1, __ATOMIC_RELEASE);
+}
+
+/* Stop watching (once no writer call on the fd can be in progress: after ch_tx_close). */
+static void hook_off(void)
+{
+    __atomic_store_n(&H.on, 0, __ATOMIC_RELEASE);
+}
+
 static ch_writer_stats wstats(void)
 {
     ch_writer_stats st;
@@ -1599,14 +1718,19 @@ typedef struct {
     uint64_t rng;
     int64_t err;
     pthread_t th;
+    size_t big; /* largest body of the 1% large messages; 0: MT_MAX_LEN - 64 */
+    int mostly_posts; /* 70% posts, 10% each send, send_msg, push + flush; else 25% each of 4 */
+    size_t limit;     /* wait while more is queued (see settle); 0: 1 MiB */
 } poster;
+
 
 static uint64_t mt_rid(unsigned id, uint32_t seq)
 {
     return (uint64_t)seq * 0x9E3779B97F4A7C15ULL ^ id;
 }
 
-/* Thread id's messages 0..n-1, each through one of send, post, send_msg, post_msg. */
+/* Thread id's messages 0..n-1, each through one of send_msg, post_msg, send, post
+ * (and push + flush, see mostly_posts). */
 static void *poster_main(void *arg)
 {
     poster *p = arg;
@@ -1616,14 +1740,16 @@ static void *poster_main(void *arg)
     const uint8_t name[2] = {'t', (uint8_t)('0' + p->id)};
     for (uint32_t seq = 0; seq < p->n; seq++) {
         uint64_t r = xs(&p->rng);
-        size_t blen = r % 100 == 0 ? xs(&p->rng) % (MT_MAX_LEN - 64)
+        size_t blen = r % 100 == 0 ? xs(&p->rng) % (p->big ? p->big : MT_MAX_LEN - 64)
                       : r % 10 == 0 ? xs(&p->rng) % 4096
                                     : xs(&p->rng) % 200;
         uint8_t *body = buf + CH_MSG_HEADER + 2;
         for (size_t i = 0; i < blen; i++)
             body[i] = (uint8_t)(p->id * 131 + seq * 7 + i);
         int64_t q;
-        switch ((r >> 20) % 4) {
+        static const unsigned mostly_posts[10] = {0, 2, 4, 1, 1, 1, 3, 3, 3, 3};
+        unsigned mode = p->mostly_posts ? mostly_posts[(r >> 20) % 10] : (unsigned)((r >> 20) % 4);
+        switch (mode) {
         case 0:
             q = ch_tx_send_msg(p->tx, p->fd, MT_MAX_LEN, p->id, seq, mt_rid(p->id, seq), name, 2,
                                body, blen);
@@ -1635,12 +1761,19 @@ static void *poster_main(void *arg)
         default:
             put_env(buf, p->id, seq, mt_rid(p->id, seq), 2);
             memcpy(buf + CH_MSG_HEADER, name, 2);
-            q = ((r >> 20) % 4 == 2 ? ch_tx_send : ch_tx_post)(p->tx, p->fd, buf,
-                                                                 CH_MSG_HEADER + 2 + blen,
-                                                                 MT_MAX_LEN);
+            if (mode == 4) {
+                q = ch_tx_push(p->tx, buf, CH_MSG_HEADER + 2 + blen, MT_MAX_LEN);
+                if (q >= 0)
+                    q = ch_tx_flush(p->tx, p->fd);
+                break;
+            }
+            q = (mode == 2 ? ch_tx_send : ch_tx_post)(p->tx, p->fd, buf, CH_MSG_HEADER + 2 + blen,
+                                                      MT_MAX_LEN);
         }
-        if (q >= 0 && (size_t)q > (1u << 20))
-            q = settle(p->tx, p->fd, 256 * 1024, 60000);
+        __atomic_add_fetch(&g_calls_done, 1, __ATOMIC_RELAXED);
+        size_t limit = p->limit ? p->limit : 1u << 20;
+        if (q >= 0 && (size_t)q > limit)
+            q = settle(p->tx, p->fd, limit / 4, 60000);
         if (q < 0) {
             p->err = q;
             break;
@@ -1692,7 +1825,7 @@ static void test_post_threads_order(void)
         rd_started = 1;
         ch_writer_stats s0 = wstats();
         for (; started < nth; started++) {
-            ps[started] = (poster){tx, fds[0], started, n, rnd() | 1, 0, 0};
+            ps[started] = (poster){.tx = tx, .fd = fds[0], .id = started, .n = n, .rng = rnd() | 1};
             REQUIRE(pthread_create(&ps[started].th, NULL, poster_main, &ps[started]) == 0);
         }
         for (unsigned i = 0; i < nth; i++)
@@ -2013,6 +2146,216 @@ out:
     free(f);
 }
 
+/* A thread reading slowly: recv of 1..700 bytes at a time, short naps, frames kept. */
+typedef struct {
+    int fd;
+    size_t max_len;
+    blobs got;
+    int end; /* CH_ERR_EOF expected */
+    uint64_t rng;
+    pthread_t th;
+} slow_reader;
+
+static void *slow_reader_main(void *arg)
+{
+    slow_reader *r = arg;
+    ch_rx *rx = NULL;
+    uint8_t chunk[700];
+    r->end = ch_rx_new(r->max_len, &rx);
+    if (r->end < 0)
+        return NULL;
+    int64_t deadline = now_ns() + 100 * 1000000000LL;
+    for (;;) {
+        ssize_t got = recv(r->fd, chunk, 1 + xs(&r->rng) % sizeof chunk, MSG_DONTWAIT);
+        if (got == 0) {
+            r->end = ch_rx_eof(rx);
+            break;
+        }
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN || now_ns() > deadline) {
+                r->end = errno == EAGAIN ? -ETIMEDOUT : -errno;
+                break;
+            }
+            struct pollfd p = {r->fd, POLLIN, 0};
+            poll(&p, 1, 100);
+            continue;
+        }
+        for (size_t off = 0; off < (size_t)got;) {
+            size_t used;
+            int n = ch_rx_feed(rx, chunk + off, (size_t)got - off, &used);
+            if (n < 0) {
+                r->end = n;
+                goto out;
+            }
+            collect(rx, n, r->max_len, &r->got);
+            off += used;
+        }
+        for (int n; (n = ch_rx_feed(rx, NULL, 0, &(size_t){0})) > 0;)
+            collect(rx, n, r->max_len, &r->got); /* (more than CH_RX_MAX_FRAMES buffered) */
+        if (xs(&r->rng) % 16 == 0)
+            sleep_us((long)(xs(&r->rng) % 100));
+    }
+out:
+    ch_rx_free(rx);
+    return NULL;
+}
+
+/*
+ * Posts appended while the writer thread is inside a (slow, often partial)
+ * sendmsg: 4 threads post, send, push and flush on one tx whose socket has a
+ * small buffer and a slow reader, while every sendmsg of the writer sleeps up
+ * to 150 us and writes a random part of what it is given.  Every frame
+ * arrives once, intact, each thread's in order; no direct write happens while
+ * the writer is in sendmsg; the bytes it writes never change under it.
+ */
+static void test_post_append_during_partial_write(void)
+{
+    enum { NTH = 4 };
+    const uint32_t n = 4000;
+    int fds[2] = {-1, -1};
+    ch_tx *tx = NULL;
+    slow_reader rd = {0};
+    poster ps[NTH];
+    unsigned started = 0, rd_started = 0;
+    REQUIRE(new_pair(fds) == 0);
+    int small = 8192;
+    CHECK(setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof small) == 0);
+    REQUIRE(ch_tx_new(&tx) == 0);
+    REQUIRE(ch_tx_writer_start() == 0);
+    rd.fd = fds[1];
+    rd.max_len = MT_MAX_LEN;
+    rd.rng = rnd() | 1;
+    REQUIRE(pthread_create(&rd.th, NULL, slow_reader_main, &rd) == 0);
+    rd_started = 1;
+    hook_on(fds[0], 0, 150, 1);
+    ch_writer_stats s0 = wstats();
+    for (; started < NTH; started++) {
+        ps[started] = (poster){.tx = tx, .fd = fds[0], .id = started, .n = n, .rng = rnd() | 1,
+                               .big = 16 * 1024, .mostly_posts = 1, .limit = 32 * 1024};
+        REQUIRE(pthread_create(&ps[started].th, NULL, poster_main, &ps[started]) == 0);
+    }
+    for (unsigned i = 0; i < NTH; i++)
+        pthread_join(ps[i].th, NULL);
+    started = 0;
+    for (unsigned i = 0; i < NTH; i++)
+        CHECK_EQ(ps[i].err, 0);
+    CHECK_EQ(settle(tx, fds[0], 0, 60000), 0);
+    ch_writer_stats s1 = wstats();
+    ch_tx_close(tx);
+    hook_off();
+    close(fds[0]);
+    fds[0] = -1;
+    pthread_join(rd.th, NULL);
+    rd_started = 0;
+    CHECK_EQ(rd.end, CH_ERR_EOF);
+    uint32_t next[NTH] = {0};
+    for (size_t i = 0; i < rd.got.n; i++) {
+        const char *why = mt_check(&rd.got.v[i], NTH, next);
+        if (why) {
+            fprintf(stderr, "[%s] frame %zu: bad %s\n", g_test, i, why);
+            g_fail++;
+            break;
+        }
+    }
+    CHECK_EQ(rd.got.n, (size_t)n * NTH);
+    for (unsigned i = 0; i < NTH; i++)
+        CHECK_EQ(next[i], n);
+    long wcalls = __atomic_load_n(&H.wcalls, __ATOMIC_RELAXED);
+    long overlap = __atomic_load_n(&H.overlap, __ATOMIC_RELAXED);
+    long overlap_partial = __atomic_load_n(&H.overlap_partial, __ATOMIC_RELAXED);
+    printf("     %u frames: the writer made %ld sendmsg calls (%ld partial), %ld with posters' "
+           "calls completed meanwhile (%ld of them partial); %" PRIu64 " wake-ups\n",
+           n * NTH, wcalls, __atomic_load_n(&H.wpartial, __ATOMIC_RELAXED), overlap,
+           overlap_partial, s1.wakeups - s0.wakeups);
+    CHECK(overlap_partial > 0);
+    CHECK_EQ(__atomic_load_n(&H.clash, __ATOMIC_RELAXED), 0);
+    CHECK_EQ(__atomic_load_n(&H.mutated, __ATOMIC_RELAXED), 0);
+    CHECK_EQ((long)(s1.writes - s0.writes), wcalls);
+out:
+    for (unsigned i = 0; i < started; i++)
+        pthread_join(ps[i].th, NULL);
+    if (fds[0] >= 0) {
+        ch_tx_close(tx);
+        close(fds[0]);
+    }
+    hook_off();
+    if (rd_started)
+        pthread_join(rd.th, NULL);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_tx_free(tx);
+    blobs_free(&rd.got);
+}
+
+/*
+ * ch_tx_close (and ch_tx_free) while the writer thread is inside a sendmsg on
+ * the tx returns only once that sendmsg has returned; the writer then leaves
+ * the fd alone, and a send right away sees the closed tx.
+ */
+static void test_close_waits_for_writer_sendmsg(void)
+{
+    int fds[2] = {-1, -1};
+    ch_tx *tx = NULL;
+    uint8_t f[256];
+    long waited_us = 0, slowest_us = 0;
+    REQUIRE(ch_tx_writer_start() == 0);
+    for (int it = 0; it < 20; it++) {
+        REQUIRE(new_pair(fds) == 0);
+        REQUIRE(ch_tx_new(&tx) == 0);
+        hook_on(fds[0], 3000, 3000, 0);
+        CHECK(ch_tx_push(tx, f, seq_frame(f, 0, sizeof f), sizeof f) > 0);
+        CHECK(ch_tx_post(tx, fds[0], f, seq_frame(f, 1, sizeof f), sizeof f) > 0);
+        int64_t deadline = now_ns() + 5 * 1000000000LL;
+        while (!__atomic_load_n(&H.busy, __ATOMIC_ACQUIRE) && now_ns() < deadline)
+            sleep_us(20);
+        REQUIRE(__atomic_load_n(&H.busy, __ATOMIC_ACQUIRE));
+        /* posts and sends meanwhile are queued behind, not written */
+        CHECK(ch_tx_post(tx, fds[0], f, seq_frame(f, 2, 10), sizeof f) > 0);
+        CHECK(ch_tx_send(tx, fds[0], f, seq_frame(f, 3, 10), sizeof f) > 0);
+        CHECK(ch_tx_flush(tx, fds[0]) > 0);
+        CHECK_EQ(ch_tx_unowned(tx), 0);
+        CHECK_EQ(ch_tx_pending(tx), 4 * CH_FRAME_HEADER + 2 * sizeof f + 20);
+        CHECK_EQ(__atomic_load_n(&H.clash, __ATOMIC_RELAXED), 0);
+        int64_t t0 = now_ns();
+        if (it % 2) {
+            ch_tx_free(tx); /* closes it first */
+            tx = NULL;
+        } else {
+            ch_tx_close(tx);
+        }
+        long us = (long)((now_ns() - t0) / 1000);
+        CHECK_EQ(__atomic_load_n(&H.busy, __ATOMIC_ACQUIRE), 0); /* the sendmsg ended first */
+        waited_us += us;
+        slowest_us = us > slowest_us ? us : slowest_us;
+        long wcalls = __atomic_load_n(&H.wcalls, __ATOMIC_RELAXED);
+        if (tx) {
+            CHECK_EQ(ch_tx_send(tx, fds[0], f, 4, sizeof f), -EPIPE);
+            CHECK_EQ(ch_tx_pending(tx), 0);
+        }
+        sleep_us(5000);
+        CHECK_EQ(__atomic_load_n(&H.wcalls, __ATOMIC_RELAXED), wcalls); /* fd left alone */
+        hook_off();
+        close(fds[0]);
+        close(fds[1]);
+        fds[0] = fds[1] = -1;
+        ch_tx_free(tx);
+        tx = NULL;
+        if (g_fail)
+            break;
+    }
+    printf("     close waited %ld us on average for a 3000 us sendmsg (at most %ld us)\n",
+           waited_us / 20, slowest_us);
+out:
+    hook_off();
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    ch_tx_free(tx);
+}
+
 /* A parent thread that sends and posts on its own tx without pause until told to stop. */
 typedef struct {
     ch_tx *tx;
@@ -2216,6 +2559,8 @@ static const struct test tests[] = {
     T(test_post_stalled_socket),
     T(test_post_peer_closed),
     T(test_post_close_while_queued),
+    T(test_post_append_during_partial_write),
+    T(test_close_waits_for_writer_sendmsg),
     T(test_post_fork),
 };
 
