@@ -185,7 +185,7 @@ def writer_stats() -> dict[str, int]:
 class Rx:
     """A receive buffer (``ch_rx``) that hands out complete frames in batches."""
 
-    __slots__ = ("_p", "_read", "_frames", "eof")
+    __slots__ = ("_p", "_read", "_frames", "eof", "fill", "table", "data")
 
     def __init__(self, max_len: int) -> None:
         pp = ffi.new("ch_rx **")
@@ -195,18 +195,13 @@ class Rx:
         self._frames = lib.ch_rx_frames(self._p)  # a fixed array inside the ch_rx
         # EOF if nothing partial is buffered, else TRUNCATED: one C call.
         self.eof: Callable[[], int] = functools.partial(lib.ch_rx_eof, self._p)
-
-    def batch(self, fd: int) -> tuple[memoryview, list[int]] | int:
-        """Read what ``fd`` has: ``(buffer, offsets)`` where frame i is
-        ``buffer[offsets[2i] : offsets[2i] + offsets[2i+1]]``, valid until the
-        next call; or 0 when the socket would block, or the code ``read``
-        returns at end of stream or on an error.  (The receive hot path: no
-        view per frame.)"""
-        n = self._read(self._p, fd)
-        if n <= 0:
-            return n
-        offs = _unpack(self._frames, 2 * n)
-        return memoryview(_buffer(lib.ch_rx_data(self._p), offs[-2] + offs[-1])), offs
+        # The receive hot path (Hub._read), without a Python frame of ours:
+        # n = fill(fd) reads like ``read`` but returns the count (or code);
+        # frame i is then at table[2i], table[2i + 1] bytes long, in the
+        # buffer at data() (both valid until the next fill).
+        self.fill: Callable[[int], int] = functools.partial(lib.ch_rx_read, self._p)
+        self.table = self._frames
+        self.data: Callable[[], Any] = functools.partial(lib.ch_rx_data, self._p)
 
     def read(self, fd: int) -> list[memoryview] | int:
         """Read what ``fd`` has and return the complete frames as memoryviews.

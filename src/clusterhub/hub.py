@@ -62,6 +62,7 @@ _unpack_envelope = protocol.HEADER.unpack_from
 _ENVELOPE = protocol.HEADER.size
 _MSG, _REQ, _RES, _ERR, _BCAST = protocol.MSG, protocol.REQ, protocol.RES, protocol.ERR, protocol.BCAST
 _EOF = _bindings.EOF
+_unpack, _buffer = _bindings.ffi.unpack, _bindings.ffi.buffer
 _known_names = protocol.known_names
 _FUTURE_DONE = frozenset(("FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"))
 
@@ -929,7 +930,10 @@ class Hub:
             finally:
                 if ch.blockers or ch.mask != _IN or ch.unowned():
                     self._arm(ch)  # (else nothing to change)
-                ch.release_reader()
+                if ch.closed:
+                    ch.release_reader()  # (it closes the fds)
+                else:
+                    ch.reader.release()
             if more:  # buffered frames no socket event will announce
                 self._dispatcher.call_next(lambda: self._on_channel(ch, _IN))
             if done:
@@ -959,17 +963,19 @@ class Hub:
         a view or a call per frame for replies.
         """
         rx, fd, loads, pending = ch.rx, ch.fd, self._loads, self._pending
+        fill, table, rx_data = rx.fill, rx.table, rx.data
         inbox_append, partial = self._dispatcher.inbox.append, functools.partial
         is_master, peer, reply_to = self._is_master, ch.peer, self._reply
         for _ in range(rounds):
             if ch.closed:
                 return False
-            got = rx.batch(fd)
-            if got.__class__ is int:
-                if got:
-                    self._channel_lost(ch, got)  # type: ignore[arg-type]
+            n = fill(fd)
+            if n <= 0:
+                if n:
+                    self._channel_lost(ch, n)
                 return False
-            buf, offs = got  # type: ignore[misc]
+            offs = _unpack(table, 2 * n)
+            buf = memoryview(_buffer(rx_data(), offs[-2] + offs[-1]))
             for i in range(0, len(offs), 2):
                 start = offs[i]
                 end = start + offs[i + 1]
