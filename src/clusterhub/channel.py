@@ -29,7 +29,7 @@ class Channel:
         "fd", "peer", "max_len", "max_queue", "rx", "_tx", "_lock", "closed",
         "reader", "leader", "dying", "_wake", "_fds_open", "blockers", "held_back",
         "mask", "arming", "disarmed", "lep", "send", "send_msg", "send_request", "post", "post_msg",
-        "pending", "unowned", "room_waiters",
+        "pending", "unowned", "room_waiters", "read_ctx",
     )
 
     def __init__(self, fd: int, peer: Any, max_len: int, max_queue: int) -> None:
@@ -63,6 +63,7 @@ class Channel:
         self.arming = threading.Lock()  # held while mask and registration change
         self.disarmed = False  # the dispatcher dropped it for a leader (see Hub._arm)
         self.room_waiters = 0  # dispatcher waits for room here (see Hub._wait_room)
+        self.read_ctx: Any = None  # what Hub._read needs, gathered once
         # The send queue needs no lock (its C calls keep the GIL and refuse
         # use once closed), so sending is a bound C-backed method call.
         self.send = functools.partial(self._tx.send, fd)  # (payload, max_len)
@@ -127,7 +128,7 @@ class Channel:
                 _shutdown(self.fd)
             except OSError:
                 pass
-        if self.reader.acquire(blocking=False):
+        if self.reader.acquire(False):
             self.release_reader()
         else:
             self.poke()  # the leader sees the channel closed and lets go

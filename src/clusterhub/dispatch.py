@@ -320,7 +320,7 @@ class Dispatcher:
         self.drain()
 
     def drain(self) -> None:
-        if not self._drain_lock.acquire(blocking=False):
+        if not self._drain_lock.acquire(False):
             return  # the other drainer (thread or loop) is at it; it re-delivers
         try:
             inbox, registry = self.inbox, self.registry

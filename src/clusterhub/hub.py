@@ -651,7 +651,7 @@ class Hub:
             return timeout
         # Lead: read ``ch`` in this thread until ``fut`` is done (leader/follower).
         reader = ch.reader
-        if not reader.acquire(blocking=False):
+        if not reader.acquire(False):
             return timeout  # someone reads it already: they complete fut
         deadline = None if timeout is None else time.monotonic() + timeout
         done: list[Future] = []
@@ -659,7 +659,7 @@ class Hub:
         try:
             if ch.closed or ch.dying or ch.blockers:
                 return timeout  # held back: the dispatcher reads it once released
-            ch.leader = threading.get_ident()
+            ch.leader = me
             poll = ch.lep.poll
             fd = ch.fd
             # Frames buffered in rx (left by the reader before us, whose
@@ -923,7 +923,7 @@ class Hub:
                 self._release_held(ch)
         if not ev & _INPUT or (ch.blockers and not ev & _GONE):
             self._arm(ch)  # (held back: read anyway once the peer is gone)
-        elif ch.reader.acquire(blocking=False):
+        elif ch.reader.acquire(False):
             done: list[Future] = []
             try:
                 more = self._read(ch, 1, done)
@@ -962,10 +962,15 @@ class Hub:
         This is the receive hot path: frames are decoded in place, without
         a view or a call per frame for replies.
         """
-        rx, fd, loads, pending = ch.rx, ch.fd, self._loads, self._pending
-        fill, table, rx_data = rx.fill, rx.table, rx.data
-        inbox_append, partial = self._dispatcher.inbox.append, functools.partial
-        is_master, peer, reply_to = self._is_master, ch.peer, self._reply
+        ctx = ch.read_ctx
+        if ctx is None:  # (made once: a call's set-up costs as much as a reply)
+            rx = ch.rx
+            ctx = ch.read_ctx = (
+                ch.fd, rx.fill, rx.table, rx.data, rx.eof, self._loads, self._pending,
+                self._dispatcher.inbox.append, self._is_master, ch.peer, self._reply,
+            )
+        fd, fill, table, rx_data, eof, loads, pending, inbox_append, is_master, peer, reply_to = ctx
+        partial = functools.partial
         for _ in range(rounds):
             if ch.closed:
                 return False
@@ -1030,7 +1035,7 @@ class Hub:
                     inbox_append((name, data, sender, reply))
                 else:
                     return self._malformed(ch, f"unknown kind {kind}")
-        return not ch.closed and rx.eof() != _bindings.EOF
+        return not ch.closed and eof() != _EOF
 
     def _malformed(self, ch: Channel, what: str) -> bool:
         log.debug("malformed envelope: %s", what)

@@ -53,15 +53,12 @@ def _json_loads(data: Any) -> Any:
     return json.loads(bytes(data))
 
 
-def _pickle_dumps(obj: Any, _dumps: Callable[..., bytes] = pickle.dumps) -> bytes:
-    # (A def: a functools.partial with a keyword argument is slower.)
-    return _dumps(obj, pickle.HIGHEST_PROTOCOL)
-
-
 def serializer_functions(spec: str | Serializer) -> tuple[Dumps, Loads]:
     """(dumps, loads) for ``Hub(serializer=spec)``."""
     if spec == "pickle":
-        return _pickle_dumps, pickle.loads  # loads takes a memoryview as is
+        # pickle's default protocol, called as is: a wrapper to ask for
+        # another costs a Python call per message.  loads takes a memoryview.
+        return pickle.dumps, pickle.loads
     if spec == "json":
         return _json_dumps, _json_loads
     if isinstance(spec, str):
