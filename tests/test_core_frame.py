@@ -741,3 +741,51 @@ def test_socketpair_flags() -> None:
     finally:
         os.close(a)
         os.close(b)
+
+
+# ---- messages built in C ------------------------------------------------------
+
+
+@given(
+    kind=st.integers(1, 255),
+    origin=st.integers(0, 2**32 - 1),
+    rid=st.integers(0, 2**64 - 1),
+    name=st.binary(max_size=40),
+    body=st.binary(max_size=300),
+    post=st.booleans(),
+)
+@HYP
+def test_message_from_c_equals_the_python_envelope(
+    kind: int, origin: int, rid: int, name: bytes, body: bytes, post: bool
+) -> None:
+    """ch_tx_send_msg and ch_tx_post_msg put on the wire exactly the frame of
+    protocol.encode (the envelope Hub._read decodes), and raise nothing for
+    what protocol accepts."""
+    from clusterhub import protocol
+
+    assert protocol.HEADER.size == lib.CH_MSG_HEADER
+    w, r = socketpair()
+    tx, rx = Tx(), Rx(64 * KiB)
+    try:
+        maker = tx.message_poster if post else tx.message_sender
+        send = maker(w, 64 * KiB)
+        assert send(kind, origin, rid, name, len(name), body, len(body)) >= 0
+        assert tx.flush(w) == 0 or wait_flushed(tx, w)
+        frames = rx.read(r)
+        assert isinstance(frames, list) and len(frames) == 1
+        assert bytes(frames[0]) == protocol.encode(kind, origin, rid, name, body)
+    finally:
+        tx.close()
+        os.close(w)
+        os.close(r)
+
+
+def wait_flushed(tx: Tx, fd: int, timeout: float = 5.0) -> bool:
+    """True once the writer thread (or we) wrote all of tx's queue."""
+    deadline = time.monotonic() + timeout
+    while tx.pending():
+        if time.monotonic() > deadline:
+            return False
+        tx.flush(fd)
+        select.select([], [fd], [], 0.01)
+    return True

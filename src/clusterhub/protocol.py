@@ -10,6 +10,10 @@ serializer never has to represent our bookkeeping, and the master can relay a
 worker's broadcast without decoding its data.  Error replies carry
 ``[type name, message, traceback, no-handler flag]`` as JSON whatever the
 serializer.
+
+Messages are mostly built in C (``ch_tx_send_msg``/``ch_tx_post_msg``, whose
+CH_MSG_HEADER is this header) and decoded in place by ``Hub._read``;
+:func:`encode` builds the one payload a broadcast sends to every worker.
 """
 
 from __future__ import annotations
@@ -29,8 +33,6 @@ HEADER = struct.Struct("<BIQH")
 NAME_MAX = 0xFFFF
 
 _pack = HEADER.pack
-_unpack = HEADER.unpack_from
-_HSIZE = HEADER.size
 
 
 class Serializer(Protocol):
@@ -98,17 +100,6 @@ def encode_name(name: str) -> bytes:
 
 def encode(kind: int, origin: int, rid: int, name: bytes, body: bytes) -> bytes:
     return b"".join((_pack(kind, origin, rid, len(name)), name, body))
-
-
-def decode(frame: memoryview) -> tuple[int, int, int, str, memoryview]:
-    """(kind, origin, request id, name, data) of a frame; ValueError if malformed."""
-    if len(frame) < _HSIZE:
-        raise ValueError("frame shorter than the envelope header")
-    kind, origin, rid, nlen = _unpack(frame)
-    end = _HSIZE + nlen
-    if not MSG <= kind <= BCAST or len(frame) < end:
-        raise ValueError("malformed envelope")
-    return kind, origin, rid, str(frame[_HSIZE:end], "utf-8"), frame[end:]
 
 
 def encode_error(type_name: str, message: str, tb: str, no_handler: bool) -> bytes:
