@@ -64,8 +64,8 @@ class Channel:
         self.disarmed = False  # the dispatcher dropped it for a leader (see Hub._arm)
         self.room_waiters = 0  # dispatcher waits for room here (see Hub._wait_room)
         self.read_ctx: Any = None  # what Hub._read needs, gathered once
-        # The send queue needs no lock (its C calls keep the GIL and refuse
-        # use once closed), so sending is a bound C-backed method call.
+        # The send queue needs no Python lock (its C calls lock it and refuse
+        # use once it is closed), so sending is one call of a bound C function.
         self.send = functools.partial(self._tx.send, fd)  # (payload, max_len)
         self.send_msg = self._tx.message_sender(fd, max_len)
         self.send_request = self._tx.message_sender(fd, max_len, release_gil=True)
@@ -98,7 +98,6 @@ class Channel:
     def flush(self) -> int:
         """Write what the socket takes of the queue; return the bytes left."""
         return self._tx.flush(self.fd)
-
 
     def wait_room(self, limit: int) -> None:
         """Block until at most ``limit`` bytes are queued.
@@ -137,9 +136,9 @@ class Channel:
         """Let go of ``reader``, closing what ``close`` left to its holder."""
         if self.closed:
             with self._lock:
-                fds = self._fds_open
+                was_open = self._fds_open
                 self._fds_open = False
-            if fds:
+            if was_open:
                 self._close_fds()
                 self.rx.close()
         self.reader.release()
