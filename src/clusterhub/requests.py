@@ -208,12 +208,10 @@ class Pending:
         return rid
 
     def ended(self, fut: Future) -> None:
-        """``fut`` ended other than by its reply: forget it, and wake a thread
-        that may be reading its channel for it (unless that is us)."""
+        """``fut`` ended other than by its reply (cancelled): forget it, and
+        wake a thread that may be reading its channel for it."""
         self._by_id.pop(fut._rid, None)
-        peer = fut._channel
-        if peer is not None and peer.leader is not None and peer.leader != threading.get_ident():
-            peer.poke()
+        _wake_leader(fut)
 
     def discard(self, rid: int) -> None:
         self._by_id.pop(rid, None)
@@ -230,23 +228,31 @@ class Pending:
         self._by_id.pop(rid, None)  # now: its callbacks may run later
         resolve(fut, ok, value, defer)
 
+    # Failing a request: out of the table first (its callbacks, run by
+    # resolve, may look), then completed, then its leader woken (which must
+    # find it done).
+
     def fail(self, rid: int, exc: BaseException) -> None:
-        fut = self._by_id.get(rid)
+        fut = self._by_id.pop(rid, None)
         if fut is not None:
             resolve(fut, False, exc)
-            self.ended(fut)  # (after: a woken leader must find it done)
+            _wake_leader(fut)
 
     def fail_peer(self, peer: Any, make_exc: Callable[[], BaseException]) -> None:
         """Fail every request waiting on ``peer``."""
-        for fut in list(self._by_id.values()):
-            if fut._channel is peer:
-                resolve(fut, False, make_exc())
-                self.ended(fut)
+        for fut in [f for f in self._by_id.values() if f._channel is peer]:
+            self.fail(fut._rid, make_exc())
 
     def fail_all(self, make_exc: Callable[[], BaseException]) -> None:
-        for fut in list(self._by_id.values()):
-            resolve(fut, False, make_exc())
-            self.ended(fut)
+        for rid in list(self._by_id):
+            self.fail(rid, make_exc())
 
     def __len__(self) -> int:
         return len(self._by_id)
+
+
+def _wake_leader(fut: Future) -> None:
+    """Wake a thread reading ``fut``'s channel for it, unless that is us."""
+    peer = fut._channel
+    if peer is not None and peer.leader is not None and peer.leader != threading.get_ident():
+        peer.poke()
