@@ -60,6 +60,7 @@ class Dispatcher:
         self.registry = Registry()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._private_loop: asyncio.AbstractEventLoop | None = None
+        self._private_thread: threading.Thread | None = None
         self._setup()
 
     def _setup(self) -> None:
@@ -102,9 +103,12 @@ class Dispatcher:
             t.join()
         self._ep.close()
         os.close(self._wake_fd)
-        if self._private_loop is not None:
-            self._private_loop.call_soon_threadsafe(self._private_loop.stop)
-            self._private_loop = None
+        loop, self._private_loop = self._private_loop, None
+        if loop is not None:  # its thread closes it once stopped (see _get_private_loop)
+            loop.call_soon_threadsafe(loop.stop)
+            t = self._private_thread
+            if t is not None and t.ident != threading.get_ident():
+                t.join(5.0)
 
     def reinit_after_fork(self, name: str) -> None:
         """In a fork child: the thread is gone and the epoll instance is
@@ -428,10 +432,16 @@ class Dispatcher:
     def _get_private_loop(self) -> asyncio.AbstractEventLoop:
         if self._private_loop is None:
             loop = asyncio.new_event_loop()
-            threading.Thread(
-                target=loop.run_forever, name=f"clusterhub-{self.name}-aio", daemon=True
-            ).start()
-            self._private_loop = loop
+
+            def run() -> None:
+                try:
+                    loop.run_forever()
+                finally:
+                    loop.close()  # (else a ResourceWarning when it is collected)
+
+            t = threading.Thread(target=run, name=f"clusterhub-{self.name}-aio", daemon=True)
+            t.start()
+            self._private_loop, self._private_thread = loop, t
         return self._private_loop
 
 
