@@ -67,7 +67,7 @@ class Dispatcher:
         # Raw epoll: registrations may be changed from any thread (a requester
         # disarms its channel while it reads its own reply); the callback map
         # is only ever changed by single, GIL-atomic dict operations.
-        self._ep = self.epoll = select.epoll()
+        self.epoll = select.epoll()  # (Hub registers its channels here itself)
         self._callbacks: dict[int, Callable[[int], None]] = {}
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.register(self._wake_fd, select.EPOLLIN, self._on_wake)
@@ -101,7 +101,7 @@ class Dispatcher:
         t = self._thread
         if t is not None and t.ident != threading.get_ident():
             t.join()
-        self._ep.close()
+        self.epoll.close()
         os.close(self._wake_fd)
         loop, self._private_loop = self._private_loop, None
         if loop is not None:  # its thread closes it once stopped (see _get_private_loop)
@@ -113,7 +113,7 @@ class Dispatcher:
     def reinit_after_fork(self, name: str) -> None:
         """In a fork child: the thread is gone and the epoll instance is
         shared with the parent, so drop our copies and start afresh."""
-        self._ep.close()  # only our descriptor: the parent's epoll lives on
+        self.epoll.close()  # only our descriptor: the parent's epoll lives on
         try:
             os.close(self._wake_fd)
         except OSError:
@@ -127,7 +127,7 @@ class Dispatcher:
     def abandon(self) -> None:
         """In a child forked by other code: close our fds, run nothing."""
         self._stopping = True
-        self._ep.close()
+        self.epoll.close()
         try:
             os.close(self._wake_fd)
         except OSError:
@@ -168,7 +168,7 @@ class Dispatcher:
     # epoll registrations: any thread may call these
     def register(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
         self._callbacks[fd] = callback
-        self._ep.register(fd, events)
+        self.epoll.register(fd, events)
 
     def set_callback(self, fd: int, callback: Callable[[int], None]) -> None:
         """The callback for ``fd``, which the caller registers in ``epoll`` itself."""
@@ -177,7 +177,7 @@ class Dispatcher:
     def unregister(self, fd: int) -> None:
         self._callbacks.pop(fd, None)
         try:
-            self._ep.unregister(fd)
+            self.epoll.unregister(fd)
         except (OSError, ValueError):
             pass
 
@@ -261,7 +261,7 @@ class Dispatcher:
         try:
             # (maxevents bounded: by default CPython allocates room for 1023
             # events on every call, a cost per wake-up.)
-            events = self._ep.poll(-1 if timeout is None else timeout, _MAX_EVENTS)
+            events = self.epoll.poll(-1 if timeout is None else timeout, _MAX_EVENTS)
         except InterruptedError:
             events = []
         callbacks = self._callbacks

@@ -140,6 +140,7 @@ class Hub:
         self._master_gone = threading.Event()  # worker: the dispatcher saw the master go
         self._peer_stubs: dict[int, Worker] = {}
         self._pending = Pending()
+        self._future_hook = self._wait_future  # bound once: made per request otherwise
         self._locks = Locks(lock_slots)
         self._dispatcher = Dispatcher(f"master-{self._pid}")
         self._dispatcher.start()
@@ -551,7 +552,7 @@ class Hub:
         return agg
 
     def _new_future(self) -> Future:
-        return Future(self._wait_future)
+        return Future(self._future_hook)
 
     def _failed(self, exc: BaseException, callback: Optional[Callback]) -> Future:
         fut = self._new_future()
@@ -570,7 +571,7 @@ class Hub:
                 nb = _known_names[name]
             except (KeyError, TypeError):
                 nb = protocol.encode_name(name)  # (checks it)
-            fut = Future(self._wait_future, ch)
+            fut = Future(self._future_hook, ch)
             rid = self._pending.add(fut)
         else:
             nb, fut, rid = self._pending_request(ch, name, timeout, callback)
@@ -610,7 +611,7 @@ class Hub:
             _check_timeout(timeout)
         if callback is not None:
             _check_callback(callback)
-        fut = Future(self._wait_future, ch)
+        fut = Future(self._future_hook, ch)
         if local:
             fut._local = True
         rid = self._pending.add(fut)

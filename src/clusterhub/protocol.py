@@ -79,13 +79,12 @@ def serializer_functions(spec: str | Serializer) -> tuple[Dumps, Loads]:
 
 
 known_names: dict[str, bytes] = {}  # names seen, checked and encoded (bounded)
-_names = known_names
 
 
 def encode_name(name: str) -> bytes:
     """The wire form of a message name; TypeError/ValueError for a bad one."""
     try:
-        return _names[name]
+        return known_names[name]
     except (KeyError, TypeError):  # (unhashable: not a str, said below)
         pass
     if not isinstance(name, str):
@@ -93,8 +92,8 @@ def encode_name(name: str) -> bytes:
     b = name.encode()
     if not b or len(b) > NAME_MAX:
         raise ValueError(f"message name must be 1 to {NAME_MAX} bytes of UTF-8")
-    if len(_names) < 4096:
-        _names[name] = b
+    if len(known_names) < 4096:
+        known_names[name] = b
     return b
 
 
