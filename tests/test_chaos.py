@@ -56,6 +56,7 @@ from conftest import (
 
 LONG = os.environ.get("CLUSTERHUB_LONG") == "1"
 NCRASH = lib.ch_lt_crashpoint_count()
+SELF_KILL = NCRASH + 1  # "crash point" of a worker that kills itself inside a section
 
 NWORKERS = 8
 LOCK_SLOTS = 32  # 64 slots: at most 8 x 3 + 2 threads use a key at once
@@ -170,7 +171,7 @@ def run_storm(hub: clusterhub.Hub, seconds: float, record: Callable[[str, Any], 
 
     # -- a lock section, the same in the master and the workers --------------
 
-    def section(key: int, row: int, rnd: random.Random) -> None:
+    def section(key: int, row: int, rnd: random.Random, die: bool = False) -> None:
         lk = hub.lock(KEYS[key], timeout=REQ_BOUND)
         try:
             lk.__enter__()
@@ -197,6 +198,8 @@ def run_storm(hub: clusterhub.Hub, seconds: float, record: Callable[[str, Any], 
                     print(f"[chaos] {KEYS[key]}: inside set by {a[inside]} (not recovered)",
                           file=sys.stderr)
             a[inside] = token
+            if die:  # killed inside: the next holder must repair (see SELF_KILL)
+                os.kill(os.getpid(), signal.SIGKILL)
             if key == HOT:
                 a[G_COUNTER] += 1
                 a[row + S_DONE] += 1
@@ -278,6 +281,9 @@ def run_storm(hub: clusterhub.Hub, seconds: float, record: Callable[[str, Any], 
         # Some incarnations arm a crash point just before a fresh-key lock.
         arm_at = rnd.randrange(1, 200) if rnd.random() < 0.4 else -1
         point = rnd.randint(1, NCRASH)
+        # Some die inside a hot section, so that every storm has repairs to
+        # make: random kills land there too, but too rarely to count on.
+        die_at = rnd.randrange(1, 200) if rnd.random() < 0.1 else -1
 
         def pool_loop() -> None:
             prnd = random.Random()
@@ -292,7 +298,9 @@ def run_storm(hub: clusterhub.Hub, seconds: float, record: Callable[[str, Any], 
             ops += 1
             r = rnd.random()
             if r < 0.30:
-                section(HOT, row0, rnd)
+                if ops >= die_at > 0:
+                    a[row0 + S_ARMED] = SELF_KILL
+                section(HOT, row0, rnd, die=ops >= die_at > 0)
             elif r < 0.45:
                 if ops >= arm_at > 0:
                     a[row0 + S_ARMED] = point
