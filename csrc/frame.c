@@ -6,6 +6,7 @@
 #include <sys/prctl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -685,6 +686,15 @@ static int writer_start(void)
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    if (sched_getscheduler(0) == SCHED_BATCH) {
+        /* Created by a dispatcher thread (see clusterhub/sched.py): a batch
+         * writer woken on a busy poster's CPU would wait for the poster's
+         * time slice to end.  Set at creation: no window under batch. */
+        struct sched_param sp = {0};
+        pthread_attr_setinheritsched(&attr, PTHREAD_EXPLICIT_SCHED);
+        pthread_attr_setschedpolicy(&attr, SCHED_OTHER);
+        pthread_attr_setschedparam(&attr, &sp);
+    }
     int r = pthread_create(&W.thread, &attr, writer_main, NULL);
     pthread_attr_destroy(&attr);
     pthread_sigmask(SIG_SETMASK, &old, NULL);

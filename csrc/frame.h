@@ -202,7 +202,10 @@ size_t ch_tx_unowned(const ch_tx *tx);
  * needs it (thread creation then delays that burst by milliseconds).
  * Returns 0 (also when already running) or -errno from eventfd/pthread_create
  * (posts then fall back to direct writes).  Any thread; takes the writer's
- * lock briefly; never blocks otherwise.
+ * lock briefly; never blocks otherwise.  The thread runs under SCHED_OTHER
+ * when the thread that creates it (here or on demand) is SCHED_BATCH, as
+ * clusterhub's dispatcher threads are: a batch writer would not run on the
+ * poster's CPU before the poster's time slice ends.
  */
 int ch_tx_writer_start(void);
 

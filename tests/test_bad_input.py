@@ -173,9 +173,10 @@ def test_hub_size_parameters(make_hub: MakeHub, param: str, value: Any, exc: typ
     assert_usable(make_hub())
 
 
-def test_hub_exit_on_master_death_non_bool() -> None:
-    """exit_on_master_death other than True/False raises TypeError (so "no" cannot mean True)."""
-    raises(TypeError, lambda: clusterhub.Hub(exit_on_master_death="no"), "True or False")
+@pytest.mark.parametrize("param", ["exit_on_master_death", "batch_dispatcher"])
+def test_hub_flag_non_bool(param: str) -> None:
+    """exit_on_master_death or batch_dispatcher other than True/False raises TypeError (so "no" cannot mean True)."""
+    raises(TypeError, lambda: clusterhub.Hub(**{param: "no"}), f"{param} must be True or False")
 
 
 # ---- message names -------------------------------------------------------------------------

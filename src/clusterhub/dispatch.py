@@ -27,6 +27,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional
 
+from . import sched
 from .handlers import Registry
 
 log = logging.getLogger("clusterhub")
@@ -55,8 +56,9 @@ class Timer:
 
 
 class Dispatcher:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, batch: bool = True) -> None:
         self.name = name
+        self.batch = batch  # run the thread under SCHED_BATCH (see sched.py)
         self.registry = Registry()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._private_loop: asyncio.AbstractEventLoop | None = None
@@ -91,6 +93,8 @@ class Dispatcher:
         t = threading.Thread(target=self._main, name=f"clusterhub-{self.name}", daemon=True)
         self._thread = t
         t.start()
+        if self.batch:
+            sched.batch(t.native_id)  # (here, not in the thread: done when start() returns)
 
     def stop(self) -> None:
         """Stop the thread (joined unless called from it) and close its fds."""
@@ -200,10 +204,12 @@ class Dispatcher:
                 self.cancelled_timers = 0
             heapq.heappush(timers, (when, next(self._tseq), timer))
             if self._timer_thread is None:
-                self._timer_thread = threading.Thread(
+                t = self._timer_thread = threading.Thread(
                     target=self._run_timers, name=f"clusterhub-{self.name}-timers", daemon=True
                 )
-                self._timer_thread.start()
+                t.start()
+                if sched.is_batched():  # (started by a handler)
+                    sched.reset(t.native_id)
             elif self._timers[0][2] is timer:
                 self._tcond.notify()
         return timer
@@ -441,6 +447,8 @@ class Dispatcher:
 
             t = threading.Thread(target=run, name=f"clusterhub-{self.name}-aio", daemon=True)
             t.start()
+            if sched.is_batched():
+                sched.reset(t.native_id)
             self._private_loop, self._private_thread = loop, t
         return self._private_loop
 

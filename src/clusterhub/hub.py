@@ -20,7 +20,7 @@ from concurrent.futures import InvalidStateError
 from numbers import Real
 from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
 
-from . import _bindings, protocol
+from . import _bindings, protocol, sched
 from ._bindings import PeerGone
 from .channel import Channel
 from .dispatch import Dispatcher, _NoHandler
@@ -85,6 +85,7 @@ class HeldLock(NamedTuple):
 def _after_fork_in_child() -> None:
     global _fork_lock
     _fork_lock = threading.Lock()  # held by the forking thread, maybe: a worker may fork too
+    sched.forget()
     for hub in list(_hubs):
         if hub is not _forking:
             hub._abandon()
@@ -107,6 +108,13 @@ class Hub:
     :param lock_slots: the lock table holds at least this many keys held or
         waited on at once (and at most twice as many).
     :param exit_on_master_death: a worker whose master dies exits with code 1.
+    :param batch_dispatcher: run the hub's dispatcher threads (one per
+        process) under Linux's ``SCHED_BATCH`` policy when they would run
+        under the ordinary one, so that a message's arrival does not preempt
+        its sender (a requester then waits for its reply before the reply
+        comes, which saves a thread hand-off per request).  False keeps the
+        creating thread's policy: handlers then preempt CPU-bound threads as
+        soon as a message arrives.
     """
 
     def __init__(
@@ -117,6 +125,7 @@ class Hub:
         max_queue: int = DEFAULT_MAX_QUEUE,
         lock_slots: int = DEFAULT_LOCK_SLOTS,
         exit_on_master_death: bool = True,
+        batch_dispatcher: bool = True,
     ) -> None:
         _check_int("max_message_size", max_message_size, 1, _bindings.FRAME_MAX_LIMIT)
         _check_int("max_queue", max_queue, 0, None)
@@ -127,6 +136,8 @@ class Hub:
         if not isinstance(exit_on_master_death, bool):
             raise TypeError("exit_on_master_death must be True or False")
         self._exit_on_master_death = exit_on_master_death
+        if not isinstance(batch_dispatcher, bool):
+            raise TypeError("batch_dispatcher must be True or False")
         self._pid = os.getpid()
         self._is_master = True
         self._worker_id: Optional[int] = None
@@ -142,7 +153,7 @@ class Hub:
         self._pending = Pending()
         self._future_hook = self._wait_future  # bound once: made per request otherwise
         self._locks = Locks(lock_slots)
-        self._dispatcher = Dispatcher(f"master-{self._pid}")
+        self._dispatcher = Dispatcher(f"master-{self._pid}", batch_dispatcher)
         self._dispatcher.start()
         _hubs.add(self)
 
@@ -199,6 +210,7 @@ class Hub:
             wid = self._next_id
             self._next_id += 1
             _forking = self
+            batched = sched.is_batched()  # (forking from a handler: see sched.py)
             try:
                 with warnings.catch_warnings():
                     # 3.12+ warns about fork() with threads; ours hold no lock the child needs.
@@ -208,6 +220,8 @@ class Hub:
                 _forking = None
             if pid == 0:
                 try:
+                    if batched:
+                        sched.reset()
                     self._run_worker(wid, mfd, wfd, target, args, kwargs)  # never returns...
                 finally:
                     os._exit(1)  # ...even if a second Ctrl-C hits its exit path
