@@ -94,12 +94,17 @@ PREAMBLE_CDEF += """
 #define CH_LOCK_FOREVER_S 1000000000
 int ch_lockbase_register(const char *module);
 """
+# decode_messages, the receive fast path for bursts (csrc/decode.h), the same way.
+PREAMBLE += '\n#include "decode.h"\n'
+PREAMBLE_CDEF += """
+int ch_decode_register(const char *module);
+"""
 ffi.cdef("\n".join((HERE / f"cdef_{u}.h").read_text() for u in UNITS) + PREAMBLE_CDEF)
 ffi.set_source(
     "clusterhub._core",
     PREAMBLE,
     # Relative paths: setuptools wants them relative to the project root.
-    sources=[f"csrc/{u}.c" for u in UNITS] + ["csrc/lockhandle.c"],
+    sources=[f"csrc/{u}.c" for u in UNITS] + ["csrc/lockhandle.c", "csrc/decode.c"],
     include_dirs=["csrc"],
     extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-O2"],
     libraries=["pthread"],

@@ -185,7 +185,7 @@ def writer_stats() -> dict[str, int]:
 class Rx:
     """A receive buffer (``ch_rx``) that hands out complete frames in batches."""
 
-    __slots__ = ("_p", "_read", "_frames", "eof", "fill", "table", "data")
+    __slots__ = ("_p", "_read", "_frames", "eof", "fill", "table", "data", "addr")
 
     def __init__(self, max_len: int) -> None:
         pp = ffi.new("ch_rx **")
@@ -202,6 +202,7 @@ class Rx:
         self.fill: Callable[[int], int] = functools.partial(lib.ch_rx_read, self._p)
         self.table = self._frames
         self.data: Callable[[], Any] = functools.partial(lib.ch_rx_data, self._p)
+        self.addr = int(ffi.cast("uintptr_t", self._p))  # for decode_messages
 
     def read(self, fd: int) -> list[memoryview] | int:
         """Read what ``fd`` has and return the complete frames as memoryviews.
@@ -375,3 +376,9 @@ if lib.ch_lockbase_register(_core.__name__.encode()) != 0:
 from ._core import LockBase as LockBase  # noqa: E402  (set by the call above)
 
 LOCK_FOREVER_S: int = lib.CH_LOCK_FOREVER_S  # longer timeouts mean no limit
+
+# decode_messages (csrc/decode.c): the plain messages of a received batch,
+# decoded in one C call (Hub._read uses it for bursts); set the same way.
+if lib.ch_decode_register(_core.__name__.encode()) != 0:
+    raise ImportError(f"{_core.__name__}: could not set decode_messages (see the error above)")
+from ._core import decode_messages as decode_messages  # noqa: E402

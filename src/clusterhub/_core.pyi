@@ -18,3 +18,10 @@ class LockBase:
     def release(self) -> None: ...
     def __enter__(self: _L) -> _L: ...
     def __exit__(self, exc_type: Any, exc: Any, tb: Any, /) -> None: ...
+
+def decode_messages(
+    rx: int, i: int, n: int, loads: Any, sender: Any, out: list[Any], /
+) -> int:
+    """The plain messages of a received batch from frame ``i`` on, as inbox
+    items appended to ``out``; the first frame not decoded (csrc/decode.h).
+    Set on this module by ``lib.ch_decode_register`` (see _bindings.py)."""

@@ -63,6 +63,7 @@ _ENVELOPE = protocol.HEADER.size
 _MSG, _REQ, _RES, _ERR, _BCAST = protocol.MSG, protocol.REQ, protocol.RES, protocol.ERR, protocol.BCAST
 _EOF = _bindings.EOF
 _unpack, _buffer = _bindings.ffi.unpack, _bindings.ffi.buffer
+_decode_messages = _bindings.decode_messages
 _known_names = protocol.known_names
 _FUTURE_DONE = frozenset(("FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"))
 
@@ -975,16 +976,22 @@ class Hub:
         event will announce those, so the caller must read again.
 
         This is the receive hot path: frames are decoded in place, without
-        a view or a call per frame for replies.
+        a view or a call per frame for replies; the plain messages of a
+        burst are decoded by one C call (``decode_messages``), and this
+        loop takes the frames that call leaves (requests, replies,
+        broadcasts, errors), which makes it the reference for both.
         """
         ctx = ch.read_ctx
         if ctx is None:  # (made once: a call's set-up costs as much as a reply)
             rx = ch.rx
+            inbox = self._dispatcher.inbox
             ctx = ch.read_ctx = (
                 ch.fd, rx.fill, rx.table, rx.data, rx.eof, self._loads, self._pending,
-                self._dispatcher.inbox.append, self._is_master, ch.peer, self._reply,
+                inbox.append, self._is_master, ch.peer, self._reply, rx.addr, inbox.extend,
+                ch.peer if self._is_master else None,  # (a message's sender)
             )
-        fd, fill, table, rx_data, eof, loads, pending, inbox_append, is_master, peer, reply_to = ctx
+        (fd, fill, table, rx_data, eof, loads, pending, inbox_append, is_master, peer,
+         reply_to, rx_addr, inbox_extend, msg_sender) = ctx
         partial = functools.partial
         for _ in range(rounds):
             if ch.closed:
@@ -996,9 +1003,19 @@ class Hub:
                 return False
             offs = _unpack(table, 2 * n)
             buf = memoryview(_buffer(rx_data(), offs[-2] + offs[-1]))
-            for i in range(0, len(offs), 2):
+            i = 0
+            last = 2 * n
+            while i < last:
+                if n > 1:  # a burst: its plain messages in C, from frame i on
+                    items: list[Any] = []
+                    i = 2 * _decode_messages(rx_addr, i >> 1, n, loads, msg_sender, items)
+                    if items:
+                        inbox_extend(items)
+                    if i == last:
+                        break
                 start = offs[i]
                 end = start + offs[i + 1]
+                i += 2
                 if end - start < _ENVELOPE:
                     return self._malformed(ch, "frame shorter than the envelope")
                 kind, origin, rid, nlen = _unpack_envelope(buf, start)

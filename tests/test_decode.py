@@ -1,0 +1,190 @@
+"""decode_messages (csrc/decode.c), the C decoder of a burst's plain messages.
+
+Its contract (csrc/decode.h) is checked against a model written here from
+the envelope format, on frames fed into a real receive buffer; and end to
+end, a burst mixing every kind of frame (and bodies that fail to load)
+is handled as Hub._read alone would.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import struct
+import sys
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import clusterhub
+from clusterhub import protocol
+from clusterhub._bindings import Rx, decode_messages
+
+from conftest import Reports, join_ok
+
+pytestmark = pytest.mark.timeout(60)
+
+FRAME = struct.Struct("<HHI")  # frame.h: magic, reserved, length
+MAGIC = 0x4843
+
+
+class Boom(Exception):
+    pass
+
+
+def loads(b: Any) -> Any:
+    """pickle.loads, except that a body starting with b"!" raises (a stand-in
+    for any body that does not load)."""
+    if bytes(b[:1]) == b"!":
+        raise Boom(bytes(b))
+    return pickle.loads(b)
+
+
+def envelope(kind: int, name: bytes, body: bytes, origin: int = 7, rid: int = 9) -> bytes:
+    return protocol.HEADER.pack(kind, origin, rid, len(name)) + name + body
+
+
+def feed(payloads: list[bytes]) -> tuple[Rx, int]:
+    rx = Rx(1 << 20)
+    wire = b"".join(FRAME.pack(MAGIC, 0, len(p)) + p for p in payloads)
+    n, used = rx.feed(wire)
+    assert used == len(wire) and isinstance(n, list) and len(n) == len(payloads)
+    return rx, len(n)
+
+
+def model(payloads: list[bytes], i: int, sender: Any) -> tuple[list[tuple[Any, ...]], int]:
+    """What decode.h promises: the items of the plain messages from i on,
+    and the first frame not decoded."""
+    out = []
+    for j in range(i, len(payloads)):
+        p = payloads[j]
+        if len(p) < protocol.HEADER.size or p[0] != protocol.MSG:
+            return out, j
+        nlen = struct.unpack_from("<H", p, 13)[0]
+        if protocol.HEADER.size + nlen > len(p):
+            return out, j
+        try:
+            name = p[15 : 15 + nlen].decode("utf-8")
+            data = loads(memoryview(p[15 + nlen :]))
+        except (UnicodeDecodeError, Boom):
+            return out, j
+        except Exception:  # any other load failure: also left to Python
+            return out, j
+        out.append((name, data, sender, None))
+    return out, len(payloads)
+
+
+names = st.sampled_from([b"m", b"m", b"other", "é".encode(), b"\xff\xfe", b""])
+bodies = st.one_of(
+    st.integers().map(pickle.dumps),
+    st.text(max_size=20).map(pickle.dumps),
+    st.just(b"!bad"),
+    st.binary(max_size=8),  # mostly not a pickle at all
+)
+frames = st.one_of(
+    st.builds(envelope, st.just(protocol.MSG), names, bodies),
+    st.builds(envelope, st.sampled_from([protocol.REQ, protocol.RES, protocol.BCAST, 0, 9]), names, bodies),
+    st.binary(max_size=16),  # shorter than an envelope, or any bytes
+    st.builds(lambda n: protocol.HEADER.pack(protocol.MSG, 0, 0, n) + b"x", st.integers(2, 0xFFFF)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(frames, min_size=1, max_size=40), st.data())
+def test_matches_the_model(payloads: list[bytes], data: st.DataObject) -> None:
+    rx, n = feed(payloads)
+    i = data.draw(st.integers(0, n))
+    sender = object()
+    out: list[Any] = []
+    stop = decode_messages(rx.addr, i, n, loads, sender, out)
+    want, want_stop = model(payloads, i, sender)
+    assert stop == want_stop
+    assert len(out) == len(want)
+    for got, exp in zip(out, want):
+        assert got[0] == exp[0] and type(got[0]) is str
+        assert got[1] == exp[1]
+        assert got[2] is sender and got[3] is None
+
+
+def test_same_name_is_one_object_and_refcounts_balance() -> None:
+    payloads = [envelope(protocol.MSG, b"tick", pickle.dumps(k)) for k in range(100)]
+    rx, n = feed(payloads)
+    sender = object()
+    before = sys.getrefcount(sender)
+    out: list[Any] = []
+    assert decode_messages(rx.addr, 0, n, pickle.loads, sender, out) == n
+    assert [x[1] for x in out] == list(range(100))
+    assert len({id(x[0]) for x in out}) == 1
+    assert sys.getrefcount(sender) == before + 100
+    del out
+    assert sys.getrefcount(sender) == before
+
+
+@pytest.mark.parametrize(
+    "args, exc",
+    [
+        ((0, 0, 0, pickle.loads, None, []), ValueError),  # no rx
+        (("x", 0, 0, pickle.loads, None, []), TypeError),
+        ((1, -1, 0, pickle.loads, None, []), ValueError),
+        ((1, 2, 1, pickle.loads, None, []), ValueError),  # i past n
+        ((1, 0, 0, pickle.loads, None, ()), ValueError),  # out not a list
+        ((1, 0, 0, pickle.loads, None), TypeError),  # arity
+    ],
+)
+def test_bad_arguments_raise(args: tuple[Any, ...], exc: type) -> None:
+    with pytest.raises(exc):
+        decode_messages(*args)
+
+
+def test_loads_errors_are_left_to_python_and_cleared() -> None:
+    """A body that does not load stops the decoder there with no exception
+    pending; the frames before it are decoded."""
+    payloads = [envelope(protocol.MSG, b"m", pickle.dumps(1)), envelope(protocol.MSG, b"m", b"!x")]
+    rx, n = feed(payloads)
+    out: list[Any] = []
+    assert decode_messages(rx.addr, 0, n, loads, None, out) == 1
+    assert out == [("m", 1, None, None)]
+
+
+class _Bad:
+    def __reduce__(self) -> Any:
+        return (_explode, ())
+
+
+def _explode() -> None:
+    raise RuntimeError("cannot be rebuilt")
+
+
+def test_a_burst_of_every_kind_end_to_end(hub: clusterhub.Hub, reports: Reports, caplog: Any) -> None:
+    """A worker's burst mixes messages, requests, broadcasts and a message
+    whose data cannot be rebuilt in the master: every good one is handled
+    once, in order, with the right sender; the bad one is logged."""
+    caplog.set_level(logging.ERROR, logger="clusterhub")
+    seen: list[Any] = []
+    hub.on("m", lambda d, s: seen.append(("m", d, s.id)))
+    hub.on("r", lambda d, s: seen.append(("r", d, s.id)) or d * 2)
+
+    def worker() -> None:
+        futs = []
+        for k in range(300):
+            if k % 50 == 7:
+                hub.send_to_master("m", _Bad())
+            elif k % 10 == 3:
+                futs.append(hub.request_master("r", k))
+            elif k % 25 == 11:
+                hub.send_to_workers("b", k)  # relayed: no other worker, no handler here
+            else:
+                hub.send_to_master("m", k)
+        reports.put([f.result(timeout=20) for f in futs])
+
+    w = hub.fork(worker)
+    (answers,) = reports.get(30)
+    join_ok(w)
+    expect = [k for k in range(300) if not (k % 50 == 7 or k % 25 == 11)]
+    assert [x[1] for x in seen] == expect
+    assert all(x[2] == w.id for x in seen)
+    assert [x[0] for x in seen] == ["r" if k % 10 == 3 else "m" for k in expect]
+    assert answers == [2 * k for k in expect if k % 10 == 3]
+    assert sum("cannot decode the data of 'm'" in r.getMessage() for r in caplog.records) == 6
