@@ -6,7 +6,10 @@
 #      csrc/tests/test_frame.c, and csrc/tests/test_locktable.c when it exists;
 #   2. builds the libFuzzer harnesses in csrc/fuzz/ and runs each for FUZZ_SECONDS
 #      (default 60; 0 = only replay the seed corpus) on a temporary COPY of its
-#      seed corpus, printing executions and coverage.
+#      seed corpus, printing executions and coverage;
+#   3. builds the compiled module itself (with its CPython-API units, lockhandle.c
+#      and decode.c) under ASan + UBSan and runs the Python tests that drive those
+#      units in an interpreter with the sanitizer runtimes preloaded.
 #
 # Fails on any compiler warning, test failure, sanitizer report, crash, hang
 # or fuzzer finding (the input that did it is printed in hex).  Installs clang
@@ -15,7 +18,8 @@
 # which it removes unless something failed.
 #
 # Environment: FUZZ_SECONDS (default 60), CC (for the drivers; default clang),
-# CH_TEST_SEED (replays test_frame's random seed).
+# CH_TEST_SEED (replays test_frame's random seed), PYTHON (default python: one
+# with the test extras installed), CH_DECODE_EXAMPLES (default 5000).
 set -euo pipefail
 
 csrc=$(cd "$(dirname "$0")" && pwd)
@@ -160,6 +164,45 @@ for entry in "${started[@]}"; do
     fi
 done
 [ "$failed" = 0 ] || exit 1
+
+# ---- the compiled module's CPython-API units under ASan + UBSan ------------------
+# lockhandle.c and decode.c need an interpreter, so no pure-C driver or libFuzzer
+# harness runs them: build clusterhub._core itself with the sanitizers (with gcc,
+# as pip does), preload their runtimes into the interpreter, and run the tests
+# that drive those units, decode's model test with CH_DECODE_EXAMPLES examples.
+PYTHON=${PYTHON:-python}
+mod="$tmp/module"
+log "clusterhub._core under ASan+UBSan (gcc): tests/test_decode.py, test_locks.py, test_core_locks.py"
+mkdir -p "$mod/build" "$mod/pkg"
+cp -r "$csrc" "$mod/build/csrc"
+cp -r "$csrc/../src/clusterhub" "$mod/pkg/"
+rm -f "$mod/pkg/clusterhub/"_core*.so
+if ! (cd "$mod/build" && CC=gcc CFLAGS="${SAN[*]}" LDFLAGS="-fsanitize=address,undefined" \
+    "$PYTHON" -c 'import runpy; runpy.run_path("csrc/build_core.py")["ffi"].compile(tmpdir=".")') \
+    >"$mod/build.log" 2>&1; then
+    cat "$mod/build.log" >&2
+    exit 1
+fi
+cp "$mod/build/clusterhub/"_core*.so "$mod/pkg/clusterhub/"
+san_python() {
+    # (reports go to files: pytest's capture would swallow a report that ends the process)
+    (cd "$csrc/.." && PYTHONPATH="$mod/pkg" ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:log_path="$mod/san" \
+        UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path="$mod/san" \
+        LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)" \
+        "$PYTHON" "$@")
+}
+core=$(san_python -c 'import clusterhub._core as c; print(c.__file__)')
+case $core in "$mod/pkg/"*) ;; *) echo "checks.sh: imported $core, not the sanitized module" >&2; exit 1 ;; esac
+rc=0
+CH_DECODE_EXAMPLES=${CH_DECODE_EXAMPLES:-5000} san_python -m pytest -q -p no:cacheprovider \
+    tests/test_decode.py tests/test_locks.py tests/test_core_locks.py >"$mod/pytest.log" 2>&1 || rc=$?
+tail -3 "$mod/pytest.log"
+if [ "$rc" != 0 ] || compgen -G "$mod/san.*" >/dev/null; then
+    echo "checks.sh: the sanitized module's tests FAILED (status $rc); end of the log:" >&2
+    tail -40 "$mod/pytest.log" >&2
+    for f in "$mod"/san.*; do [ -f "$f" ] && head -60 "$f" >&2; done
+    exit 1
+fi
 
 ok=1
 log "all C checks passed"

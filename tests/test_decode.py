@@ -9,6 +9,7 @@ is handled as Hub._read alone would.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import struct
 import sys
@@ -91,7 +92,11 @@ frames = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# (csrc/checks.sh runs many more under the sanitizers)
+EXAMPLES = int(os.environ.get("CH_DECODE_EXAMPLES", "300"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(frames, min_size=1, max_size=40), st.data())
 def test_matches_the_model(payloads: list[bytes], data: st.DataObject) -> None:
     rx, n = feed(payloads)
