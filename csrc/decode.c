@@ -22,11 +22,12 @@ static PyObject *decode_messages(PyObject *self, PyObject *const *args, Py_ssize
         PyErr_SetString(PyExc_TypeError, "decode_messages takes 6 arguments");
         return NULL;
     }
-    const ch_rx *rx = PyLong_AsVoidPtr(args[0]);
-    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
-    Py_ssize_t n = PyLong_AsSsize_t(args[2]);
+    const ch_rx *rx;
+    Py_ssize_t i, n;
     PyObject *loads = args[3], *sender = args[4], *out = args[5];
-    if (PyErr_Occurred())
+    if ((!(rx = PyLong_AsVoidPtr(args[0])) && PyErr_Occurred()) ||
+        ((i = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred()) ||
+        ((n = PyLong_AsSsize_t(args[2])) == -1 && PyErr_Occurred()))
         return NULL;
     if (!rx || i < 0 || n < i || n > CH_RX_MAX_FRAMES || !PyList_Check(out)) {
         PyErr_SetString(PyExc_ValueError, "decode_messages: bad arguments");
