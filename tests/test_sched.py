@@ -15,7 +15,7 @@ import pytest
 
 import clusterhub
 
-from conftest import MP, Reports, waitpid_bounded
+from conftest import MP, Reports, run_forked, waitpid_bounded
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,14 +117,7 @@ def test_other_policies_are_left_alone(reports: Reports) -> None:
         reports.put(_policy(hub._dispatcher._thread.native_id))
         hub.close()
 
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            master()
-            code = 0
-        finally:
-            os._exit(code)
+    pid = run_forked(master)
     assert reports.get() == (os.SCHED_IDLE,)
     assert waitpid_bounded(pid, 10) == 0
 
