@@ -19,8 +19,8 @@
  *   loads   called as loads(memoryview) for each body.  The view is
  *           read-only over rx's buffer and valid only during the call (as
  *           the views Hub._read hands to loads).
- *   sender  the sender object put into each item (a borrowed reference is
- *           taken for each).
+ *   sender  the sender object put into each item (borrowed; each item
+ *           holds a reference of its own).
  *   out     a list: one (name, data, sender, None) tuple is appended per
  *           frame decoded, name a str decoded from strict UTF-8.
  *

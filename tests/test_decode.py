@@ -69,9 +69,7 @@ def model(payloads: list[bytes], i: int, sender: Any) -> tuple[list[tuple[Any, .
         try:
             name = p[15 : 15 + nlen].decode("utf-8")
             data = loads(memoryview(p[15 + nlen :]))
-        except (UnicodeDecodeError, Boom):
-            return out, j
-        except Exception:  # any other load failure: also left to Python
+        except Exception:  # a bad name, Boom, or any other load failure: left to Python
             return out, j
         out.append((name, data, sender, None))
     return out, len(payloads)

@@ -294,6 +294,14 @@ static int new_pair(int fds[2])
     return r;
 }
 
+/* Close what new_pair (or a test) left open: entries of -1 are skipped. */
+static void close_pair(const int fds[2])
+{
+    for (int i = 0; i < 2; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+}
+
 /* Bytes waiting to be read on fd. */
 static int unread(int fd)
 {
@@ -383,10 +391,7 @@ static void test_one_byte_at_a_time(void)
     CHECK_EQ(drain(rx2, fds[1], 5000, &got2), CH_ERR_EOF);
     CHECK(blobs_equal(&want, &got2));
 out:
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_rx_free(rx);
     ch_rx_free(rx2);
     free(s);
@@ -428,10 +433,7 @@ static void test_socket_roundtrip_raw_writes(void)
         CHECK_EQ(drain(rx, fds[1], max_len, &got), CH_ERR_EOF);
         CHECK(blobs_equal(&want, &got));
     out:
-        if (fds[0] >= 0)
-            close(fds[0]);
-        if (fds[1] >= 0)
-            close(fds[1]);
+        close_pair(fds);
         ch_rx_free(rx);
         free(s);
         blobs_free(&want);
@@ -475,10 +477,7 @@ static void test_socket_roundtrip_tx(void)
         CHECK_EQ(drain(rx, fds[1], max_len, &got), CH_ERR_EOF);
         CHECK(blobs_equal(&want, &got));
     out:
-        if (fds[0] >= 0)
-            close(fds[0]);
-        if (fds[1] >= 0)
-            close(fds[1]);
+        close_pair(fds);
         ch_rx_free(rx);
         ch_tx_free(tx);
         blobs_free(&want);
@@ -540,10 +539,7 @@ out:
         waitpid(pid, &st, 0);
         CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
     }
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_rx_free(rx);
     free(s);
     blobs_free(&want);
@@ -588,10 +584,7 @@ static void test_large_frame_then_small(void)
     CHECK(blobs_equal(&want, &got2));
     free(s);
 out:
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_rx_free(rx);
     ch_rx_free(rx2);
     ch_tx_free(tx);
@@ -656,10 +649,7 @@ static void test_read_zero_means_would_block(void)
     blobs_free(&want);
     blobs_free(&got);
 out:
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_rx_free(rx);
     free(s);
 }
@@ -691,10 +681,7 @@ static void test_thousand_frames_one_read(void)
     CHECK_EQ(ch_rx_read(rx, fds[1]), 0);
     CHECK(blobs_equal(&want, &got));
 out:
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_rx_free(rx);
     ch_tx_free(tx);
     blobs_free(&want);
@@ -741,10 +728,7 @@ static void test_frames_cap_per_call(void)
     CHECK_EQ(n, 0);
     CHECK(blobs_equal(&want, &got2));
 out:
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_rx_free(rx);
     ch_rx_free(rx2);
     free(s);
@@ -777,10 +761,7 @@ static void test_push_batch_then_flush(void)
     CHECK(blobs_equal(&want, &got));
     CHECK_EQ(ch_tx_flush(tx, fds[0]), 0); /* flushing an empty queue is a no-op */
 out:
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_rx_free(rx);
     ch_tx_free(tx);
     blobs_free(&want);
@@ -830,10 +811,7 @@ static void test_partial_writes_then_flush(void)
     CHECK_EQ(drain(rx, fds[1], max_len, &got), 0);
     CHECK(blobs_equal(&want, &got));
 out:
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_rx_free(rx);
     ch_tx_free(tx);
     blobs_free(&want);
@@ -884,10 +862,7 @@ static void test_send_on_full_socket_queues_whole_frame(void)
     CHECK_EQ(drain(rx, fds[1], 1 << 20, &got), 0);
     CHECK(blobs_equal(&want, &got));
 out:
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_rx_free(rx);
     ch_tx_free(tx);
     free(filler);
@@ -931,10 +906,7 @@ static void test_msgsize_rejected_queue_usable(void)
     CHECK_EQ(drain(rx, fds[1], 100, &got), 0);
     CHECK(blobs_equal(&want, &got));
 out:
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_rx_free(rx);
     ch_tx_free(tx);
     blobs_free(&want);
@@ -999,10 +971,7 @@ static void test_toobig_before_allocation(void)
     CHECK_EQ(ch_rx_read(rx, fds[1]), CH_ERR_TOOBIG);
     CHECK_EQ(unread(fds[1]), sizeof pay);
 out:
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_rx_free(rx);
     ch_rx_free(ctl);
 }
@@ -1102,10 +1071,7 @@ static void test_malformed_after_frames_socket(void)
     CHECK_EQ(ch_rx_read(rx, fds[1]), CH_ERR_MALFORMED);
     CHECK_EQ(ch_rx_read(rx, fds[1]), CH_ERR_MALFORMED);
 out:
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_rx_free(rx);
     free(s);
     blobs_free(&want);
@@ -1147,10 +1113,7 @@ static void test_eof_variants_socket(void)
             CHECK(blobs_equal(&want, &got));
             CHECK_EQ(ch_rx_read(rx, fds[1]), want_code); /* and again */
         out:
-            if (fds[0] >= 0)
-                close(fds[0]);
-            if (fds[1] >= 0)
-                close(fds[1]);
+            close_pair(fds);
             ch_rx_free(rx);
             free(s);
             blobs_free(&want);
@@ -1188,10 +1151,7 @@ static void test_eof_immediate_and_empty_frame(void)
     CHECK_EQ(ch_rx_frames(rx)[1], 0);
     CHECK_EQ(ch_rx_read(rx, fds[1]), CH_ERR_EOF);
 out:
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_rx_free(rx);
 }
 
@@ -1318,10 +1278,7 @@ static void test_epipe_with_queued_bytes(void)
     CHECK(r == -EPIPE || r == -ECONNRESET);
 out:
     signal(SIGPIPE, old);
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_tx_free(tx);
     free(pay);
 }
@@ -1339,10 +1296,7 @@ static void test_socketpair_flags(void)
         CHECK(getsockopt(fds[i], SOL_SOCKET, SO_TYPE, &type, &sl) == 0 && type == SOCK_STREAM);
     }
 out:
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
 }
 
 /* ---- posting and the writer thread ------------------------------------------------ */
@@ -1698,10 +1652,7 @@ static void test_post_policy(void)
 out:
     if (started)
         pthread_join(rd.th, NULL);
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_tx_free(tx);
     blobs_free(&rd.got);
 }
@@ -1992,10 +1943,7 @@ static void test_post_stalled_socket(void)
     CHECK(seq_ok(&got, (size_t)nf));
     CHECK_EQ(ch_tx_pending(tx), 0);
 out:
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_tx_free(tx);
     ch_rx_free(rx);
     blobs_free(&got);
@@ -2039,10 +1987,7 @@ static void test_post_peer_closed(void)
     CHECK(e == -EPIPE || e == -ECONNRESET);
 out:
     signal(SIGPIPE, old);
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_tx_free(tx);
 }
 
@@ -2134,14 +2079,8 @@ static void test_post_close_while_queued(void)
     }
     CHECK(reused > 0);
 out:
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
-    if (nfds[0] >= 0)
-        close(nfds[0]);
-    if (nfds[1] >= 0)
-        close(nfds[1]);
+    close_pair(fds);
+    close_pair(nfds);
     ch_tx_free(tx);
     free(f);
 }
@@ -2349,10 +2288,7 @@ static void test_close_waits_for_writer_sendmsg(void)
            waited_us / 20, slowest_us);
 out:
     hook_off();
-    if (fds[0] >= 0)
-        close(fds[0]);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    close_pair(fds);
     ch_tx_free(tx);
 }
 
