@@ -105,6 +105,8 @@ class Dispatcher:
         t = self._thread
         if t is not None and t.ident != threading.get_ident():
             t.join()
+        if t is not None and t.native_id is not None:
+            sched.forget(t.native_id)
         self.epoll.close()
         os.close(self._wake_fd)
         loop, self._private_loop = self._private_loop, None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Optional
 
 log = logging.getLogger("clusterhub")
 
@@ -63,6 +64,11 @@ def reset(tid: int = 0) -> None:
         log.debug("cannot restore the scheduling policy: %r", e)
 
 
-def forget() -> None:
-    """In a fork child: the parent's threads are not ours."""
-    _batched.clear()
+def forget(tid: Optional[int] = None) -> None:
+    """Drop thread ``tid`` (a dispatcher that stopped, whose id the kernel
+    may give to another thread), or all (in a fork child: the parent's
+    threads are not ours)."""
+    if tid is None:
+        _batched.clear()
+    else:
+        _batched.discard(tid)
