@@ -3,6 +3,8 @@ builtin fits, from that builtin too."""
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "HubError",
     "RemoteError",
@@ -24,22 +26,46 @@ class HubError(Exception):
     """Root of every clusterhub error."""
 
 
+class RemoteTraceback(Exception):
+    """The traceback of a peer's exception, chained as a :class:`RemoteError`'s
+    ``__cause__`` so that an uncaught remote error prints it (as
+    ``concurrent.futures`` does for a worker process's exception)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text.rstrip()}\n"""'
+
+
 class RemoteError(HubError):
     """A request's handler raised in the peer process.
 
-    ``type_name`` is the qualified name of the original exception's type,
-    ``str(error)`` its message and ``remote_traceback`` the formatted traceback
-    as it was printed in the peer.
+    ``type_name`` is the name of the original exception's type (qualified by
+    its module unless it is a builtin), ``str(error)`` is one line, the type
+    and the message, and ``remote_traceback`` the formatted traceback as the
+    peer saw it (without clusterhub's own frames).  The traceback is chained
+    as ``__cause__`` (a :class:`RemoteTraceback`), so it is printed when the
+    error goes uncaught.
     """
 
     def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
-        super().__init__(type_name, message, remote_traceback)
+        super().__init__(type_name, message)
         self.type_name = type_name
         self.message = message
         self.remote_traceback = remote_traceback
+        if remote_traceback:
+            self.__cause__ = RemoteTraceback(remote_traceback)
 
     def __str__(self) -> str:
         return f"{self.type_name}: {self.message}" if self.message else self.type_name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.type_name, self.message, self.remote_traceback))
 
 
 class NoHandlerError(RemoteError):
@@ -74,9 +100,10 @@ class HubClosedError(HubError):
     """The hub was closed in this process (or belongs to another process)."""
 
 
-class LockError(HubError):
+class LockError(HubError, RuntimeError):
     """A lock was misused: re-acquired by its holder, released by a non-holder,
-    too many held by one thread, or a hub closed while its locks are in use."""
+    too many held by one thread, or a hub closed while its locks are in use.
+    Also a ``RuntimeError``, what ``threading`` raises for the same mistakes."""
 
 
 class LockTimeout(LockError, TimeoutError):
@@ -85,3 +112,10 @@ class LockTimeout(LockError, TimeoutError):
 
 class LockTableFull(LockError):
     """More keys are held or waited on at once than the lock table can hold."""
+
+
+# Shown as ``clusterhub.X`` (tracebacks, type names sent to peers, pickles),
+# not under this private module's path.
+for _name in __all__ + ["RemoteTraceback"]:
+    globals()[_name].__module__ = "clusterhub"
+del _name
