@@ -1,12 +1,15 @@
 """The examples run as a user would run them and print what they promise."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+README = ROOT / "README.md"
 
 EXPECTED = {
     "index": [
@@ -43,6 +46,13 @@ EXPECTED = {
         "worker 1: got foo again",
         "master: worker exited with 0; foo is locked: False",
     ],
+    "quickstart": [
+        "worker 1: 0 + 1 = 1",
+        "worker 2: 1 + 1 = 2",
+        "worker 3: 2 + 1 = 3",
+        "{1: 4, 2: 4, 3: 4}",
+        "exit codes: [0, 0, 0]",
+    ],
     "die_lock": [
         "worker 1: got foo (recovered=False), exits without unlocking",
         "master: worker 1 ended with exit code 0",
@@ -64,6 +74,40 @@ def test_example_output(name):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == EXPECTED[name]
     assert proc.stderr == ""
+
+
+def _readme_section(title):
+    text = README.read_text(encoding="utf-8")
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert m, f"README has no '## {title}' section"
+    return m.group(1)
+
+
+def test_readme_quickstart_is_the_example():
+    """The README's quickstart code is examples/quickstart.py, byte for byte."""
+    blocks = re.findall(r"^```python\n(.*?)^```$", _readme_section("Quickstart"), re.S | re.M)
+    assert len(blocks) == 1, "the Quickstart section should have exactly one python block"
+    assert blocks[0] == (EXAMPLES / "quickstart.py").read_text(encoding="utf-8")
+
+
+def test_readme_quickstart_output_is_the_expected():
+    """The output the README shows for the quickstart is what the test expects."""
+    blocks = re.findall(r"^```text\n(.*?)^```$", _readme_section("Quickstart"), re.S | re.M)
+    assert len(blocks) == 1, "the Quickstart section should show its output in one text block"
+    assert blocks[0].splitlines() == EXPECTED["quickstart"]
+
+
+@pytest.mark.timeout(200)
+def test_quickstart_is_deterministic():
+    """Run several times, the quickstart prints the same lines in the same order."""
+    for run in range(5):
+        proc = subprocess.run(
+            [sys.executable, str(EXAMPLES / "quickstart.py")],
+            capture_output=True, text=True, timeout=35,
+        )
+        assert proc.returncode == 0, (run, proc.stderr)
+        assert proc.stdout.splitlines() == EXPECTED["quickstart"], run
+        assert proc.stderr == "", run
 
 
 @pytest.mark.timeout(120)
