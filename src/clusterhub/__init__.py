@@ -21,6 +21,7 @@ from .errors import (
     NoWorkersError,
     PeerDied,
     RemoteError,
+    SendTimeout,
     WorkerDied,
 )
 from .hub import HeldLock, Hub
@@ -45,6 +46,7 @@ __all__ = [
     "MessageTooLarge",
     "NotMasterError",
     "NoWorkersError",
+    "SendTimeout",
     "HubClosedError",
     "LockError",
     "LockTimeout",

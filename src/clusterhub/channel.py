@@ -17,6 +17,7 @@ import os
 import select
 import socket
 import threading
+import time
 from typing import Any
 
 from ._bindings import Rx, Tx
@@ -99,8 +100,9 @@ class Channel:
         """Write what the socket takes of the queue; return the bytes left."""
         return self._tx.flush(self.fd)
 
-    def wait_room(self, limit: int) -> None:
-        """Block until at most ``limit`` bytes are queued.
+    def wait_room(self, limit: int, deadline: float | None = None) -> bool:
+        """Block until at most ``limit`` bytes are queued; False when the
+        ``time.monotonic()`` deadline came first.
 
         Raises PeerGone when the peer goes away meanwhile (POLLHUP/POLLERR wake
         the poll).  For threads other than the dispatcher, which must keep
@@ -109,7 +111,14 @@ class Channel:
         poller = select.poll()
         poller.register(self.fd, select.POLLOUT)
         while self.flush() > limit:
-            poller.poll()
+            if deadline is None:
+                poller.poll()
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            poller.poll(left * 1000.0)
+        return True
 
     def close(self) -> None:
         """Close the socket; queued bytes are dropped.  Idempotent.

@@ -86,6 +86,11 @@ class Dispatcher:
         self._loop_scheduled = False
         self._drain_lock = threading.Lock()  # one drainer at a time (thread or loop)
         self._stopping = False
+        # stop() may abandon a thread stuck in a handler; whichever of the two
+        # comes last closes the fds (under _fd_lock).
+        self._fd_lock = threading.Lock()
+        self._thread_done = False
+        self._abandoned = False
 
     # ---- life cycle -----------------------------------------------------
 
@@ -96,25 +101,45 @@ class Dispatcher:
         if self.batch:
             sched.batch(t.native_id)  # (here, not in the thread: done when start() returns)
 
-    def stop(self) -> None:
-        """Stop the thread (joined unless called from it) and close its fds."""
+    def stop(self, grace: float | None = None) -> bool:
+        """Stop the thread and close its fds; messages not yet handled are dropped.
+
+        Waits up to ``grace`` seconds (None: no limit) for a handler still
+        running (not when called from a handler).  Returns False when one
+        did not return in time: the thread is then abandoned; it runs no
+        further handler and closes the fds itself if the handler returns.
+        """
         self._stopping = True
+        self.inbox.clear()  # (a handler still running is followed by no other)
         self.wake()
         with self._tcond:
             self._tcond.notify()  # the timer thread ends too
         t = self._thread
+        finished = True
         if t is not None and t.ident != threading.get_ident():
-            t.join()
+            t.join(grace)
+            finished = not t.is_alive()
         if t is not None and t.native_id is not None:
             sched.forget(t.native_id)
-        self.epoll.close()
-        os.close(self._wake_fd)
+        with self._fd_lock:
+            if finished or self._thread_done:
+                self._close_fds()
+            else:
+                self._abandoned = True
         loop, self._private_loop = self._private_loop, None
         if loop is not None:  # its thread closes it once stopped (see _get_private_loop)
             loop.call_soon_threadsafe(loop.stop)
             t = self._private_thread
             if t is not None and t.ident != threading.get_ident():
-                t.join(5.0)
+                t.join(5.0 if grace is None else grace)
+                finished = finished and not t.is_alive()
+        return finished
+
+    def _close_fds(self) -> None:
+        if self._wake_fd >= 0:
+            self.epoll.close()
+            os.close(self._wake_fd)
+            self._wake_fd = -1
 
     def reinit_after_fork(self, name: str) -> None:
         """In a fork child: the thread is gone and the epoll instance is
@@ -257,8 +282,14 @@ class Dispatcher:
                     else:
                         self._schedule_on_loop()
         except Exception:  # a bug of ours: say so loudly rather than hang silently
-            log.critical("clusterhub dispatcher %s crashed", self.name, exc_info=True)
-            raise
+            if not self._stopping:
+                log.critical("clusterhub dispatcher %s crashed", self.name, exc_info=True)
+                raise
+        finally:
+            with self._fd_lock:
+                self._thread_done = True
+                if self._abandoned:  # stop() gave up waiting for us: ours to close
+                    self._close_fds()
 
     def poll(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` for events and handle them (no handlers run)."""

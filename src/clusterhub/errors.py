@@ -15,6 +15,7 @@ __all__ = [
     "MessageTooLarge",
     "NotMasterError",
     "NoWorkersError",
+    "SendTimeout",
     "HubClosedError",
     "LockError",
     "LockTimeout",
@@ -94,6 +95,22 @@ class NotMasterError(HubError):
 
 class NoWorkersError(HubError):
     """A request for a random worker was made while no worker is alive."""
+
+
+class SendTimeout(HubError, TimeoutError):
+    """A ``send_to_*(..., timeout=t)`` found the queue to a peer full for
+    ``t`` seconds: nothing of the message went to that peer.
+
+    ``unreached`` lists the workers a broadcast did not reach (the others got
+    it); it is empty when the peer was the master.
+    """
+
+    def __init__(self, message: str, unreached: Any = ()) -> None:
+        super().__init__(message)
+        self.unreached = list(unreached)
+
+    def __reduce__(self) -> Any:
+        return (type(self), (str(self), self.unreached))
 
 
 class HubClosedError(HubError):

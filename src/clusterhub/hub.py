@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import os
 import random
@@ -34,10 +35,12 @@ from .errors import (
     NoWorkersError,
     PeerDied,
     RemoteError,
+    SendTimeout,
     WorkerDied,
 )
 from .locks import Lock, Locks
-from .process import Worker, exit_process, reap, run_target
+from . import process
+from .process import ExitWatcher, Worker, exit_process, reap, run_target
 from .process import flush_stdio as _flush_stdio
 from .requests import Callback, Future, Pending, add_callback, resolve, run_callbacks
 
@@ -67,8 +70,12 @@ _decode_messages = _bindings.decode_messages
 _known_names = protocol.known_names
 _FUTURE_DONE = frozenset(("FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"))
 
+# How long close() lets a running handler finish before abandoning it.
+_HANDLER_GRACE = 1.0
+
 # Every hub of this process, so a fork by other code can neutralise them.
 _hubs: "weakref.WeakSet[Hub]" = weakref.WeakSet()
+_hub_serial = itertools.count(1)  # (with the master's pid: a hub's key)
 _forking: Optional["Hub"] = None  # the hub whose fork() is in progress
 # One hub fork at a time in this process: _forking is global, and a fork by
 # one thread must not inherit the fresh socketpair of another thread's fork.
@@ -93,6 +100,24 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _resolve_worker(key: Any, wid: int) -> Optional[Worker]:
+    """An unpickled Worker reference: this process's Worker for ``wid`` in
+    the hub with ``key`` (see Worker.__reduce__)."""
+    for hub in list(_hubs):
+        if hub._key == key and not hub._closed:
+            if not hub._is_master:
+                return hub._peer(wid)
+            w = hub._workers.get(wid) or hub._unsettled.get(wid)
+            if w is None and 1 <= wid < hub._next_id:
+                w = Worker(wid, hub_key=key)  # long gone: a handle that says so
+                w.set_exited(None)
+            return w
+    return None
+
+
+process.resolve_worker = _resolve_worker
 
 
 class Hub:
@@ -144,8 +169,10 @@ class Hub:
         self._worker_id: Optional[int] = None
         self._closed = False
         self._state_lock = threading.Lock()
-        self._workers: dict[int, Worker] = {}
-        self._known: "weakref.WeakSet[Worker]" = weakref.WeakSet()
+        # Shared by the master and its workers: Worker pickles name it.
+        self._key = (self._pid, next(_hub_serial))
+        self._workers: dict[int, Worker] = {}  # live (the kernel has not reported an exit)
+        self._unsettled: dict[int, Worker] = {}  # forked, on_exit callbacks not yet run
         self._next_id = 1
         self._exit_callbacks: list[Callable[[Worker], Any]] = []
         self._master: Optional[Channel] = None
@@ -156,6 +183,7 @@ class Hub:
         self._locks = Locks(lock_slots)
         self._dispatcher = Dispatcher(f"master-{self._pid}", batch_dispatcher)
         self._dispatcher.start()
+        self._exits = ExitWatcher(f"clusterhub-master-{self._pid}-exits", self._on_worker_exit)
         _hubs.add(self)
 
     def __repr__(self) -> str:
@@ -167,8 +195,14 @@ class Hub:
         self._check()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.close()
+        except KeyboardInterrupt:
+            # A second Ctrl-C while closing after the first: close() finished
+            # anyway; one traceback (the first's) is enough.
+            if not isinstance(exc, KeyboardInterrupt):
+                raise
 
     # ---- identity -------------------------------------------------------
 
@@ -206,7 +240,8 @@ class Hub:
         if not callable(target):
             raise TypeError(f"target must be callable, not {type(target).__name__}")
         _flush_stdio()  # or the child inherits, and prints again, unflushed output
-        with _fork_lock, self._state_lock:
+        # (The exit watcher's lock: a child closes the pidfds it sees.)
+        with _fork_lock, self._state_lock, self._exits.lock:
             mfd, wfd = _bindings.socketpair()
             wid = self._next_id
             self._next_id += 1
@@ -227,12 +262,12 @@ class Hub:
                 finally:
                     os._exit(1)  # ...even if a second Ctrl-C hits its exit path
             os.close(wfd)
-            w = Worker(wid, pid, self._wait_event)
+            w = Worker(wid, pid, self._wait_event, self._key)
             w.channel = Channel(mfd, w, self._max_message_size, self._max_queue)
             _bindings.start_writer()  # (a first burst need not wait for its creation)
-            w.pidfd = os.pidfd_open(pid)
             self._workers[wid] = w
-            self._known.add(w)
+            self._unsettled[wid] = w
+            self._exits.watch(w, os.pidfd_open(pid))
         self._dispatcher.call_soon(lambda: self._watch_worker(w))
         return w
 
@@ -258,10 +293,9 @@ class Hub:
         for w in self._workers.values():
             if w.channel is not None:
                 w.channel.abandon()  # or a sibling would keep the master's end open
-            if w.pidfd is not None:
-                os.close(w.pidfd)
+        self._exits.abandon()
         self._workers = {}
-        self._known = weakref.WeakSet()
+        self._unsettled = {}
         self._exit_callbacks = []
         self._is_master = False
         self._worker_id = wid
@@ -320,11 +354,7 @@ class Hub:
         for w in self._workers.values():
             if w.channel is not None:
                 w.channel.abandon()
-            if w.pidfd is not None:
-                try:
-                    os.close(w.pidfd)
-                except OSError:
-                    pass
+        self._exits.abandon()
         if self._master is not None:
             self._master.abandon()
         self._dispatcher.abandon()
@@ -341,14 +371,25 @@ class Hub:
         return callback
 
     def join(self, timeout: Optional[float] = None) -> bool:
-        """Wait for every worker to exit; True when all did."""
+        """Wait for every worker to exit; True when all did.
+
+        When it returns True, everything those workers sent (messages and
+        requests) has been handled by this process's handlers, and the
+        ``on_exit`` callbacks of their exits have run.  Called from a handler
+        (or from the thread of the loop the hub is attached to), it cannot
+        wait for the handlers, which run on that very thread: it then waits
+        for the workers' exits only.
+        """
         self._check_master("join")
+        d = self._dispatcher
+        me = threading.get_ident()
+        exits_only = me == d.ident or me == d.handler_ident
         deadline = None if timeout is None else time.monotonic() + timeout
-        for w in list(self._workers.values()):
+        for w in list(self._unsettled.values()):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not w.join(left):
+            if not (w.join(left) if exits_only else w.settled.wait(left)):
                 return False
-        return not self._workers
+        return True
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the hub in this process and release its resources.
@@ -361,31 +402,43 @@ class Hub:
             return
         _check_timeout(timeout)  # before anything is stopped
         self._locks.retire()  # LockError while a thread holds or waits; else no new lock use
-        if self._is_master:
-            workers = list(self._workers.values())
+        interrupted: Optional[BaseException] = None
+        workers = list(self._workers.values())
+        try:
+            if self._is_master:
+                for w in workers:
+                    w.terminate()
+                deadline = time.monotonic() + timeout
+                for w in workers:
+                    if not w.join(max(0.0, deadline - time.monotonic())):
+                        w.kill()
+                for w in workers:
+                    w.join(5.0)
+            else:
+                self._flush_master()
+        except KeyboardInterrupt as e:  # a second Ctrl-C: finish at once
+            interrupted = e
             for w in workers:
-                w.terminate()
-            deadline = time.monotonic() + timeout
-            for w in workers:
-                if not w.join(max(0.0, deadline - time.monotonic())):
-                    w.kill()
-            for w in workers:
-                w.join(5.0)
-        else:
-            self._flush_master()
+                w.kill()
         self._closed = True
-        self._dispatcher.stop()
+        self._exits.stop()
+        if not self._dispatcher.stop(_HANDLER_GRACE):
+            log.warning(
+                "%r closed while a handler was still running %.1f s later: abandoned "
+                "(it may go on, but no other handler will run)", self, _HANDLER_GRACE,
+            )
         self._pending.fail_all(lambda: HubClosedError("the hub was closed"))
-        for w in list(self._workers.values()):
+        for w in workers:
             if w.channel is not None:
                 w.channel.close()
-            if w.pidfd is not None:
-                os.close(w.pidfd)
-                w.pidfd = None
+        for w in list(self._unsettled.values()):
+            w.settled.set()  # (a thread waiting in join() gives up on the handlers)
         if self._master is not None:
             self._master.close()
         self._locks.close()
         _hubs.discard(self)
+        if interrupted is not None:
+            raise interrupted
 
     # ---- handlers -------------------------------------------------------
 
@@ -418,11 +471,17 @@ class Hub:
 
     # ---- plain messages -------------------------------------------------
 
-    def send_to_master(self, name: str, data: Any = None) -> None:
+    # Every send_to_* takes timeout=: while the queue to a peer is over
+    # max_queue a sender blocks, at most that long (SendTimeout, a
+    # TimeoutError: nothing of the message went to that peer).
+
+    def send_to_master(self, name: str, data: Any = None, *, timeout: Optional[float] = None) -> None:
         """Send a message to the master's handlers (in the master: to its own
         handlers, in call order, without serializing)."""
         if self._closed:
             self._check()
+        if timeout is not None:
+            _check_timeout(timeout)
         if self._is_master:
             protocol.encode_name(name)
             self._dispatcher.post((name, data, None, None))
@@ -436,50 +495,112 @@ class Hub:
         ch = self._master
         if ch is None:
             raise MasterDied("the master has died")
+        if timeout is not None:
+            post = functools.partial(ch.post_msg, _MSG, 0, 0, nb, len(nb), body, len(body))
+            self._post_timed(ch, post, len(nb) + len(body), timeout)
+            return
         queued = ch.post_msg(_MSG, 0, 0, nb, len(nb), body, len(body))
         if queued < 0 or queued > ch.max_queue:
             self._post_backlog(ch, queued, len(nb) + len(body))
 
-    def send_to_worker(self, worker: WorkerRef, name: str, data: Any = None) -> None:
+    def send_to_worker(
+        self, worker: WorkerRef, name: str, data: Any = None, *, timeout: Optional[float] = None
+    ) -> None:
         """Send a message to one worker (master only)."""
         self._check_master("send_to_worker")
+        if timeout is not None:
+            _check_timeout(timeout)
         w = self._worker(worker)
         nb = protocol.encode_name(name)
-        self._post_msg(w.channel, protocol.MSG, 0, nb, self._dumps(data))
+        body = self._dumps(data)
+        ch = w.channel
+        if timeout is None:
+            self._post_msg(ch, protocol.MSG, 0, nb, body)
+            return
+        assert ch is not None  # (_worker checked)
+        post = functools.partial(ch.post_msg, protocol.MSG, 0, 0, nb, len(nb), body, len(body))
+        self._post_timed(ch, post, len(nb) + len(body), timeout, w)
 
-    def send_to_workers(self, name: str, data: Any = None) -> None:
+    def send_to_workers(self, name: str, data: Any = None, *, timeout: Optional[float] = None) -> None:
         """Broadcast: from the master to every live worker; from a worker to
         every other live worker (relayed by the master, whose own handlers
-        are not called; receivers see the originating worker as sender)."""
+        are not called; receivers see the originating worker as sender).
+
+        With ``timeout``, a worker whose queue stays full that long does not
+        get the message: SendTimeout then names them in ``unreached``.
+        """
         self._check()
+        if timeout is not None:
+            _check_timeout(timeout)
         if not self._is_master:
             nb = protocol.encode_name(name)
             body = self._dumps(data)
-            self._post_msg(self._master_channel(), protocol.BCAST, self._worker_id or 0, nb, body)
+            ch = self._master_channel()
+            assert ch is not None  # (checked)
+            if timeout is None:
+                self._post_msg(ch, protocol.BCAST, self._worker_id or 0, nb, body)
+            else:
+                post = functools.partial(ch.post_msg, protocol.BCAST, self._worker_id or 0, 0,
+                                         nb, len(nb), body, len(body))
+                self._post_timed(ch, post, len(nb) + len(body), timeout)
             return
         payload = self._encode(protocol.MSG, 0, name, data)
         n = len(payload)
+        full: list[Worker] = []  # (with a timeout: waited for after the others got it)
         for w in list(self._workers.values()):
             ch = w.channel
             if ch is None:
                 continue
+            if timeout is not None and ch.pending() > ch.max_queue:
+                full.append(w)
+                continue
             queued = ch.post(payload, n, ch.max_len)
-            if queued < 0 or queued > ch.max_queue:
+            if queued < 0 or (timeout is None and queued > ch.max_queue):
                 try:
                     self._post_backlog(ch, queued, n - _bindings.MSG_HEADER)
                 except WorkerDied:
                     pass  # it is exiting; on_exit will report it
+        if not full:
+            return
+        assert timeout is not None
+        deadline = time.monotonic() + timeout
+        unreached = []
+        for w in full:
+            ch = w.channel
+            assert ch is not None
+            try:
+                post = functools.partial(ch.post, payload, n, ch.max_len)
+                if not self._post_by(ch, post, n - _bindings.MSG_HEADER, deadline):
+                    unreached.append(w)
+            except WorkerDied:
+                pass
+        if unreached:
+            ids = ", ".join(str(w.id) for w in unreached)
+            raise SendTimeout(
+                f"broadcast not sent to worker(s) {ids}: their queue stayed full for {timeout} s",
+                unreached,
+            )
 
-    def send_to_random_worker(self, name: str, data: Any = None) -> Optional[Worker]:
+    def send_to_random_worker(
+        self, name: str, data: Any = None, *, timeout: Optional[float] = None
+    ) -> Optional[Worker]:
         """Send to one live worker chosen at random; that worker, or None when
         there is none (master only)."""
         self._check_master("send_to_random_worker")
+        if timeout is not None:
+            _check_timeout(timeout)
         payload = self._encode(protocol.MSG, 0, name, data)
         candidates = list(self._workers.values())
         random.shuffle(candidates)
         for w in candidates:
             try:
-                self._post(w.channel, payload)
+                if timeout is None:
+                    self._post(w.channel, payload)
+                else:
+                    ch = w.channel
+                    assert ch is not None
+                    post = functools.partial(ch.post, payload, len(payload), ch.max_len)
+                    self._post_timed(ch, post, len(payload) - _bindings.MSG_HEADER, timeout, w)
                 return w
             except WorkerDied:
                 continue
@@ -799,6 +920,31 @@ class Hub:
         if queued < 0 or queued > ch.max_queue:
             self._post_backlog(ch, queued, len(payload) - _bindings.MSG_HEADER)
 
+    def _post_timed(
+        self, ch: Channel, post: Callable[[], int], size: int, timeout: float,
+        worker: Optional[Worker] = None,
+    ) -> None:
+        """Queue a frame with ``post()`` (see ``_post_by``), or raise
+        SendTimeout if the queue to ``ch`` stays full for ``timeout`` s."""
+        if not self._post_by(ch, post, size, time.monotonic() + timeout):
+            peer = "the master" if worker is None else f"worker {worker.id}"
+            raise SendTimeout(f"the queue to {peer} stayed full for {timeout} s: not sent",
+                              [] if worker is None else [worker])
+
+    def _post_by(self, ch: Channel, post: Callable[[], int], size: int, deadline: float) -> bool:
+        """Wait until the queue to ``ch`` is at most max_queue, then queue a
+        frame with ``post()`` (a ``ch.post*`` call: bytes queued, or an error
+        code).  False, with nothing queued, when ``deadline`` came first."""
+        try:
+            if ch.pending() > ch.max_queue and not self._wait_room(ch, deadline):
+                return False
+            queued = post()
+            if queued < 0:
+                raise ch.send_error(queued, _bindings.MSG_HEADER + size)
+        except PeerGone:
+            raise self._died(ch) from None
+        return True
+
     def _post_backlog(self, ch: Channel, queued: int, size: int) -> None:
         try:
             if queued < 0:
@@ -827,11 +973,11 @@ class Hub:
 
     def _worker(self, worker: WorkerRef) -> Worker:
         if isinstance(worker, Worker):
-            w = self._workers.get(worker.id)
-            if w is not worker:
-                if worker in self._known:
-                    raise WorkerDied(f"worker {worker.id} has exited")
+            if worker.hub_key != self._key or not 1 <= worker.id < self._next_id:
                 raise ValueError(f"{worker!r} is not a worker of this hub")
+            w = self._workers.get(worker.id)  # (the live one, if a copy came by pickle)
+            if w is None:
+                raise WorkerDied(f"worker {worker.id} has exited")
         elif isinstance(worker, int) and not isinstance(worker, bool):
             w = self._workers.get(worker)
             if w is None:
@@ -861,8 +1007,9 @@ class Hub:
         if ch.unowned():
             self._dispatcher.call_soon(lambda: self._watch_write(ch))
 
-    def _wait_room(self, ch: Channel) -> None:
-        """Block until at most max_queue bytes are queued to ``ch``."""
+    def _wait_room(self, ch: Channel, deadline: Optional[float] = None) -> bool:
+        """Block until at most max_queue bytes are queued to ``ch``; False
+        when the ``time.monotonic()`` deadline came first."""
         d = self._dispatcher
         if d.on_thread:  # keep reading meanwhile, or two full peers deadlock
             # Watched for room even if the writer thread owns the bytes: its
@@ -870,14 +1017,15 @@ class Hub:
             ch.room_waiters += 1
             self._arm(ch)
             try:
-                d.pump_until(lambda: ch.closed or ch.pending() <= ch.max_queue, None)
+                d.pump_until(lambda: ch.closed or ch.pending() <= ch.max_queue,
+                             None if deadline is None else max(0.0, deadline - time.monotonic()))
             finally:
                 ch.room_waiters -= 1
                 self._arm(ch)
             if ch.closed:
                 raise PeerGone(0)
-        else:
-            ch.wait_room(ch.max_queue)
+            return ch.pending() <= ch.max_queue
+        return ch.wait_room(ch.max_queue, deadline)
 
     def _died(self, ch: Channel) -> PeerDied:
         if ch.peer is None:
@@ -888,13 +1036,10 @@ class Hub:
 
     def _watch_worker(self, w: Worker) -> None:
         ch = w.channel
-        if self._closed or w.pidfd is None:
+        if self._closed or ch is None or ch.closed:  # (a requester may have read its EOF already)
             return
-        d = self._dispatcher
-        if ch is not None and not ch.closed:  # (a requester may have read its EOF already)
-            d.set_callback(ch.fd, functools.partial(self._on_channel, ch))
-            self._arm(ch)
-        d.register(w.pidfd, _IN, lambda ev: self._on_worker_exit(w))  # always: it must be reaped
+        self._dispatcher.set_callback(ch.fd, functools.partial(self._on_channel, ch))
+        self._arm(ch)
 
     def _arm(self, ch: Channel) -> None:
         """Bring the dispatcher's registration of ``ch`` up to date: reading
@@ -1077,7 +1222,7 @@ class Hub:
     def _peer(self, wid: int) -> Worker:
         w = self._peer_stubs.get(wid)
         if w is None:
-            w = self._peer_stubs[wid] = Worker(wid)
+            w = self._peer_stubs[wid] = Worker(wid, hub_key=self._key)
         return w
 
     def _relay(self, origin: Channel, payload: bytes) -> None:
@@ -1152,14 +1297,19 @@ class Hub:
             exit_process(1)
 
     def _on_worker_exit(self, w: Worker) -> None:
-        pidfd = w.pidfd
-        if pidfd is None:
-            return
-        try:  # an event already polled may be stale once a nested wait reused its fd number
-            if os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                return  # still running
-        except ChildProcessError:
-            pass  # reaped by someone else: it did exit
+        """On the exit watcher's thread, as soon as the kernel reports the
+        exit: reap, and reflect it (``workers``, ``join``, ``exitcode``); the
+        dispatcher then handles what the worker sent (``_settle``)."""
+        code = reap(w.pid) if w.pid is not None else None
+        with self._state_lock:
+            self._workers.pop(w.id, None)
+        w.set_exited(code)
+        self._dispatcher.call_soon(lambda: self._settle(w))
+
+    def _settle(self, w: Worker) -> None:
+        """On the dispatcher, after ``w`` exited: read and route everything it
+        sent, fail what waits on it, then queue its on_exit callbacks behind
+        its messages."""
         ch = w.channel
         if ch is not None and not ch.closed:
             ch.dying = True
@@ -1172,15 +1322,6 @@ class Hub:
                 ch.release_reader()
             self._channel_lost(ch, _bindings.EOF)
             run_callbacks(done)
-        with self._state_lock:  # fork() holds it: a child sees it open or None, never stale
-            pidfd, w.pidfd = w.pidfd, None
-        if pidfd is not None:
-            self._dispatcher.unregister(pidfd)
-            os.close(pidfd)
-        code = reap(w.pid) if w.pid is not None else None
-        with self._state_lock:
-            self._workers.pop(w.id, None)
-        w.set_exited(code)
         self._dispatcher.inbox.append((None, self._run_exit_callbacks, w, None))
 
     def _run_exit_callbacks(self, w: Worker) -> None:
@@ -1189,6 +1330,8 @@ class Hub:
                 cb(w)
             except Exception:
                 log.exception("on_exit callback %r failed", cb)
+        self._unsettled.pop(w.id, None)
+        w.settled.set()
 
     # ---- checks ---------------------------------------------------------
 

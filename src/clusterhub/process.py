@@ -2,19 +2,23 @@
 learning how a worker ended.
 
 The master learns of a worker's exit from its pidfd (which, unlike the socket,
-cannot be held open by a grandchild), reaps it with ``waitpid`` and reports the
-exit code as ``multiprocessing`` does (negative signal number when killed).
+cannot be held open by a grandchild), on a thread of its own
+(:class:`ExitWatcher`), so that an exit is seen as soon as the kernel reports
+it whatever the handlers are doing; it reaps the worker with ``waitpid`` and
+reports the exit code as ``multiprocessing`` does (negative signal number
+when killed).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import sys
 import threading
 import traceback
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -30,13 +34,15 @@ class Worker:
     standing for another worker (a broadcast's sender) guarantees only ``id``.
     """
 
-    __slots__ = ("id", "pid", "_exited", "_exitcode", "_waiter", "channel", "pidfd", "__weakref__")
+    __slots__ = ("id", "pid", "_exited", "_exitcode", "_waiter", "channel", "settled", "hub_key",
+                 "__weakref__")
 
     def __init__(
         self,
         id: int,
         pid: int | None = None,
         waiter: Callable[[threading.Event, float | None], bool] | None = None,
+        hub_key: Any = None,
     ) -> None:
         self.id = id
         self.pid = pid
@@ -44,7 +50,15 @@ class Worker:
         self._exitcode: int | None = None
         self._waiter = waiter
         self.channel: Channel | None = None
-        self.pidfd: int | None = None
+        # Set once the master has handled all this worker sent and run the
+        # on_exit callbacks (what Hub.join waits for).
+        self.settled = threading.Event()
+        self.hub_key = hub_key  # which hub it belongs to (see __reduce__)
+
+    def __reduce__(self) -> Any:
+        # A reference, not a copy: unpickled by a process of the same hub it
+        # is that process's Worker for this id (see resolve_worker).
+        return (_unpickle_worker, (self.hub_key, self.id))
 
     def __repr__(self) -> str:
         state = "alive" if self.is_alive() else f"exitcode={self._exitcode}"
@@ -84,6 +98,112 @@ class Worker:
     def set_exited(self, code: int | None) -> None:
         self._exitcode = code
         self._exited.set()
+
+
+# Set by the hub module: (hub key, worker id) -> that hub's Worker in this
+# process, or None when no hub of this process has that key.
+resolve_worker: Callable[[Any, int], Optional[Worker]] = lambda key, wid: None
+
+
+def _unpickle_worker(hub_key: Any, wid: int) -> Worker:
+    w = resolve_worker(hub_key, wid)
+    return w if w is not None else Worker(wid, hub_key=hub_key)
+
+
+class ExitWatcher:
+    """A thread that waits on the pidfds of a hub's forked workers and calls
+    ``on_exit(worker)`` (on that thread) when one exits.
+
+    It owns the pidfds: ``watch`` takes one, and the thread closes it after
+    the call.  It sleeps in ``epoll_wait`` (no polling), and runs only while
+    there are workers to watch.  ``lock`` is
+    held by whoever must see the set of pidfds unchanged (a fork, whose child
+    closes its copies with ``abandon``).
+    """
+
+    def __init__(self, name: str, on_exit: Callable[[Worker], None]) -> None:
+        self.name = name
+        self._on_exit = on_exit
+        self.lock = threading.RLock()
+        self._fds: dict[int, Worker] = {}
+        self._epoll: Optional[select.epoll] = None
+        self._wake = -1
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+
+    def watch(self, w: Worker, pidfd: int) -> None:
+        """Report ``w``'s exit; takes ownership of ``pidfd`` (any thread)."""
+        with self.lock:
+            if self._epoll is None:
+                self._epoll = select.epoll()
+                self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self._epoll.register(self._wake, select.EPOLLIN)
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._fds[pidfd] = w
+            self._epoll.register(pidfd, select.EPOLLIN)
+
+    def _run(self) -> None:
+        ep = self._epoll
+        assert ep is not None
+        while not self._stopping:
+            try:
+                events = ep.poll(-1, 16)
+            except InterruptedError:
+                continue
+            for fd, _ev in events:
+                if fd == self._wake:
+                    continue  # stop() was called
+                w = self._fds.get(fd)
+                if w is None:
+                    continue
+                try:
+                    if os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                        continue  # (not yet: a pidfd is readable once the process exited)
+                except ChildProcessError:
+                    pass  # reaped by someone else: it did exit
+                with self.lock:
+                    del self._fds[fd]
+                    ep.unregister(fd)
+                    os.close(fd)
+                try:
+                    self._on_exit(w)
+                except Exception:  # a bug of ours: say so, keep watching the others
+                    log.critical("clusterhub: handling the exit of worker %d failed", w.id,
+                                 exc_info=True)
+            with self.lock:
+                if not self._fds and not self._stopping:  # none left: watch() starts anew
+                    self._thread = None
+                    self._close()
+                    return
+
+    def stop(self) -> None:
+        """End the thread and close every fd (idempotent; never from the thread)."""
+        with self.lock:
+            self._stopping = True
+            t = self._thread
+            if self._epoll is None:
+                return
+            os.eventfd_write(self._wake, 1)
+        if t is not None and t is not threading.current_thread():
+            t.join()  # (it runs no user code: each exit is handled at once)
+        self._close()
+
+    def abandon(self) -> None:
+        """In a fork child: the thread is not there; close our copies."""
+        self.lock = threading.RLock()  # (maybe held at the fork: by the forking thread)
+        self._stopping = True
+        self._close()
+
+    def _close(self) -> None:
+        with self.lock:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = {}
+            if self._epoll is not None:
+                self._epoll.close()
+                os.close(self._wake)
+                self._epoll = None
 
 
 def reap(pid: int) -> int | None:
