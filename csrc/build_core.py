@@ -100,6 +100,10 @@ PREAMBLE_CDEF += """
 int ch_decode_register(const char *module);
 """
 ffi.cdef("\n".join((HERE / f"cdef_{u}.h").read_text() for u in UNITS) + PREAMBLE_CDEF)
+# cffi builds the module for the stable ABI (setuptools' py_limited_api=True,
+# its default except on debug and free-threaded interpreters): one
+# _core.abi3.so, which setup.py tags cp310-abi3 (lockhandle.c and decode.c keep
+# to the limited API of 3.10; cffi's own code to an older one).
 ffi.set_source(
     "clusterhub._core",
     PREAMBLE,
