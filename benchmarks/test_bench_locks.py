@@ -2,20 +2,17 @@
 processes, and recovery after the holder's SIGKILL.
 
 clusterhub and the stdlib peers come from the kit in ``clusterhub.bench``;
-filelock, fasteners, posix_ipc and sysv_ipc are added here.
+filelock, fasteners, posix_ipc and sysv_ipc are added here when installed (the
+``bench`` extra; without one, its cases skip, see ``_peers``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import fasteners
-import filelock
-import posix_ipc
 import pytest
-import sysv_ipc
 
 from clusterhub.bench import (
     CONTENDED_2,
@@ -32,6 +29,19 @@ from clusterhub.bench import (
     temp_path,
     with_loop,
 )
+
+from ._peers import case_params, optional, with_peers
+
+if TYPE_CHECKING:
+    import fasteners
+    import filelock
+    import posix_ipc
+    import sysv_ipc
+else:
+    fasteners = optional("fasteners")
+    filelock = optional("filelock")
+    posix_ipc = optional("posix_ipc")
+    sysv_ipc = optional("sysv_ipc")
 
 Loop = Iterator[Callable[[int], float]]
 
@@ -105,7 +115,7 @@ class SysvKind(LockKind):
         return Handle(sem.acquire, sem.release, _bounded(sem.acquire, sysv_ipc.BusyError), lambda: None)
 
 
-def _bounded(acquire: Callable[[float], Any], busy: type) -> Callable[[float], bool]:
+def _bounded(acquire: Callable[[float], Any], busy: type[BaseException]) -> Callable[[float], bool]:
     def acquire_within(timeout: float) -> bool:
         try:
             acquire(timeout)
@@ -116,25 +126,26 @@ def _bounded(acquire: Callable[[float], Any], busy: type) -> Callable[[float], b
     return acquire_within
 
 
-UNCONTENDED_ALL = UNCONTENDED.extended(
+UNCONTENDED_ALL = with_peers(
+    UNCONTENDED,
     {
-        "filelock": in_host(_filelock),
-        "fasteners": in_host(_fasteners),
-        "posix-ipc": in_host(_posix_ipc),
-        "sysv-ipc-undo": in_host(_sysv_ipc),
+        "filelock": ("filelock", in_host(_filelock)),
+        "fasteners": ("fasteners", in_host(_fasteners)),
+        "posix-ipc": ("posix_ipc", in_host(_posix_ipc)),
+        "sysv-ipc-undo": ("sysv_ipc", in_host(_sysv_ipc)),
     },
     targets=(
         Target("clusterhub-by-name", "filelock", 1 / 20, "`with hub.lock(name):` >= 20 x faster than filelock"),
         Target("clusterhub-by-name", "fasteners", 1 / 20, "`with hub.lock(name):` >= 20 x faster than fasteners"),
     ),
 )
-_MULTI = {"posix-ipc": contended(PosixKind), "sysv-ipc-undo": contended(SysvKind)}
-CONTENDED = {job.params["procs"]: job.extended(_MULTI) for job in (CONTENDED_2, CONTENDED_4)}
-RECOVERY_ALL = RECOVERY.extended({"sysv-ipc-undo": recovery(SysvKind)})
+_MULTI = {"posix-ipc": ("posix_ipc", contended(PosixKind)), "sysv-ipc-undo": ("sysv_ipc", contended(SysvKind))}
+CONTENDED = {job.params["procs"]: with_peers(job, _MULTI) for job in (CONTENDED_2, CONTENDED_4)}
+RECOVERY_ALL = with_peers(RECOVERY, {"sysv-ipc-undo": ("sysv_ipc", recovery(SysvKind))})
 
 
 @pytest.mark.benchmark(group="lock-uncontended")
-@pytest.mark.parametrize("case", UNCONTENDED_ALL.cases)
+@pytest.mark.parametrize("case", case_params(UNCONTENDED_ALL))
 def test_uncontended(measure: Any, case: str) -> None:
     """Acquire+release with nobody else around, per call, against every peer."""
     measure(UNCONTENDED_ALL, case)
@@ -150,14 +161,14 @@ def test_p99_with_busy_thread(measure: Any, case: str) -> None:
 @pytest.mark.parametrize(
     "procs", [pytest.param(p, marks=pytest.mark.benchmark(group=f"lock-contended-{p}")) for p in CONTENDED]
 )
-@pytest.mark.parametrize("case", CONTENDED[2].cases)
+@pytest.mark.parametrize("case", case_params(CONTENDED[2]))
 def test_contended(measure: Any, case: str, procs: int) -> None:
     """Processes looping acquire/increment/release for a fixed time: acquisitions/s, owner switches/s, shares."""
     measure(CONTENDED[procs], case)
 
 
 @pytest.mark.benchmark(group="recovery")
-@pytest.mark.parametrize("case", RECOVERY_ALL.cases)
+@pytest.mark.parametrize("case", case_params(RECOVERY_ALL))
 def test_recovery(measure: Any, case: str) -> None:
     """From just before SIGKILL of the holder to the blocked waiter holding the lock."""
     measure(RECOVERY_ALL, case)

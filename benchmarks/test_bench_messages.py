@@ -1,7 +1,8 @@
 """Messaging: request round trip, one-way messages, broadcast to 8 workers.
 
 clusterhub and the stdlib peers come from the kit in ``clusterhub.bench``;
-pyzmq's are added here.  Each is measured unpinned and pinned to one CPU.
+pyzmq's are added here when it is installed (the ``bench`` extra; without it,
+its cases skip, see ``_peers``).  Each is measured unpinned and pinned to one CPU.
 """
 
 from __future__ import annotations
@@ -10,12 +11,18 @@ import contextlib
 import os
 import pickle
 import tempfile
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
-import zmq
 
 from clusterhub.bench import BROADCAST, ONE_WAY, ROUND_TRIP, bc_peer, ow_peer, rt_peer
+
+from ._peers import case_params, optional, with_peers
+
+if TYPE_CHECKING:
+    import zmq
+else:
+    zmq = optional("zmq", "pyzmq")
 
 
 class _Zmq:
@@ -28,7 +35,7 @@ class _Zmq:
         self.path = os.path.join(tempfile.gettempdir(), f"clusterhub-bench-{os.getpid()}-{id(self)}.ipc")
         self.endpoint = "ipc://" + self.path
 
-    def socket(self, kind: int, **options: int) -> zmq.Socket:
+    def socket(self, kind: int, **options: int) -> zmq.Socket[Any]:
         self.ctx = zmq.Context()
         s = self.ctx.socket(kind)
         for name, value in options.items():
@@ -100,27 +107,27 @@ class ZmqPubSub(_Zmq):
         return s.send_pyobj
 
 
-ROUND_TRIP_ALL = ROUND_TRIP.extended({"zmq-dealer-router": rt_peer(ZmqEcho)})
-ONE_WAY_ALL = ONE_WAY.extended({"zmq-push-pull": ow_peer(ZmqPushPull)})
-BROADCAST_ALL = BROADCAST.extended({"zmq-pub-sub": bc_peer(ZmqPubSub)})
+ROUND_TRIP_ALL = with_peers(ROUND_TRIP, {"zmq-dealer-router": ("zmq", rt_peer(ZmqEcho))})
+ONE_WAY_ALL = with_peers(ONE_WAY, {"zmq-push-pull": ("zmq", ow_peer(ZmqPushPull))})
+BROADCAST_ALL = with_peers(BROADCAST, {"zmq-pub-sub": ("zmq", bc_peer(ZmqPubSub))})
 
 
 @pytest.mark.benchmark(group="round-trip")
-@pytest.mark.parametrize("case", ROUND_TRIP_ALL.cases)
+@pytest.mark.parametrize("case", case_params(ROUND_TRIP_ALL))
 def test_round_trip(measure: Any, case: str, pinned: bool) -> None:
     """A worker's request_master("echo", x).result() loop, timed in the worker, against the same echo over each peer."""
     measure(ROUND_TRIP_ALL, case, pinned)
 
 
 @pytest.mark.benchmark(group="one-way")
-@pytest.mark.parametrize("case", ONE_WAY_ALL.cases)
+@pytest.mark.parametrize("case", case_params(ONE_WAY_ALL))
 def test_one_way(measure: Any, case: str, pinned: bool) -> None:
     """Small messages from a worker to the master, from the first send to the last one handled."""
     measure(ONE_WAY_ALL, case, pinned)
 
 
 @pytest.mark.benchmark(group="broadcast-8")
-@pytest.mark.parametrize("case", BROADCAST_ALL.cases)
+@pytest.mark.parametrize("case", case_params(BROADCAST_ALL))
 def test_broadcast(measure: Any, case: str, pinned: bool) -> None:
     """Broadcasts from the master to 8 workers, until every worker has handled the last."""
     measure(BROADCAST_ALL, case, pinned)
