@@ -9,7 +9,10 @@ and is timed inside them.  Here:
   asks for on these noisy machines), and every test of the group then hands
   its own case's samples to pytest-benchmark through a clock that replays
   them (``_ReplayClock``): the table shows the figures measured inside the
-  processes, one round per interleaved batch.
+  processes, one round per interleaved batch.  The clock is the test's
+  timer through pytest-benchmark's public ``timer`` option of the
+  ``benchmark`` marker, which ``pytest_collection_modifyitems`` adds to every
+  test that uses ``measure``.
 - With ``--benchmark-disable`` (the default in pyproject.toml) each test runs
   one small batch of its own case: a smoke test.
 - At the end, ``pytest_terminal_summary`` prints clusterhub/peer ratios per
@@ -19,11 +22,14 @@ and is timed inside them.  Here:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import pytest
 
 from clusterhub.bench import Job, compare, conditions, format_group, measure_job, measure_once, summarize
+
+HERE = Path(__file__).resolve().parent
 
 # group -> case -> samples, measured once per group (benchmarks enabled)
 _measured: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -34,37 +40,67 @@ _reported: dict[str, tuple[Job, dict[str, dict[str, Any]]]] = {}
 @pytest.fixture(params=[False, True], ids=["unpinned", "pinned"])
 def pinned(request: pytest.FixtureRequest) -> bool:
     """Run a messaging benchmark unpinned and with every process on CPU 0."""
-    return request.param
+    return bool(request.param)
 
 
 class _ReplayClock:
     """A timer for pytest-benchmark that advances by recorded figures: each
-    call of ``step`` (the benchmarked function) lasts exactly the next one."""
+    call of ``step`` (the benchmarked function) lasts exactly the next one.
+
+    pytest-benchmark's pedantic mode reads its timer just before and just
+    after each call of the function it measures, so a round lasts exactly
+    one figure; ``replay`` checks that it did (two reads per round) rather
+    than let a change in pytest-benchmark put other durations in the table.
+    """
 
     __name__ = "replayed in-process measurements"  # shown as the timer in the JSON
 
-    def __init__(self, values: list[float]) -> None:
-        self._values = iter(values)
+    def __init__(self) -> None:
+        self._values: Iterator[float] = iter(())
         self._now = 0.0
+        self._reads = 0
 
     def __call__(self) -> float:
-        return self._now
+        # 0 at a round's start, its figure at its end: exact durations, no drift
+        self._reads += 1
+        now, self._now = self._now, 0.0
+        return now
 
     def step(self) -> None:
-        self._now += next(self._values)
+        self._now = next(self._values, 0.0)  # (0 for an extra call, e.g. --benchmark-cprofile's)
+
+    def replay(self, benchmark: Any, values: list[float]) -> None:
+        """One ``benchmark.pedantic`` whose rounds are ``values``."""
+        self._values, self._reads = iter(values), 0
+        benchmark.pedantic(self.step, rounds=len(values), iterations=1, warmup_rounds=0)
+        if not benchmark.disabled and self._reads != 2 * len(values):
+            raise RuntimeError(
+                f"pytest-benchmark read the replay clock {self._reads} times for {len(values)} rounds "
+                "(2 per round expected): it no longer times pedantic rounds with the marker's timer"
+            )
 
 
-def _record(benchmark: Any, values: list[float]) -> None:
-    """One ``benchmark.pedantic`` whose rounds are ``values``."""
-    clock = _ReplayClock(values)
-    benchmark._timer = clock  # read when pedantic builds its runner
-    benchmark.pedantic(clock.step, rounds=len(values), iterations=1, warmup_rounds=0)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give each test that uses ``measure`` its own replay clock as the timer
+    of its ``benchmark`` marker (pytest-benchmark reads only the closest one,
+    so the new marker carries the others' options, e.g. the group)."""
+    for item in items:
+        if "measure" not in getattr(item, "fixturenames", ()) or HERE not in item.path.resolve().parents:
+            continue
+        options: dict[str, Any] = {}
+        for marker in reversed(list(item.iter_markers("benchmark"))):  # the closest wins
+            options.update(marker.kwargs)
+        item.add_marker(pytest.mark.benchmark(**options, timer=_ReplayClock()), append=False)
 
 
 @pytest.fixture
-def measure(benchmark: Any) -> Any:
+def measure(benchmark: Any, request: pytest.FixtureRequest) -> Any:
     """``measure(job, case, pinned=None)``: benchmark one case of a job (see
     the module docstring); returns the case's summary."""
+    marker = request.node.get_closest_marker("benchmark")
+    clock = marker.kwargs["timer"] if marker is not None else None
+    if not isinstance(clock, _ReplayClock):
+        raise RuntimeError("a test using `measure` lost the replay clock of its benchmark marker")
 
     def run(job: Job, case: str, pinned: Optional[bool] = None) -> dict[str, Any]:
         if benchmark.group != job.name:
@@ -73,7 +109,7 @@ def measure(benchmark: Any) -> Any:
         benchmark.group = group  # plus "pinned"/"unpinned" for the messaging jobs
         if benchmark.disabled:
             samples = measure_once(job, case, pinned)
-            _record(benchmark, [s["t"] for s in samples])
+            clock.replay(benchmark, [s["t"] for s in samples])
             return summarize(samples)
         if group not in _measured:
             _measured[group] = measure_job(job, pinned)
@@ -85,7 +121,7 @@ def measure(benchmark: Any) -> Any:
             pinned=pinned, summary=summaries[case], ratios=cmp["ratios"],
             targets=[t for t in cmp["targets"] if case in (t["case"], t["peer"])],
         )
-        _record(benchmark, [s["t"] for s in _measured[group][case]])
+        clock.replay(benchmark, [s["t"] for s in _measured[group][case]])
         return summaries[case]
 
     return run
