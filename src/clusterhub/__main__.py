@@ -11,7 +11,6 @@ import argparse
 import sys
 from typing import Optional
 
-
 DESCRIPTION = """\
 clusterhub: messages and crash-robust global locks between a master process
 and its forked workers (Linux).
