@@ -4,7 +4,9 @@ messages in every direction, and the data serializers."""
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import signal
 import threading
 import time
 
@@ -791,3 +793,171 @@ def test_relayed_broadcasts_are_bounded_too(make_hub, reports, event):
     assert reports.get(30) == ("sent all",)
     join_ok(a)
     join_ok(b, -9)
+
+
+# ---- Worker references sent as data -----------------------------------------
+
+
+def test_worker_pickles_as_a_reference(hub, event):
+    """A Worker sent as data arrives as the receiver's Worker for that id: a
+    handler returning ``sender`` gives the worker a Worker with its own id,
+    and a broadcast's sender sent back to the master is the master's Worker."""
+    go = event()
+    back = []
+    came_back = threading.Event()
+    hub.on("whoami", lambda data, sender: sender)
+
+    @hub.on("bcast")
+    def bcast(data, sender):  # runs in the other worker
+        hub.send_to_master("sender_was", sender)
+
+    @hub.on("sender_was")
+    def sender_was(data, sender):
+        back.append((data, sender))
+        came_back.set()
+
+    def first():
+        me = hub.request_master("whoami").result(10)
+        hub.send_to_master("me", (type(me).__name__, me.id == hub.worker_id))
+        hub.send_to_workers("bcast")
+        go.wait()
+
+    mine = []
+    hub.on("me", lambda data, sender: mine.append(data))
+    b = hub.fork(go.wait)
+    a = hub.fork(first)
+    assert came_back.wait(20)
+    (data, sender), = back
+    assert data is a and sender is b
+    go.set()
+    join_ok(a)
+    join_ok(b)
+    assert mine == [("Worker", True)]
+    # Exited, it still comes back as the same handle (exit code kept).
+    assert pickle.loads(pickle.dumps(a)) is a and a.exitcode == 0
+    with pytest.raises(WorkerDied):
+        hub.send_to_worker(pickle.loads(pickle.dumps(a)), "x")
+
+
+def test_unpickled_worker_of_an_unknown_hub_is_a_plain_reference(make_hub):
+    """A Worker unpickled where its hub does not exist is a reference that
+    keeps its id, and another hub refuses it with ValueError."""
+    hub, other = make_hub(), make_hub()
+    w = hub.fork(lambda: None)
+    join_ok(w)
+    data = pickle.dumps(w)
+    hub.close()
+    ref = pickle.loads(data)
+    assert ref is not w and ref.id == w.id and not ref.is_alive()
+    with pytest.raises(ValueError):
+        other.send_to_worker(ref, "x")
+
+
+# ---- send timeouts -----------------------------------------------------------
+
+_seen: list = []  # in a worker: the sequence numbers its "msg" handler got
+
+
+def _count_handlers(hub):
+    @hub.on("msg")
+    def msg(data, sender):
+        _seen.append(data[0])
+
+    @hub.on("report")
+    def report(data, sender):
+        hub.send_to_master("seen", list(_seen))
+
+
+def _fill(hub, w, blob):
+    """Send to a stopped worker until the queue is full; the sequence
+    number that timed out and the exception."""
+    for i in range(10_000):
+        t0 = time.monotonic()
+        try:
+            hub.send_to_worker(w, "msg", (i, blob), timeout=0.2)
+        except clusterhub.SendTimeout as e:
+            assert time.monotonic() - t0 >= 0.19
+            return i, e
+    raise AssertionError("the queue to a stopped worker never filled")
+
+
+def test_send_timeout_when_the_worker_does_not_read(make_hub, event):
+    """send_to_worker(timeout=t) to a worker that does not read raises
+    SendTimeout (a TimeoutError) once the queue stayed full for t, and
+    nothing of that message reaches the worker; the channel stays usable."""
+    hub = make_hub(max_queue=64 * 1024)
+    _count_handlers(hub)
+    seen = []
+    got = threading.Event()
+    hub.on("seen", lambda data, sender: (seen.append(data), got.set()))
+    go = event()
+    w = hub.fork(go.wait)
+    os.kill(w.pid, signal.SIGSTOP)
+    try:
+        n, err = _fill(hub, w, b"x" * 32768)
+    finally:
+        os.kill(w.pid, signal.SIGCONT)
+    assert isinstance(err, TimeoutError) and err.unreached == [w]
+    hub.send_to_worker(w, "msg", (n + 1, b""), timeout=10)
+    hub.send_to_worker(w, "report")
+    assert got.wait(20)
+    assert seen[0] == list(range(n)) + [n + 1]
+    go.set()
+    join_ok(w)
+
+
+def test_broadcast_timeout_names_the_workers_not_reached(make_hub, event):
+    """send_to_workers(timeout=t) with one worker not reading raises
+    SendTimeout naming that worker; the others got the message, it did not."""
+    hub = make_hub(max_queue=64 * 1024)
+    _count_handlers(hub)
+    seen = {}
+    got = threading.Semaphore(0)
+    hub.on("seen", lambda data, sender: (seen.__setitem__(sender.id, data), got.release()))
+    go = event()
+    stuck, fine = hub.fork(go.wait), hub.fork(go.wait)
+    os.kill(stuck.pid, signal.SIGSTOP)
+    try:
+        n, _ = _fill(hub, stuck, b"x" * 32768)
+        with pytest.raises(clusterhub.SendTimeout) as info:
+            hub.send_to_workers("msg", (-1, b""), timeout=0.2)
+    finally:
+        os.kill(stuck.pid, signal.SIGCONT)
+    assert info.value.unreached == [stuck]
+    assert str(stuck.id) in str(info.value)
+    hub.send_to_workers("report")
+    assert got.acquire(timeout=20) and got.acquire(timeout=20)
+    assert seen[fine.id] == [-1]
+    assert seen[stuck.id] == list(range(n))
+    go.set()
+    join_ok(stuck)
+    join_ok(fine)
+
+
+def test_send_timeouts_are_checked(hub, event):
+    """Every send_to_* takes timeout=: a number of seconds >= 0 or None; a
+    worker's sends with a timeout go through when there is room."""
+    go = event()
+    ok = threading.Event()
+    hub.on("ok", lambda data, sender: ok.set())
+
+    def work():
+        hub.send_to_master("x", 1, timeout=5)
+        hub.send_to_workers("x", 1, timeout=5)
+        hub.send_to_master("ok", timeout=0)
+        go.wait()
+
+    w = hub.fork(work)
+    assert ok.wait(20)
+    for bad, exc in ((-1, ValueError), ("1", TypeError), (True, TypeError), (float("nan"), ValueError)):
+        with pytest.raises(exc):
+            hub.send_to_worker(w, "x", timeout=bad)
+        with pytest.raises(exc):
+            hub.send_to_workers("x", timeout=bad)
+        with pytest.raises(exc):
+            hub.send_to_master("x", timeout=bad)
+        with pytest.raises(exc):
+            hub.send_to_random_worker("x", timeout=bad)
+    assert hub.send_to_random_worker("x", timeout=1) is w
+    go.set()
+    join_ok(w)

@@ -767,3 +767,179 @@ def test_ctrl_c_stops_master_and_workers(tmp_path):
     assert all(c in (-signal.SIGINT, 1, REAPED_ELSEWHERE) for c in codes), codes
     assert err.count("Traceback (most recent call last)") <= 1, err
     assert err.count("KeyboardInterrupt") <= 1, err
+
+
+# ---- a busy handler does not hide exits; join waits for the handling -----
+
+
+def test_exit_is_seen_while_a_handler_runs(hub, event):
+    """While a master handler runs, a worker's exit shows at once in
+    Worker.join/is_alive/exitcode and hub.workers (as send_to_worker says)."""
+    started, release = threading.Event(), threading.Event()
+
+    @hub.on("block")
+    def block(data, sender):
+        started.set()
+        release.wait(30)
+
+    go = event()
+    a = hub.fork(go.wait)
+    b = hub.fork(lambda: hub.send_to_master("block"))
+    try:
+        assert started.wait(10)
+        join_ok(b)  # the handler b started is still running
+        assert not b.is_alive() and b.id not in hub.workers and a.id in hub.workers
+        with pytest.raises(clusterhub.WorkerDied):
+            hub.send_to_worker(b, "x")
+        go.set()
+        join_ok(a)
+        assert hub.workers == {}
+        assert hub.join(0) is False  # a's and b's exits are not handled yet: the handler runs
+    finally:
+        release.set()
+    assert hub.join(10) is True
+
+
+def test_join_waits_until_exited_workers_messages_are_handled(hub):
+    """hub.join() returns True only once every message the exited workers
+    sent has been handled (fork, send results, join, read: nothing missing)."""
+    got = []
+
+    @hub.on("result")
+    def result(data, sender):
+        time.sleep(0.0005)  # a handler that takes a little time, as real ones do
+        got.append((sender.id, data))
+
+    def work():
+        for i in range(200):
+            hub.send_to_master("result", i)
+
+    ws = [hub.fork(work) for _ in range(2)]
+    assert hub.join(30) is True
+    assert len(got) == 400
+    for w in ws:
+        assert [d for wid, d in got if wid == w.id] == list(range(200))
+        assert w.exitcode == 0
+
+
+def test_join_waits_for_on_exit_callbacks(hub):
+    """When hub.join() returns True, the on_exit callback of every exited
+    worker has run."""
+    seen = []
+    hub.on_exit(lambda w: (time.sleep(0.05), seen.append(w.id)))
+    ws = [hub.fork(lambda: None) for _ in range(3)]
+    assert hub.join(30) is True
+    assert sorted(seen) == [w.id for w in ws]
+
+
+def test_join_from_a_handler_waits_for_exits_only(hub, reports):
+    """Called from a handler, hub.join() cannot wait for the handlers (they
+    run on that thread): it returns True once the workers exited."""
+    done = threading.Event()
+    out = []
+
+    @hub.on("join")
+    def join_here(data, sender):
+        out.append(hub.join(20))
+        done.set()
+
+    hub.fork(lambda: hub.send_to_master("join"))
+    assert done.wait(30)
+    assert out == [True]
+
+
+def test_close_abandons_a_handler_that_never_returns(make_hub, caplog):
+    """close(timeout) returns within about timeout + 1 s while a handler
+    never returns; the handler is abandoned with a logged warning, and no
+    other handler runs after it."""
+    hub = make_hub()
+    started, release = threading.Event(), threading.Event()
+    after = []
+
+    @hub.on("stuck")
+    def stuck(data, sender):
+        started.set()
+        release.wait(60)
+
+    hub.on("after", lambda data, sender: after.append(data))
+    hub.send_to_master("stuck")
+    hub.send_to_master("after", 1)
+    assert started.wait(10)
+    try:
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="clusterhub"):
+            hub.close(timeout=1.0)
+        elapsed = time.monotonic() - t0
+        assert elapsed < 1.0 + 1.0 + 1.5, elapsed  # timeout + the handler's grace + slack
+        assert any("abandoned" in r.getMessage() for r in caplog.records)
+        with pytest.raises(HubClosedError):
+            hub.send_to_master("after", 2)
+    finally:
+        release.set()
+    assert after == []
+
+
+CTRL_C_BUSY_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading, time
+    import clusterhub
+
+    hub = clusterhub.Hub()
+    ready = threading.Semaphore(0)
+    hub.on("ready", lambda data, sender: ready.release())
+
+    @hub.on("work")
+    def work(data, sender):  # a long handler, running when Ctrl-C comes
+        print(" ".join(str(w.pid) for w in ws), flush=True)
+        time.sleep(20)
+
+    def sleeper():
+        hub.send_to_master("ready")
+        time.sleep(60)
+
+    with hub:
+        ws = [hub.fork(sleeper), hub.fork(sleeper)]
+        for _ in ws:
+            assert ready.acquire(timeout=10)
+        hub.send_to_master("work")
+        hub.join()
+    """
+)
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_with_a_busy_handler(tmp_path, presses):
+    """Ctrl-C (SIGINT to the process group, once or twice) while a master
+    handler runs for 20 s stops the master and its workers within about a
+    second, with at most one traceback and no process left."""
+    script = tmp_path / "ctrl_c_busy.py"
+    script.write_text(CTRL_C_BUSY_SCRIPT)
+    with subreaper():
+        proc = subprocess.Popen(
+            [sys.executable, str(script)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            text=True,
+        )
+        pids: list[int] = []
+        try:
+            line = proc.stdout.readline()  # printed by the handler, once it runs
+            pids = [int(p) for p in line.split()]
+            assert len(pids) == 2, (line, proc.stderr.read() if proc.poll() is not None else "")
+            os.killpg(proc.pid, signal.SIGINT)
+            if presses == 2:
+                try:
+                    proc.wait(0.3)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGINT)
+            _, err = proc.communicate(timeout=8)  # the handler alone would take 20 s
+            codes = [waitpid_bounded(pid, 10) for pid in pids]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            kill_and_reap(pids)
+    assert proc.returncode != 0
+    assert None not in codes, f"workers left running: {pids}"
+    assert err.count("Traceback (most recent call last)") <= 1, err

@@ -1,6 +1,6 @@
 """The dispatcher: one background thread per hub and process.
 
-It waits in epoll on the hub's sockets, worker pidfds and a wake-up eventfd
+It waits in epoll on the hub's sockets and a wake-up eventfd
 (no polling: an idle hub costs no CPU), runs timers (request timeouts), and
 runs handlers one at a time in arrival order.  Incoming frames are routed by
 the hub's callbacks: replies complete futures at once; messages and requests
@@ -116,8 +116,12 @@ class Dispatcher:
             self._tcond.notify()  # the timer thread ends too
         t = self._thread
         finished = True
+        interrupted: BaseException | None = None
         if t is not None and t.ident != threading.get_ident():
-            t.join(grace)
+            try:
+                t.join(grace)
+            except KeyboardInterrupt as e:  # (Ctrl-C while closing: clean up first)
+                interrupted = e
             finished = not t.is_alive()
         if t is not None and t.native_id is not None:
             sched.forget(t.native_id)
@@ -131,8 +135,11 @@ class Dispatcher:
             loop.call_soon_threadsafe(loop.stop)
             t = self._private_thread
             if t is not None and t.ident != threading.get_ident():
-                t.join(5.0 if grace is None else grace)
+                if interrupted is None:
+                    t.join(5.0 if grace is None else grace)
                 finished = finished and not t.is_alive()
+        if interrupted is not None:
+            raise interrupted
         return finished
 
     def _close_fds(self) -> None:

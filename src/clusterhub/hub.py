@@ -421,8 +421,12 @@ class Hub:
             for w in workers:
                 w.kill()
         self._closed = True
-        self._exits.stop()
-        if not self._dispatcher.stop(_HANDLER_GRACE):
+        self._exits.stop()  # (quick: it runs no user code)
+        try:
+            finished = self._dispatcher.stop(_HANDLER_GRACE)
+        except KeyboardInterrupt as e:  # (it cleaned up before letting it through)
+            interrupted, finished = e, True
+        if not finished:
             log.warning(
                 "%r closed while a handler was still running %.1f s later: abandoned "
                 "(it may go on, but no other handler will run)", self, _HANDLER_GRACE,
@@ -1376,8 +1380,24 @@ def _error_body(e: BaseException) -> bytes:
         return protocol.encode_error("NoHandlerError", f"no handler for {e.args[0]!r}", "", True)
     if isinstance(e, RemoteError):
         return protocol.encode_error(e.type_name, e.message, e.remote_traceback, isinstance(e, NoHandlerError))
-    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-    return protocol.encode_error(_type_name(e), str(e), tb, False)
+    te = traceback.TracebackException(type(e), e, e.__traceback__)
+    _drop_own_frames(te, set())
+    return protocol.encode_error(_type_name(e), str(e), "".join(te.format()), False)
+
+
+_OWN_FILES = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _drop_own_frames(te: traceback.TracebackException, seen: set[int]) -> None:
+    """Leave out clusterhub's own frames (the dispatcher calling the handler,
+    the worker's entry point): a remote traceback shows the user's code."""
+    seen.add(id(te))
+    te.stack = traceback.StackSummary.from_list(
+        [f for f in te.stack if not f.filename.startswith(_OWN_FILES)]
+    )
+    for chained in (te.__cause__, te.__context__):
+        if chained is not None and id(chained) not in seen:
+            _drop_own_frames(chained, seen)
 
 
 def _remote_error(body: memoryview) -> RemoteError:
