@@ -14,11 +14,13 @@ import faulthandler
 import mmap
 import os
 import queue
+import re
 import resource
 import signal
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Callable
 
 import pytest
@@ -400,8 +402,9 @@ def test_timeout_arguments_are_validated(hub):
 
 
 def test_bad_timeout_on_a_recovered_lock_leaves_it_recoverable(hub, reports):
-    """An acquire() with an invalid timeout raises without taking the lock,
-    even when the lock waits for recovery from a dead holder."""
+    """An acquire() with an invalid timeout (or a timeout beside blocking=False)
+    raises without taking the lock, even when the lock waits for recovery from
+    a dead holder."""
 
     def hold_and_die() -> None:
         assert hub.lock("bad-t").acquire(timeout=5)
@@ -413,8 +416,10 @@ def test_bad_timeout_on_a_recovered_lock_leaves_it_recoverable(hub, reports):
         pass
     join_ok(hub.fork(hold_and_die))
     assert reports.get() == ("held",)
-    with pytest.raises(ValueError):
-        lk.acquire(timeout=-1)
+    for bad in (lambda: lk.acquire(timeout=-2), lambda: lk.acquire(False, 1),
+                lambda: lk.acquire(blocking=False, timeout=None)):
+        with pytest.raises(ValueError):
+            bad()
     assert hub.held_locks() == []
     with hub.lock("bad-t", timeout=5) as held:
         assert held.recovered
@@ -503,7 +508,7 @@ def test_exception_in_with_body_releases(hub):
     with pytest.raises(ZeroDivisionError):
         with lk as held:
             assert held is lk
-            1 / 0
+            _ = 1 / 0
     assert not lk.locked()
     assert in_thread(lambda: lk.acquire(timeout=0) and (lk.recovered, lk.release())[0]) is False
 
@@ -901,6 +906,262 @@ def test_recovered_is_per_thread(hub, reports):
     assert not lk.recovered  # this thread never acquired
 
 
+def leave_dead_holder(hub: clusterhub.Hub, reports: Any, key: str) -> None:
+    """Have a worker take ``key`` and exit holding it: the next acquirer recovers it."""
+
+    def hold_and_exit() -> None:
+        assert hub.lock(key).acquire(timeout=5)
+        reports.put("held", key)
+        os._exit(0)
+
+    join_ok(hub.fork(hold_and_exit))
+    assert reports.get() == ("held", key)
+
+
+def hold_in_worker(hub: clusterhub.Hub, reports: Any, release: Any, key: str) -> clusterhub.Worker:
+    """A worker that holds ``key`` until ``release`` is set."""
+
+    def hold() -> None:
+        with hub.lock(key):
+            reports.put("holding", key)
+            release.wait(20)
+
+    w = hub.fork(hold)
+    assert reports.get() == ("holding", key)
+    return w
+
+
+_FAILED_ACQUIRES: dict[str, Callable[[clusterhub.Lock], None]] = {
+    "timeout": lambda lk: assert_false(lk.acquire(timeout=0.05)),
+    "no-wait": lambda lk: assert_false(lk.acquire(timeout=0)),
+    "default": lambda lk: assert_false(lk.acquire()),  # the handle's 0.05 s
+    "with": lambda lk: pytest.raises(LockTimeout, lk.__enter__),
+}
+
+
+@pytest.mark.parametrize("fail", sorted(_FAILED_ACQUIRES))
+def test_recovered_is_false_after_a_failed_acquire(hub, reports, event, fail):
+    """A thread whose latest acquire recovered reads recovered False once its
+    next acquire through the handle fails (timeout, no-wait miss, the
+    handle's default timeout, ``with`` raising LockTimeout)."""
+    lk = hub.lock("rec-fail", timeout=0.05)
+    leave_dead_holder(hub, reports, "rec-fail")
+    assert lk.acquire(timeout=5) and lk.recovered
+    lk.release()
+    assert lk.recovered  # until this thread's next acquire
+    release = event()
+    w = hold_in_worker(hub, reports, release, "rec-fail")
+    _FAILED_ACQUIRES[fail](lk)
+    assert not lk.recovered
+    release.set()
+    join_ok(w)
+    assert hub.held_locks() == []
+
+
+def test_recovered_is_not_inherited_through_a_reused_thread_ident(hub, reports):
+    """A thread that gets the ident of an exited thread whose latest acquire
+    recovered has acquired nothing: it reads recovered False; and the exited
+    thread's entry is gone from the handle."""
+    lk = hub.lock("rec-ident")
+    leave_dead_holder(hub, reports, "rec-ident")
+
+    def recover() -> int:
+        with lk:
+            assert lk.recovered
+        assert lk.recovered  # this thread's latest acquire recovered; now it exits
+        return threading.get_ident()
+
+    first = in_thread(recover)
+    seen: list[tuple[bool, bool]] = []
+    for _ in range(200):  # glibc hands the next thread the exited one's stack, and ident
+        seen.append(in_thread(lambda: (threading.get_ident() == first, lk.recovered)))
+        if seen[-1][0]:
+            break
+    else:
+        pytest.skip("no thread reused the exited thread's ident")
+    assert [rec for _, rec in seen] == [False] * len(seen)
+    assert not lk.recovered  # nor the test's thread, which never acquired
+    assert len(lk._rec) == 0  # the exited thread's entry went with it
+
+
+def test_recovered_is_false_in_a_forked_child(hub, reports):
+    """The forking thread's recovered does not carry into a fork child: a
+    worker (or a plain forked child) of a thread whose latest acquire
+    recovered reads False, the forking thread still True."""
+    from conftest import run_forked, waitpid_bounded
+
+    lk = hub.lock("rec-fork")
+    leave_dead_holder(hub, reports, "rec-fork")
+    with lk:
+        assert lk.recovered
+    assert lk.recovered
+
+    def child() -> None:
+        reports.put("child", lk.recovered, hub.lock("rec-fork").recovered)
+
+    join_ok(hub.fork(child))
+    assert reports.get() == ("child", False, False)
+    pid = run_forked(lambda: reports.put("plain", lk.recovered))
+    assert waitpid_bounded(pid, 10) == 0
+    assert reports.get() == ("plain", False)
+    assert lk.recovered  # the parent's thread keeps its own
+    assert hub.held_locks() == []
+
+
+# ---- threading.Lock's acquire(blocking, timeout) forms ------------------------------
+
+
+def test_threading_acquire_forms_on_a_free_lock(hub):
+    """Every threading.Lock.acquire form takes a free lock at once and returns
+    True (blocking as bool or keyword, timeout -1 or None for no limit)."""
+    lk = hub.lock("forms-free", timeout=0.2)
+    forms: list[Callable[[], Any]] = [
+        lambda: lk.acquire(False), lambda: lk.acquire(True), lambda: lk.acquire(blocking=False),
+        lambda: lk.acquire(blocking=True), lambda: lk.acquire(blocking=0),
+        lambda: lk.acquire(True, 2.0), lambda: lk.acquire(True, -1), lambda: lk.acquire(False, -1),
+        lambda: lk.acquire(True, None), lambda: lk.acquire(True, timeout=2),
+        lambda: lk.acquire(blocking=True, timeout=-1), lambda: lk.acquire(blocking=False, timeout=-1.0),
+        lambda: lk.acquire(timeout=-1), lambda: lk.acquire(-1), lambda: lk.acquire(timeout=None),
+        lambda: lk.acquire(-1.0), lambda: lk.acquire(True, 10**40),
+    ]
+    for i, form in enumerate(forms):
+        assert form() is True, i
+        assert lk.locked() and mine(hub) == [b"forms-free"]
+        lk.release()
+    assert hub.held_locks() == []
+
+
+class Caller:
+    """A thread that makes one call and reports (result, seconds taken)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.out: "queue.Queue[Any]" = queue.Queue()
+        self.tid = 0
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(fn,))
+        self.thread.start()
+        assert self.started.wait(5)
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        self.tid = threading.get_native_id()
+        self.started.set()
+        t0 = time.monotonic()
+        try:
+            self.out.put((fn(), time.monotonic() - t0))
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            self.out.put((e, time.monotonic() - t0))
+
+    def result(self, timeout: float = 10.0) -> tuple[Any, float]:
+        r = self.out.get(timeout=timeout)
+        self.thread.join(5)
+        return r
+
+
+def test_threading_acquire_forms_while_held(hub, reports, event):
+    """While another process holds the key: acquire(False) and
+    acquire(blocking=False) miss at once, acquire(True) waits the handle's
+    default timeout, acquire(True, t) and acquire(blocking=True, timeout=t)
+    wait t, and timeout=-1 waits without limit (past the default) until the
+    holder releases."""
+    release = event()
+    w = hold_in_worker(hub, reports, release, "forms-held")
+    lk = hub.lock("forms-held", timeout=0.2)
+
+    def timed(fn: Callable[[], Any]) -> float:
+        t0 = time.monotonic()
+        assert fn() is False
+        return time.monotonic() - t0
+
+    for miss in (lambda: lk.acquire(False), lambda: lk.acquire(blocking=False),
+                 lambda: lk.acquire(False, -1), lambda: lk.acquire(blocking=0)):
+        assert timed(miss) < 0.15
+    assert 0.2 <= timed(lambda: lk.acquire(True)) < 1.0
+    assert 0.2 <= timed(lambda: lk.acquire(blocking=True)) < 1.0
+    assert 0.3 <= timed(lambda: lk.acquire(True, 0.3)) < 1.0
+    assert 0.3 <= timed(lambda: lk.acquire(blocking=True, timeout=0.3)) < 1.0
+    for forever in (lambda: lk.acquire(blocking=True, timeout=-1), lambda: lk.acquire(timeout=-1),
+                    lambda: lk.acquire(True, None)):
+        c = Caller(lambda f=forever: (f(), lk.release())[0])
+        wait_blocked(os.getpid(), c.tid)
+        time.sleep(0.4)  # the subject is time: twice the handle's 0.2 s default
+        assert c.out.empty(), "a wait without limit gave up"
+        release.set()
+        ok, waited = c.result()
+        assert ok is True and waited >= 0.4
+        join_ok(w)
+        release = event()
+        w = hold_in_worker(hub, reports, release, "forms-held")
+    release.set()
+    join_ok(w)
+    assert hub.held_locks() == []
+
+
+_NONBLOCKING = "a non-blocking call takes no timeout"
+_NEGATIVE = "timeout must be >= 0, or -1 for no limit"
+_NOT_BOOL = "blocking must be True or False when a timeout follows"
+_TWICE = "got multiple values for argument"
+_NOT_NUMBER = "timeout must be a number of seconds or None"
+_FORM_ERRORS: list[tuple[str, Callable[[clusterhub.Lock], Any], type, str]] = [
+    ("False, 1", lambda lk: lk.acquire(False, 1), ValueError, _NONBLOCKING),
+    ("False, 0", lambda lk: lk.acquire(False, 0), ValueError, _NONBLOCKING),
+    ("False, None", lambda lk: lk.acquire(False, None), ValueError, _NONBLOCKING),
+    ("blocking=False, timeout=1", lambda lk: lk.acquire(blocking=False, timeout=1), ValueError, _NONBLOCKING),
+    ("blocking=False, timeout=0", lambda lk: lk.acquire(blocking=False, timeout=0), ValueError, _NONBLOCKING),
+    ("False, timeout=2.5", lambda lk: lk.acquire(False, timeout=2.5), ValueError, _NONBLOCKING),
+    ("timeout=-2", lambda lk: lk.acquire(timeout=-2), ValueError, _NEGATIVE),
+    ("timeout=-100", lambda lk: lk.acquire(timeout=-100), ValueError, _NEGATIVE),
+    ("True, -0.5", lambda lk: lk.acquire(True, -0.5), ValueError, _NEGATIVE),
+    ("-1.5", lambda lk: lk.acquire(-1.5), ValueError, _NEGATIVE),
+    ("True, nan", lambda lk: lk.acquire(True, float("nan")), ValueError, _NEGATIVE),
+    ("False, -2", lambda lk: lk.acquire(False, -2), ValueError, _NEGATIVE),
+    ("1, 2", lambda lk: lk.acquire(1, 2), TypeError, _NOT_BOOL),
+    ("0, -1", lambda lk: lk.acquire(0, -1), TypeError, _NOT_BOOL),
+    ("2.0, blocking=True", lambda lk: lk.acquire(2.0, blocking=True), TypeError, _TWICE),
+    ("True, blocking=True", lambda lk: lk.acquire(True, blocking=True), TypeError, _TWICE),
+    ("2.0, timeout=1", lambda lk: lk.acquire(2.0, timeout=1), TypeError, _TWICE),
+    ("True, 1, timeout=1", lambda lk: lk.acquire(True, 1, timeout=1), TypeError, _TWICE),
+    ("True, 1, 2", lambda lk: lk.acquire(True, 1, 2), TypeError, "takes at most 2 arguments"),
+    ("timeout=True", lambda lk: lk.acquire(timeout=True), TypeError, _NOT_NUMBER + ", not bool"),
+    ("True, True", lambda lk: lk.acquire(True, True), TypeError, _NOT_NUMBER + ", not bool"),
+    ("True, '1'", lambda lk: lk.acquire(True, "1"), TypeError, _NOT_NUMBER + ", not str"),
+    ("blocking=True, timeout='x'", lambda lk: lk.acquire(blocking=True, timeout="x"), TypeError, _NOT_NUMBER),
+    ("blocking=False, timeout='x'", lambda lk: lk.acquire(blocking=False, timeout="x"), TypeError, _NOT_NUMBER),
+    ("blockin=True", lambda lk: lk.acquire(blockin=True), TypeError, "unexpected keyword argument 'blockin'"),
+]
+
+
+def test_threading_acquire_form_errors_take_nothing(hub, reports):
+    """blocking=False with a timeout other than -1, and a negative timeout
+    other than -1, raise ValueError; a non-bool blocking beside a timeout,
+    an argument given twice or a bad type raise TypeError (each with the
+    message docs/bad-input.md gives); all before the lock is tried, so a dead
+    holder's recovery is left to the next acquirer."""
+    lk = resolved(hub, "form-errors")
+    leave_dead_holder(hub, reports, "form-errors")
+    for name, call, exc, gist in _FORM_ERRORS:
+        with pytest.raises(exc, match=re.escape(gist)):
+            call(lk)
+        assert hub.held_locks() == [], name
+    assert lk.acquire(True) is True and lk.recovered
+    lk.release()
+    assert hub.held_locks() == []
+
+
+def test_nonblocking_miss_clears_recovered(hub, reports, event):
+    """acquire(False) that misses is a failed acquire: the thread's recovered
+    turns False."""
+    lk = hub.lock("rec-miss")
+    leave_dead_holder(hub, reports, "rec-miss")
+    with lk:
+        assert lk.recovered
+    release = event()
+    w = hold_in_worker(hub, reports, release, "rec-miss")
+    assert lk.acquire(False) is False
+    assert not lk.recovered
+    release.set()
+    join_ok(w)
+
+
 # ---- the C fast paths (LockBase, csrc/lockhandle.c) ------------------------------
 # acquire, release, __enter__ and __exit__ are C methods of the handle's base
 # type; they call the Python slow paths only when the trylock/unlock through
@@ -921,28 +1182,36 @@ class _Seconds(float):
 
 
 _TIMEOUTS_OK = [None, 0, 0.0, 2, 0.25, 10**9, 1e9, 10**9 + 1, 1e300, float("inf"), 10**40,
-                _Seconds(0.5)]
-_TIMEOUTS_BAD = [-1, -0.5, -(10**40), float("-inf"), float("nan"), True, False, "1", b"1",
-                 [1], 1j, _Seconds(-1.0)]
+                _Seconds(0.5), -1, -1.0, _Seconds(-1.0)]
+_TIMEOUTS_BAD = [-2, -0.5, -(10**40), float("-inf"), float("nan"), True, False, "1", b"1",
+                 [1], 1j, _Seconds(-1.5)]
 
 
 def test_c_acquire_timeout_check_matches_python(hub):
     """acquire(timeout) on a resolved, free handle accepts exactly what the
-    Python check accepts, raises the same exception type otherwise (before
-    the trylock: the lock stays free), positionally or by keyword."""
-    from clusterhub.locks import _check_timeout
+    Python check accepts (-1 too: no limit), raises the same exception type
+    otherwise (before the trylock: the lock stays free), by keyword, and
+    positionally unless it is a bool (then it is blocking), also after
+    blocking=True."""
+    from clusterhub.locks import Lock
 
+    check = Lock._check_timeout
     lk = resolved(hub, "c-timeouts")
     for t in _TIMEOUTS_OK:
-        _check_timeout(t)
-        for call in (lambda: lk.acquire(t), lambda: lk.acquire(timeout=t)):
+        check(t)
+        for call in (lambda: lk.acquire(t), lambda: lk.acquire(timeout=t),
+                     lambda: lk.acquire(True, t), lambda: lk.acquire(blocking=True, timeout=t)):
             assert call() is True, t
             assert lk.locked()
             lk.release()
     for t in _TIMEOUTS_BAD:
         with pytest.raises((TypeError, ValueError)) as expected:
-            _check_timeout(t)
-        for call in (lambda: lk.acquire(t), lambda: lk.acquire(timeout=t)):
+            check(t)
+        calls = [lambda: lk.acquire(timeout=t), lambda: lk.acquire(True, t),
+                 lambda: lk.acquire(blocking=True, timeout=t)]
+        if not isinstance(t, bool):
+            calls.append(lambda: lk.acquire(t))
+        for call in calls:
             with pytest.raises(expected.type):
                 call()
             assert not lk.locked(), t
@@ -1063,19 +1332,23 @@ def test_c_paths_on_a_closed_hub_raise_hub_closed(make_hub):
     hub.close()
     for h in (lk, fresh):
         for call in (h.acquire, lambda: h.acquire(0), lambda: h.acquire(timeout=None),
-                     lambda: h.acquire(timeout=2.5), h.__enter__, h.release,
-                     lambda: h.__exit__(None, None, None)):
+                     lambda: h.acquire(timeout=2.5), lambda: h.acquire(False),
+                     lambda: h.acquire(True), lambda: h.acquire(blocking=True, timeout=-1),
+                     h.__enter__, h.release, lambda: h.__exit__(None, None, None)):
             with pytest.raises(HubClosedError):
                 call()
         with pytest.raises(ValueError):
-            h.acquire(timeout=-1)
+            h.acquire(timeout=-2)
+        with pytest.raises(ValueError):
+            h.acquire(False, 1)
         with pytest.raises(TypeError):
             h.acquire(timeout="1")
 
 
 def test_c_fields_and_type(hub):
     """The handle's C fields: _ref (an int, writable: the slow path
-    re-resolves) and _rec (a set, read-only)."""
+    re-resolves), _rec (a set, read-only) and _thread_recovered (the calling
+    thread's own, kept in _rec as a weak reference to its token)."""
     from clusterhub._bindings import LockBase
 
     lk = resolved(hub, "c-fields")
@@ -1092,15 +1365,32 @@ def test_c_fields_and_type(hub):
         lk._rec = set()  # type: ignore[misc]
     with pytest.raises(TypeError):
         del lk._ref
+    assert lk._thread_recovered is False and len(lk._rec) == 0
+    lk._thread_recovered = True
+    lk._thread_recovered = 1  # any truth value; still one entry for this thread
+    assert lk._thread_recovered is True and len(lk._rec) == 1
+    assert in_thread(lambda: lk._thread_recovered) is False  # another thread's own
+    assert len(lk._rec) == 1  # reading made it no entry
+    (entry,) = lk._rec
+    assert isinstance(entry, weakref.ref) and type(entry()).__name__ == "ThreadToken"
+    lk._thread_recovered = False
+    assert lk._thread_recovered is False and len(lk._rec) == 0
+    with pytest.raises(AttributeError):
+        del lk._thread_recovered
 
 
 def test_c_paths_leak_no_references(hub):
-    """Reference counts of the handle and of a timeout object are unchanged
-    by many fast and slow calls (a leak in the C methods would show)."""
+    """Reference counts of the handle and of timeout objects are unchanged by
+    many fast and slow calls, in every calling form, with a recovered
+    thread's entry in _rec or not (a leak in the C methods would show)."""
     lk = resolved(hub, "c-refs")
     t = 1234.5  # a float object of our own: its refcount is ours to watch
-    before = (sys.getrefcount(lk), sys.getrefcount(t))
-    for _ in range(1000):
+    m1 = float(-1)  # the same for threading's "no timeout"
+
+    def counts() -> tuple[int, ...]:
+        return tuple(sys.getrefcount(o) for o in (lk, t, m1))  # bools: other threads use them
+
+    def calls() -> None:
         with lk:
             pass
         lk.acquire(t)
@@ -1108,17 +1398,42 @@ def test_c_paths_leak_no_references(hub):
         lk.acquire(timeout=t)
         with pytest.raises(LockError):
             lk.acquire(t)  # EDEADLK: through the Python slow path
+        with pytest.raises(LockError):
+            lk.acquire(False)
         lk.release()
         with pytest.raises(LockError):
             lk.release()
-    assert (sys.getrefcount(lk), sys.getrefcount(t)) == before
+        for form in (lambda: lk.acquire(False), lambda: lk.acquire(True),
+                     lambda: lk.acquire(True, t), lambda: lk.acquire(blocking=False, timeout=m1),
+                     lambda: lk.acquire(blocking=True, timeout=m1), lambda: lk.acquire(m1)):
+            assert form() is True
+            lk.release()
+        for bad in (lambda: lk.acquire(False, t), lambda: lk.acquire(t, blocking=True),
+                    lambda: lk.acquire(t, t), lambda: lk.acquire(True, blocking=True)):
+            with pytest.raises((TypeError, ValueError)):
+                bad()
+        assert lk._thread_recovered is False
+        lk._thread_recovered = False
+
+    calls()  # warm up (an exception's traceback may hold a reference for a while)
+    before = counts()
+    for _ in range(300):
+        calls()
+    assert counts() == before
+    in_thread(lambda: setattr(lk, "_thread_recovered", True))  # an entry of a thread now gone
+    lk._thread_recovered = True  # and one of this thread: the fast paths take it out
+    assert len(lk._rec) == 1
+    before = counts()
+    for _ in range(300):
+        lk._thread_recovered = True
+        calls()
+    assert counts() == before
 
 
 def test_c_rec_cycle_is_collected(hub):
     """A reference cycle through the C-held _rec set is found by the garbage
     collector (the type supports GC), and the handle freed with it."""
     import gc
-    import weakref
 
     class Marker:
         pass

@@ -16,12 +16,12 @@ import time
 from typing import Any, Awaitable, Callable
 
 import pytest
+from test_locks import mine, wait_blocked
 
 import clusterhub
 from clusterhub import HubClosedError, LockError, LockTimeout
 
 from conftest import join_ok
-from test_locks import mine, wait_blocked
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -354,6 +354,49 @@ def test_async_recovery_after_holder_sigkill(hub, reports, waiting):
 
     run(main)
     join_ok(w, -signal.SIGKILL)
+    assert hub.held_locks() == []
+
+
+def test_recovered_is_per_task(hub, reports):
+    """Under ``async with`` recovered is the task's own: a task whose latest
+    acquire recovered keeps reading True after another task of the loop
+    acquired without recovering (which reads False), and a task that has not
+    acquired reads False."""
+
+    def hold_and_exit() -> None:
+        assert hub.lock("rec-task").acquire(timeout=5)
+        reports.put("held")
+        os._exit(0)
+
+    join_ok(hub.fork(hold_and_exit))
+    assert reports.get() == ("held",)
+
+    async def main() -> list[Any]:
+        lk = hub.lock("rec-task")
+        a_done, b_done = asyncio.Event(), asyncio.Event()
+
+        async def a() -> tuple[bool, bool]:
+            async with lk:
+                first = lk.recovered
+            a_done.set()
+            await b_done.wait()
+            return first, lk.recovered  # unchanged by b's later acquire
+
+        async def b() -> tuple[bool, bool]:
+            await a_done.wait()
+            async with lk:
+                got = lk.recovered
+            b_done.set()
+            return got, lk.recovered
+
+        async def c() -> bool:
+            await b_done.wait()
+            return lk.recovered  # never acquired
+
+        return list(await asyncio.gather(a(), b(), c()))
+
+    assert run(main) == [(True, True), (False, False), False]
+    assert hub.lock("rec-task").recovered is False  # nor did this thread, outside the loop
     assert hub.held_locks() == []
 
 

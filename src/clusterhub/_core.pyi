@@ -1,6 +1,6 @@
 # Stub for the cffi-compiled module built from csrc/ by csrc/build_core.py.
 # Its functions are declared in csrc/cdef_*.h; only _bindings.py imports it.
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 ffi: Any
 lib: Any
@@ -13,8 +13,16 @@ class LockBase:
 
     _ref: int  # the handle's lock-table ref
     @property
-    def _rec(self) -> set[int]: ...  # thread idents whose latest acquire recovered
-    def acquire(self, timeout: float | None = ...) -> bool: ...
+    def _rec(self) -> set[Any]: ...  # weak refs to the tokens of threads whose latest acquire recovered
+    _thread_recovered: bool  # the calling thread's own (read, or record)
+    @overload
+    def acquire(self, blocking_or_timeout: float | None = ..., /) -> bool: ...
+    @overload
+    def acquire(self, /, *, timeout: float | None = ...) -> bool: ...
+    @overload
+    def acquire(self, blocking: bool, /, timeout: float | None = ...) -> bool: ...
+    @overload
+    def acquire(self, /, *, blocking: object, timeout: float | None = ...) -> bool: ...
     def release(self) -> None: ...
     def __enter__(self: _L) -> _L: ...
     def __exit__(self, exc_type: Any, exc: Any, tb: Any, /) -> None: ...

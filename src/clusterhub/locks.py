@@ -16,6 +16,10 @@ In asyncio, the owner is the task.  A task that finds the lock free takes it
 on the loop's thread; one that must wait lets a helper thread wait, hold and
 later release the lock (a pthread mutex belongs to the thread that locked it),
 so the loop never blocks.
+
+``recovered`` is per thread (kept in C, by a token per thread: see
+csrc/lockhandle.h) and, for ``async with``, per task (a weak mapping of the
+handle's tasks, here).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import asyncio
 import errno
 import logging
 import threading
+import weakref
 from typing import Any, Optional, Union
 
 from . import _bindings
@@ -34,7 +39,6 @@ _trylock = _bindings.lt_trylock
 _timedlock = _bindings.lt_timedlock
 _unlock = _bindings.lt_unlock
 _now_ns = _bindings.monotonic_ns
-_get_ident = threading.get_ident
 
 _RECOVERED = _bindings.RECOVERED
 _NEW = _bindings.NEW
@@ -45,6 +49,7 @@ _ESTALE = -errno.ESTALE
 _EINVAL = -errno.EINVAL
 _ETIMEDOUT = -errno.ETIMEDOUT
 _EBADF = -errno.EBADF
+_EDEADLK = -errno.EDEADLK
 _SLICE_NS = 100_000_000  # wake this often while blocked, to see signals
 _CACHE_MAX = 4096  # by-name handles kept for `with hub.lock(name)`
 _log = logging.getLogger("clusterhub")
@@ -78,6 +83,16 @@ def _check_timeout(timeout: Optional[float]) -> Optional[float]:
     if not timeout >= 0:
         raise ValueError("timeout must be >= 0")
     return None if timeout > _FOREVER else timeout
+
+
+def _check_acquire_timeout(timeout: Optional[float]) -> Optional[float]:
+    """As :func:`_check_timeout`, and -1 means no limit (threading's default)."""
+    if timeout == -1 and not isinstance(timeout, bool) and isinstance(timeout, (int, float)):
+        return None
+    try:
+        return _check_timeout(timeout)
+    except ValueError:
+        raise ValueError("timeout must be >= 0, or -1 for no limit") from None
 
 
 _FOREVER = float(_bindings.LOCK_FOREVER_S)  # s (31 years): longer means no limit (also in C)
@@ -149,17 +164,20 @@ class Lock(LockBase):
     """A handle on one global lock, usable from any thread and in asyncio.
 
     ``with lk:`` / ``async with lk:`` acquire and release it; ``acquire()``
-    returns whether it was acquired in time.  ``recovered`` says whether the
-    calling thread's latest acquire through this handle took the lock from a
-    holder that died holding it.
+    returns whether it was acquired in time (and takes threading.Lock's
+    ``acquire(blocking, timeout)`` forms too).  ``recovered`` says whether the
+    calling thread's (or task's) latest acquire through this handle took the
+    lock from a holder that died holding it.
     """
 
-    # LockBase (C) holds ``_ref``, the ref the key resolved to, and ``_rec``,
-    # the set of thread idents whose latest acquire recovered the lock, and
-    # implements acquire(timeout=<the handle's>), release(), __enter__ and
-    # __exit__: trylock or unlock through ``_ref``, then, unless that simply
-    # succeeded, ``_enter_slow``, ``_acquire_slow`` or ``_release_slow``.
-    __slots__ = ("key", "_locks", "_timeout", "_key_type")
+    # LockBase (C) holds ``_ref``, the ref the key resolved to, and the
+    # calling thread's ``_thread_recovered``, and implements acquire(),
+    # release(), __enter__ and __exit__: trylock or unlock through ``_ref``,
+    # then, unless that simply succeeded, ``_enter_slow``, ``_acquire_slow`` or
+    # ``_release_slow`` (csrc/lockhandle.h).  ``_arec``: None, or a weak
+    # mapping from each task that acquired through ``acquire_async`` to
+    # whether its latest such acquire recovered.
+    __slots__ = ("key", "_locks", "_timeout", "_key_type", "_arec")
 
     def __init__(self, locks: Locks, key: bytes, timeout: Optional[float], key_type: type) -> None:
         self.key = key
@@ -167,13 +185,28 @@ class Lock(LockBase):
         self._ref = locks.table.ref()  # C answers -EINVAL until first resolved
         self._timeout = timeout
         self._key_type = key_type
+        self._arec: Optional[weakref.WeakKeyDictionary[asyncio.Task[Any], bool]] = None
 
     def __repr__(self) -> str:
         return f"<clusterhub.Lock {self.key!r}>"
 
     @property
     def recovered(self) -> bool:
-        return _get_ident() in self._rec
+        """Whether the latest acquire through this handle by the calling
+        thread recovered the lock from a dead holder; in a task that has
+        acquired through ``async with`` / ``acquire_async``, the task's latest
+        such acquire.  False before any acquire, and after a failed one."""
+        arec = self._arec
+        if arec:
+            try:
+                task = asyncio.current_task()
+            except RuntimeError:  # no running loop in this thread
+                task = None
+            if task is not None:
+                got = arec.get(task)
+                if got is not None:
+                    return got
+        return self._thread_recovered
 
     def locked(self) -> bool:
         """Whether anyone holds the lock now (a snapshot; never takes it)."""
@@ -186,8 +219,8 @@ class Lock(LockBase):
     # acquire, release, __enter__, __exit__: in LockBase (C), see above.
 
     # For LockBase.acquire(timeout): the check of what it does not check itself
-    # (it takes None and valid exact ints and floats); raises before the trylock.
-    _check_timeout = staticmethod(_check_timeout)
+    # (it takes None, -1 and valid exact ints and floats); raises before the trylock.
+    _check_timeout = staticmethod(_check_acquire_timeout)
 
     def _enter_slow(self, r: int) -> "Lock":
         """Finish ``__enter__`` when its trylock gave ``r`` (not 0)."""
@@ -216,10 +249,23 @@ class Lock(LockBase):
         found = self._locks.table.find(self.key)
         return found is not None and _unlock(self._locks.table.ref(*found)) == 0
 
-    def _acquire_slow(
+    def _acquire_slow(self, r: int, timeout: Optional[float]) -> bool:
+        """Finish an acquire that did not succeed at the first trylock, and
+        record its outcome as the calling thread's latest."""
+        if r != _EDEADLK:  # not the holder: this acquire is the thread's latest
+            self._thread_recovered = False
+        code = self._take(r, timeout)
+        if code is None:
+            return False
+        if code == _RECOVERED:
+            self._thread_recovered = True
+        return True
+
+    def _take(
         self, r: int, timeout: Optional[float], abort: Optional[threading.Event] = None
-    ) -> bool:
-        """Finish an acquire that did not succeed at the first trylock.
+    ) -> Optional[int]:
+        """Finish an acquire that did not succeed at the first trylock: 0 or
+        RECOVERED once held, None when not in time.
 
         ``abort`` (set by another thread) ends the wait, as a timeout would,
         at the next slice.
@@ -234,12 +280,7 @@ class Lock(LockBase):
         try:
             while True:
                 if r >= 0:
-                    me = _get_ident()
-                    if r == _RECOVERED:
-                        self._rec.add(me)
-                    else:
-                        self._rec.discard(me)
-                    return True
+                    return r
                 if r == _ESTALE or r == _EINVAL:
                     code, ref = locks.table.resolve(self.key)
                     self._ref = ref
@@ -247,9 +288,9 @@ class Lock(LockBase):
                 elif r == _EBUSY or r == _ETIMEDOUT:
                     now = _now_ns()
                     if deadline is not None and now >= deadline:
-                        return False
+                        return None
                     if abort is not None and abort.is_set():
-                        return False
+                        return None
                     end = now + _SLICE_NS
                     if deadline is not None and deadline < end:
                         end = deadline
@@ -292,6 +333,11 @@ class Lock(LockBase):
         st = locks.aio.get(k)
         if st is not None and st.owner is task:
             raise LockError(f"lock {self.key!r} is already held by this task")
+        arec = self._arec
+        if task is not None:  # this acquire is now the task's latest: not recovered, yet
+            if arec is None:
+                arec = self._arec = weakref.WeakKeyDictionary()
+            arec[task] = False
         while st is not None and st.owner is not None:  # another task of this loop has it
             fut: asyncio.Future[None] = loop.create_future()
             st.waiters.append(fut)
@@ -326,11 +372,8 @@ class Lock(LockBase):
                 r = await holder.acquired(timeout)
             else:
                 raise lock_error(r, self.key)
-            me = _get_ident()
-            if r == _RECOVERED:
-                self._rec.add(me)
-            else:
-                self._rec.discard(me)
+            if r == _RECOVERED and arec is not None and task is not None:
+                arec[task] = True
         except BaseException:
             self._aio_done(st, k)
             raise
@@ -408,7 +451,7 @@ class _Holder:
         self._done: asyncio.Future[None] = loop.create_future()  # the thread holds nothing
         self._release = threading.Event()  # before the lock is got: give up waiting
         self._timeout = _remaining(loop, deadline)
-        self.result: Any = 0
+        self.result: Union[int, None, BaseException] = 0  # RECOVERED or 0; None: not in time
         threading.Thread(target=self._run, name="clusterhub-lock", daemon=True).start()
 
     async def acquired(self, timeout: Optional[float]) -> int:
@@ -451,9 +494,9 @@ class _Holder:
         lock = self._lock
         ok = False
         try:
-            ok = lock._acquire_slow(-errno.EBUSY, self._timeout, self._release)
-            self.result = (_RECOVERED if lock.recovered else 0) if ok else None
-            lock._rec.discard(threading.get_ident())
+            # _take, not _acquire_slow: the task's acquire is not this thread's.
+            self.result = lock._take(-errno.EBUSY, self._timeout, self._release)
+            ok = self.result is not None
         except BaseException as e:
             self.result = e
         try:
