@@ -13,8 +13,10 @@
 #include <Python.h>
 #include <structmember.h> /* PyMemberDef's T_* and READONLY (not in Python.h before 3.12) */
 
+#include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <unistd.h>
 
 #include "lockhandle.h"
 #include "locktable.h"
@@ -419,6 +421,40 @@ static PyObject *lb_acquire(PyObject *op, PyObject *const *args, Py_ssize_t narg
     return res;
 }
 
+/* ---- reading the table ------------------------------------------------------- */
+
+/* The contract's _held_here(ref): 1, 0 or a negative errno. */
+static int held_here(uint64_t ref)
+{
+    ch_table *t = ch_lt_enter(ref);
+    if (!t)
+        return -EBADF;
+    /* The ref's layout is locktable.h's: table id | slot (24 bits) | gen (32). */
+    uint32_t slot = (uint32_t)(ref >> 32) & CH_LT_SLOT_NONE;
+    uint64_t gen = (uint32_t)ref;
+    ch_lt_info info;
+    int r = ch_lt_is_locked(t, slot, gen);
+    if (r == 1) {
+        r = ch_lt_slot_info(t, slot, &info);
+        if (r == 1) {
+            /* Still the key's slot (a generation only grows): the holder
+             * read is this key's. */
+            int again = ch_lt_is_locked(t, slot, gen);
+            r = again < 0 ? again : (again == 1 && info.pid == getpid());
+        }
+    }
+    ch_lt_leave(t);
+    return r;
+}
+
+static PyObject *lb_held_here(PyObject *Py_UNUSED(cls), PyObject *arg)
+{
+    unsigned long long ref = PyLong_AsUnsignedLongLong(arg);
+    if (ref == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    return PyLong_FromLong(held_here(ref));
+}
+
 /* ---- the calling thread's "recovered" ------------------------------------------- */
 
 static PyObject *lb_get_thread_recovered(PyObject *op, void *Py_UNUSED(closure))
@@ -457,6 +493,10 @@ static PyMethodDef lb_methods[] = {
      "release($self, /)\n--\n\nRelease; LockError if the calling thread does not hold it."},
     {"__enter__", lb_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))lb_exit, METH_FASTCALL, NULL},
+    {"_held_here", lb_held_here, METH_O | METH_STATIC,
+     "_held_here(ref, /)\n--\n\n"
+     "1 if a live thread of this process holds the lock of ref, 0 if not, or a\n"
+     "negative errno (see csrc/lockhandle.h).  Never takes the lock."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -75,6 +75,20 @@
  *               releasing) and return None.  __exit__ never swallows the
  *               exception of the with block.
  *
+ * ---- reading the table ---------------------------------------------------------
+ *
+ *   _held_here(ref, /) -> int
+ *               (a static method) 1 when the lock of ref's slot, still
+ *               standing for ref's key, is held by a live thread of this
+ *               process, 0 when it is not (free, held by another process, or
+ *               its holder died), -EBADF the table is closed, -ESTALE/-EINVAL
+ *               the ref does not name the key's slot now.  Reads only (the
+ *               futex word and the holder fields, through ch_lt_is_locked and
+ *               ch_lt_slot_info): it never takes the lock, so it never takes
+ *               a dead holder's recovery.  The table has no query for the
+ *               holder's thread yet, so this answers for the process; the
+ *               handle's _is_owned (for threading.Condition) is built on it.
+ *
  * The methods keep the GIL (they never block: a wait happens in the
  * subclass's _acquire_slow) and so never race a close() of the table, which
  * also runs under the GIL.  An exception raised by the C code itself after

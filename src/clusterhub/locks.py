@@ -167,7 +167,8 @@ class Lock(LockBase):
     returns whether it was acquired in time (and takes threading.Lock's
     ``acquire(blocking, timeout)`` forms too).  ``recovered`` says whether the
     calling thread's (or task's) latest acquire through this handle took the
-    lock from a holder that died holding it.
+    lock from a holder that died holding it.  ``threading.Condition(lk)``
+    works within a process.
     """
 
     # LockBase (C) holds ``_ref``, the ref the key resolved to, and the
@@ -214,6 +215,42 @@ class Lock(LockBase):
         locks._check()
         ref = locks.table.find(self.key)
         return ref is not None and bool(locks.table.is_locked(*ref))
+
+    # ---- threading.Condition ----------------------------------------------
+    # Condition(lk) takes these three instead of its defaults, which probe
+    # ownership with acquire(False) (a LockError for the holder, and a trylock
+    # that could take a dead holder's recovery) and re-acquire after a wait
+    # with acquire() (the handle's default timeout, which may give up).
+
+    def _is_owned(self) -> bool:
+        """Whether the lock is held here, read from the table: never takes it,
+        nor a dead holder's recovery.
+
+        The table tells the holder's process, not yet its thread
+        (``LockBase._held_here``): a lock held by another thread of this
+        process counts as owned too.
+        """
+        locks = self._locks
+        locks._check()
+        r = self._held_here(self._ref)
+        if r == _ESTALE or r == _EINVAL:  # the handle does not know the key's slot now
+            found = locks.table.find(self.key)
+            if found is None:  # not in the table: nobody holds it
+                return False
+            r = self._held_here(locks.table.ref(*found))
+            if r == _ESTALE:  # given to another key meanwhile: it was not held
+                return False
+        if r < 0:
+            raise HubClosedError("this hub is closed") if r == _EBADF else lock_error(r, self.key)
+        return r == 1
+
+    def _release_save(self) -> None:
+        """Condition.wait: let go before waiting."""
+        self.release()
+
+    def _acquire_restore(self, state: None) -> None:
+        """Condition.wait: take it again after waiting, without limit."""
+        self.acquire(timeout=None)
 
     # ---- threads ----------------------------------------------------------
     # acquire, release, __enter__, __exit__: in LockBase (C), see above.
