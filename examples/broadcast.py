@@ -6,47 +6,48 @@ Run: python examples/broadcast.py
 """
 
 import threading
+from typing import Any
 
 import clusterhub
 
 hub = clusterhub.Hub()
-acks = []
+acks: list[str] = []
 all_acked = threading.Event()
 expected = 0
 
 
 # Registered before fork(): every worker has it from its first instant.
 @hub.on("news")
-def news(data, sender):
+def news(data: Any, sender: clusterhub.Worker | None) -> None:
     origin = "the master" if sender is None else f"worker {sender.id}"
     hub.send_to_master("ack", f"worker {hub.worker_id} heard {data!r} from {origin}")
 
 
 @hub.on("shout")
-def shout(data, sender):
+def shout(data: Any, sender: clusterhub.Worker | None) -> None:
     hub.send_to_workers("news", f"hi from worker {hub.worker_id}")
 
 
 @hub.on("ack")
-def ack(data, sender):
+def ack(data: Any, sender: clusterhub.Worker | None) -> None:
     acks.append(data)
     if len(acks) == expected:
         all_acked.set()
 
 
-def worker():
+def worker() -> None:
     done = threading.Event()
     hub.on("bye", lambda data, sender: done.set())
     hub.send_to_master("listening")
     done.wait(30)
 
 
-def expect(n):
+def expect(n: int) -> None:
     global expected
     expected = n
 
 
-def collect():
+def collect() -> None:
     all_acked.wait(10)
     for line in sorted(acks):
         print(line, flush=True)

@@ -13,7 +13,7 @@ import clusterhub
 hub = clusterhub.Hub()
 
 
-def worker(how):
+def worker(how: str) -> None:
     lk = hub.lock("foo")
     lk.acquire()
     print(f"worker {hub.worker_id}: got foo (recovered={lk.recovered}), {how} without unlocking", flush=True)

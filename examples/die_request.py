@@ -6,6 +6,7 @@ Port of cluster-hub's examples/die_request.js.  Run: python examples/die_request
 
 import os
 import threading
+from typing import Any
 
 import clusterhub
 
@@ -13,12 +14,12 @@ hub = clusterhub.Hub()
 
 
 @hub.on("question")
-def question(data, sender):
+def question(data: Any, sender: clusterhub.Worker | None) -> None:
     print(f"worker {hub.worker_id}: got {data!r}, exiting without an answer", flush=True)
     os._exit(0)
 
 
-def worker():
+def worker() -> None:
     threading.Event().wait(30)  # the handler above ends this process
 
 
@@ -27,7 +28,7 @@ if __name__ == "__main__":
         w = hub.fork(worker)
         done = threading.Event()
 
-        def answered(error, result):
+        def answered(error: BaseException | None, result: Any) -> None:
             print(f"master: request ended with {type(error).__name__}: {error}", flush=True)
             done.set()
 

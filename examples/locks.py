@@ -15,7 +15,7 @@ import clusterhub
 hub = clusterhub.Hub()
 
 
-def worker():
+def worker() -> None:
     hub.send_to_master("waiting")
     with hub.lock("foo"):
         print(f"worker {hub.worker_id}: got foo", flush=True)

@@ -1,4 +1,5 @@
 import threading
+from typing import Any
 
 import clusterhub
 
@@ -6,14 +7,14 @@ hub = clusterhub.Hub()            # in the master, before any worker starts
 ready = threading.Semaphore(0)    # (in the master) a worker said "ready"
 finish = threading.Event()        # (in a worker) the master said "finish"
 
-@hub.on("sum")                    # handlers registered before fork() are
-def total(data, sender):          # inherited by every worker
+@hub.on("sum")                    # registered before fork(): every worker inherits it
+def total(data: Any, sender: clusterhub.Worker | None) -> Any:
     return data["a"] + data["b"]  # the return value answers a request
 
 hub.on("ready", lambda data, sender: ready.release())
 hub.on("finish", lambda data, sender: finish.set())
 
-def work(n):
+def work(n: int) -> None:
     # in the worker, the same `hub` object is the worker side
     answer = hub.request_master("sum", {"a": n, "b": 1}).result()
     print(f"worker {hub.worker_id}: {n} + 1 = {answer}", flush=True)

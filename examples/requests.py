@@ -5,6 +5,7 @@ Port of cluster-hub's examples/requests.js.  Run: python examples/requests.py
 """
 
 import threading
+from typing import Any
 
 import clusterhub
 
@@ -12,15 +13,15 @@ hub = clusterhub.Hub()
 
 
 @hub.on("sum")
-def total(data, sender):
+def total(data: Any, sender: clusterhub.Worker | None) -> Any:
     return data["a"] + data["b"]
 
 
-def worker():
+def worker() -> None:
     done = threading.Event()
 
     @hub.on("mult")
-    def mult(data, sender):
+    def mult(data: Any, sender: clusterhub.Worker | None) -> Any:
         return data["a"] * data["b"]
 
     hub.on("done", lambda data, sender: done.set())
@@ -40,7 +41,7 @@ if __name__ == "__main__":
         # node style: callback(error, result)
         got = threading.Event()
 
-        def on_mult(error, result):
+        def on_mult(error: BaseException | None, result: Any) -> None:
             print(f"master: 5 * 6 = {result} (answered by worker {w.id}, error={error})", flush=True)
             got.set()
 
