@@ -40,8 +40,7 @@ from typing import Any, Callable
 import pytest
 
 import clusterhub
-from clusterhub import LockTableFull, LockTimeout, WorkerDied
-from clusterhub import _bindings
+from clusterhub import LockTableFull, LockTimeout, WorkerDied, _bindings
 from clusterhub._bindings import lib
 
 from conftest import (
@@ -401,7 +400,7 @@ def run_storm(hub: clusterhub.Hub, seconds: float, record: Callable[[str, Any], 
                         counts["req_bad"] += 1
                         errors.append("request_workers hung")
                         continue
-                    for wid, v in res.items():
+                    for v in res.values():
                         counts["req_sent"] += 1
                         f: concurrent.futures.Future = concurrent.futures.Future()
                         (f.set_exception if isinstance(v, BaseException) else f.set_result)(v)

@@ -23,8 +23,8 @@ from clusterhub import (
     PeerDied,
     RemoteError,
     WorkerDied,
+    protocol,
 )
-from clusterhub import protocol
 
 from conftest import join_ok
 
@@ -167,7 +167,7 @@ def test_calls_after_close_raise_hub_closed(hub, reports):
     join_ok(w)
     hub.close()
     hub.close()
-    for name, call in _public_calls(hub, w).items():
+    for call in _public_calls(hub, w).values():
         with pytest.raises(HubClosedError):
             call()
     assert (hub.is_master, hub.is_worker, hub.worker_id) == (True, False, None)

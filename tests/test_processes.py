@@ -21,9 +21,9 @@ from clusterhub import HubClosedError, MasterDied
 from conftest import (
     REAPED_ELSEWHERE,
     children_of,
-    kill_and_reap,
     ignore_sigterm,
     join_ok,
+    kill_and_reap,
     run_forked,
     subreaper,
     waitpid_bounded,

@@ -22,8 +22,8 @@ from clusterhub import (
     NoWorkersError,
     RemoteError,
     WorkerDied,
+    protocol,
 )
-from clusterhub import protocol
 
 from conftest import MP, join_ok
 

@@ -113,7 +113,7 @@ class Tx:
 
         Raises MessageTooLarge, PeerGone (peer closed) or OSError.
         """
-        r = self._send(self._p, fd, payload, len(payload), max_len)
+        r: int = self._send(self._p, fd, payload, len(payload), max_len)
         if r < 0:
             raise self.error(r, len(payload), max_len)
         return r
@@ -140,14 +140,14 @@ class Tx:
 
     def push(self, payload: bytes, max_len: int) -> int:
         """Queue a frame without writing; return the bytes queued."""
-        r = lib.ch_tx_push(self._p, payload, len(payload), max_len)
+        r: int = lib.ch_tx_push(self._p, payload, len(payload), max_len)
         if r < 0:
             raise self.error(r, len(payload), max_len)
         return r
 
     def flush(self, fd: int) -> int:
         """Write what the socket takes; return the bytes still queued."""
-        r = self._flush(self._p, fd)
+        r: int = self._flush(self._p, fd)
         if r < 0:
             raise self.error(r, 0, 0)
         return r
@@ -262,12 +262,12 @@ class LockTable:
 
     def ref(self, slot: int = lib.CH_LT_SLOT_NONE, gen: int = 0) -> int:
         """The hot-path ref of (slot, gen); by default one that means "resolve first"."""
-        return lib.ch_lt_ref(self.ptr, slot, gen)
+        return int(lib.ch_lt_ref(self.ptr, slot, gen))
 
     def retire(self) -> bool:
         """Refuse every later lock call, unless a thread of this process holds
         or waits on a lock (then False, and nothing changes)."""
-        return lib.ch_lt_retire(self.ptr) == 0
+        return bool(lib.ch_lt_retire(self.ptr) == 0)
 
     def disable(self) -> None:
         """Refs to this table fail from now on (the mapping stays)."""
@@ -276,7 +276,7 @@ class LockTable:
 
     def fileno(self) -> int:
         """The memfd holding the table (owned by the table)."""
-        return lib.ch_lt_fd(self.ptr)
+        return int(lib.ch_lt_fd(self.ptr))
 
     def set_worker_id(self, worker_id: int | None) -> None:
         lib.ch_lt_set_worker_id(self.ptr, -1 if worker_id is None else worker_id)
@@ -286,7 +286,7 @@ class LockTable:
 
     def busy(self) -> int:
         """Holds and waits by threads of this process right now."""
-        return lib.ch_lt_busy(self.ptr)
+        return int(lib.ch_lt_busy(self.ptr))
 
     def resolve(self, key: bytes) -> tuple[int, int]:
         """(code, ref): code 0 = found, NEW = inserted and now held (NEW_RECOVERED:

@@ -174,7 +174,8 @@ class Host:
         self.ready = ready  # what the host reported when set up
 
     def __call__(self, size: Any) -> Sample:
-        return ask(self.conn, size)
+        sample: Sample = ask(self.conn, size)
+        return sample
 
 
 @contextlib.contextmanager
@@ -535,7 +536,8 @@ class ManagerEcho:
 
     def client(self) -> Callable[[Any], Any]:
         self.manager.start()
-        return self.manager.Echo().echo
+        echo: Callable[[Any], Any] = self.manager.Echo().echo  # type: ignore[attr-defined]
+        return echo
 
     def close(self) -> None:
         self.manager.shutdown()
@@ -651,13 +653,15 @@ class QueueOneWay:
     """multiprocessing.Queue (a feeder thread writes to a pipe)."""
 
     def prepare(self) -> None:
-        self.q = _fork.Queue()
+        self.q: Any = _fork.Queue()
 
     def sender(self) -> Callable[[Any], None]:
-        return self.q.put
+        put: Callable[[Any], None] = self.q.put
+        return put
 
     def receiver(self) -> Callable[[], Any]:
-        return self.q.get
+        get: Callable[[], Any] = self.q.get
+        return get
 
     def close(self) -> None:
         self.q.close()
@@ -754,7 +758,7 @@ def _bc_clusterhub_host(conn: Any, receivers: int) -> None:
     hub = Hub()
     count = Countdown()
     hub.on("b", count.hit)  # inherited by the workers; not called in the master
-    links = []
+    links: list[Any] = []
     try:
         for _ in range(receivers):
             inner, theirs = mp.Pipe()
@@ -1143,7 +1147,7 @@ def _contended_host(conn: Any, kind: LockKind, procs: int) -> None:
     kind.setup()
     shm = mmap.mmap(-1, mmap.PAGESIZE)
     c = memoryview(shm).cast("q")
-    links = []
+    links: list[Any] = []
 
     def batch(seconds: float) -> Sample:
         c[0] = c[1] = c[2] = 0

@@ -99,7 +99,7 @@ class Dispatcher:
         self._thread = t
         t.start()
         if self.batch:
-            sched.batch(t.native_id)  # (here, not in the thread: done when start() returns)
+            sched.batch(_tid(t))  # (here, not in the thread: done when start() returns)
 
     def stop(self, grace: float | None = None) -> bool:
         """Stop the thread and close its fds; messages not yet handled are dropped.
@@ -243,7 +243,7 @@ class Dispatcher:
                 )
                 t.start()
                 if sched.is_batched():  # (started by a handler)
-                    sched.reset(t.native_id)
+                    sched.reset(_tid(t))
             elif self._timers[0][2] is timer:
                 self._tcond.notify()
         return timer
@@ -488,9 +488,15 @@ class Dispatcher:
             t = threading.Thread(target=run, name=f"clusterhub-{self.name}-aio", daemon=True)
             t.start()
             if sched.is_batched():
-                sched.reset(t.native_id)
+                sched.reset(_tid(t))
             self._private_loop, self._private_thread = loop, t
         return self._private_loop
+
+
+def _tid(t: threading.Thread) -> int:
+    """A started thread's kernel id."""
+    assert t.native_id is not None
+    return t.native_id
 
 
 # Return values that are certainly not futures nor awaitables (skips the

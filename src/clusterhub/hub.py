@@ -19,9 +19,9 @@ import warnings
 import weakref
 from concurrent.futures import InvalidStateError
 from numbers import Real
-from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
+from typing import Any, Callable, NamedTuple, Optional, ParamSpec, TypeVar, Union, overload
 
-from . import _bindings, protocol, sched
+from . import _bindings, process, protocol, sched
 from ._bindings import PeerGone
 from .channel import Channel
 from .dispatch import Dispatcher, _NoHandler
@@ -39,14 +39,17 @@ from .errors import (
     WorkerDied,
 )
 from .locks import Lock, Locks
-from . import process
 from .process import ExitWatcher, Worker, exit_process, reap, run_target
 from .process import flush_stdio as _flush_stdio
 from .requests import Callback, Future, Pending, add_callback, resolve, run_callbacks
 
 log = logging.getLogger("clusterhub")
 
-F = TypeVar("F", bound=Callable[..., Any])
+# A message handler: handler(data, sender), sender None when from the master.
+Handler = Callable[[Any, Optional[Worker]], Any]
+H = TypeVar("H", bound=Handler)
+P = ParamSpec("P")
+E = TypeVar("E", bound=Callable[[Worker], Any])  # an on_exit callback
 WorkerRef = Union[Worker, int]
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
@@ -227,7 +230,7 @@ class Hub:
 
     # ---- processes ------------------------------------------------------
 
-    def fork(self, target: Callable[..., Any], *args: Any, **kwargs: Any) -> Worker:
+    def fork(self, target: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> Worker:
         """Start a worker process running ``target(*args, **kwargs)``.
 
         In the child this same hub becomes the worker side; when ``target``
@@ -360,7 +363,7 @@ class Hub:
         self._dispatcher.abandon()
         self._locks.abandon()
 
-    def on_exit(self, callback: F) -> F:
+    def on_exit(self, callback: E) -> E:
         """Call ``callback(worker)`` after each worker exits (its ``exitcode``
         set), in order with the messages it sent before.  Master only; usable
         as a decorator."""
@@ -446,7 +449,12 @@ class Hub:
 
     # ---- handlers -------------------------------------------------------
 
-    def on(self, name: str, handler: Optional[Callable[[Any, Any], Any]] = None) -> Any:
+    @overload
+    def on(self, name: str, handler: None = None) -> Callable[[H], H]: ...
+    @overload
+    def on(self, name: str, handler: H) -> H: ...
+
+    def on(self, name: str, handler: Optional[H] = None) -> Any:
         """Register ``handler(data, sender)`` for messages named ``name``
         (usable as ``@hub.on(name)``).  Its return value answers a request."""
         self._check()
@@ -456,7 +464,12 @@ class Hub:
         self._dispatcher.registry.add(name, handler)
         return handler
 
-    def once(self, name: str, handler: Optional[Callable[[Any, Any], Any]] = None) -> Any:
+    @overload
+    def once(self, name: str, handler: None = None) -> Callable[[H], H]: ...
+    @overload
+    def once(self, name: str, handler: H) -> H: ...
+
+    def once(self, name: str, handler: Optional[H] = None) -> Any:
         """Like :meth:`on`, for one message only."""
         self._check()
         protocol.encode_name(name)
@@ -465,7 +478,7 @@ class Hub:
         self._dispatcher.registry.add(name, handler, once=True)
         return handler
 
-    def off(self, name: str, handler: Optional[Callable[[Any, Any], Any]] = None) -> None:
+    def off(self, name: str, handler: Optional[Handler] = None) -> None:
         """Remove ``handler`` for ``name``, or every handler of ``name``."""
         self._check()
         protocol.encode_name(name)
@@ -615,7 +628,7 @@ class Hub:
     def request_master(
         self, name: str, data: Any = None, *,
         timeout: Optional[float] = None, callback: Optional[Callback] = None,
-    ) -> Future:
+    ) -> Future[Any]:
         """Ask the master's handlers; a Future of the first handler's result."""
         if self._closed:
             self._check()
@@ -629,7 +642,7 @@ class Hub:
     def request_worker(
         self, worker: WorkerRef, name: str, data: Any = None, *,
         timeout: Optional[float] = None, callback: Optional[Callback] = None,
-    ) -> Future:
+    ) -> Future[Any]:
         """Ask one worker's handlers (master only)."""
         self._check_master("request_worker")
         w = self._worker(worker)
@@ -638,7 +651,7 @@ class Hub:
     def request_random_worker(
         self, name: str, data: Any = None, *,
         timeout: Optional[float] = None, callback: Optional[Callback] = None,
-    ) -> Future:
+    ) -> Future[Any]:
         """Ask one live worker chosen at random; with none the Future fails
         with NoWorkersError (master only)."""
         self._check_master("request_random_worker")
@@ -651,7 +664,7 @@ class Hub:
     def request_workers(
         self, name: str, data: Any = None, *,
         timeout: Optional[float] = None, callback: Optional[Callback] = None,
-    ) -> Future:
+    ) -> Future[dict[int, Any]]:
         """Ask every live worker; a Future of ``{worker id: result or the
         exception its request ended with}`` (master only)."""
         self._check_master("request_workers")
@@ -659,16 +672,16 @@ class Hub:
         protocol.encode_name(name)
         _check_timeout(timeout)
         live = sorted(self._workers.values(), key=lambda w: w.id)
-        agg = self._new_future()
+        agg: Future[dict[int, Any]] = self._new_future()
         if callback is not None:
             _check_callback(callback)
             add_callback(agg, callback)
         results: dict[int, Any] = {}
         left = [len(live)]
         lock = threading.Lock()
-        subs: list[Future] = []
+        subs: list[Future[Any]] = []
 
-        def collect(wid: int, f: Future) -> None:
+        def collect(wid: int, f: Future[Any]) -> None:
             if f.cancelled():
                 return
             err = f.exception()
@@ -685,16 +698,16 @@ class Hub:
             except WorkerDied as e:
                 sub = self._failed(e, None)
             subs.append(sub)
-            sub.add_done_callback(lambda f, wid=w.id: collect(wid, f))
+            sub.add_done_callback(functools.partial(collect, w.id))
         if not live:
             resolve(agg, True, {})
         agg.add_done_callback(lambda f: [s.cancel() for s in subs] if f.cancelled() else None)
         return agg
 
-    def _new_future(self) -> Future:
+    def _new_future(self) -> Future[Any]:
         return Future(self._future_hook)
 
-    def _failed(self, exc: BaseException, callback: Optional[Callback]) -> Future:
+    def _failed(self, exc: BaseException, callback: Optional[Callback]) -> Future[Any]:
         fut = self._new_future()
         if callback is not None:
             _check_callback(callback)
@@ -705,13 +718,13 @@ class Hub:
     def _request(
         self, ch: Optional[Channel], name: str, body: bytes,
         timeout: Optional[float], callback: Optional[Callback],
-    ) -> Future:
+    ) -> Future[Any]:
         if timeout is None and callback is None:  # (the common case, inline)
             try:
                 nb = _known_names[name]
             except (KeyError, TypeError):
                 nb = protocol.encode_name(name)  # (checks it)
-            fut = Future(self._future_hook, ch)
+            fut: Future[Any] = Future(self._future_hook, ch)
             rid = self._pending.add(fut)
         else:
             nb, fut, rid = self._pending_request(ch, name, timeout, callback)
@@ -731,7 +744,7 @@ class Hub:
 
     def _request_local(
         self, name: str, data: Any, timeout: Optional[float], callback: Optional[Callback]
-    ) -> Future:
+    ) -> Future[Any]:
         _nb, fut, rid = self._pending_request(None, name, timeout, callback, local=True)
 
         def reply(ok: bool, value: Any) -> None:
@@ -743,7 +756,7 @@ class Hub:
     def _pending_request(
         self, ch: Optional[Channel], name: str, timeout: Optional[float],
         callback: Optional[Callback], local: bool = False,
-    ) -> tuple[bytes, Future, int]:
+    ) -> tuple[bytes, Future[Any], int]:
         """Check a request's arguments, then register its future (with its
         callback and timeout): (wire name, future, request id)."""
         nb = protocol.encode_name(name)
@@ -751,7 +764,7 @@ class Hub:
             _check_timeout(timeout)
         if callback is not None:
             _check_callback(callback)
-        fut = Future(self._future_hook, ch)
+        fut: Future[Any] = Future(self._future_hook, ch)
         if local:
             fut._local = True
         rid = self._pending.add(fut)
@@ -761,14 +774,14 @@ class Hub:
             self._arm_timeout(fut, rid, timeout)
         return nb, fut, rid
 
-    def _arm_timeout(self, fut: Future, rid: int, timeout: float) -> None:
+    def _arm_timeout(self, fut: Future[Any], rid: int, timeout: float) -> None:
         timer = self._dispatcher.call_later(
             timeout,
             lambda: self._pending.fail(rid, TimeoutError(f"no reply within {timeout} s")),
         )
         fut.add_done_callback(lambda _f: timer.cancel())
 
-    def _wait_future(self, fut: Future, timeout: Optional[float]) -> Optional[float]:
+    def _wait_future(self, fut: Future[Any], timeout: Optional[float]) -> Optional[float]:
         """Future.result()'s hook, before it waits: returns the timeout left.
 
         On the dispatcher thread, serve the sockets while waiting.  Elsewhere,
@@ -795,7 +808,7 @@ class Hub:
         if not reader.acquire(False):
             return timeout  # someone reads it already: they complete fut
         deadline = None if timeout is None else time.monotonic() + timeout
-        done: list[Future] = []
+        done: list[Future[Any]] = []
         more = False
         try:
             if ch.closed or ch.dying or ch.blockers:
@@ -1089,7 +1102,7 @@ class Hub:
         if not ev & _INPUT or (ch.blockers and not ev & _GONE):
             self._arm(ch)  # (held back: read anyway once the peer is gone)
         elif ch.reader.acquire(False):
-            done: list[Future] = []
+            done: list[Future[Any]] = []
             try:
                 more = self._read(ch, 1, done)
             finally:
@@ -1112,7 +1125,7 @@ class Hub:
                     ch.disarmed = True
                     self._arm_locked(ch)
 
-    def _read(self, ch: Channel, rounds: int, done: list[Future]) -> bool:
+    def _read(self, ch: Channel, rounds: int, done: list[Future[Any]]) -> bool:
         """Read and route up to ``rounds`` batches of frames from ``ch``.
 
         The reader holds ``ch.reader``: the requests it completes are added to
@@ -1252,7 +1265,7 @@ class Hub:
             origin.blockers.discard(ch)
             if not origin.blockers and not origin.closed:
                 # Frames may wait in its buffer, which no event announces.
-                self._dispatcher.call_next(lambda o=origin: self._on_channel(o, _IN))
+                self._dispatcher.call_next(functools.partial(self._on_channel, origin, _IN))
 
     def _reply(self, ch: Channel, rid: int, ok: bool, value: Any, wait: bool = True) -> None:
         """Answer request ``rid`` that came on ``ch`` (bound with functools.partial
@@ -1318,7 +1331,7 @@ class Hub:
         if ch is not None and not ch.closed:
             ch.dying = True
             ch.poke()  # a requester reading this channel lets go of it
-            done: list[Future] = []
+            done: list[Future[Any]] = []
             ch.reader.acquire()
             try:
                 self._read(ch, 1 << 30, done)  # everything it sent is handled first

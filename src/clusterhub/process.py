@@ -100,9 +100,13 @@ class Worker:
         self._exited.set()
 
 
+def _no_hub(key: Any, wid: int) -> Optional[Worker]:
+    return None
+
+
 # Set by the hub module: (hub key, worker id) -> that hub's Worker in this
 # process, or None when no hub of this process has that key.
-resolve_worker: Callable[[Any, int], Optional[Worker]] = lambda key, wid: None
+resolve_worker: Callable[[Any, int], Optional[Worker]] = _no_hub
 
 
 def _unpickle_worker(hub_key: Any, wid: int) -> Worker:

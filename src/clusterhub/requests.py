@@ -12,11 +12,12 @@ import concurrent.futures
 import itertools
 import logging
 import threading
-from typing import Any, Callable, Generator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Generator, Optional, TypeVar
 
 log = logging.getLogger("clusterhub")
 
 Callback = Callable[[Optional[BaseException], Any], None]
+T = TypeVar("T")
 
 
 _FINISHED = "FINISHED"
@@ -25,7 +26,7 @@ _new_lock = threading.Lock
 _condition_guard = threading.Lock()
 
 
-class Future(concurrent.futures.Future):  # type: ignore[type-arg]
+class Future(concurrent.futures.Future[T]):
     """A ``concurrent.futures.Future`` that can also be awaited directly.
 
     ``result()`` and ``exception()`` called from the hub's own dispatching
@@ -39,12 +40,15 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
     """
 
     # Hook run by result()/exception() before waiting; returns the timeout left.
-    _waiter: Callable[["Future", Optional[float]], Optional[float]] | None = None
+    _waiter: Callable[["Future[Any]", Optional[float]], Optional[float]] | None = None
     _local = False  # answered by this process's own handlers
     _channel: Any = None  # the channel its reply comes on
     _rid = 0  # its id in the Pending table
     _pending: Optional["Pending"] = None  # the table it waits in
     _cond: Optional[threading.Condition] = None
+
+    if TYPE_CHECKING:  # (the base's, undocumented: see concurrent.futures._base)
+        def _invoke_callbacks(self) -> None: ...
 
     def __init__(self, waiter: Any = None, channel: Any = None) -> None:
         # The base's fields, without its Condition.
@@ -58,8 +62,8 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
         self._waiters: list[Any] = []
         self._done_callbacks: list[Callable[[Any], Any]] = []
 
-    @property  # type: ignore[override]
-    def _condition(self) -> threading.Condition:
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
         cond = self._cond
         if cond is None:
             with _condition_guard:  # one Condition per future, even if two threads ask
@@ -68,7 +72,7 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
                     cond = self._cond = threading.Condition(self._lock)
         return cond
 
-    def __await__(self) -> Generator[Any, None, Any]:
+    def __await__(self) -> Generator[Any, None, T]:
         return asyncio.wrap_future(self).__await__()
 
     __iter__ = __await__
@@ -120,13 +124,13 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
         except Exception:
             log.exception("exception calling callback for %r", self)
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None) -> T:
         if self._state != _FINISHED and self._waiter is not None:
             timeout = self._waiter(self, timeout)
         if self._state == _FINISHED:
             exc = self._exception
             if exc is None:
-                return self._result
+                return self._result  # type: ignore[return-value]  # (None only while pending)
             try:
                 raise exc
             finally:
@@ -142,8 +146,8 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
 
 
 def resolve(
-    fut: concurrent.futures.Future, ok: bool, value: Any,  # type: ignore[type-arg]
-    defer: Optional[list[Future]] = None,
+    fut: concurrent.futures.Future[Any], ok: bool, value: Any,
+    defer: Optional[list[Future[Any]]] = None,
 ) -> None:
     """Complete ``fut`` unless it already ended (cancelled, timed out).
 
@@ -163,17 +167,17 @@ def resolve(
         pass
 
 
-def run_callbacks(done: list[Future]) -> None:
+def run_callbacks(done: list[Future[Any]]) -> None:
     """Run the done callbacks ``resolve(..., defer=done)`` held back."""
     for fut in done:
         if fut._done_callbacks:
             fut._invoke_callbacks()
 
 
-def add_callback(fut: concurrent.futures.Future, callback: Callback) -> None:  # type: ignore[type-arg]
+def add_callback(fut: concurrent.futures.Future[Any], callback: Callback) -> None:
     """Call ``callback(error, result)`` when ``fut`` ends, node style."""
 
-    def done(f: concurrent.futures.Future) -> None:  # type: ignore[type-arg]
+    def done(f: concurrent.futures.Future[Any]) -> None:
         if f.cancelled():
             callback(concurrent.futures.CancelledError(), None)
         elif f.exception() is not None:
@@ -195,11 +199,11 @@ class Pending:
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
-        self._by_id: dict[int, Future] = {}
+        self._by_id: dict[int, Future[Any]] = {}
         self.get = self._by_id.get
         self.pop = self._by_id.pop
 
-    def add(self, fut: Future) -> int:
+    def add(self, fut: Future[Any]) -> int:
         """Register a request (its ``_channel`` set: the peer asked, or None
         for this process's own handlers); returns its id."""
         rid = fut._rid = next(self._ids)
@@ -207,7 +211,7 @@ class Pending:
         self._by_id[rid] = fut
         return rid
 
-    def ended(self, fut: Future) -> None:
+    def ended(self, fut: Future[Any]) -> None:
         """``fut`` ended other than by its reply (cancelled): forget it, and
         wake a thread that may be reading its channel for it."""
         self._by_id.pop(fut._rid, None)
@@ -217,7 +221,7 @@ class Pending:
         self._by_id.pop(rid, None)
 
     def complete(
-        self, peer: Any, rid: int, ok: bool, value: Any, defer: Optional[list[Future]] = None
+        self, peer: Any, rid: int, ok: bool, value: Any, defer: Optional[list[Future[Any]]] = None
     ) -> None:
         """Deliver a reply from ``peer``; dropped when unknown or from another
         peer.  ``defer``: see ``resolve``."""
@@ -251,7 +255,7 @@ class Pending:
         return len(self._by_id)
 
 
-def _wake_leader(fut: Future) -> None:
+def _wake_leader(fut: Future[Any]) -> None:
     """Wake a thread reading ``fut``'s channel for it, unless that is us."""
     peer = fut._channel
     if peer is not None and peer.leader is not None and peer.leader != threading.get_ident():
