@@ -112,7 +112,7 @@ def _resolve_worker(key: Any, wid: int) -> Optional[Worker]:
         if hub._key == key and not hub._closed:
             if not hub._is_master:
                 return hub._peer(wid)
-            w = hub._workers.get(wid) or hub._unsettled.get(wid)
+            w = hub._known.get(wid)
             if w is None and 1 <= wid < hub._next_id:
                 w = Worker(wid, hub_key=key)  # long gone: a handle that says so
                 w.set_exited(None)
@@ -176,6 +176,8 @@ class Hub:
         self._key = (self._pid, next(_hub_serial))
         self._workers: dict[int, Worker] = {}  # live (the kernel has not reported an exit)
         self._unsettled: dict[int, Worker] = {}  # forked, on_exit callbacks not yet run
+        # Every Worker handed out, while referenced: a pickled one comes back as itself.
+        self._known: "weakref.WeakValueDictionary[int, Worker]" = weakref.WeakValueDictionary()
         self._next_id = 1
         self._exit_callbacks: list[Callable[[Worker], Any]] = []
         self._master: Optional[Channel] = None
@@ -270,6 +272,7 @@ class Hub:
             _bindings.start_writer()  # (a first burst need not wait for its creation)
             self._workers[wid] = w
             self._unsettled[wid] = w
+            self._known[wid] = w
             self._exits.watch(w, os.pidfd_open(pid))
         self._dispatcher.call_soon(lambda: self._watch_worker(w))
         return w
@@ -299,6 +302,7 @@ class Hub:
         self._exits.abandon()
         self._workers = {}
         self._unsettled = {}
+        self._known = weakref.WeakValueDictionary()
         self._exit_callbacks = []
         self._is_master = False
         self._worker_id = wid
