@@ -105,6 +105,10 @@ def timeout_calls(hub: clusterhub.Hub, w: clusterhub.Worker) -> dict[str, Callab
         "request_worker": lambda t: hub.request_worker(w, "echo", timeout=t),
         "request_workers": lambda t: hub.request_workers("echo", timeout=t),
         "request_random_worker": lambda t: hub.request_random_worker("echo", timeout=t),
+        "send_to_master": lambda t: hub.send_to_master("echo", timeout=t),
+        "send_to_worker": lambda t: hub.send_to_worker(w, "echo", timeout=t),
+        "send_to_workers": lambda t: hub.send_to_workers("echo", timeout=t),
+        "send_to_random_worker": lambda t: hub.send_to_random_worker("echo", timeout=t),
     }
 
 
@@ -303,7 +307,7 @@ def test_on_exit_callback_raising(make_hub: MakeHub, caplog: pytest.LogCaptureFi
 
 @pytest.mark.parametrize("timeout", ["1", True, [1]], ids=["str", "bool", "list"])
 def test_timeout_wrong_type(make_hub: MakeHub, timeout: Any) -> None:
-    """A timeout that is not a number (bool included) raises TypeError from lock(), acquire() and every request call."""
+    """A timeout that is not a number (bool included) raises TypeError from lock(), acquire(), every request and every send call."""
     hub = make_hub()
     w = echo_worker(hub)
     for fn in timeout_calls(hub, w).values():
@@ -314,10 +318,13 @@ def test_timeout_wrong_type(make_hub: MakeHub, timeout: Any) -> None:
 
 @pytest.mark.parametrize("timeout", [-1, -0.001, math.nan], ids=["-1", "-1ms", "nan"])
 def test_timeout_negative_or_nan(make_hub: MakeHub, timeout: float) -> None:
-    """A negative or NaN timeout raises ValueError from lock(), acquire() and every request call."""
+    """A negative or NaN timeout raises ValueError from lock(), acquire(), every request and
+    every send call; except acquire(timeout=-1), which means "no limit" as in threading."""
     hub = make_hub()
     w = echo_worker(hub)
-    for fn in timeout_calls(hub, w).values():
+    for name, fn in timeout_calls(hub, w).items():
+        if name == "acquire" and timeout == -1:
+            continue
         raises(ValueError, lambda: fn(timeout), "timeout must be >= 0")
     assert hub.held_locks() == []
     assert_usable(hub, w)
