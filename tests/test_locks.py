@@ -28,7 +28,7 @@ import pytest
 import clusterhub
 from clusterhub import HubClosedError, LockError, LockTableFull, LockTimeout
 
-from conftest import join_ok
+from conftest import join_ok, run_forked, waitpid_bounded
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -988,8 +988,6 @@ def test_recovered_is_false_in_a_forked_child(hub, reports):
     """The forking thread's recovered does not carry into a fork child: a
     worker (or a plain forked child) of a thread whose latest acquire
     recovered reads False, the forking thread still True."""
-    from conftest import run_forked, waitpid_bounded
-
     lk = hub.lock("rec-fork")
     leave_dead_holder(hub, reports, "rec-fork")
     with lk:
