@@ -40,6 +40,8 @@ from clusterhub._bindings import (
 )
 from clusterhub.errors import MessageTooLarge
 
+from conftest import fork_child
+
 # Wire format from frame.h: magic 0x4843 LE, 2 reserved zero bytes, length LE.
 HEADER = struct.Struct("<HHI")
 MAGIC = 0x4843
@@ -292,7 +294,7 @@ def test_two_processes(pair: list[int]) -> None:
     """A forked writer using Tx.send/flush and a polling reader using Rx.read agree on 300 frames."""
     want = payloads([(i * 7919) % (2 * KiB) if i % 10 else 200 * KiB for i in range(300)], 2)
     w, r = pair
-    pid = os.fork()
+    pid = fork_child()
     if pid == 0:
         code = 1
         try:
@@ -640,7 +642,7 @@ def test_eof_verdict_of_fed_bytes(cut: int) -> None:
 
 def _sigpipe_child(body: Callable[[], int]) -> int:
     """Fork a child with SIGPIPE at its default action that runs ``body`` and exits with its code."""
-    pid = os.fork()
+    pid = fork_child()
     if pid == 0:
         code = 1
         try:
@@ -712,7 +714,7 @@ def test_peer_closed_by_other_process_while_queued(pair: list[int]) -> None:
         except PeerGone:
             return 42
 
-    pid = os.fork()
+    pid = fork_child()
     if pid == 0:
         code = 1
         try:

@@ -22,6 +22,8 @@ import pytest
 
 from clusterhub._bindings import ffi, lib
 
+from conftest import fork_child
+
 SEC = 1_000_000_000
 NEW = lib.CH_LT_NEW
 NEW_RECOVERED = lib.CH_LT_NEW_RECOVERED
@@ -98,7 +100,7 @@ def make_table() -> Iterator[Callable[[int], Table]]:
 
 def fork(fn: Callable[[], Any], *tables: Table) -> int:
     """Run fn() in a fork child that exits with its return value (0 if None)."""
-    pid = os.fork()
+    pid = fork_child()
     if pid == 0:
         code = 70
         try:

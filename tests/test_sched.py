@@ -15,7 +15,7 @@ import pytest
 
 import clusterhub
 
-from conftest import MP, Reports, run_forked, waitpid_bounded
+from conftest import Reports, run_forked, waitpid_bounded
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -95,16 +95,14 @@ def test_what_a_handler_starts_runs_under_the_ordinary_policy(reports: Reports) 
         assert workers[0].join(10)  # (close() would end it, maybe before it reported)
         hub.close()
 
-    p = MP.Process(target=master)
-    p.start()
+    pid = run_forked(master)
     got = dict(reports.get_n(2))
     assert got["worker"] == os.SCHED_OTHER
     assert got["master"] == {
         "handler": os.SCHED_BATCH, "writer": os.SCHED_OTHER,
         "timers": os.SCHED_OTHER, "loop": os.SCHED_OTHER,
     }
-    p.join(10)
-    assert p.exitcode == 0
+    assert waitpid_bounded(pid, 10) == 0
 
 
 def test_other_policies_are_left_alone(reports: Reports) -> None:

@@ -239,6 +239,17 @@ class Hub:
         returns the worker exits with 0 (``SystemExit(n)``: n; an uncaught
         exception: its traceback on stderr and 1), after everything it sent
         has been written to the master.
+
+        The master has threads of the hub's own, and Python 3.12+ warns that
+        forking a multi-threaded process may deadlock the child; this call
+        silences that warning because, for the hub, it is safe: nothing those
+        threads hold is used in the child.  There the dispatcher (its thread,
+        epoll, inbox, timers and locks) is made anew, the other workers'
+        channels and pidfds are closed without touching their buffers, the C
+        send queues take their mutex around the fork (``pthread_atfork``),
+        the lock table re-reads the child's identity, and concurrent hub forks
+        are serialized.  Threads of your own are another matter: a lock one of
+        them holds at the fork stays held in the child.
         """
         global _forking
         self._check_master("fork")
