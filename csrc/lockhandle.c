@@ -423,36 +423,12 @@ static PyObject *lb_acquire(PyObject *op, PyObject *const *args, Py_ssize_t narg
 
 /* ---- reading the table ------------------------------------------------------- */
 
-/* The contract's _held_here(ref): 1, 0 or a negative errno. */
-static int held_here(uint64_t ref)
-{
-    ch_table *t = ch_lt_enter(ref);
-    if (!t)
-        return -EBADF;
-    /* The ref's layout is locktable.h's: table id | slot (24 bits) | gen (32). */
-    uint32_t slot = (uint32_t)(ref >> 32) & CH_LT_SLOT_NONE;
-    uint64_t gen = (uint32_t)ref;
-    ch_lt_info info;
-    int r = ch_lt_is_locked(t, slot, gen);
-    if (r == 1) {
-        r = ch_lt_slot_info(t, slot, &info);
-        if (r == 1) {
-            /* Still the key's slot (a generation only grows): the holder
-             * read is this key's. */
-            int again = ch_lt_is_locked(t, slot, gen);
-            r = again < 0 ? again : (again == 1 && info.pid == getpid());
-        }
-    }
-    ch_lt_leave(t);
-    return r;
-}
-
 static PyObject *lb_held_here(PyObject *Py_UNUSED(cls), PyObject *arg)
 {
     unsigned long long ref = PyLong_AsUnsignedLongLong(arg);
     if (ref == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
-    return PyLong_FromLong(held_here(ref));
+    return PyLong_FromLong(ch_lt_held_by_caller_ref(ref)); /* (the GIL serialises it with close) */
 }
 
 /* ---- the calling thread's "recovered" ------------------------------------------- */

@@ -79,15 +79,14 @@
  *
  *   _held_here(ref, /) -> int
  *               (a static method) 1 when the lock of ref's slot, still
- *               standing for ref's key, is held by a live thread of this
- *               process, 0 when it is not (free, held by another process, or
+ *               standing for ref's key, is held by the calling thread, 0
+ *               when it is not (free, held by another thread or process, or
  *               its holder died), -EBADF the table is closed, -ESTALE/-EINVAL
- *               the ref does not name the key's slot now.  Reads only (the
- *               futex word and the holder fields, through ch_lt_is_locked and
- *               ch_lt_slot_info): it never takes the lock, so it never takes
- *               a dead holder's recovery.  The table has no query for the
- *               holder's thread yet, so this answers for the process; the
- *               handle's _is_owned (for threading.Condition) is built on it.
+ *               the ref does not name the key's slot now: what
+ *               ch_lt_held_by_caller_ref answers.  It reads the futex word
+ *               only: it never takes the lock, so it never takes a dead
+ *               holder's recovery.  The handle's _is_owned (for
+ *               threading.Condition) is built on it.
  *
  * The methods keep the GIL (they never block: a wait happens in the
  * subclass's _acquire_slow) and so never race a close() of the table, which

@@ -870,6 +870,23 @@ int ch_lt_unlock_ref(uint64_t ref)
     return ch_lt_unlock(t, slot);
 }
 
+int ch_lt_held_by_caller_ref(uint64_t ref)
+{
+    ch_table *t = table_of(ref);
+    if (!t)
+        return -EBADF;
+    uint32_t slot = REF_SLOT(ref);
+    if (slot >= t->nslots)
+        return -EINVAL;
+    const struct lt_slot *s = &t->slots[slot];
+    if (!gen_is(s, ref))
+        return -ESTALE;
+    uint32_t w = futex_word(&s->m);
+    int mine = held_by_live(w) && (pid_t)(w & FUTEX_TID_MASK) == gettid();
+    /* Read again: a slot handed to another key meanwhile says nothing of ours. */
+    return gen_is(s, ref) ? mine : -ESTALE;
+}
+
 ch_table *ch_lt_enter(uint64_t ref)
 {
     pthread_mutex_lock(&g_reg_mu);

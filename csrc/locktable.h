@@ -212,6 +212,13 @@ uint64_t ch_lt_ref(const ch_table *t, uint32_t slot, uint64_t gen);
 int ch_lt_trylock_ref(uint64_t ref);
 int ch_lt_unlock_ref(uint64_t ref);
 
+/* Whether the calling thread holds the ref's lock: 1 or 0, read from the
+ * futex word's owner TID (never a trylock, so a dead holder's recovery is
+ * left to the next acquirer); -EBADF (table closed or disabled), -EINVAL
+ * (slot out of range), -ESTALE (the slot stands for another key now).
+ * Never blocks; same serialisation as ch_lt_trylock_ref. */
+int ch_lt_held_by_caller_ref(uint64_t ref);
+
 /* For a blocking call made without the caller's own serialisation (the GIL
  * is released around it): ch_lt_enter counts a call in progress on the ref's
  * table, under the registry mutex that ch_lt_close also takes, so the table

@@ -267,10 +267,6 @@ def test_is_owned_with_a_stale_handle(make_hub):
         a._is_owned()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="locktable.h has no query for the holder's thread yet: _is_owned answers for the process",
-)
 def test_is_owned_is_false_for_another_thread_of_the_process(hub):
     """_is_owned() is False in a thread of this process other than the holder."""
     lk = hub.lock("owned-thread")

@@ -338,6 +338,33 @@ static void test_fork_ownership(void)
     CHECK_EQ(ch_lt_close(t), 0);
 }
 
+static void *ask_held(void *ref)
+{
+    return (void *)(intptr_t)ch_lt_held_by_caller_ref(*(uint64_t *)ref);
+}
+
+/* ch_lt_held_by_caller_ref answers for the calling thread, without taking the lock. */
+static void test_held_by_caller(void)
+{
+    ch_table *t = new_table(4);
+    uint32_t s;
+    uint64_t g;
+    CHECK_EQ(ch_lt_resolve(t, (const uint8_t *)"h", 1, &s, &g), CH_LT_NEW);
+    uint64_t ref = ch_lt_ref(t, s, g);
+    CHECK_EQ(ch_lt_held_by_caller_ref(ref), 1);
+    pthread_t th;
+    void *ret;
+    CHECK(pthread_create(&th, NULL, ask_held, &ref) == 0);
+    CHECK(pthread_join(th, &ret) == 0);
+    CHECK_EQ((intptr_t)ret, 0); /* held, but by another thread */
+    CHECK_EQ(ch_lt_unlock(t, s), 0);
+    CHECK_EQ(ch_lt_held_by_caller_ref(ref), 0);
+    CHECK_EQ(ch_lt_held_by_caller_ref(ch_lt_ref(t, s, g + 1)), -ESTALE);
+    CHECK_EQ(ch_lt_held_by_caller_ref(ch_lt_ref(t, 4, g)), -EINVAL);
+    CHECK_EQ(ch_lt_close(t), 0);
+    CHECK_EQ(ch_lt_held_by_caller_ref(ref), -EBADF);
+}
+
 static void *hold_and_exit(void *arg)
 {
     uint32_t s;
@@ -697,6 +724,7 @@ static const struct {
     {"killed_waiter", test_killed_waiter},
     {"fork_ownership", test_fork_ownership},
     {"thread_exit", test_thread_exit},
+    {"held_by_caller", test_held_by_caller},
     {"timeout", test_timeout},
     {"full_and_stale", test_full_and_stale},
     {"many_keys", test_many_keys},

@@ -223,13 +223,8 @@ class Lock(LockBase):
     # with acquire() (the handle's default timeout, which may give up).
 
     def _is_owned(self) -> bool:
-        """Whether the lock is held here, read from the table: never takes it,
-        nor a dead holder's recovery.
-
-        The table tells the holder's process, not yet its thread
-        (``LockBase._held_here``): a lock held by another thread of this
-        process counts as owned too.
-        """
+        """Whether the calling thread holds the lock, read from the table:
+        never takes it, nor a dead holder's recovery."""
         locks = self._locks
         locks._check()
         r = self._held_here(self._ref)
