@@ -29,7 +29,7 @@ import errno
 import logging
 import threading
 import weakref
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from . import _bindings
 from ._bindings import LockBase, LockTable, lock_error
@@ -281,26 +281,19 @@ class Lock(LockBase):
         found = self._locks.table.find(self.key)
         return found is not None and _unlock(self._locks.table.ref(*found)) == 0
 
-    def _acquire_slow(self, r: int, timeout: Optional[float]) -> bool:
-        """Finish an acquire that did not succeed at the first trylock, and
-        record its outcome as the calling thread's latest."""
-        if r != _EDEADLK:  # not the holder: this acquire is the thread's latest
-            self._thread_recovered = False
-        code = self._take(r, timeout)
-        if code is None:
-            return False
-        if code == _RECOVERED:
-            self._thread_recovered = True
-        return True
+    def _acquire_slow(
+        self, r: int, timeout: Optional[float], abort: Optional[threading.Event] = None,
+        on_taken: Optional[Callable[[int], None]] = None,
+    ) -> bool:
+        """Finish an acquire that did not succeed at the first trylock: True
+        once held, False when not in time.
 
-    def _take(
-        self, r: int, timeout: Optional[float], abort: Optional[threading.Event] = None
-    ) -> Optional[int]:
-        """Finish an acquire that did not succeed at the first trylock: 0 or
-        RECOVERED once held, None when not in time.
-
-        ``abort`` (set by another thread) ends the wait, as a timeout would,
-        at the next slice.
+        Its outcome is the calling thread's latest acquire (``recovered``);
+        with ``on_taken`` (a helper thread acquiring for a task), the code
+        it took the lock with (0 or RECOVERED) goes there instead.  ``abort``
+        (set by another thread) ends the wait, as a timeout would, at the
+        next slice.  (One function, no inner call: on the contended path a
+        Python call lengthens the wait and, after it, the time held.)
         """
         locks = self._locks
         locks._check()
@@ -312,17 +305,21 @@ class Lock(LockBase):
         try:
             while True:
                 if r >= 0:
-                    return r
+                    if on_taken is None:
+                        self._thread_recovered = r == _RECOVERED
+                    else:
+                        on_taken(r)
+                    return True
                 if r == _ESTALE or r == _EINVAL:
                     code, ref = locks.table.resolve(self.key)
                     self._ref = ref
                     r = _inserted(code) if code >= _NEW else _trylock(ref)
                 elif r == _EBUSY or r == _ETIMEDOUT:
                     now = _now_ns()
-                    if deadline is not None and now >= deadline:
-                        return None
-                    if abort is not None and abort.is_set():
-                        return None
+                    if (deadline is not None and now >= deadline) or (abort is not None and abort.is_set()):
+                        if on_taken is None:
+                            self._thread_recovered = False
+                        return False
                     end = now + _SLICE_NS
                     if deadline is not None and deadline < end:
                         end = deadline
@@ -335,7 +332,11 @@ class Lock(LockBase):
             # then known only to the table, so ask it, not our variables.
             if ours:
                 self._unlock_current()
+                if on_taken is None:
+                    self._thread_recovered = False
             raise
+        if r != _EDEADLK and on_taken is None:  # (the holder's latest acquire stands)
+            self._thread_recovered = False
         raise lock_error(r, self.key)
 
     # ---- asyncio ----------------------------------------------------------
@@ -526,9 +527,10 @@ class _Holder:
         lock = self._lock
         ok = False
         try:
-            # _take, not _acquire_slow: the task's acquire is not this thread's.
-            self.result = lock._take(-errno.EBUSY, self._timeout, self._release)
-            ok = self.result is not None
+            # The task's acquire is not this thread's: its code goes to `got`.
+            got: list[int] = []
+            ok = lock._acquire_slow(-errno.EBUSY, self._timeout, self._release, got.append)
+            self.result = got[0] if ok else None
         except BaseException as e:
             self.result = e
         try:
