@@ -11,7 +11,8 @@ from typing import Any, Mapping, Optional
 
 import pytest
 
-from clusterhub.bench import Case, Job, Target
+from clusterhub.bench.host import Case
+from clusterhub.bench.jobs import Job, Target
 
 HINT = "the benchmark peers come with the 'bench' extra: pip install 'clusterhub[bench]'"
 

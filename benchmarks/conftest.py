@@ -1,18 +1,20 @@
 """pytest-benchmark glue for the clusterhub benchmarks (see README.md).
 
 The measuring itself is the kit of ``clusterhub.bench`` (the same code as
-``python -m clusterhub bench``): every case of a job runs in forked processes
-and is timed inside them.  Here:
+``python -m clusterhub bench``; jobs, measuring and the report in
+``clusterhub.bench.jobs``): every case of a job runs in forked processes and
+is timed inside them.  Here:
 
 - With benchmarks enabled, the first test of a group measures *all* the cases
-  of its group at once, interleaved (A B A B ..., the method PERFORMANCE.md
-  asks for on these noisy machines), and every test of the group then hands
-  its own case's samples to pytest-benchmark through a clock that replays
-  them (``_ReplayClock``): the table shows the figures measured inside the
-  processes, one round per interleaved batch.  The clock is the test's
-  timer through pytest-benchmark's public ``timer`` option of the
-  ``benchmark`` marker, which ``pytest_collection_modifyitems`` adds to every
-  test that uses ``measure``.
+  of its group at once, interleaved (A B A B ...: these 2-CPU machines are
+  shared and noisy, so a figure is only compared with peers measured in the
+  same run, alternating), and every test of the group then hands its own
+  case's samples to pytest-benchmark through a clock that replays them
+  (``_ReplayClock``): the table shows the figures measured inside the
+  processes, one round per interleaved batch.  The clock is the test's timer
+  through pytest-benchmark's public ``timer`` option of the ``benchmark``
+  marker, which ``pytest_collection_modifyitems`` adds to every test that
+  uses ``measure``.
 - With ``--benchmark-disable`` (the default in pyproject.toml) each test runs
   one small batch of its own case: a smoke test.
 - At the end, ``pytest_terminal_summary`` prints clusterhub/peer ratios per
@@ -27,7 +29,7 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-from clusterhub.bench import Job, compare, conditions, format_group, measure_job, measure_once, summarize
+from clusterhub.bench.jobs import Job, compare, conditions, format_group, measure_job, measure_once, summarize
 
 HERE = Path(__file__).resolve().parent
 

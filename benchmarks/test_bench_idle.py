@@ -1,5 +1,6 @@
 """An idle hub: CPU used by an idle master with 4 idle workers, and the memory
-a worker costs over a bare forked child (the kit in ``clusterhub.bench``)."""
+a worker costs over a bare forked child (the kit's case, from
+``clusterhub.bench.idle``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from clusterhub.bench import IDLE
+from clusterhub.bench.idle import IDLE
 
 
 @pytest.mark.benchmark(group="idle")

@@ -1,7 +1,7 @@
 """Locks: uncontended, tail latency beside a busy thread, contended by 2 and 4
 processes, and recovery after the holder's SIGKILL.
 
-clusterhub and the stdlib peers come from the kit in ``clusterhub.bench``;
+clusterhub and the stdlib peers come from the kit (``clusterhub.bench.locking``);
 filelock, fasteners, posix_ipc and sysv_ipc are added here when installed (the
 ``bench`` extra; without one, its cases skip, see ``_peers``).
 """
@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pytest
 
-from clusterhub.bench import (
+from clusterhub.bench.host import temp_path
+from clusterhub.bench.jobs import Target
+from clusterhub.bench.locking import (
     CONTENDED_2,
     CONTENDED_4,
     P99_BUSY,
@@ -22,11 +24,9 @@ from clusterhub.bench import (
     UNCONTENDED,
     Handle,
     LockKind,
-    Target,
     contended,
     in_host,
     recovery,
-    temp_path,
     with_loop,
 )
 

@@ -1,8 +1,9 @@
 """Messaging: request round trip, one-way messages, broadcast to 8 workers.
 
-clusterhub and the stdlib peers come from the kit in ``clusterhub.bench``;
-pyzmq's are added here when it is installed (the ``bench`` extra; without it,
-its cases skip, see ``_peers``).  Each is measured unpinned and pinned to one CPU.
+clusterhub and the stdlib peers come from the kit
+(``clusterhub.bench.messaging``); pyzmq's are added here when it is installed
+(the ``bench`` extra; without it, its cases skip, see ``_peers``).  Each is
+measured unpinned and pinned to one CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
-from clusterhub.bench import BROADCAST, ONE_WAY, ROUND_TRIP, bc_peer, ow_peer, rt_peer
+from clusterhub.bench.messaging import BROADCAST, ONE_WAY, ROUND_TRIP, bc_peer, ow_peer, rt_peer
 
 from ._peers import case_params, optional, with_peers
 

@@ -58,7 +58,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .demo import main as demo
 
         return demo()
-    from .bench import bench
+    from .bench.cli import bench
 
     return bench(args)
 
