@@ -16,12 +16,20 @@ import select
 import signal
 import struct
 import time
-import warnings
 from typing import Any, Callable, Iterator
 
 import pytest
 
 import clusterhub
+
+# The tests' plain children (not hub workers) fork through the benchmark kit's
+# helpers, where the docstring of ``fork_child`` says why a fork of the test
+# process is safe (and why Python 3.12+'s multi-threaded fork warning is
+# silenced): ``fork_child()`` is ``os.fork()``; ``run_forked(fn)`` forks a
+# child that runs ``fn`` and exits 0, or 1 with a traceback (never returning
+# into pytest).
+from clusterhub.bench.host import fork_child as fork_child
+from clusterhub.bench.host import run_forked as run_forked
 
 MP = multiprocessing.get_context("fork")
 
@@ -166,41 +174,6 @@ def subreaper() -> Iterator[None]:
         yield
     finally:
         _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-
-
-def fork_child() -> int:
-    """``os.fork()`` for the tests' own plain children, without Python 3.12+'s
-    warning that forking a multi-threaded process may deadlock the child.
-
-    It is safe here: the other threads of the test process are clusterhub's
-    (dispatchers, exit watchers, timers, the C writer) and pytest-timeout's.
-    What a child of the tests uses of theirs is made fork-safe by the
-    library itself: its hubs are inert in a plain fork child
-    (``os.register_at_fork``), the C send queues take their mutexes around a
-    fork (``pthread_atfork``), and the lock table re-reads the child's
-    identity; CPython re-creates its own locks (GIL, imports, logging).
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
-        return os.fork()
-
-
-def run_forked(fn: Callable[[], Any]) -> int:
-    """Fork a plain child (not a hub worker) that runs ``fn`` and exits: 0 if
-    it returned, 1 with a traceback if it raised.  It never returns into pytest."""
-    pid = fork_child()
-    if pid == 0:
-        code = 1
-        try:
-            fn()
-            code = 0
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
 
 
 def join_ok(w: clusterhub.Worker, code: int = 0, timeout: float = 15.0) -> None:
