@@ -575,8 +575,8 @@ def test_callback_that_waits_on_another_request(hub, reports):
 def _forge(hub, rids):
     """In a worker: send replies for ``rids`` that nobody asked this worker."""
     for rid in rids:
-        hub._send(hub._master, protocol.encode(protocol.RES, 0, rid, b"", pickle.dumps("forged")))
-        hub._send(hub._master, protocol.encode(
+        hub._master.send_frame(protocol.encode(protocol.RES, 0, rid, b"", pickle.dumps("forged")))
+        hub._master.send_frame(protocol.encode(
             protocol.ERR, 0, rid, b"", protocol.encode_error("X", "forged", "", False)))
 
 

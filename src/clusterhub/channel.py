@@ -18,9 +18,25 @@ import select
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ._bindings import Rx, Tx
+from . import _bindings
+from ._bindings import PeerGone, Rx, Tx
+from .errors import MasterDied, PeerDied, SendTimeout, WorkerDied
+from .requests import Future, run_callbacks
+
+if TYPE_CHECKING:
+    from .dispatch import Dispatcher
+    from .process import Worker
+    from .router import Router
+
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+# A channel's registration is level-triggered and EPOLLEXCLUSIVE (see
+# Channel.lep): no epoll_ctl per message or per request.
+_EXCLUSIVE = select.EPOLLEXCLUSIVE
+_EOF = _bindings.EOF
+_FUTURE_DONE = frozenset(("FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"))
 
 
 class Channel:
@@ -30,11 +46,14 @@ class Channel:
         "fd", "peer", "max_len", "max_queue", "rx", "_tx", "_lock", "closed",
         "reader", "leader", "dying", "_wake", "_fds_open", "blockers", "held_back",
         "mask", "arming", "disarmed", "lep", "send", "send_msg", "send_request", "post", "post_msg",
-        "pending", "unowned", "room_waiters", "read_ctx",
+        "pending", "unowned", "room_waiters", "read_ctx", "dispatcher", "router",
     )
 
-    def __init__(self, fd: int, peer: Any, max_len: int, max_queue: int) -> None:
+    def __init__(self, fd: int, peer: Any, max_len: int, max_queue: int,
+                 dispatcher: "Dispatcher", router: "Router") -> None:
         self.fd = fd
+        self.dispatcher = dispatcher  # whose epoll watches this channel
+        self.router = router  # who reads it and routes what came
         self.peer = peer  # the Worker at the other end, or None for the master
         self.max_len = max_len
         self.max_queue = max_queue
@@ -100,26 +119,6 @@ class Channel:
         """Write what the socket takes of the queue; return the bytes left."""
         return self._tx.flush(self.fd)
 
-    def wait_room(self, limit: int, deadline: float | None = None) -> bool:
-        """Block until at most ``limit`` bytes are queued; False when the
-        ``time.monotonic()`` deadline came first.
-
-        Raises PeerGone when the peer goes away meanwhile (POLLHUP/POLLERR wake
-        the poll).  For threads other than the dispatcher, which must keep
-        reading while it waits.
-        """
-        poller = select.poll()
-        poller.register(self.fd, select.POLLOUT)
-        while self.flush() > limit:
-            if deadline is None:
-                poller.poll()
-                continue
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            poller.poll(left * 1000.0)
-        return True
-
     def close(self) -> None:
         """Close the socket; queued bytes are dropped.  Idempotent.
 
@@ -170,6 +169,168 @@ class Channel:
         self._fds_open = False
         self._close_fds()
 
+    # ---- the dispatcher's registration ------------------------------------
+
+    def watch(self) -> None:
+        """Let the dispatcher read this channel (its events go to the router)."""
+        if self.closed:  # (a requester may have read its EOF already)
+            return
+        self.dispatcher.set_callback(self.fd, functools.partial(self.router.on_channel, self))
+        self.arm()
+
+    def arm(self) -> None:
+        """Bring the dispatcher's registration up to date: reading unless the
+        input is held back or a leader took it over (``disarmed``), writing
+        while bytes are queued.  A syscall only when that changes."""
+        with self.arming:
+            self.arm_locked()
+
+    def arm_locked(self) -> None:
+        if self.closed:
+            return
+        want = 0 if self.disarmed or self.blockers else _IN
+        if self.unowned() or (self.room_waiters and self.pending()):
+            want |= _OUT
+        if want != self.mask:
+            # EPOLLEXCLUSIVE registrations cannot be modified: drop and add
+            # (which also keeps the leader's registration first in the queue).
+            ep = self.dispatcher.epoll
+            try:
+                if self.mask:
+                    ep.unregister(self.fd)
+                if want:
+                    ep.register(self.fd, want | _EXCLUSIVE)
+            except (OSError, ValueError):
+                pass  # lost (unregistered and closed) meanwhile
+            self.mask = want
+
+    def _watch_write(self) -> None:
+        if not self.closed and self.unowned():
+            self.arm()
+
+    # ---- sending, with back-pressure ----------------------------------------
+    # Requests and replies are sent at once (send_frame, send_parts, and
+    # send_request plus sent_part).  One-way messages are posted (post_frame,
+    # post_parts): coalesced in bursts by the C writer thread, which then owns
+    # the queued bytes (so the dispatcher does not watch for room on their
+    # behalf).  A sender waits while more than max_queue bytes are queued;
+    # with a timeout it waits before queueing (post_timed), so that a timeout
+    # leaves nothing of the message queued.
+
+    def died(self) -> PeerDied:
+        """The error for a send to a peer that is gone."""
+        if self.peer is None:
+            return MasterDied("the master has died")
+        return WorkerDied(f"worker {self.peer.id} has exited")
+
+    def send_frame(self, payload: bytes, wait: bool = True) -> None:
+        """Send a whole frame; block while the queue is over max_queue (unless not ``wait``)."""
+        try:
+            left = self.send(payload, self.max_len)
+            if left:
+                self._backlog(left, wait)
+        except PeerGone:
+            raise self.died() from None
+
+    def send_parts(self, kind: int, origin: int, rid: int, nb: bytes, body: bytes, wait: bool = True) -> None:
+        """Like ``send_frame``, for a message built in C from its parts."""
+        left = self.send_msg(kind, origin, rid, nb, len(nb), body, len(body))
+        if left:
+            self.sent_part(left, wait, len(nb) + len(body))
+
+    def sent_part(self, left: int, wait: bool, size: int) -> None:
+        """After a ``send_msg``/``send_request`` that did not write everything:
+        raise its error, or deal with the bytes it left queued."""
+        try:
+            if left < 0:
+                raise self.send_error(left, _bindings.MSG_HEADER + size)
+            self._backlog(left, wait)
+        except PeerGone:
+            raise self.died() from None
+
+    def _backlog(self, left: int, wait: bool) -> None:
+        if wait and left > self.max_queue:
+            self.wait_room()
+        if self.unowned():
+            self.dispatcher.call_soon(self._watch_write)
+
+    def post_parts(self, kind: int, origin: int, nb: bytes, body: bytes) -> None:
+        """Post a one-way message built in C from its parts."""
+        queued = self.post_msg(kind, origin, 0, nb, len(nb), body, len(body))
+        if queued < 0 or queued > self.max_queue:
+            self.post_backlog(queued, len(nb) + len(body))
+
+    def post_frame(self, payload: bytes) -> None:
+        """Post a whole one-way frame."""
+        queued = self.post(payload, len(payload), self.max_len)
+        if queued < 0 or queued > self.max_queue:
+            self.post_backlog(queued, len(payload) - _bindings.MSG_HEADER)
+
+    def post_backlog(self, queued: int, size: int) -> None:
+        """After a post that queued ``queued`` bytes (or failed with that code)."""
+        try:
+            if queued < 0:
+                raise self.send_error(queued, _bindings.MSG_HEADER + size)
+            self.wait_room()
+        except PeerGone:
+            raise self.died() from None
+
+    def post_timed(self, post: Callable[[], int], size: int, timeout: float,
+                   worker: Optional["Worker"] = None) -> None:
+        """Queue a frame with ``post()`` (see ``post_by``), or raise
+        SendTimeout if the queue stays full for ``timeout`` s."""
+        if not self.post_by(post, size, time.monotonic() + timeout):
+            peer = "the master" if worker is None else f"worker {worker.id}"
+            raise SendTimeout(f"the queue to {peer} stayed full for {timeout} s: not sent",
+                              [] if worker is None else [worker])
+
+    def post_by(self, post: Callable[[], int], size: int, deadline: float) -> bool:
+        """Wait until at most max_queue bytes are queued, then queue a frame
+        with ``post()`` (a ``post*`` call: bytes queued, or an error code).
+        False, with nothing queued, when ``deadline`` came first."""
+        try:
+            if self.pending() > self.max_queue and not self.wait_room(deadline):
+                return False
+            queued = post()
+            if queued < 0:
+                raise self.send_error(queued, _bindings.MSG_HEADER + size)
+        except PeerGone:
+            raise self.died() from None
+        return True
+
+    def wait_room(self, deadline: float | None = None, limit: int | None = None) -> bool:
+        """Block until at most ``limit`` (default max_queue) bytes are queued;
+        False when the ``time.monotonic()`` deadline came first.  Raises PeerGone when the
+        peer goes away meanwhile.  On the dispatcher thread the sockets are
+        served meanwhile (or two full peers would deadlock)."""
+        bound = self.max_queue if limit is None else limit
+        d = self.dispatcher
+        if d.on_thread:
+            # Watched for room even if the writer thread owns the bytes: its
+            # progress wakes no epoll; an EPOLLOUT here does.
+            self.room_waiters += 1
+            self.arm()
+            try:
+                d.pump_until(lambda: self.closed or self.pending() <= bound,
+                             None if deadline is None else max(0.0, deadline - time.monotonic()))
+            finally:
+                self.room_waiters -= 1
+                self.arm()
+            if self.closed:
+                raise PeerGone(0)
+            return self.pending() <= bound
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        while self.flush() > bound:
+            if deadline is None:
+                poller.poll()
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            poller.poll(left * 1000.0)
+        return True
+
 
 def _shutdown(fd: int) -> None:
     """shutdown(SHUT_RDWR) on a socket fd we keep owning."""
@@ -178,3 +339,83 @@ def _shutdown(fd: int) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     finally:
         sock.detach()
+
+
+def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
+    """``Future.result()``'s hook for a request sent on a channel, run before
+    it waits; returns the timeout left.
+
+    On the dispatcher thread, serve the sockets while waiting.  Elsewhere,
+    when nobody reads the reply's channel, read it in this thread until the
+    reply came (leader/follower: no hand-off from the dispatcher thread).
+    This is the request hot path: one function, bound locals.
+    """
+    ch: Channel = fut._channel
+    d = ch.dispatcher
+    me = threading.get_ident()
+    if me == d.ident:
+        # Its reply may be read by a requester leading the channel: be woken then.
+        fut.add_done_callback(lambda _f: d.wake())
+        d.pump_until(fut.done, timeout)
+        return 0 if timeout is not None else None
+    if ch.closed:
+        return timeout
+    reader = ch.reader
+    if not reader.acquire(False):
+        return timeout  # someone reads it already: they complete fut
+    read = ch.router.read
+    deadline = None if timeout is None else time.monotonic() + timeout
+    done: list[Future[Any]] = []
+    more = False
+    try:
+        if ch.closed or ch.dying or ch.blockers:
+            return timeout  # held back: the dispatcher reads it once released
+        ch.leader = me
+        poll = ch.lep.poll
+        fd = ch.fd
+        # Frames buffered in rx (left by the reader before us, whose
+        # revisit finds us holding the channel): no poll announces them.
+        more = ch.rx.eof() != _EOF
+        while fut._state not in _FUTURE_DONE and not (ch.closed or ch.dying or ch.blockers):
+            if more:
+                ready = [(fd, 0)]
+            elif deadline is None:
+                ready = poll(-1, 2)  # (the socket and the wake fd)
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                ready = poll(left, 2)
+            more = False
+            for rfd, _ev in ready:
+                if rfd == fd:
+                    more = read(ch, 1, done)
+                else:
+                    os.eventfd_read(rfd)
+            if done and fut._state not in _FUTURE_DONE:
+                # Others' replies: their callbacks run on the dispatcher.
+                d.call_soon(functools.partial(run_callbacks, done))
+                done = []
+            if d.inbox:
+                # Messages for the handlers: the dispatcher may have gone
+                # back to sleep on an inbox it found empty (comparing
+                # lengths misses a drain racing with our appends).
+                d.wake()
+    finally:
+        ch.leader = None
+        if ch.closed:
+            ch.release_reader()
+        else:
+            reader.release()
+        # The dispatcher may have stopped watching the channel while we
+        # held it (checked after letting go: see Router.on_channel).
+        if ch.disarmed or ch.arming.locked():
+            with ch.arming:
+                ch.disarmed = False
+                ch.arm_locked()
+        if more:  # left buffered: the dispatcher takes them
+            d.call_next(lambda: ch.router.on_channel(ch, _IN))
+        run_callbacks(done)  # even when interrupted (Ctrl-C): these futures ended
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())

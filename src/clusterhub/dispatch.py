@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 
 from . import sched
 from .handlers import Registry
+from .remote import NoHandler
 
 log = logging.getLogger("clusterhub")
 
@@ -437,7 +438,7 @@ class Dispatcher:
     @staticmethod
     def _unhandled(name: str, reply: Reply | None) -> None:
         if reply is not None:
-            reply(False, _NoHandler(name))
+            reply(False, NoHandler(name))
         else:
             log.debug("no handler for message %r: dropped", name)
 
@@ -502,10 +503,6 @@ def _tid(t: threading.Thread) -> int:
 # Return values that are certainly not futures nor awaitables (skips the
 # costlier checks for the common answers).
 _PLAIN = frozenset((int, float, str, bytes, bool, list, dict, tuple, set))
-
-
-class _NoHandler(Exception):
-    """Internal marker: no handler for a request's name (becomes NoHandlerError)."""
 
 
 def _reply_from_future(f: Any, reply: Reply | None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import logging
 import threading
@@ -197,7 +198,8 @@ class Pending:
     (``fail``, ``fail_peer``, ``fail_all``) or ``Future.cancel``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, call_later: Callable[[float, Callable[[], None]], Any]) -> None:
+        self._call_later = call_later  # (the dispatcher's timers: request timeouts)
         self._ids = itertools.count(1)
         self._by_id: dict[int, Future[Any]] = {}
         self.get = self._by_id.get
@@ -211,11 +213,32 @@ class Pending:
         self._by_id[rid] = fut
         return rid
 
+    def open(
+        self, hook: Any, channel: Any, timeout: Optional[float], callback: Optional[Callback],
+    ) -> tuple[Future[Any], int]:
+        """A new request's future, registered (with its callback, and a
+        timer failing it with TimeoutError after ``timeout`` s): (future, id).
+        ``hook``, ``channel``: see Future."""
+        fut: Future[Any] = Future(hook, channel)
+        rid = self.add(fut)
+        if callback is not None:
+            add_callback(fut, callback)
+        if timeout is not None:
+            timer = self._call_later(
+                timeout, lambda: self.fail(rid, TimeoutError(f"no reply within {timeout} s"))
+            )
+            fut.add_done_callback(lambda _f: timer.cancel())
+        return fut, rid
+
     def ended(self, fut: Future[Any]) -> None:
         """``fut`` ended other than by its reply (cancelled): forget it, and
         wake a thread that may be reading its channel for it."""
         self._by_id.pop(fut._rid, None)
         _wake_leader(fut)
+
+    def reset(self) -> None:
+        """Forget every request (in a fork child: they are the parent's)."""
+        self._by_id.clear()
 
     def discard(self, rid: int) -> None:
         self._by_id.pop(rid, None)
@@ -260,3 +283,32 @@ def _wake_leader(fut: Future[Any]) -> None:
     peer = fut._channel
     if peer is not None and peer.leader is not None and peer.leader != threading.get_ident():
         peer.poke()
+
+
+def gather(
+    parts: list[tuple[int, Future[Any]]], agg: Future[dict[int, Any]]
+) -> Future[dict[int, Any]]:
+    """Complete ``agg`` with ``{id: result or the exception it ended with}``
+    once every part ended (request_workers); cancelling ``agg`` cancels the
+    parts."""
+    results: dict[int, Any] = {}
+    left = [len(parts)]
+    lock = threading.Lock()
+
+    def collect(key: int, f: Future[Any]) -> None:
+        if f.cancelled():
+            return
+        err = f.exception()
+        with lock:
+            results[key] = err if err is not None else f.result()
+            left[0] -= 1
+            done = left[0] == 0
+        if done:
+            resolve(agg, True, {k: results[k] for k, _f in parts})
+
+    for key, f in parts:
+        f.add_done_callback(functools.partial(collect, key))
+    if not parts:
+        resolve(agg, True, {})
+    agg.add_done_callback(lambda a: [f.cancel() for _k, f in parts] if a.cancelled() else None)
+    return agg

@@ -1,0 +1,305 @@
+"""The read path of one process's channels: the router reads a channel and
+routes its frames: replies to the pending table, messages and requests to
+the dispatcher's inbox, a worker's broadcasts to the other workers (in the
+master), and the loss of the peer to the process layer.
+
+``read`` is the receive hot path (see its docstring): a frame costs no
+Python call of its own, so keep its bound locals and inline routing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import select
+from concurrent.futures import InvalidStateError
+from typing import TYPE_CHECKING, Any
+
+from . import _bindings, protocol
+from ._bindings import PeerGone
+from .dispatch import Dispatcher
+from .errors import HubError, MessageTooLarge, PeerDied, WorkerDied
+from .process import Worker
+from .remote import error_body, remote_error
+from .requests import Future, Pending, resolve, run_callbacks
+
+if TYPE_CHECKING:
+    from .channel import Channel
+    from .workers import Processes
+
+log = logging.getLogger("clusterhub")
+
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_INPUT = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_GONE = select.EPOLLHUP | select.EPOLLERR
+_PROTOCOL_ERRORS = (_bindings.MALFORMED, _bindings.TOOBIG)
+_unpack_envelope = protocol.HEADER.unpack_from
+_ENVELOPE = protocol.HEADER.size
+_MSG, _REQ, _RES, _ERR, _BCAST = protocol.MSG, protocol.REQ, protocol.RES, protocol.ERR, protocol.BCAST
+_EOF = _bindings.EOF
+_unpack, _buffer = _bindings.ffi.unpack, _bindings.ffi.buffer  # (to move into _bindings)
+_decode_messages = _bindings.decode_messages
+
+
+class Router:
+    """Reads the channels of one process's hub and routes what arrives."""
+
+    def __init__(self, procs: "Processes", dispatcher: Dispatcher, pending: Pending,
+                 dumps: Any, loads: Any) -> None:
+        self.procs = procs
+        self.dispatcher = dispatcher
+        self.pending = pending
+        self.dumps = dumps
+        self.loads = loads
+        self.peer_stubs: dict[int, Worker] = {}  # (a worker: other workers, as broadcast senders)
+
+    def on_channel(self, ch: Channel, ev: int) -> None:
+        if ch.closed:
+            return
+        if ev & _OUT:
+            try:
+                ch.flush()
+            except PeerGone:
+                self.channel_lost(ch, _bindings.EOF)
+                return
+            if ch.held_back and ch.pending() <= ch.max_queue:
+                self.release_held(ch)
+        if not ev & _INPUT or (ch.blockers and not ev & _GONE):
+            ch.arm()  # (held back: read anyway once the peer is gone)
+        elif ch.reader.acquire(False):
+            done: list[Future[Any]] = []
+            try:
+                more = self.read(ch, 1, done)
+            finally:
+                if ch.blockers or ch.mask != _IN or ch.unowned():
+                    ch.arm()  # (else nothing to change)
+                if ch.closed:
+                    ch.release_reader()  # (it closes the fds)
+                else:
+                    ch.reader.release()
+            if more:  # buffered frames no socket event will announce
+                self.dispatcher.call_next(lambda: self.on_channel(ch, _IN))
+            if done:
+                run_callbacks(done)
+        else:
+            # A requester leads the channel and reads what came.  Level-
+            # triggered, this event would come back until it has: stop
+            # watching meanwhile; the leader restores it as it lets go.
+            with ch.arming:
+                if ch.reader.locked():  # (else it let go: the next poll tells)
+                    ch.disarmed = True
+                    ch.arm_locked()
+
+    def read(self, ch: Channel, rounds: int, done: list[Future[Any]]) -> bool:
+        """Read and route up to ``rounds`` batches of frames from ``ch``.
+
+        The reader holds ``ch.reader``: the requests it completes are added to
+        ``done`` and their callbacks run after it let go of the channel, so a
+        callback may wait for another reply on it (and never runs while the
+        batch's frames are in use).
+
+        Returns True when it stopped with bytes still buffered in ``ch.rx``
+        (more complete frames, or an error that comes after them): no socket
+        event will announce those, so the caller must read again.
+
+        This is the receive hot path: frames are decoded in place, without
+        a view or a call per frame for replies; the plain messages of a
+        burst are decoded by one C call (``decode_messages``), and this
+        loop takes the frames that call leaves (requests, replies,
+        broadcasts, errors), which makes it the reference for both.
+        """
+        ctx = ch.read_ctx
+        if ctx is None:  # (made once: a call's set-up costs as much as a reply)
+            rx = ch.rx
+            inbox = self.dispatcher.inbox
+            ctx = ch.read_ctx = (
+                ch.fd, rx.fill, rx.table, rx.data, rx.eof, self.loads, self.pending,
+                inbox.append, self.procs.is_master, ch.peer, self.reply, rx.addr, inbox.extend,
+                ch.peer if self.procs.is_master else None,  # (a message's sender)
+            )
+        (fd, fill, table, rx_data, eof, loads, pending, inbox_append, is_master, peer,
+         reply_to, rx_addr, inbox_extend, msg_sender) = ctx
+        partial = functools.partial
+        for _ in range(rounds):
+            if ch.closed:
+                return False
+            n = fill(fd)
+            if n <= 0:
+                if n:
+                    self.channel_lost(ch, n)
+                return False
+            offs = _unpack(table, 2 * n)
+            buf = memoryview(_buffer(rx_data(), offs[-2] + offs[-1]))
+            i = 0
+            last = 2 * n
+            while i < last:
+                if n > 1:  # a burst: its plain messages in C, from frame i on
+                    items: list[Any] = []
+                    i = 2 * _decode_messages(rx_addr, i >> 1, n, loads, msg_sender, items)
+                    if items:
+                        inbox_extend(items)
+                    if i == last:
+                        break
+                start = offs[i]
+                end = start + offs[i + 1]
+                i += 2
+                if end - start < _ENVELOPE:
+                    return self.malformed(ch, "frame shorter than the envelope")
+                kind, origin, rid, nlen = _unpack_envelope(buf, start)
+                data_at = start + _ENVELOPE + nlen
+                if data_at > end:
+                    return self.malformed(ch, "name longer than the frame")
+                if kind == _RES:
+                    fut = pending.get(rid)
+                    if fut is None or fut._channel is not ch:
+                        log.debug("dropping a reply to request %d nobody waits for", rid)
+                        continue
+                    pending.pop(rid, None)  # now: its callbacks may run later
+                    try:
+                        value = loads(buf[data_at:end])
+                    except Exception as e:
+                        resolve(fut, False, HubError(f"cannot decode the reply: {e!r}"), done)
+                        continue
+                    try:
+                        fut._finish(value, None)
+                    except InvalidStateError:  # ended meanwhile (cancelled)
+                        continue
+                    done.append(fut)
+                elif kind == _ERR:
+                    pending.complete(ch, rid, False, remote_error(buf[data_at:end]), done)
+                elif _MSG <= kind <= _BCAST:
+                    try:
+                        name = str(buf[start + _ENVELOPE : data_at], "utf-8")
+                    except UnicodeDecodeError:
+                        return self.malformed(ch, "name is not UTF-8")
+                    if is_master:
+                        if kind == _BCAST:
+                            if peer is None or origin != peer.id:
+                                return self.malformed(ch, "broadcast with a forged origin")
+                            self.relay(ch, bytes(buf[start:end]))
+                            continue
+                        sender = peer
+                    elif origin == 0 or kind != _BCAST:
+                        sender = None
+                    else:
+                        sender = self.peer(origin)
+                    try:
+                        data = loads(buf[data_at:end])
+                    except Exception as e:
+                        log.error("cannot decode the data of %r: %r", name, e)
+                        if kind == _REQ:
+                            self.reply(ch, rid, False, e, False)
+                        continue
+                    reply = partial(reply_to, ch, rid) if kind == _REQ else None
+                    inbox_append((name, data, sender, reply))
+                else:
+                    return self.malformed(ch, f"unknown kind {kind}")
+        return not ch.closed and eof() != _EOF
+
+    def malformed(self, ch: Channel, what: str) -> bool:
+        log.debug("malformed envelope: %s", what)
+        self.channel_lost(ch, _bindings.MALFORMED)
+        return False
+
+    def peer(self, wid: int) -> Worker:
+        w = self.peer_stubs.get(wid)
+        if w is None:
+            w = self.peer_stubs[wid] = Worker(wid, hub_key=self.procs.key)
+        return w
+
+    def relay(self, origin: Channel, payload: bytes) -> None:
+        """Pass a worker's broadcast on.  The relay cannot block (it runs
+        where frames are read): a target over max_queue instead holds back
+        the origin's input until it drained, so the origin's sender blocks."""
+        for w in list(self.procs.workers.values()):
+            ch = w.channel
+            if ch is origin or ch is None or ch.closed:
+                continue
+            try:
+                ch.send_frame(payload, wait=False)
+            except PeerDied:
+                continue
+            if ch.pending() > ch.max_queue:
+                ch.held_back.add(origin)
+                origin.blockers.add(ch)
+
+    def release_held(self, ch: Channel) -> None:
+        """``ch`` drained (or closed): read the origins it held back again."""
+        for origin in list(ch.held_back):
+            ch.held_back.discard(origin)
+            origin.blockers.discard(ch)
+            if not origin.blockers and not origin.closed:
+                # Frames may wait in its buffer, which no event announces.
+                self.dispatcher.call_next(functools.partial(self.on_channel, origin, _IN))
+
+    def reply(self, ch: Channel, rid: int, ok: bool, value: Any, wait: bool = True) -> None:
+        """Answer request ``rid`` that came on ``ch`` (bound with functools.partial
+        as an inbox item's ``reply(ok, value)``)."""
+        if ok:
+            try:
+                kind, body = protocol.RES, self.dumps(value)
+            except Exception as e:
+                ok, value = False, e
+        if not ok:
+            kind, body = protocol.ERR, error_body(value)
+        try:
+            left = ch.send_msg(kind, 0, rid, b"", 0, body, len(body))
+            if left:
+                ch.sent_part(left, wait, len(body))
+        except PeerDied:
+            log.debug("reply to request %d dropped: the peer is gone", rid)
+        except MessageTooLarge as e:
+            ch.send_parts(protocol.ERR, 0, rid, b"", error_body(e), False)
+
+    def channel_lost(self, ch: Channel, code: int) -> None:
+        if ch.closed:
+            return
+        w = ch.peer
+        if w is not None and code in _PROTOCOL_ERRORS:
+            # Killed before its channel closes, or it would see that and exit
+            # by itself first.  (Other codes, e.g. a reset or EOF inside a
+            # frame, only mean the worker is gone or going.)
+            log.error("worker %d broke its channel (%s): killing it", w.id, describe(code))
+            w.kill()
+        ch.dying = True
+        ch.poke()
+        self.dispatcher.unregister(ch.fd)
+        ch.close()
+        self.release_held(ch)
+        for target in list(ch.blockers):
+            target.held_back.discard(ch)
+        if w is not None:
+            self.pending.fail_peer(ch, lambda: WorkerDied(f"worker {w.id} has exited"))
+            return
+        if code in _PROTOCOL_ERRORS:
+            log.error("the master broke its channel (%s): treating it as dead", describe(code))
+        self.procs.master_lost()
+
+    def drain_exited(self, w: Worker) -> None:
+        """On the dispatcher, after ``w`` exited: read and route everything it
+        sent (its messages reach the inbox before anything queued after this
+        call), then fail what waits on it."""
+        ch = w.channel
+        if ch is not None and not ch.closed:
+            ch.dying = True
+            ch.poke()  # a requester reading this channel lets go of it
+            done: list[Future[Any]] = []
+            ch.reader.acquire()
+            try:
+                self.read(ch, 1 << 30, done)  # everything it sent is handled first
+            finally:
+                ch.release_reader()
+            self.channel_lost(ch, _bindings.EOF)
+            run_callbacks(done)
+
+
+
+def describe(code: int) -> str:
+    """A channel's error code in words."""
+    return {
+        _bindings.MALFORMED: "malformed frame",
+        _bindings.TOOBIG: "frame over max_message_size",
+        _bindings.TRUNCATED: "closed inside a frame",
+    }.get(code, os.strerror(-code) if code < 0 else str(code))

@@ -1,0 +1,341 @@
+"""The process layer of a local hub: who the processes are and how they are
+joined.
+
+It owns the workers (ids, handles, channels, the exit watcher's pidfds),
+forks them, turns a forked child into a worker, watches the master from a
+worker, and learns of each worker's exit: as soon as the kernel reports it
+(``workers``, ``Worker.join``, ``exitcode``), then, on the dispatcher, after
+everything the worker sent was routed, its ``on_exit`` callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import threading
+import time
+import traceback
+import warnings
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+from . import _bindings, sched
+from ._bindings import PeerGone
+from .channel import Channel
+from .dispatch import Dispatcher
+from .errors import MasterDied, WorkerDied
+from .locks import Locks
+from .process import ExitWatcher, Worker, exit_process, flush_stdio, reap, run_target
+from .requests import Pending
+
+if TYPE_CHECKING:
+    from .router import Router
+
+log = logging.getLogger("clusterhub")
+
+WorkerRef = Union[Worker, int]
+
+# One hub fork at a time in this process: a fork by one thread must not
+# inherit the fresh socketpair of another thread's fork.
+_fork_lock = threading.Lock()
+
+
+def _new_fork_lock() -> None:
+    global _fork_lock
+    _fork_lock = threading.Lock()  # held by the forking thread, maybe: a worker may fork too
+
+
+os.register_at_fork(after_in_child=_new_fork_lock)
+
+
+class Processes:
+    """The master and its forked workers, as this process sees them."""
+
+    def __init__(
+        self, key: Any, dispatcher: Dispatcher, pending: Pending, locks: Locks,
+        max_len: int, max_queue: int, exit_on_master_death: bool,
+    ) -> None:
+        self.key = key  # shared by the master and its workers: Worker pickles name it
+        self.dispatcher = dispatcher
+        self.pending = pending
+        self.locks = locks
+        self.router: "Router"  # set by the hub (the router needs us first)
+        self.max_len = max_len
+        self.max_queue = max_queue
+        self.exit_on_master_death = exit_on_master_death
+        self.pid = os.getpid()
+        self.is_master = True
+        self.worker_id: Optional[int] = None
+        self.closed = False
+        self.state_lock = threading.Lock()
+        self.workers: dict[int, Worker] = {}  # live (the kernel has not reported an exit)
+        self.unsettled: dict[int, Worker] = {}  # forked, on_exit callbacks not yet run
+        # Every Worker handed out, while referenced: a pickled one comes back as itself.
+        self.known: "weakref.WeakValueDictionary[int, Worker]" = weakref.WeakValueDictionary()
+        self.next_id = 1
+        self.exit_callbacks: list[Callable[[Worker], Any]] = []
+        self.master: Optional[Channel] = None  # a worker's channel to its master
+        self.master_gone = threading.Event()  # (a worker: the dispatcher saw the master go)
+        self.exits = ExitWatcher(f"clusterhub-master-{self.pid}-exits", self._exited)
+
+    # ---- the master: forking ------------------------------------------------
+
+    def fork(self, target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+             forking: Callable[[bool], None]) -> Worker:
+        """Fork a worker running ``target``; ``forking(True/False)`` brackets
+        the fork (the hub module marks which hub forks, see hub.py)."""
+        flush_stdio()  # or the child inherits, and prints again, unflushed output
+        # (The exit watcher's lock: a child closes the pidfds it sees.)
+        with _fork_lock, self.state_lock, self.exits.lock:
+            mfd, wfd = _bindings.socketpair()
+            wid = self.next_id
+            self.next_id += 1
+            forking(True)
+            batched = sched.is_batched()  # (forking from a handler: see sched.py)
+            try:
+                with warnings.catch_warnings():
+                    # 3.12+ warns about fork() with threads; ours hold no lock the child needs.
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    pid = os.fork()
+            finally:
+                forking(False)
+            if pid == 0:
+                try:
+                    if batched:
+                        sched.reset()
+                    self._run_worker(wid, mfd, wfd, target, args, kwargs)  # never returns...
+                finally:
+                    os._exit(1)  # ...even if a second Ctrl-C hits its exit path
+            os.close(wfd)
+            w = Worker(wid, pid, self.wait_event, self.key)
+            w.channel = self._channel(mfd, w)
+            self.workers[wid] = w
+            self.unsettled[wid] = w
+            self.known[wid] = w
+            self.exits.watch(w, os.pidfd_open(pid))
+        self.dispatcher.call_soon(w.channel.watch)
+        return w
+
+    def _channel(self, fd: int, peer: Optional[Worker]) -> Channel:
+        ch = Channel(fd, peer, self.max_len, self.max_queue, self.dispatcher, self.router)
+        _bindings.start_writer()  # (a first burst need not wait for its creation)
+        return ch
+
+    # ---- the child: becoming a worker ------------------------------------------
+
+    def _run_worker(
+        self, wid: int, mfd: int, wfd: int, target: Callable[..., Any],
+        args: tuple[Any, ...], kwargs: dict[str, Any],
+    ) -> None:
+        code = 1
+        try:
+            self._become_worker(wid, mfd, wfd)
+            code = run_target(target, args, kwargs)
+            self.flush_master()
+        except KeyboardInterrupt:
+            code = -signal.SIGINT
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            exit_process(code)
+
+    def _become_worker(self, wid: int, mfd: int, wfd: int) -> None:
+        master_pid = self.pid  # still the parent's
+        os.close(mfd)
+        for w in self.workers.values():
+            if w.channel is not None:
+                w.channel.abandon()  # or a sibling would keep the master's end open
+        self.exits.abandon()
+        self.workers = {}
+        self.unsettled = {}
+        self.known = weakref.WeakValueDictionary()
+        self.exit_callbacks = []
+        self.is_master = False
+        self.worker_id = wid
+        self.pid = os.getpid()
+        self.state_lock = threading.Lock()
+        self.pending.reset()
+        self.locks.after_fork_child(wid)
+        d = self.dispatcher
+        d.reinit_after_fork(f"worker-{wid}")
+        self.master = ch = self._channel(wfd, None)
+        self.master_gone = threading.Event()
+        ch.watch()
+        d.start()
+        if self.exit_on_master_death:
+            self._watch_master(master_pid)
+
+    def _watch_master(self, master_pid: int) -> None:
+        """exit_on_master_death must hold while a handler keeps the dispatcher
+        busy: a thread waits for the master to exit and, unless the dispatcher
+        dealt with it within a grace period (it reads the replies already
+        sent), fails the pending requests and exits itself.  It waits on the
+        master's pidfd, not on the socket: a socket wakes every poller on
+        every incoming frame."""
+        try:
+            pidfd: Optional[int] = os.pidfd_open(master_pid)
+        except ProcessLookupError:
+            pidfd = None  # gone already
+
+        def watch() -> None:
+            if pidfd is not None:
+                select.select([pidfd], [], [])
+            if self.master_gone.wait(0.5) or self.closed:
+                return
+            self.pending.fail_all(lambda: MasterDied("the master has died"))
+            exit_process(1)
+
+        threading.Thread(target=watch, name=f"clusterhub-worker-{self.worker_id}-watch",
+                         daemon=True).start()
+
+    def master_lost(self) -> None:
+        """A worker's channel to its master is gone (the router saw it)."""
+        self.master_gone.set()
+        self.pending.fail_all(lambda: MasterDied("the master has died"))
+        if self.exit_on_master_death:
+            exit_process(1)
+
+    def master_channel(self) -> Channel:
+        """A worker's channel to its master; MasterDied once it is gone."""
+        ch = self.master
+        if ch is None or ch.closed:
+            raise MasterDied("the master has died")
+        return ch
+
+    def flush_master(self) -> None:
+        """Block until everything sent to the master is written (or it died)."""
+        ch = self.master
+        if ch is None or ch.closed:
+            return
+        try:
+            ch.wait_room(limit=0)
+        except PeerGone:
+            pass
+
+    # ---- workers' exits --------------------------------------------------------
+
+    def _exited(self, w: Worker) -> None:
+        """On the exit watcher's thread, as soon as the kernel reports the
+        exit: reap, and reflect it (``workers``, ``join``, ``exitcode``); the
+        dispatcher then handles what the worker sent (``_settle``)."""
+        code = reap(w.pid) if w.pid is not None else None
+        with self.state_lock:
+            self.workers.pop(w.id, None)
+        w.set_exited(code)
+        self.dispatcher.call_soon(lambda: self._settle(w))
+
+    def _settle(self, w: Worker) -> None:
+        """On the dispatcher: route all ``w`` sent, then queue its on_exit
+        callbacks behind its messages."""
+        self.router.drain_exited(w)
+        self.dispatcher.inbox.append((None, self._run_exit_callbacks, w, None))
+
+    def _run_exit_callbacks(self, w: Worker) -> None:
+        for cb in list(self.exit_callbacks):
+            try:
+                cb(w)
+            except Exception:
+                log.exception("on_exit callback %r failed", cb)
+        self.unsettled.pop(w.id, None)
+        w.settled.set()
+
+    def wait_event(self, ev: threading.Event, timeout: Optional[float]) -> bool:
+        """Worker.join's wait: on the dispatcher thread, serve the sockets meanwhile."""
+        if self.dispatcher.on_thread:
+            self.dispatcher.pump_until(ev.is_set, timeout)
+            return ev.is_set()
+        return ev.wait(timeout)
+
+    def join(self, timeout: Optional[float]) -> bool:
+        """Wait until every worker exited and was settled (see Hub.join)."""
+        d = self.dispatcher
+        me = threading.get_ident()
+        exits_only = me == d.ident or me == d.handler_ident
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for w in list(self.unsettled.values()):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not (w.join(left) if exits_only else w.settled.wait(left)):
+                return False
+        return True
+
+    # ---- references ---------------------------------------------------------------
+
+    def worker(self, worker: WorkerRef) -> Worker:
+        """The live worker a Worker or id stands for: ValueError if it never
+        was one of ours, WorkerDied once it exited."""
+        if isinstance(worker, Worker):
+            if worker.hub_key != self.key or not 1 <= worker.id < self.next_id:
+                raise ValueError(f"{worker!r} is not a worker of this hub")
+            w = self.workers.get(worker.id)  # (the live one, if a copy came by pickle)
+            if w is None:
+                raise WorkerDied(f"worker {worker.id} has exited")
+        elif isinstance(worker, int) and not isinstance(worker, bool):
+            w = self.workers.get(worker)
+            if w is None:
+                if 1 <= worker < self.next_id:
+                    raise WorkerDied(f"worker {worker} has exited")
+                raise ValueError(f"no worker {worker} in this hub")
+        else:
+            raise TypeError(f"worker must be a Worker or an int id, not {type(worker).__name__}")
+        if w.channel is None or w.channel.closed:
+            raise WorkerDied(f"worker {w.id} has exited")
+        return w
+
+    def resolve(self, wid: int) -> Optional[Worker]:
+        """An unpickled Worker reference: this process's Worker for ``wid``."""
+        if not self.is_master:
+            return self.router.peer(wid)
+        w = self.known.get(wid)
+        if w is None and 1 <= wid < self.next_id:
+            w = Worker(wid, hub_key=self.key)  # long gone: a handle that says so
+            w.set_exited(None)
+        return w
+
+    # ---- the end -------------------------------------------------------------------
+
+    def stop_workers(self, timeout: float) -> Optional[BaseException]:
+        """SIGTERM the live workers (the master) or flush to the master (a
+        worker); SIGKILL those left after ``timeout``.  A KeyboardInterrupt
+        meanwhile kills them at once and is returned, to raise later."""
+        workers = list(self.workers.values())
+        try:
+            if self.is_master:
+                for w in workers:
+                    w.terminate()
+                deadline = time.monotonic() + timeout
+                for w in workers:
+                    if not w.join(max(0.0, deadline - time.monotonic())):
+                        w.kill()
+                for w in workers:
+                    w.join(5.0)
+            else:
+                self.flush_master()
+        except KeyboardInterrupt as e:  # a second Ctrl-C: finish at once
+            for w in workers:
+                w.kill()
+            return e
+        return None
+
+    def close(self) -> None:
+        """Close the channels (after stop_workers, exits.stop and the
+        dispatcher's stop)."""
+        self.closed = True
+        for w in list(self.known.values()):
+            if w.channel is not None:
+                w.channel.close()
+        for w in list(self.unsettled.values()):
+            w.settled.set()  # (a thread waiting in join() gives up on the handlers)
+        if self.master is not None:
+            self.master.close()
+
+    def abandon(self) -> None:
+        """In a child forked by other code: close our copies, touch nothing else."""
+        self.closed = True
+        for w in self.workers.values():
+            if w.channel is not None:
+                w.channel.abandon()
+        self.exits.abandon()
+        if self.master is not None:
+            self.master.abandon()
