@@ -17,8 +17,10 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 UNITS = ("frame", "locktable")  # each has <unit>.c, <unit>.h and cdef_<unit>.h
+HEADERS = ("envelope",)  # header-only (static inline): <name>.h and cdef_<name>.h
 
 PREAMBLE = r"""
+#include "envelope.h"
 #include "frame.h"
 #include "locktable.h"
 
@@ -99,7 +101,7 @@ PREAMBLE += '\n#include "decode.h"\n'
 PREAMBLE_CDEF += """
 int ch_decode_register(const char *module);
 """
-ffi.cdef("\n".join((HERE / f"cdef_{u}.h").read_text() for u in UNITS) + PREAMBLE_CDEF)
+ffi.cdef("\n".join((HERE / f"cdef_{u}.h").read_text() for u in UNITS + HEADERS) + PREAMBLE_CDEF)
 # cffi builds the module for the stable ABI (setuptools' py_limited_api=True,
 # its default except on debug and free-threaded interpreters): one
 # _core.abi3.so, which setup.py tags cp310-abi3 (lockhandle.c and decode.c keep

@@ -1,9 +1,8 @@
-/* What cffi sees of frame.h (contracts are in frame.h). */
+/* What cffi sees of frame.h (contracts are in frame.h; the envelope that
+ * ch_tx_send_msg builds is in cdef_envelope.h). */
 #define CH_FRAME_HEADER 8
 #define CH_FRAME_MAX_LIMIT 2147483647
 #define CH_RX_MAX_FRAMES 1024
-#define CH_MSG_HEADER 15
-#define CH_MSG_NAME_MAX 65535
 #define CH_TX_POST_WINDOW_NS 50000
 #define CH_TX_COALESCE_NS 20000
 #define CH_ERR_EOF ...

@@ -8,9 +8,9 @@
 #include <string.h>
 
 #include "decode.h"
+#include "envelope.h"
 #include "frame.h"
 
-#define KIND_MSG 1
 #ifndef PyBUF_READ /* (in the limited API's headers from 3.11; the value is ABI) */
 #define PyBUF_READ 0x100
 #endif
@@ -40,15 +40,11 @@ static PyObject *decode_messages(PyObject *self, PyObject *const *args, Py_ssize
     size_t last_len = 0;
     PyObject *last_name = NULL;
     for (; i < n; i++) {
-        const uint8_t *f = data + table[2 * i];
-        size_t len = table[2 * i + 1];
-        if (len < CH_MSG_HEADER || f[0] != KIND_MSG)
+        ch_msg m; /* (its origin and request id mean nothing here) */
+        if (ch_msg_parse(data + table[2 * i], table[2 * i + 1], &m) < 0 || m.kind != CH_KIND_MSG)
             break;
-        /* (origin, bytes 1-4, and the request id, 5-12, mean nothing here) */
-        size_t nlen = (size_t)f[13] | (size_t)f[14] << 8;
-        if (CH_MSG_HEADER + nlen > len)
-            break;
-        const uint8_t *name_raw = f + CH_MSG_HEADER;
+        const uint8_t *name_raw = m.name;
+        size_t nlen = m.name_len;
         PyObject *name;
         if (last_name && nlen == last_len && memcmp(name_raw, last_raw, nlen) == 0) {
             Py_INCREF(last_name);
@@ -65,8 +61,7 @@ static PyObject *decode_messages(PyObject *self, PyObject *const *args, Py_ssize
             last_raw = name_raw;
             last_len = nlen;
         }
-        const uint8_t *body = name_raw + nlen;
-        PyObject *view = PyMemoryView_FromMemory((char *)body, (Py_ssize_t)(f + len - body), PyBUF_READ);
+        PyObject *view = PyMemoryView_FromMemory((char *)m.body, (Py_ssize_t)m.body_len, PyBUF_READ);
         if (!view) {
             Py_DECREF(name);
             goto fail;

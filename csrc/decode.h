@@ -24,9 +24,10 @@
  *   out     a list: one (name, data, sender, None) tuple is appended per
  *           frame decoded, name a str decoded from strict UTF-8.
  *
- * Decodes frames i, i+1, ... while each is a plain message (kind 1) whose
- * envelope and name are well-formed and whose body loads without raising;
- * returns the index of the first frame it did not decode (n when all were).
+ * Decodes frames i, i+1, ... while each is a plain message (CH_KIND_MSG of
+ * envelope.h) whose envelope and name are well-formed and whose body loads
+ * without raising; returns the index of the first frame it did not decode
+ * (n when all were).
  * Exceptions from loads or from decoding are cleared: Python redoes that
  * frame and reports them.  Raises (returns NULL) only for bad arguments or
  * no memory; the items appended before stay in `out`.

@@ -1,6 +1,8 @@
 /* frame.c - see frame.h for the wire format and every function's contract. */
 #define _GNU_SOURCE
 #include "frame.h"
+/* For ch_tx_send_msg/post_msg only: the rest of this file frames opaque payloads. */
+#include "envelope.h"
 
 #include <fcntl.h>
 #include <sys/prctl.h>
@@ -790,20 +792,13 @@ static int64_t tx_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_t
 {
     size_t len = CH_MSG_HEADER + name_len + body_len;
     int bad = 0;
-    if (name_len > CH_MSG_NAME_MAX || kind > 0xff)
+    if (name_len > CH_MSG_NAME_MAX || kind > CH_MSG_KIND_MAX)
         bad = -EINVAL;
     else if (len > max_len || len > CH_FRAME_MAX_LIMIT || body_len > CH_FRAME_MAX_LIMIT)
         bad = -EMSGSIZE;
     uint8_t h[CH_FRAME_HEADER + CH_MSG_HEADER];
     put_header(h, (uint32_t)len);
-    uint8_t *e = h + CH_FRAME_HEADER;
-    e[0] = (uint8_t)kind;
-    for (int i = 0; i < 4; i++)
-        e[1 + i] = (uint8_t)(origin >> (8 * i));
-    for (int i = 0; i < 8; i++)
-        e[5 + i] = (uint8_t)(rid >> (8 * i));
-    e[13] = name_len & 0xff;
-    e[14] = (uint8_t)(name_len >> 8);
+    ch_msg_put(h + CH_FRAME_HEADER, kind, origin, rid, name_len);
     struct iovec iov[3] = {{h, sizeof h}, {(void *)name, name_len}, {(void *)body, body_len}};
     return tx_submit(tx, fd, bad, iov, 3, post);
 }

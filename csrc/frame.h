@@ -10,6 +10,11 @@
  * sendmsg() calls as possible; a ch_rx buffers incoming bytes and hands out
  * every complete frame one read brought.
  *
+ * Payloads are opaque bytes to this layer, except in ch_tx_send_msg and
+ * ch_tx_post_msg, which build a payload that starts with the message
+ * envelope of envelope.h (frame.c includes it for them; their callers
+ * include it for CH_MSG_HEADER and CH_MSG_NAME_MAX).
+ *
  * A ch_tx is internally locked (a pthread mutex per tx): threads may call the
  * ch_tx_* functions (all but ch_tx_free) concurrently, and must, since the
  * process-wide writer thread (see ch_tx_post) works on posted txs alongside
@@ -36,11 +41,6 @@
 #define CH_FRAME_MAGIC 0x4843u
 /* Hard ceiling of any frame; a receiver's own maximum may only be lower. */
 #define CH_FRAME_MAX_LIMIT 0x7fffffffu
-/* The message envelope that starts every payload clusterhub sends (see
- * ch_tx_send_msg): kind u8, origin u32, request id u64, name length u16,
- * all little-endian, then the name and the body. */
-#define CH_MSG_HEADER 15
-#define CH_MSG_NAME_MAX 0xffff
 /* ch_rx_read hands out at most this many frames per call. */
 #define CH_RX_MAX_FRAMES 1024
 
@@ -103,11 +103,11 @@ void ch_tx_free(ch_tx *tx);
 int64_t ch_tx_send(ch_tx *tx, int fd, const uint8_t *payload, size_t len, size_t max_len);
 
 /*
- * Like ch_tx_send, for a payload made of a message envelope (CH_MSG_HEADER
- * bytes built here from kind, origin and rid), the name and the body: the
- * three go out in one gathered sendmsg without being copied together first.
- * Also returns -EINVAL for kind > 255 or name_len > CH_MSG_NAME_MAX, and
- * -EMSGSIZE when the whole payload exceeds max_len.
+ * Like ch_tx_send, for a payload made of a message envelope (envelope.h:
+ * CH_MSG_HEADER bytes built here from kind, origin, rid and name_len), the
+ * name and the body: the three go out in one gathered sendmsg without being
+ * copied together first.  Also returns -EINVAL for kind > 255 or name_len >
+ * CH_MSG_NAME_MAX, and -EMSGSIZE when the whole payload exceeds max_len.
  */
 int64_t ch_tx_send_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_t origin,
                        uint64_t rid, const uint8_t *name, size_t name_len,

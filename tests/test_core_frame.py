@@ -748,6 +748,35 @@ def test_socketpair_flags() -> None:
 # ---- messages built in C ------------------------------------------------------
 
 
+def test_envelope_is_the_documented_wire_format() -> None:
+    """csrc/envelope.h, as cffi and protocol see it, is the documented
+    envelope: kind u8, origin u32, request id u64, name length u16,
+    little-endian and packed (a protocol constant: peers depend on it)."""
+    from clusterhub import _bindings, protocol
+
+    assert (protocol.MSG, protocol.REQ, protocol.RES, protocol.ERR, protocol.BCAST) == (1, 2, 3, 4, 5)
+    assert _bindings.MSG_FIELDS == ((0, 1), (1, 4), (5, 8), (13, 2))
+    assert protocol.HEADER.format == "<BIQH"
+    assert protocol.HEADER.size == _bindings.MSG_HEADER == lib.CH_MSG_HEADER == 15
+    assert protocol.NAME_MAX == lib.CH_MSG_NAME_MAX == 0xFFFF
+    assert lib.CH_MSG_KIND_MAX == 0xFF
+
+
+def test_envelope_struct_checks_the_c_layout() -> None:
+    """protocol builds its struct from the C field sizes and refuses (at
+    import) a layout it cannot represent or that disagrees with the size."""
+    from clusterhub import protocol
+
+    assert protocol._header(((0, 1), (1, 4), (5, 8), (13, 2)), 15).format == "<BIQH"
+    assert protocol._header(((0, 2), (2, 8)), 10).format == "<HQ"
+    with pytest.raises(ImportError, match="not packed"):
+        protocol._header(((0, 1), (2, 4)), 6)  # a gap
+    with pytest.raises(ImportError, match="not an integer"):
+        protocol._header(((0, 3),), 3)
+    with pytest.raises(ImportError, match="take 15 bytes, not 16"):
+        protocol._header(((0, 1), (1, 4), (5, 8), (13, 2)), 16)
+
+
 @given(
     kind=st.integers(1, 255),
     origin=st.integers(0, 2**32 - 1),

@@ -1,6 +1,7 @@
 /*
  * fuzz_frame.c - libFuzzer harness for the frame parser (ch_rx_feed /
- * ch_rx_read / ch_rx_eof in csrc/frame.c).
+ * ch_rx_read / ch_rx_eof in csrc/frame.c) and the envelope parser
+ * (ch_msg_parse in csrc/envelope.h) over every frame it hands out.
  *
  * Build and run (csrc/checks.sh does this with a time limit):
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
@@ -25,9 +26,13 @@
  * Each way must hand out exactly the model's frames (same bytes, same
  * order, lengths <= max_len, at most CH_RX_MAX_FRAMES per call, payloads
  * inside the library's buffer: ASan checks every byte compared) and reach
- * the model's final verdict (EOF, TRUNCATED, MALFORMED or TOOBIG).
+ * the model's final verdict (EOF, TRUNCATED, MALFORMED or TOOBIG).  Each
+ * payload handed out is also read as a message envelope, in the library's
+ * buffer, by ch_msg_parse and by a model written from envelope.h's layout:
+ * same verdict, same fields, and ch_msg_put gives back the same bytes.
  */
 #define _GNU_SOURCE
+#include "envelope.h"
 #include "frame.h"
 
 #include <errno.h>
@@ -143,6 +148,34 @@ static size_t next_split(size_t left)
     return c < left ? c : left;
 }
 
+/* The envelope of payload p (len bytes) by ch_msg_parse against the layout
+ * of envelope.h read by hand. */
+static void check_envelope(const uint8_t *p, size_t len)
+{
+    ch_msg m;
+    int r = ch_msg_parse(p, len, &m);
+    size_t nlen = len >= 15 ? (size_t)p[13] | (size_t)p[14] << 8 : 0;
+    if (len < 15 || 15 + nlen > len) {
+        if (r != -EPROTO)
+            FAIL("envelope of %zu bytes (name %zu): parse %d, model -EPROTO", len, nlen, r);
+        return;
+    }
+    if (r != 0)
+        FAIL("envelope of %zu bytes (name %zu): parse %d, model 0", len, nlen, r);
+    uint64_t rid = 0;
+    for (int i = 7; i >= 0; i--)
+        rid = rid << 8 | p[5 + i];
+    if (m.kind != p[0] || m.origin != le32(p + 1) || m.rid != rid)
+        FAIL("envelope fields differ");
+    if (m.name != p + 15 || m.name_len != nlen || m.body != p + 15 + nlen ||
+        m.body_len != len - 15 - nlen)
+        FAIL("envelope name/body differ");
+    uint8_t e[CH_MSG_HEADER];
+    ch_msg_put(e, m.kind, m.origin, m.rid, m.name_len);
+    if (memcmp(e, p, CH_MSG_HEADER) != 0)
+        FAIL("ch_msg_put does not give back the envelope");
+}
+
 /* Check the n frames just handed out against the model's frames from *k on. */
 static void check_frames(ch_rx *rx, int n, const uint8_t *s, const mframe *fr, size_t nfr,
                          size_t *k, size_t max_len)
@@ -161,6 +194,7 @@ static void check_frames(ch_rx *rx, int n, const uint8_t *s, const mframe *fr, s
             FAIL("frame %zu length %u, model %u", *k, len, fr[*k].len);
         if (len && memcmp(data + off, s + fr[*k].off, len) != 0)
             FAIL("frame %zu content differs", *k);
+        check_envelope(data + off, len);
     }
 }
 

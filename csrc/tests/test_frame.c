@@ -11,9 +11,11 @@
  *
  * The frames are encoded here by hand from the wire format in frame.h, not
  * with frame.c's own encoder, so both directions are checked against the
- * documented format.
+ * documented format; so are message envelopes, from envelope.h (whose
+ * helpers test_envelope_helpers checks against that hand encoding).
  */
 #define _GNU_SOURCE
+#include "envelope.h"
 #include "frame.h"
 
 #include <errno.h>
@@ -1546,7 +1548,8 @@ static void put_le32(uint8_t *p, uint32_t v)
         p[i] = (uint8_t)(v >> (8 * i));
 }
 
-/* A message envelope as frame.h documents it; returns CH_MSG_HEADER. */
+/* A message envelope as envelope.h documents it (its layout, by hand, not
+ * its helpers); returns CH_MSG_HEADER. */
 static size_t put_env(uint8_t *e, unsigned kind, uint32_t origin, uint64_t rid, size_t name_len)
 {
     e[0] = (uint8_t)kind;
@@ -1655,6 +1658,63 @@ out:
     close_pair(fds);
     ch_tx_free(tx);
     blobs_free(&rd.got);
+}
+
+/* envelope.h: the documented layout, ch_msg_put as the hand encoding, and
+ * ch_msg_parse's bounds (a whole envelope, the declared name inside). */
+static void test_envelope_helpers(void)
+{
+    /* the wire format (a protocol constant: changing it breaks peers) */
+    CHECK_EQ(CH_MSG_HEADER, 15);
+    CHECK_EQ(CH_MSG_NAME_MAX, 0xffff);
+    CHECK_EQ(CH_MSG_KIND_MAX, 0xff);
+    CHECK(CH_KIND_MSG == 1 && CH_KIND_REQ == 2 && CH_KIND_RES == 3 && CH_KIND_ERR == 4 &&
+          CH_KIND_BCAST == 5);
+    uint8_t want[CH_MSG_HEADER + 64], got[CH_MSG_HEADER + 64];
+    for (int it = 0; it < 2000; it++) {
+        unsigned kind = (unsigned)rnd_below(256);
+        uint32_t origin = (uint32_t)rnd();
+        uint64_t rid = rnd();
+        size_t nlen = it < 4 ? (size_t[]){0, 1, 255, CH_MSG_NAME_MAX}[it] : rnd_below(65536);
+        size_t hl = put_env(want, kind, origin, rid, nlen);
+        memset(got, 0xa5, sizeof got);
+        ch_msg_put(got, kind, origin, rid, nlen);
+        CHECK(hl == CH_MSG_HEADER && memcmp(got, want, CH_MSG_HEADER) == 0);
+        CHECK_EQ(got[CH_MSG_HEADER], 0xa5); /* nothing written past the envelope */
+        CHECK_EQ(ch_msg_kind(want), kind);
+        CHECK_EQ(ch_msg_origin(want), origin);
+        CHECK(ch_msg_rid(want) == rid);
+        CHECK_EQ(ch_msg_name_len(want), nlen);
+    }
+    /* parse: every length of a buffer whose envelope declares a 3-byte name */
+    uint8_t p[CH_MSG_HEADER + 8];
+    put_env(p, CH_KIND_REQ, 7, 0x0102030405060708ULL, 3);
+    memcpy(p + CH_MSG_HEADER, "abcXYZ", 6);
+    for (size_t len = 0; len <= CH_MSG_HEADER + 6; len++) {
+        ch_msg m = {0};
+        int r = ch_msg_parse(p, len, &m);
+        if (len < CH_MSG_HEADER + 3) {
+            CHECK_EQ(r, -EPROTO);
+            continue;
+        }
+        CHECK_EQ(r, 0);
+        CHECK(m.kind == CH_KIND_REQ && m.origin == 7 && m.rid == 0x0102030405060708ULL);
+        CHECK(m.name == p + CH_MSG_HEADER && m.name_len == 3);
+        CHECK(m.body == p + CH_MSG_HEADER + 3 && m.body_len == len - CH_MSG_HEADER - 3);
+    }
+    /* the largest name: accepted only when all of it is there */
+    size_t big = CH_MSG_HEADER + CH_MSG_NAME_MAX + 1;
+    uint8_t *b = malloc(big);
+    REQUIRE(b);
+    memset(b, 'n', big);
+    put_env(b, 200, 0, 0, CH_MSG_NAME_MAX);
+    ch_msg m = {0};
+    CHECK_EQ(ch_msg_parse(b, big - 2, &m), -EPROTO);
+    CHECK_EQ(ch_msg_parse(b, big, &m), 0);
+    CHECK(m.kind == 200 && m.name_len == CH_MSG_NAME_MAX);
+    CHECK(m.body == b + big - 1 && m.body_len == 1);
+    free(b);
+out:;
 }
 
 /* ---- many threads ---- */
@@ -2489,6 +2549,7 @@ static const struct test tests[] = {
     T(test_epipe_sigpipe_default),
     T(test_epipe_with_queued_bytes),
     T(test_socketpair_flags),
+    T(test_envelope_helpers),
     T(test_post_policy),
     T(test_post_threads_order),
     T(test_post_burst_coalesces),

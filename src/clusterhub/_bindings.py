@@ -27,7 +27,6 @@ __all__ = ["ffi", "lib"]
 
 FRAME_HEADER: int = lib.CH_FRAME_HEADER
 FRAME_MAX_LIMIT: int = lib.CH_FRAME_MAX_LIMIT
-MSG_HEADER: int = lib.CH_MSG_HEADER
 KEY_MAX: int = lib.CH_LT_KEY_MAX
 THREAD_MAX_HELD: int = lib.CH_LT_THREAD_MAX_HELD
 RECOVERED: int = lib.CH_LT_RECOVERED
@@ -38,6 +37,23 @@ EOF: int = lib.CH_ERR_EOF
 TRUNCATED: int = lib.CH_ERR_TRUNCATED
 MALFORMED: int = lib.CH_ERR_MALFORMED
 TOOBIG: int = lib.CH_ERR_TOOBIG
+
+# The message envelope (csrc/envelope.h; protocol.py builds its struct from these).
+KIND_MSG: int = lib.CH_KIND_MSG
+KIND_REQ: int = lib.CH_KIND_REQ
+KIND_RES: int = lib.CH_KIND_RES
+KIND_ERR: int = lib.CH_KIND_ERR
+KIND_BCAST: int = lib.CH_KIND_BCAST
+MSG_HEADER: int = lib.CH_MSG_HEADER  # the envelope's size: the name starts here
+MSG_KIND_MAX: int = lib.CH_MSG_KIND_MAX
+MSG_NAME_MAX: int = lib.CH_MSG_NAME_MAX
+# (offset, size) of kind, origin, request id and name length, in wire order.
+MSG_FIELDS: tuple[tuple[int, int], ...] = (
+    (lib.CH_MSG_KIND_AT, lib.CH_MSG_KIND_SIZE),
+    (lib.CH_MSG_ORIGIN_AT, lib.CH_MSG_ORIGIN_SIZE),
+    (lib.CH_MSG_RID_AT, lib.CH_MSG_RID_SIZE),
+    (lib.CH_MSG_NAMELEN_AT, lib.CH_MSG_NAMELEN_SIZE),
+)
 
 # Raw C functions for the lock hot path (see module docstring).  They take a
 # "ref" (one int naming table, slot and key generation; see LockTable.ref), so

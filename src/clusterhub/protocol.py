@@ -5,15 +5,21 @@ serialized data::
 
     kind u8 | origin u32 | request id u64 | name length u16 | name | data
 
+(little-endian).  ``csrc/envelope.h`` defines it, for the C core and for this
+module: the kinds, sizes and field layout below come from it through
+``_bindings``, and :data:`HEADER` is built from the C field sizes (and checked
+against them) at import.
+
 Only the data goes through the user's serializer, so JSON or a custom
 serializer never has to represent our bookkeeping, and the master can relay a
 worker's broadcast without decoding its data.  Error replies carry
 ``[type name, message, traceback, no-handler flag]`` as JSON whatever the
 serializer.
 
-Messages are mostly built in C (``ch_tx_send_msg``/``ch_tx_post_msg``, whose
-CH_MSG_HEADER is this header) and decoded in place by ``Hub._read``;
-:func:`encode` builds the one payload a broadcast sends to every worker.
+Messages are mostly built in C (``ch_tx_send_msg``/``ch_tx_post_msg``) and
+decoded in place by ``Hub._read`` (bursts of plain messages by C's
+``decode_messages``); :func:`encode` builds the one payload a broadcast
+sends to every worker.
 """
 
 from __future__ import annotations
@@ -23,14 +29,35 @@ import pickle
 import struct
 from typing import Any, Callable, Protocol
 
-MSG = 1  # plain message
-REQ = 2  # request, answered by RES or ERR with the same id
-RES = 3  # successful reply
-ERR = 4  # failed reply
-BCAST = 5  # a worker's broadcast, relayed by the master to the other workers
+from . import _bindings
 
-HEADER = struct.Struct("<BIQH")
-NAME_MAX = 0xFFFF
+MSG: int = _bindings.KIND_MSG  # plain message
+REQ: int = _bindings.KIND_REQ  # request, answered by RES or ERR with the same id
+RES: int = _bindings.KIND_RES  # successful reply
+ERR: int = _bindings.KIND_ERR  # failed reply
+BCAST: int = _bindings.KIND_BCAST  # a worker's broadcast, relayed by the master to the other workers
+
+_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}  # unsigned, by size
+
+
+def _header(fields: tuple[tuple[int, int], ...], size: int) -> struct.Struct:
+    """The struct of the envelope's fields ((offset, size) in wire order,
+    unsigned little-endian, packed), checked to end at ``size``."""
+    fmt, at = "<", 0
+    for off, n in fields:
+        if off != at or n not in _CODES:
+            raise ImportError(f"envelope field at {off} of {n} bytes: not packed or not an integer")
+        fmt += _CODES[n]
+        at += n
+    st = struct.Struct(fmt)
+    if st.size != size:
+        raise ImportError(f"envelope fields take {st.size} bytes, not {size}")
+    return st
+
+
+# kind, origin, request id, name length: "<BIQH" (the C sizes decide).
+HEADER = _header(_bindings.MSG_FIELDS, _bindings.MSG_HEADER)
+NAME_MAX: int = _bindings.MSG_NAME_MAX
 
 _pack = HEADER.pack
 
