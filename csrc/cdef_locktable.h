@@ -1,6 +1,7 @@
 /* What cffi sees of locktable.h (contracts are in locktable.h).
- * The blocking calls are declared under their *_nogil wrapper names (defined
- * in build_core.py's preamble), which release the GIL around them. */
+ * The blocking calls (ch_lt_resolve, ch_lt_timedlock, ch_lt_timedlock_ref)
+ * are not here: cffi sees only their *_nogil wrappers (cdef_nogil.h), which
+ * release the GIL around them. */
 #define CH_LT_KEY_MAX 255
 #define CH_LT_THREAD_MAX_HELD 1024
 #define CH_LT_SLOTS_MAX ...
@@ -27,9 +28,7 @@ void ch_lt_after_fork_child(ch_table *t);
 void ch_lt_set_worker_id(ch_table *t, int32_t worker_id);
 int ch_lt_busy(const ch_table *t);
 
-int ch_lt_resolve_nogil(ch_table *t, const uint8_t *key, size_t keylen, uint32_t *slot, uint64_t *gen);
 int ch_lt_trylock(ch_table *t, uint32_t slot, uint64_t gen);
-int ch_lt_timedlock_nogil(ch_table *t, uint32_t slot, uint64_t gen, int64_t deadline_ns);
 int ch_lt_unlock(ch_table *t, uint32_t slot);
 int ch_lt_find(ch_table *t, const uint8_t *key, size_t keylen, uint32_t *slot, uint64_t *gen);
 int ch_lt_is_locked(ch_table *t, uint32_t slot, uint64_t gen);
@@ -43,6 +42,5 @@ int ch_lt_crashpoint_count(void);
 uint64_t ch_lt_ref(const ch_table *t, uint32_t slot, uint64_t gen);
 int ch_lt_trylock_ref(uint64_t ref);
 int ch_lt_unlock_ref(uint64_t ref);
-int ch_lt_timedlock_ref_nogil(uint64_t ref, int64_t deadline_ns);
 int ch_lt_retire(ch_table *t);
 void ch_lt_disable(ch_table *t);

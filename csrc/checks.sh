@@ -7,9 +7,9 @@
 #   2. builds the libFuzzer harnesses in csrc/fuzz/ and runs each for FUZZ_SECONDS
 #      (default 60; 0 = only replay the seed corpus) on a temporary COPY of its
 #      seed corpus, printing executions and coverage;
-#   3. builds the compiled module itself (with its CPython-API units, lockhandle.c
-#      and decode.c) under ASan + UBSan and runs the Python tests that drive those
-#      units in an interpreter with the sanitizer runtimes preloaded.
+#   3. builds the compiled module itself (with its CPython-API units, lockhandle.c,
+#      decode.c and nogil.c) under ASan + UBSan and runs the Python tests that drive
+#      those units in an interpreter with the sanitizer runtimes preloaded.
 #
 # Fails on any compiler warning, test failure, sanitizer report, crash, hang
 # or fuzzer finding (the input that did it is printed in hex).  Installs clang
@@ -166,10 +166,10 @@ done
 [ "$failed" = 0 ] || exit 1
 
 # ---- the compiled module's CPython-API units under ASan + UBSan ------------------
-# lockhandle.c and decode.c need an interpreter, so no pure-C driver or libFuzzer
-# harness runs them: build clusterhub._core itself with the sanitizers (with gcc,
-# as pip does), preload their runtimes into the interpreter, and run the tests
-# that drive those units, decode's model test with CH_DECODE_EXAMPLES examples.
+# lockhandle.c, decode.c and nogil.c need an interpreter, so no pure-C driver or
+# libFuzzer harness runs them: build clusterhub._core itself with the sanitizers
+# (with gcc, as pip does), preload their runtimes into the interpreter, and run the
+# tests that drive those units, decode's model test with CH_DECODE_EXAMPLES examples.
 PYTHON=${PYTHON:-python}
 mod="$tmp/module"
 log "clusterhub._core under ASan+UBSan (gcc): tests/test_decode.py, test_locks.py, test_core_locks.py"

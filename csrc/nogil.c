@@ -1,0 +1,55 @@
+/* nogil.c - the *_nogil wrappers of clusterhub._core (contract in nogil.h). */
+
+#include <pyconfig.h>
+/* The stable ABI at the 3.10 level, as lockhandle.c (which says why). */
+#if !defined(Py_DEBUG) && !defined(Py_TRACE_REFS) && !defined(Py_REF_DEBUG) && \
+    !defined(Py_GIL_DISABLED)
+#define Py_LIMITED_API 0x030A0000
+#endif
+#include <Python.h>
+
+#include <errno.h>
+
+#include "nogil.h"
+
+int ch_lt_timedlock_nogil(ch_table *t, uint32_t slot, uint64_t gen, int64_t deadline_ns)
+{
+    PyThreadState *ts = PyEval_SaveThread();
+    int r = ch_lt_timedlock(t, slot, gen, deadline_ns);
+    PyEval_RestoreThread(ts);
+    return r;
+}
+
+int ch_lt_resolve_nogil(ch_table *t, const uint8_t *key, size_t keylen, uint32_t *slot,
+                        uint64_t *gen)
+{
+    if (!ch_lt_enter(ch_lt_ref(t, CH_LT_SLOT_NONE, 0)))
+        return -EBADF;
+    PyThreadState *ts = PyEval_SaveThread();
+    int r = ch_lt_resolve(t, key, keylen, slot, gen);
+    PyEval_RestoreThread(ts);
+    ch_lt_leave(t);
+    return r;
+}
+
+int ch_lt_timedlock_ref_nogil(uint64_t ref, int64_t deadline_ns)
+{
+    ch_table *t = ch_lt_enter(ref);
+    if (!t)
+        return -EBADF;
+    PyThreadState *ts = PyEval_SaveThread();
+    int r = ch_lt_timedlock_ref(t, ref, deadline_ns);
+    PyEval_RestoreThread(ts);
+    ch_lt_leave(t);
+    return r;
+}
+
+int64_t ch_tx_send_msg_nogil(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_t origin,
+                             uint64_t rid, const uint8_t *name, size_t name_len,
+                             const uint8_t *body, size_t body_len)
+{
+    PyThreadState *ts = PyEval_SaveThread();
+    int64_t r = ch_tx_send_msg(tx, fd, max_len, kind, origin, rid, name, name_len, body, body_len);
+    PyEval_RestoreThread(ts);
+    return r;
+}
