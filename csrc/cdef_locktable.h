@@ -36,6 +36,7 @@ int ch_lt_slot_info(ch_table *t, uint32_t slot, ch_lt_info *out);
 int ch_lt_check(ch_table *t);
 int64_t ch_monotonic_ns(void);
 
+/* Test-only crash injection, shipped on purpose: locktable.h says why. */
 void ch_lt_set_crashpoint(int n);
 int ch_lt_crashpoint_count(void);
 
