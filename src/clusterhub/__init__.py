@@ -24,8 +24,8 @@ from .errors import (
     SendTimeout,
     WorkerDied,
 )
-from .hub import HeldLock, Hub
-from .locks import Lock
+from .hub import Hub
+from .locks import HeldLock, Lock
 from .process import Worker
 from .requests import Future
 

@@ -13,29 +13,23 @@ import itertools
 import logging
 import os
 import random
-import threading
-import time
 import weakref
-from numbers import Real
-from typing import Any, Callable, NamedTuple, Optional, ParamSpec, TypeVar, Union, overload
+from typing import Any, Callable, Optional, ParamSpec, TypeVar, Union, overload
 
-from . import _bindings, process, protocol, sched
+from . import _bindings, protocol, sched
 from .channel import Channel, wait_reply
+from .checks import check_callback, check_int, check_timeout
 from .dispatch import Dispatcher
 from .errors import (
     HubClosedError,
-    HubError,
     MasterDied,
     NotMasterError,
     NoWorkersError,
-    PeerDied,
-    SendTimeout,
     WorkerDied,
 )
-from .locks import Lock, Locks
+from .locks import HeldLock, Lock, Locks
 from .process import Worker
-from .remote import as_remote_error
-from .requests import Callback, Future, Pending, add_callback, gather
+from .requests import Callback, Future, Pending, gather
 from .router import Router
 from .workers import Processes, WorkerRef
 
@@ -63,14 +57,6 @@ _hub_serial = itertools.count(1)  # (with the master's pid: a hub's key)
 _forking: Optional["Hub"] = None  # the hub whose fork() is in progress
 
 
-class HeldLock(NamedTuple):
-    """One entry of ``Hub.held_locks()``."""
-
-    key: bytes
-    pid: int
-    worker_id: Optional[int]
-
-
 def _after_fork_in_child() -> None:
     sched.forget()
     for hub in list(_hubs):
@@ -79,18 +65,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _resolve_worker(key: Any, wid: int) -> Optional[Worker]:
-    """An unpickled Worker reference: this process's Worker for ``wid`` in
-    the hub with ``key`` (see Worker.__reduce__)."""
-    for hub in list(_hubs):
-        if hub._procs.key == key and not hub._closed:
-            return hub._procs.resolve(wid)
-    return None
-
-
-process.resolve_worker = _resolve_worker
 
 
 class Hub:
@@ -126,9 +100,9 @@ class Hub:
         exit_on_master_death: bool = True,
         batch_dispatcher: bool = True,
     ) -> None:
-        _check_int("max_message_size", max_message_size, 1, _bindings.FRAME_MAX_LIMIT)
-        _check_int("max_queue", max_queue, 0, None)
-        _check_int("lock_slots", lock_slots, 1, None)
+        check_int("max_message_size", max_message_size, 1, _bindings.FRAME_MAX_LIMIT)
+        check_int("max_queue", max_queue, 0, None)
+        check_int("lock_slots", lock_slots, 1, None)
         self._dumps, self._loads = protocol.serializer_functions(serializer)
         if not isinstance(exit_on_master_death, bool):
             raise TypeError("exit_on_master_death must be True or False")
@@ -138,12 +112,11 @@ class Hub:
         pid = os.getpid()
         self._locks = Locks(lock_slots)
         self._dispatcher = Dispatcher(f"master-{pid}", batch_dispatcher)
-        self._pending = Pending(self._dispatcher.call_later)
+        self._pending = Pending(self._dispatcher, wait_reply)
         self._procs = Processes((pid, next(_hub_serial)), self._dispatcher, self._pending,
                                 self._locks, max_message_size, max_queue, exit_on_master_death)
         self._router = self._procs.router = Router(self._procs, self._dispatcher, self._pending,
                                                    self._dumps, self._loads)
-        self._local_hook = self._wait_local  # (bound once: made per request otherwise)
         self._dispatcher.start()
         _hubs.add(self)
 
@@ -262,12 +235,12 @@ class Hub:
         """
         if self._closed:
             return
-        _check_timeout(timeout)  # before anything is stopped
+        check_timeout(timeout)  # before anything is stopped
         self._locks.retire()  # LockError while a thread holds or waits; else no new lock use
         procs = self._procs
         interrupted = procs.stop_workers(timeout)
         self._closed = True
-        procs.exits.stop()  # (quick: it runs no user code)
+        procs.stop_watching()
         try:
             finished = self._dispatcher.stop(_HANDLER_GRACE)
         except KeyboardInterrupt as e:  # (it cleaned up before letting it through)
@@ -335,7 +308,7 @@ class Hub:
         if self._closed:
             self._check()
         if timeout is not None:
-            _check_timeout(timeout)
+            check_timeout(timeout)
         procs = self._procs
         if procs.is_master:
             protocol.encode_name(name)
@@ -364,7 +337,7 @@ class Hub:
         """Send a message to one worker (master only)."""
         self._check_master("send_to_worker")
         if timeout is not None:
-            _check_timeout(timeout)
+            check_timeout(timeout)
         w = self._procs.worker(worker)
         nb = protocol.encode_name(name)
         body = self._dumps(data)
@@ -386,7 +359,7 @@ class Hub:
         """
         self._check()
         if timeout is not None:
-            _check_timeout(timeout)
+            check_timeout(timeout)
         procs = self._procs
         if not procs.is_master:
             nb = protocol.encode_name(name)
@@ -399,47 +372,7 @@ class Hub:
                 post = functools.partial(ch.post_msg, _BCAST, origin, 0, nb, len(nb), body, len(body))
                 ch.post_timed(post, len(nb) + len(body), timeout)
             return
-        payload = self._encode(name, data)
-        n = len(payload)
-        full: list[Worker] = []  # (with a timeout: waited for after the others got it)
-        for w in list(procs.workers.values()):
-            wch = w.channel
-            if wch is None:
-                continue
-            if timeout is not None and wch.pending() > wch.max_queue:
-                full.append(w)
-                continue
-            queued = wch.post(payload, n, wch.max_len)
-            if queued < 0 or (timeout is None and queued > wch.max_queue):
-                try:
-                    wch.post_backlog(queued, n - _bindings.MSG_HEADER)
-                except WorkerDied:
-                    pass  # it is exiting; on_exit will report it
-        if full:
-            assert timeout is not None
-            self._broadcast_late(full, payload, timeout)
-
-    def _broadcast_late(self, full: list[Worker], payload: bytes, timeout: float) -> None:
-        """The rest of a broadcast with a timeout: to the workers whose queue
-        was full, as they make room, until ``timeout``."""
-        deadline = time.monotonic() + timeout
-        n = len(payload)
-        unreached = []
-        for w in full:
-            ch = w.channel
-            assert ch is not None
-            try:
-                post = functools.partial(ch.post, payload, n, ch.max_len)
-                if not ch.post_by(post, n - _bindings.MSG_HEADER, deadline):
-                    unreached.append(w)
-            except WorkerDied:
-                pass
-        if unreached:
-            ids = ", ".join(str(w.id) for w in unreached)
-            raise SendTimeout(
-                f"broadcast not sent to worker(s) {ids}: their queue stayed full for {timeout} s",
-                unreached,
-            )
+        self._procs.broadcast(self._encode(name, data), timeout)
 
     def send_to_random_worker(
         self, name: str, data: Any = None, *, timeout: Optional[float] = None
@@ -448,24 +381,8 @@ class Hub:
         there is none (master only)."""
         self._check_master("send_to_random_worker")
         if timeout is not None:
-            _check_timeout(timeout)
-        payload = self._encode(name, data)
-        candidates = list(self._procs.workers.values())
-        random.shuffle(candidates)
-        for w in candidates:
-            ch = w.channel
-            if ch is None:
-                continue
-            try:
-                if timeout is None:
-                    ch.post_frame(payload)
-                else:
-                    post = functools.partial(ch.post, payload, len(payload), ch.max_len)
-                    ch.post_timed(post, len(payload) - _bindings.MSG_HEADER, timeout, w)
-                return w
-            except WorkerDied:
-                continue
-        return None
+            check_timeout(timeout)
+        return self._procs.send_random(self._encode(name, data), timeout)
 
     def _encode(self, name: str, data: Any) -> bytes:
         """A whole message frame from the master (broadcasts, random picks)."""
@@ -474,7 +391,7 @@ class Hub:
 
     # ---- requests -------------------------------------------------------
     # (The request hot path, worker -> master -> worker, is request_master,
-    # _request, and the result() hook channel.wait_reply: a Python call costs.)
+    # Pending.send, and the result() hook channel.wait_reply: a Python call costs.)
 
     def request_master(
         self, name: str, data: Any = None, *,
@@ -485,8 +402,8 @@ class Hub:
             self._check()
         procs = self._procs
         if procs.is_master:
-            return self._request_local(name, data, timeout, callback)
-        return self._request(procs.master, name, self._dumps(data), timeout, callback)
+            return self._pending.local(name, data, timeout, callback)
+        return self._pending.send(procs.master, procs.worker_id or 0, name, self._dumps(data), timeout, callback)
 
     def request_worker(
         self, worker: WorkerRef, name: str, data: Any = None, *,
@@ -495,7 +412,7 @@ class Hub:
         """Ask one worker's handlers (master only)."""
         self._check_master("request_worker")
         w = self._procs.worker(worker)
-        return self._request(w.channel, name, self._dumps(data), timeout, callback)
+        return self._pending.send(w.channel, 0, name, self._dumps(data), timeout, callback)
 
     def request_random_worker(
         self, name: str, data: Any = None, *,
@@ -507,8 +424,8 @@ class Hub:
         body = self._dumps(data)
         live = [w for w in self._procs.workers.values() if w.channel and not w.channel.closed]
         if not live:
-            return self._failed(NoWorkersError("no live worker"), callback)
-        return self._request(random.choice(live).channel, name, body, timeout, callback)
+            return self._pending.failed(NoWorkersError("no live worker"), callback)
+        return self._pending.send(random.choice(live).channel, 0, name, body, timeout, callback)
 
     def request_workers(
         self, name: str, data: Any = None, *,
@@ -519,92 +436,17 @@ class Hub:
         self._check_master("request_workers")
         body = self._dumps(data)
         protocol.encode_name(name)
-        _check_timeout(timeout)
+        check_timeout(timeout)
         if callback is not None:
-            _check_callback(callback)
+            check_callback(callback)
         parts: list[tuple[int, Future[Any]]] = []
         for w in sorted(self._procs.workers.values(), key=lambda w: w.id):
             try:
-                sub = self._request(w.channel, name, body, timeout, None)
+                sub = self._pending.send(w.channel, 0, name, body, timeout, None)
             except WorkerDied as e:
-                sub = self._failed(e, None)
+                sub = self._pending.failed(e, None)
             parts.append((w.id, sub))
-        agg: Future[dict[int, Any]] = Future(self._local_hook)
-        if callback is not None:
-            add_callback(agg, callback)
-        return gather(parts, agg)
-
-    def _failed(self, exc: BaseException, callback: Optional[Callback]) -> Future[Any]:
-        fut: Future[Any] = Future(self._local_hook)
-        if callback is not None:
-            _check_callback(callback)
-            add_callback(fut, callback)
-        fut.set_exception(exc)
-        return fut
-
-    def _request(
-        self, ch: Optional[Channel], name: str, body: bytes,
-        timeout: Optional[float], callback: Optional[Callback],
-    ) -> Future[Any]:
-        if timeout is None and callback is None:  # (the common case, inline)
-            try:
-                nb = _known_names[name]
-            except (KeyError, TypeError):
-                nb = protocol.encode_name(name)  # (checks it)
-            fut: Future[Any] = Future(wait_reply, ch)
-            rid = self._pending.add(fut)
-        else:
-            nb = protocol.encode_name(name)
-            _check_timeout(timeout)
-            if callback is not None:
-                _check_callback(callback)
-            fut, rid = self._pending.open(wait_reply, ch, timeout, callback)
-        if ch is None:  # a worker whose master is gone
-            self._pending.fail(rid, MasterDied("the master has died"))
-            return fut
-        left = ch.send_request(_REQ, self._procs.worker_id or 0, rid, nb, len(nb), body, len(body))
-        if left:
-            try:
-                ch.sent_part(left, True, len(nb) + len(body))
-            except PeerDied as e:
-                self._pending.fail(rid, e)
-            except BaseException:
-                self._pending.discard(rid)
-                raise
-        return fut
-
-    def _request_local(
-        self, name: str, data: Any, timeout: Optional[float], callback: Optional[Callback]
-    ) -> Future[Any]:
-        protocol.encode_name(name)
-        _check_timeout(timeout)
-        if callback is not None:
-            _check_callback(callback)
-        fut, rid = self._pending.open(self._local_hook, None, timeout, callback)
-        fut._local = True
-
-        def reply(ok: bool, value: Any) -> None:
-            self._pending.complete(None, rid, ok, value if ok else as_remote_error(value))
-
-        self._dispatcher.post((name, data, None, reply))
-        return fut
-
-    def _wait_local(self, fut: Future[Any], timeout: Optional[float]) -> Optional[float]:
-        """``Future.result()``'s hook for a future answered in this process:
-        refuse a wait that could never end; on the dispatcher thread, serve
-        the sockets meanwhile.  Returns the timeout left."""
-        d = self._dispatcher
-        me = threading.get_ident()
-        if fut._local and me == d.handler_ident:
-            raise HubError(
-                "waiting here for a request to this process's own handlers would "
-                "never end: they run on this very thread (use a callback or await)"
-            )
-        if me == d.ident:
-            fut.add_done_callback(lambda _f: d.wake())
-            d.pump_until(fut.done, timeout)
-            return 0 if timeout is not None else None
-        return timeout
+        return gather(parts, self._pending.failed(None, callback))
 
     # ---- asyncio --------------------------------------------------------
 
@@ -645,24 +487,3 @@ class Hub:
         self._check()
         if not self._procs.is_master:
             raise NotMasterError(f"{what} is for the master only")
-
-
-def _check_int(name: str, value: Any, lo: int, hi: Optional[int]) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be between {lo} and {hi}" if hi else f"{name} must be >= {lo}")
-
-
-def _check_timeout(timeout: Optional[float]) -> None:
-    if timeout is None:
-        return
-    if not isinstance(timeout, Real) or isinstance(timeout, bool):
-        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
-    if timeout < 0 or timeout != timeout:
-        raise ValueError("timeout must be >= 0")
-
-
-def _check_callback(callback: Any) -> None:
-    if not callable(callback):
-        raise TypeError("callback must be callable as callback(error, result)")

@@ -29,10 +29,11 @@ import errno
 import logging
 import threading
 import weakref
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 from . import _bindings
 from ._bindings import LockBase, LockTable, lock_error
+from .checks import check_timeout
 from .errors import HubClosedError, LockError, LockTimeout
 
 _trylock = _bindings.lt_trylock
@@ -76,13 +77,9 @@ def _inserted(code: int) -> int:
 
 
 def _check_timeout(timeout: Optional[float]) -> Optional[float]:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
-    if not timeout >= 0:
-        raise ValueError("timeout must be >= 0")
-    return None if timeout > _FOREVER else timeout
+    """checks.check_timeout's rule; beyond _FOREVER it means no limit."""
+    t = check_timeout(timeout)
+    return None if t is None or t > _FOREVER else t
 
 
 def _check_acquire_timeout(timeout: Optional[float]) -> Optional[float]:
@@ -96,6 +93,14 @@ def _check_acquire_timeout(timeout: Optional[float]) -> Optional[float]:
 
 
 _FOREVER = float(_bindings.LOCK_FOREVER_S)  # s (31 years): longer means no limit (also in C)
+
+
+class HeldLock(NamedTuple):
+    """One entry of ``Hub.held_locks()``."""
+
+    key: bytes
+    pid: int
+    worker_id: Optional[int]
 
 
 class Locks:

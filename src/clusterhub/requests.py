@@ -15,6 +15,11 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Generator, Optional, TypeVar
 
+from . import protocol
+from .checks import check_callback, check_timeout
+from .errors import HubError, MasterDied, PeerDied
+from .remote import as_remote_error
+
 log = logging.getLogger("clusterhub")
 
 Callback = Callable[[Optional[BaseException], Any], None]
@@ -198,8 +203,10 @@ class Pending:
     (``fail``, ``fail_peer``, ``fail_all``) or ``Future.cancel``.
     """
 
-    def __init__(self, call_later: Callable[[float, Callable[[], None]], Any]) -> None:
-        self._call_later = call_later  # (the dispatcher's timers: request timeouts)
+    def __init__(self, dispatcher: Any, remote_hook: Callable[[Future[Any], Optional[float]], Optional[float]]) -> None:
+        self._dispatcher = dispatcher  # its timers (timeouts) and thread (a wait there pumps)
+        self._remote_hook = remote_hook  # result()'s hook for a reply on a channel
+        self._local_hook = self._wait_local  # (bound once: made per request otherwise)
         self._ids = itertools.count(1)
         self._by_id: dict[int, Future[Any]] = {}
         self.get = self._by_id.get
@@ -224,11 +231,94 @@ class Pending:
         if callback is not None:
             add_callback(fut, callback)
         if timeout is not None:
-            timer = self._call_later(
+            timer = self._dispatcher.call_later(
                 timeout, lambda: self.fail(rid, TimeoutError(f"no reply within {timeout} s"))
             )
             fut.add_done_callback(lambda _f: timer.cancel())
         return fut, rid
+
+    # ---- requests: sent on a channel, to this process's handlers, or failed at once
+
+    def send(
+        self, ch: Any, origin: int, name: str, body: bytes,
+        timeout: Optional[float], callback: Optional[Callback],
+    ) -> Future[Any]:
+        """Send a request on channel ``ch`` (None: a worker whose master is
+        gone) from worker ``origin`` (0: the master); its future."""
+        if timeout is None and callback is None:  # (the common case, inline)
+            try:
+                nb = protocol.known_names[name]
+            except (KeyError, TypeError):
+                nb = protocol.encode_name(name)  # (checks it)
+            fut: Future[Any] = Future(self._remote_hook, ch)
+            rid = self.add(fut)
+        else:
+            nb = protocol.encode_name(name)
+            check_timeout(timeout)
+            if callback is not None:
+                check_callback(callback)
+            fut, rid = self.open(self._remote_hook, ch, timeout, callback)
+        if ch is None:
+            self.fail(rid, MasterDied("the master has died"))
+            return fut
+        left = ch.send_request(protocol.REQ, origin, rid, nb, len(nb), body, len(body))
+        if left:
+            try:
+                ch.sent_part(left, True, len(nb) + len(body))
+            except PeerDied as e:
+                self.fail(rid, e)
+            except BaseException:
+                self.discard(rid)
+                raise
+        return fut
+
+    def local(
+        self, name: str, data: Any, timeout: Optional[float], callback: Optional[Callback]
+    ) -> Future[Any]:
+        """A request to this process's own handlers (the master's
+        request_master): posted to the dispatcher, not serialized."""
+        protocol.encode_name(name)
+        check_timeout(timeout)
+        if callback is not None:
+            check_callback(callback)
+        fut, rid = self.open(self._local_hook, None, timeout, callback)
+        fut._local = True
+
+        def reply(ok: bool, value: Any) -> None:
+            self.complete(None, rid, ok, value if ok else as_remote_error(value))
+
+        self._dispatcher.post((name, data, None, reply))
+        return fut
+
+    def failed(self, exc: Optional[BaseException], callback: Optional[Callback]) -> Future[Any]:
+        """A future that is not a request: failed with ``exc`` at once, or
+        (``exc`` None) pending, for the caller to complete."""
+        fut: Future[Any] = Future(self._local_hook)
+        if callback is not None:
+            check_callback(callback)
+            add_callback(fut, callback)
+        if exc is not None:
+            fut.set_exception(exc)
+        return fut
+
+    def _wait_local(self, fut: Future[Any], timeout: Optional[float]) -> Optional[float]:
+        """``Future.result()``'s hook for a future completed in this process:
+        refuse a wait that could never end; on the dispatcher thread, serve
+        the sockets meanwhile.  Returns the timeout left."""
+        d = self._dispatcher
+        me = threading.get_ident()
+        if fut._local and me == d.handler_ident:
+            raise HubError(
+                "waiting here for a request to this process's own handlers would "
+                "never end: they run on this very thread (use a callback or await)"
+            )
+        if me == d.ident:
+            fut.add_done_callback(lambda _f: d.wake())
+            d.pump_until(fut.done, timeout)
+            return 0 if timeout is not None else None
+        return timeout
+
+    # ---- bookkeeping --------------------------------------------------------
 
     def ended(self, fut: Future[Any]) -> None:
         """``fut`` ended other than by its reply (cancelled): forget it, and

@@ -10,8 +10,10 @@ everything the worker sent was routed, its ``on_exit`` callbacks.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import random
 import select
 import signal
 import threading
@@ -21,11 +23,11 @@ import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-from . import _bindings, sched
+from . import _bindings, process, sched
 from ._bindings import PeerGone
 from .channel import Channel
 from .dispatch import Dispatcher
-from .errors import MasterDied, WorkerDied
+from .errors import MasterDied, SendTimeout, WorkerDied
 from .locks import Locks
 from .process import ExitWatcher, Worker, exit_process, flush_stdio, reap, run_target
 from .requests import Pending
@@ -48,6 +50,22 @@ def _new_fork_lock() -> None:
 
 
 os.register_at_fork(after_in_child=_new_fork_lock)
+
+
+# The process layers of this process's open hubs (Worker pickles name one by key).
+_layers: "weakref.WeakSet[Processes]" = weakref.WeakSet()
+
+
+def _resolve_worker(key: Any, wid: int) -> Optional[Worker]:
+    """An unpickled Worker reference: this process's Worker for ``wid`` in
+    the hub with ``key`` (see Worker.__reduce__)."""
+    for layer in list(_layers):
+        if layer.key == key and not layer.closed:
+            return layer.resolve(wid)
+    return None
+
+
+process.resolve_worker = _resolve_worker
 
 
 class Processes:
@@ -79,6 +97,7 @@ class Processes:
         self.master: Optional[Channel] = None  # a worker's channel to its master
         self.master_gone = threading.Event()  # (a worker: the dispatcher saw the master go)
         self.exits = ExitWatcher(f"clusterhub-master-{self.pid}-exits", self._exited)
+        _layers.add(self)
 
     # ---- the master: forking ------------------------------------------------
 
@@ -260,6 +279,67 @@ class Processes:
                 return False
         return True
 
+    # ---- messages to several workers (the master) ------------------------------------
+
+    def broadcast(self, payload: bytes, timeout: Optional[float]) -> None:
+        """Post a whole message frame to every live worker.  With ``timeout``,
+        the workers whose queue is full get it last, as they make room, until
+        ``timeout``: SendTimeout then names those it did not reach."""
+        n = len(payload)
+        full: list[Worker] = []
+        for w in list(self.workers.values()):
+            ch = w.channel
+            if ch is None:
+                continue
+            if timeout is not None and ch.pending() > ch.max_queue:
+                full.append(w)
+                continue
+            queued = ch.post(payload, n, ch.max_len)
+            if queued < 0 or (timeout is None and queued > ch.max_queue):
+                try:
+                    ch.post_backlog(queued, n - _bindings.MSG_HEADER)
+                except WorkerDied:
+                    pass  # it is exiting; on_exit will report it
+        if not full:
+            return
+        assert timeout is not None
+        deadline = time.monotonic() + timeout
+        unreached = []
+        for w in full:
+            ch = w.channel
+            assert ch is not None
+            try:
+                post = functools.partial(ch.post, payload, n, ch.max_len)
+                if not ch.post_by(post, n - _bindings.MSG_HEADER, deadline):
+                    unreached.append(w)
+            except WorkerDied:
+                pass
+        if unreached:
+            ids = ", ".join(str(w.id) for w in unreached)
+            raise SendTimeout(
+                f"broadcast not sent to worker(s) {ids}: their queue stayed full for {timeout} s",
+                unreached,
+            )
+
+    def send_random(self, payload: bytes, timeout: Optional[float]) -> Optional[Worker]:
+        """Post a whole message frame to one live worker chosen at random; it, or None."""
+        candidates = list(self.workers.values())
+        random.shuffle(candidates)
+        for w in candidates:
+            ch = w.channel
+            if ch is None:
+                continue
+            try:
+                if timeout is None:
+                    ch.post_frame(payload)
+                else:
+                    post = functools.partial(ch.post, payload, len(payload), ch.max_len)
+                    ch.post_timed(post, len(payload) - _bindings.MSG_HEADER, timeout, w)
+                return w
+            except WorkerDied:
+                continue
+        return None
+
     # ---- references ---------------------------------------------------------------
 
     def worker(self, worker: WorkerRef) -> Worker:
@@ -318,9 +398,12 @@ class Processes:
             return e
         return None
 
+    def stop_watching(self) -> None:
+        """Stop learning of exits (close, after stop_workers)."""
+        self.exits.stop()  # (quick: it runs no user code)
+
     def close(self) -> None:
-        """Close the channels (after stop_workers, exits.stop and the
-        dispatcher's stop)."""
+        """Close the channels (after stop_watching and the dispatcher's stop)."""
         self.closed = True
         for w in list(self.known.values()):
             if w.channel is not None:
