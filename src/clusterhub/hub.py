@@ -17,7 +17,7 @@ import weakref
 from typing import Any, Callable, Optional, ParamSpec, TypeVar, Union, overload
 
 from . import _bindings, protocol, sched
-from .channel import Channel, wait_reply
+from .channel import wait_reply
 from .checks import check_callback, check_int, check_timeout
 from .dispatch import Dispatcher
 from .errors import (
@@ -31,6 +31,7 @@ from .locks import HeldLock, Lock, Locks
 from .process import Worker
 from .requests import Callback, Future, Pending, gather
 from .router import Router
+from .transport import Endpoint, Transport
 from .workers import Processes, WorkerRef
 
 log = logging.getLogger("clusterhub")
@@ -113,10 +114,11 @@ class Hub:
         self._locks = Locks(lock_slots)
         self._dispatcher = Dispatcher(f"master-{pid}", batch_dispatcher)
         self._pending = Pending(self._dispatcher, wait_reply)
-        self._procs = Processes((pid, next(_hub_serial)), self._dispatcher, self._pending,
-                                self._locks, max_message_size, max_queue, exit_on_master_death)
-        self._router = self._procs.router = Router(self._procs, self._dispatcher, self._pending,
-                                                   self._dumps, self._loads)
+        # The transport (see transport.py): here the local one, socketpairs to forked workers.
+        procs = Processes((pid, next(_hub_serial)), self._dispatcher, self._pending,
+                          self._locks, max_message_size, max_queue, exit_on_master_death)
+        procs.router = Router(procs, self._dispatcher, self._pending, self._dumps, self._loads)
+        self._procs: Transport = procs
         self._dispatcher.start()
         _hubs.add(self)
 
@@ -160,7 +162,7 @@ class Hub:
         return dict(self._procs.workers)
 
     @property
-    def _master(self) -> Optional[Channel]:
+    def _master(self) -> Optional[Endpoint]:
         """A worker's channel to its master (None in the master)."""
         return self._procs.master
 

@@ -20,6 +20,9 @@ from .checks import check_callback, check_timeout
 from .errors import HubError, MasterDied, PeerDied
 from .remote import as_remote_error
 
+if TYPE_CHECKING:
+    from .transport import Endpoint
+
 log = logging.getLogger("clusterhub")
 
 Callback = Callable[[Optional[BaseException], Any], None]
@@ -240,7 +243,7 @@ class Pending:
     # ---- requests: sent on a channel, to this process's handlers, or failed at once
 
     def send(
-        self, ch: Any, origin: int, name: str, body: bytes,
+        self, ch: "Optional[Endpoint]", origin: int, name: str, body: bytes,
         timeout: Optional[float], callback: Optional[Callback],
     ) -> Future[Any]:
         """Send a request on channel ``ch`` (None: a worker whose master is
