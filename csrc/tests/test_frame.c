@@ -1340,6 +1340,7 @@ static struct {
     long wsleep_max_us;
     int cap;                /* write a random part of what each call offers, now and then */
     int busy;               /* (atomic) the writer thread is inside sendmsg on fd */
+    int gate;               /* (atomic) while set, the writer waits in there (busy) before its sleep */
     /* (atomic) counters: */
     long wcalls;            /* the writer's calls */
     long wpartial;          /* ... that wrote less than offered */
@@ -1399,6 +1400,8 @@ ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
         return syscall(SYS_sendmsg, fd, &m, flags);
     }
     __atomic_store_n(&H.busy, 1, __ATOMIC_RELEASE);
+    while (__atomic_load_n(&H.gate, __ATOMIC_ACQUIRE))
+        sleep_us(50);
     uint64_t calls0 = __atomic_load_n(&g_calls_done, __ATOMIC_RELAXED);
     uint32_t sum0 = iov_sum(msg->msg_iov, msg->msg_iovlen);
     long span = H.wsleep_max_us - H.wsleep_min_us;
@@ -1434,9 +1437,11 @@ static void hook_on(int fd, long min_us, long max_us, int cap)
     __atomic_store_n(&H.on, 1, __ATOMIC_RELEASE);
 }
 
-/* Stop watching (once no writer call on the fd can be in progress: after ch_tx_close). */
+/* Stop watching (once no writer call on the fd can be in progress: after
+ * ch_tx_close; or with the gate open, which this opens). */
 static void hook_off(void)
 {
+    __atomic_store_n(&H.gate, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&H.on, 0, __ATOMIC_RELEASE);
 }
 
@@ -2304,6 +2309,9 @@ static void test_close_waits_for_writer_sendmsg(void)
         REQUIRE(new_pair(fds) == 0);
         REQUIRE(ch_tx_new(&tx) == 0);
         hook_on(fds[0], 3000, 3000, 0);
+        /* The writer stays in its sendmsg until we have seen it there (however
+         * long this thread is descheduled), then 3000 us more. */
+        __atomic_store_n(&H.gate, 1, __ATOMIC_RELEASE);
         CHECK(ch_tx_push(tx, f, seq_frame(f, 0, sizeof f), sizeof f) > 0);
         CHECK(ch_tx_post(tx, fds[0], f, seq_frame(f, 1, sizeof f), sizeof f) > 0);
         int64_t deadline = now_ns() + 5 * 1000000000LL;
@@ -2317,6 +2325,7 @@ static void test_close_waits_for_writer_sendmsg(void)
         CHECK_EQ(ch_tx_unowned(tx), 0);
         CHECK_EQ(ch_tx_pending(tx), 4 * CH_FRAME_HEADER + 2 * sizeof f + 20);
         CHECK_EQ(__atomic_load_n(&H.clash, __ATOMIC_RELAXED), 0);
+        __atomic_store_n(&H.gate, 0, __ATOMIC_RELEASE);
         int64_t t0 = now_ns();
         if (it % 2) {
             ch_tx_free(tx); /* closes it first */
