@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from . import _bindings
 from ._bindings import PeerGone, Rx, Tx
 from .errors import MasterDied, PeerDied, SendTimeout, WorkerDied
-from .requests import Future, run_callbacks
+from .requests import Done, Future, complete_all
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
@@ -36,7 +36,6 @@ _OUT = select.EPOLLOUT
 # Channel.lep): no epoll_ctl per message or per request.
 _EXCLUSIVE = select.EPOLLEXCLUSIVE
 _EOF = _bindings.EOF
-_FUTURE_DONE = frozenset(("FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"))
 
 
 class Channel:
@@ -364,8 +363,11 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
     if not reader.acquire(False):
         return timeout  # someone reads it already: they complete fut
     read = ch.router.read
+    # While ``fut`` waits in the pending table its reply has not come (it
+    # leaves the table as the reply is read, or when it ends otherwise).
+    waiting, rid = ch.router.pending.get, fut._rid
     deadline = None if timeout is None else time.monotonic() + timeout
-    done: list[Future[Any]] = []
+    done: list[Done] = []
     more = False
     try:
         if ch.closed or ch.dying or ch.blockers:
@@ -376,7 +378,7 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
         # Frames buffered in rx (left by the reader before us, whose
         # revisit finds us holding the channel): no poll announces them.
         more = ch.rx.eof() != _EOF
-        while fut._state not in _FUTURE_DONE and not (ch.closed or ch.dying or ch.blockers):
+        while waiting(rid) is fut and not (ch.closed or ch.dying or ch.blockers):
             if more:
                 ready = [(fd, 0)]
             elif deadline is None:
@@ -392,9 +394,14 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
                     more = read(ch, 1, done)
                 else:
                     os.eventfd_read(rfd)
-            if done and fut._state not in _FUTURE_DONE:
-                # Others' replies: their callbacks run on the dispatcher.
-                d.call_soon(functools.partial(run_callbacks, done))
+            if done and waiting(rid) is fut:
+                # Others' replies: complete them now, but those whose
+                # completion runs callbacks on the dispatcher (a callback
+                # may wait for a reply on this very channel).
+                later = [c for c in done if c[0]._has_callbacks]
+                complete_all([c for c in done if not c[0]._has_callbacks])
+                if later:
+                    d.call_soon(functools.partial(complete_all, later))
                 done = []
             if d.inbox:
                 # Messages for the handlers: the dispatcher may have gone
@@ -415,7 +422,7 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
                 ch.arm_locked()
         if more:  # left buffered: the dispatcher takes them
             d.call_next(lambda: ch.router.on_channel(ch, _IN))
-        run_callbacks(done)  # even when interrupted (Ctrl-C): these futures ended
+        complete_all(done)  # even when interrupted (Ctrl-C): these replies came
     if deadline is None:
         return None
     return max(0.0, deadline - time.monotonic())

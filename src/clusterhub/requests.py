@@ -29,23 +29,17 @@ Callback = Callable[[Optional[BaseException], Any], None]
 T = TypeVar("T")
 
 
-_FINISHED = "FINISHED"
-_DONE = frozenset((_FINISHED, "CANCELLED", "CANCELLED_AND_NOTIFIED"))
-_new_lock = threading.Lock
-_condition_guard = threading.Lock()
 
 
 class Future(concurrent.futures.Future[T]):
     """A ``concurrent.futures.Future`` that can also be awaited directly.
 
-    ``result()`` and ``exception()`` called from the hub's own dispatching
-    thread keep the hub's channels served while they wait (a handler may wait
-    for a request it made); a wait that could never be served raises at once.
-
-    It is cheaper than the base class, which builds a ``threading.Condition``
-    per future: completion and the done/result checks use a plain lock, and
-    the Condition (on that same lock) is made only when a thread really has to
-    block in ``result()``, ``cancel()`` or ``concurrent.futures.wait()``.
+    ``result()`` and ``exception()`` first run a hook: a requester whose
+    reply comes on a channel nobody reads reads it itself (no hand-off from
+    the dispatcher thread); on the hub's own dispatching thread the hook keeps
+    the channels served while it waits (a handler may wait for a request it
+    made); a wait that could never be served raises at once.  Everything else
+    is the base class's, through its public methods only.
     """
 
     # Hook run by result()/exception() before waiting; returns the timeout left.
@@ -54,61 +48,22 @@ class Future(concurrent.futures.Future[T]):
     _channel: Any = None  # the channel its reply comes on
     _rid = 0  # its id in the Pending table
     _pending: Optional["Pending"] = None  # the table it waits in
-    _cond: Optional[threading.Condition] = None
-
-    if TYPE_CHECKING:  # (the base's, undocumented: see concurrent.futures._base)
-        def _invoke_callbacks(self) -> None: ...
+    _has_callbacks = False  # (completing it may run code: see complete_all)
 
     def __init__(self, waiter: Any = None, channel: Any = None) -> None:
-        # The base's fields, without its Condition.
+        super().__init__()
         if waiter is not None:
             self._waiter = waiter
             self._channel = channel
-        self._lock = _new_lock()
-        self._state = "PENDING"
-        self._result = None
-        self._exception: Optional[BaseException] = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Callable[[Any], Any]] = []
-
-    @property
-    def _condition(self) -> threading.Condition:  # type: ignore[override]
-        cond = self._cond
-        if cond is None:
-            with _condition_guard:  # one Condition per future, even if two threads ask
-                cond = self._cond
-                if cond is None:
-                    cond = self._cond = threading.Condition(self._lock)
-        return cond
 
     def __await__(self) -> Generator[Any, None, T]:
         return asyncio.wrap_future(self).__await__()
 
     __iter__ = __await__
 
-    def done(self) -> bool:
-        return self._state in _DONE
-
-    def _complete(self, result: Any, exc: Optional[BaseException]) -> None:
-        self._finish(result, exc)
-        self._invoke_callbacks()
-
-    def _finish(self, result: Any, exc: Optional[BaseException]) -> None:
-        """Set the outcome and wake the waiting threads, without running the
-        done callbacks (the caller runs ``_invoke_callbacks`` later)."""
-        with self._lock:
-            if self._state in _DONE:
-                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
-            self._result = result
-            self._exception = exc
-            self._state = _FINISHED
-            for waiter in self._waiters:
-                if exc is None:
-                    waiter.add_result(self)
-                else:
-                    waiter.add_exception(self)
-            if self._cond is not None:
-                self._cond.notify_all()
+    def add_done_callback(self, fn: Callable[[Any], Any]) -> None:
+        self._has_callbacks = True
+        super().add_done_callback(fn)
 
     def cancel(self) -> bool:
         if not super().cancel():
@@ -117,70 +72,49 @@ class Future(concurrent.futures.Future[T]):
             self._pending.ended(self)
         return True
 
-    def set_result(self, result: Any) -> None:
-        self._complete(result, None)
-
-    def set_exception(self, exception: Optional[BaseException]) -> None:
-        self._complete(None, exception)
-
-    def add_done_callback(self, fn: Callable[[Any], Any]) -> None:
-        with self._lock:
-            if self._state not in _DONE:
-                self._done_callbacks.append(fn)
-                return
-        try:
-            fn(self)
-        except Exception:
-            log.exception("exception calling callback for %r", self)
-
     def result(self, timeout: float | None = None) -> T:
-        if self._state != _FINISHED and self._waiter is not None:
+        if self._waiter is not None and not self.done():
             timeout = self._waiter(self, timeout)
-        if self._state == _FINISHED:
-            exc = self._exception
-            if exc is None:
-                return self._result  # type: ignore[return-value]  # (None only while pending)
-            try:
-                raise exc
-            finally:
-                exc = None  # break the reference cycle through the traceback
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._state != _FINISHED and self._waiter is not None:
+        if self._waiter is not None and not self.done():
             timeout = self._waiter(self, timeout)
-        if self._state == _FINISHED:
-            return self._exception
         return super().exception(timeout)
+
+
+# A completion held back (see resolve): the future, whether it succeeded, and
+# its result or exception.
+Done = tuple[Future[Any], bool, Any]
 
 
 def resolve(
     fut: concurrent.futures.Future[Any], ok: bool, value: Any,
-    defer: Optional[list[Future[Any]]] = None,
+    defer: Optional[list[Done]] = None,
 ) -> None:
     """Complete ``fut`` unless it already ended (cancelled, timed out).
 
-    With ``defer``, its done callbacks are not run here: ``fut`` is appended
-    to ``defer`` for the caller to run them (``run_callbacks``) once it holds
-    nothing a callback could need.
+    With ``defer``, the completion is appended there for the caller to make
+    (``complete_all``) once it holds nothing that code run by the completion
+    (done callbacks, a thread it wakes) could need, such as a channel's
+    reader lock.
     """
+    if defer is not None:
+        defer.append((fut, ok, value))  # type: ignore[arg-type]
+        return
     try:
-        if defer is not None:
-            fut._finish(value if ok else None, None if ok else value)  # type: ignore[attr-defined]
-            defer.append(fut)  # type: ignore[arg-type]
-        elif ok:
+        if ok:
             fut.set_result(value)
         else:
             fut.set_exception(value)
     except concurrent.futures.InvalidStateError:
-        pass
+        pass  # ended meanwhile (cancelled)
 
 
-def run_callbacks(done: list[Future[Any]]) -> None:
-    """Run the done callbacks ``resolve(..., defer=done)`` held back."""
-    for fut in done:
-        if fut._done_callbacks:
-            fut._invoke_callbacks()
+def complete_all(done: list[Done]) -> None:
+    """Make the completions ``resolve(..., defer=done)`` held back."""
+    for fut, ok, value in done:
+        resolve(fut, ok, value)
 
 
 def add_callback(fut: concurrent.futures.Future[Any], callback: Callback) -> None:
@@ -337,7 +271,7 @@ class Pending:
         self._by_id.pop(rid, None)
 
     def complete(
-        self, peer: Any, rid: int, ok: bool, value: Any, defer: Optional[list[Future[Any]]] = None
+        self, peer: Any, rid: int, ok: bool, value: Any, defer: Optional[list[Done]] = None
     ) -> None:
         """Deliver a reply from ``peer``; dropped when unknown or from another
         peer.  ``defer``: see ``resolve``."""

@@ -13,7 +13,6 @@ import functools
 import logging
 import os
 import select
-from concurrent.futures import InvalidStateError
 from typing import TYPE_CHECKING, Any
 
 from . import _bindings, protocol
@@ -22,7 +21,7 @@ from .dispatch import Dispatcher
 from .errors import HubError, MessageTooLarge, PeerDied, WorkerDied
 from .process import Worker
 from .remote import error_body, remote_error
-from .requests import Future, Pending, resolve, run_callbacks
+from .requests import Done, Pending, complete_all
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -69,7 +68,7 @@ class Router:
         if not ev & _INPUT or (ch.blockers and not ev & _GONE):
             ch.arm()  # (held back: read anyway once the peer is gone)
         elif ch.reader.acquire(False):
-            done: list[Future[Any]] = []
+            done: list[Done] = []
             try:
                 more = self.read(ch, 1, done)
             finally:
@@ -82,7 +81,7 @@ class Router:
             if more:  # buffered frames no socket event will announce
                 self.dispatcher.call_next(lambda: self.on_channel(ch, _IN))
             if done:
-                run_callbacks(done)
+                complete_all(done)
         else:
             # A requester leads the channel and reads what came.  Level-
             # triggered, this event would come back until it has: stop
@@ -92,7 +91,7 @@ class Router:
                     ch.disarmed = True
                     ch.arm_locked()
 
-    def read(self, ch: Channel, rounds: int, done: list[Future[Any]]) -> bool:
+    def read(self, ch: Channel, rounds: int, done: list[Done]) -> bool:
         """Read and route up to ``rounds`` batches of frames from ``ch``.
 
         The reader holds ``ch.reader``: the requests it completes are added to
@@ -156,17 +155,11 @@ class Router:
                     if fut is None or fut._channel is not ch:
                         log.debug("dropping a reply to request %d nobody waits for", rid)
                         continue
-                    pending.pop(rid, None)  # now: its callbacks may run later
+                    pending.pop(rid, None)  # now: it is completed later (complete_all)
                     try:
-                        value = loads(buf[data_at:end])
+                        done.append((fut, True, loads(buf[data_at:end])))
                     except Exception as e:
-                        resolve(fut, False, HubError(f"cannot decode the reply: {e!r}"), done)
-                        continue
-                    try:
-                        fut._finish(value, None)
-                    except InvalidStateError:  # ended meanwhile (cancelled)
-                        continue
-                    done.append(fut)
+                        done.append((fut, False, HubError(f"cannot decode the reply: {e!r}")))
                 elif kind == _ERR:
                     pending.complete(ch, rid, False, remote_error(buf[data_at:end]), done)
                 elif _MSG <= kind <= _BCAST:
@@ -285,14 +278,14 @@ class Router:
         if ch is not None and not ch.closed:
             ch.dying = True
             ch.poke()  # a requester reading this channel lets go of it
-            done: list[Future[Any]] = []
+            done: list[Done] = []
             ch.reader.acquire()
             try:
                 self.read(ch, 1 << 30, done)  # everything it sent is handled first
             finally:
                 ch.release_reader()
             self.channel_lost(ch, _bindings.EOF)
-            run_callbacks(done)
+            complete_all(done)
 
 
 
