@@ -49,7 +49,7 @@ DEFAULT_LOCK_SLOTS = 1024
 # How long close() lets a running handler finish before abandoning it.
 _HANDLER_GRACE = 1.0
 
-_MSG, _REQ, _BCAST = protocol.MSG, protocol.REQ, protocol.BCAST
+_MSG, _BCAST = protocol.MSG, protocol.BCAST
 _known_names = protocol.known_names
 
 # Every hub of this process, so a fork by other code can neutralise them.
