@@ -1,7 +1,17 @@
-"""Shared fixtures and helpers for tests that fork real workers.
+"""Shared fixtures and helpers of the whole suite (tests/ and its folders).
+
+tests/ is not a package: pytest's default import mode ("prepend") imports
+this file as the module ``conftest``, with tests/ put on ``sys.path``, and
+the folders (``api``, ``conformance``, ``core``, ``robustness``) are packages
+whose first folder without ``__init__.py`` is tests/ again.  So every test
+module, at the top or in a folder, imports these helpers with ``from conftest
+import ...``; a folder needs no conftest.py of its own for that (one that
+defines fixtures is ``<folder>.conftest``, no clash).
 
 Every cross-process wait goes through a pipe, an event or a pidfd with a
-bound: a test never sleeps to let something happen.
+bound: a test never sleeps to let something happen; where a test must poll
+kernel state that has no wake-up of its own (a thread blocked in the futex
+call, a dead thread's /proc entry), it does so with a bound.
 """
 
 from __future__ import annotations
@@ -12,15 +22,19 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import select
 import signal
 import struct
+import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
 import clusterhub
+from clusterhub import LockError
 
 # The tests' plain children (not hub workers) fork through the benchmark kit's
 # helpers, where the docstring of ``fork_child`` says why a fork of the test
@@ -30,6 +44,8 @@ import clusterhub
 # into pytest).
 from clusterhub.bench.host import fork_child as fork_child
 from clusterhub.bench.host import run_forked as run_forked
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository (docs/, examples/, README.md)
 
 MP = multiprocessing.get_context("fork")
 
@@ -221,3 +237,140 @@ def event() -> Callable[[], Any]:
 
 def ignore_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# ---- locks ---------------------------------------------------------------------
+
+_FUTEX_NR = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine)
+
+
+def wait_blocked(pid: int, tid: int | None = None, timeout: float = 5.0) -> None:
+    """Wait until thread ``tid`` (default: the main thread) of ``pid`` sits in
+    the futex system call, i.e. is blocked waiting for a lock."""
+    if _FUTEX_NR is None:
+        pytest.skip("futex system call number unknown on this architecture")
+    path = f"/proc/{pid}/task/{tid or pid}/syscall"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as f:
+                nr = f.read().split(maxsplit=1)[0]
+        except (OSError, IndexError):
+            nr = ""
+        if nr == str(_FUTEX_NR):
+            return
+        assert time.monotonic() < deadline, f"{path} not blocked in futex within {timeout} s"
+        time.sleep(0.002)
+
+
+def wait_task_gone(tid: int, timeout: float = 5.0) -> None:
+    """Wait until thread ``tid`` of this process is gone from /proc (the kernel
+    has then walked its robust list; Thread.join returns slightly earlier)."""
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/self/task/{tid}"):
+        assert time.monotonic() < deadline, f"thread {tid} still exists after {timeout} s"
+        time.sleep(0.001)
+
+
+def mine(hub: clusterhub.Hub) -> list[bytes]:
+    """Keys that this process holds now, according to held_locks()."""
+    return sorted(h.key for h in hub.held_locks() if h.pid == os.getpid())
+
+
+def release_all(handles: list[clusterhub.Lock]) -> None:
+    """Release whichever of ``handles`` this thread still holds (test cleanup,
+    so that one failure does not leave the thread holding locks for the next
+    test)."""
+    for lk in handles:
+        try:
+            lk.release()
+        except (LockError, OSError):
+            pass
+
+
+def in_thread(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Run ``fn`` in a new thread, wait for it and return its result (or raise
+    its exception here)."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            out.append((False, e))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"thread did not finish within {timeout} s"
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
+class Holder:
+    """A thread that acquires a lock, reports, and holds it until told to release."""
+
+    def __init__(self, lk: clusterhub.Lock, timeout: float | None = 10.0) -> None:
+        self.lk = lk
+        self.acquired: "queue.Queue[Any]" = queue.Queue()
+        self.release = threading.Event()
+        self.started = threading.Event()  # tid is set
+        self.tid = 0
+        self.thread = threading.Thread(target=self._run, args=(timeout,))
+        self.thread.start()
+
+    def _run(self, timeout: float | None) -> None:
+        self.tid = threading.get_native_id()
+        self.started.set()
+        try:
+            ok = self.lk.acquire(timeout=timeout)
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            self.acquired.put(e)
+            return
+        self.acquired.put((ok, self.lk.recovered))
+        if ok:
+            self.release.wait(20)
+            self.lk.release()
+
+    def result(self, timeout: float = 10.0) -> Any:
+        return self.acquired.get(timeout=timeout)
+
+    def finish(self) -> None:
+        self.release.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+def leave_dead_holder(hub: clusterhub.Hub, reports: Any, key: str) -> None:
+    """Have a worker take ``key`` and exit holding it: the next acquirer recovers it."""
+
+    def hold_and_exit() -> None:
+        assert hub.lock(key).acquire(timeout=5)
+        reports.put("held", key)
+        os._exit(0)
+
+    join_ok(hub.fork(hold_and_exit))
+    assert reports.get() == ("held", key)
+
+
+def hold_in_worker(hub: clusterhub.Hub, reports: Any, release: Any, key: str) -> clusterhub.Worker:
+    """A worker that holds ``key`` until ``release`` is set."""
+
+    def hold() -> None:
+        with hub.lock(key):
+            reports.put("holding", key)
+            release.wait(20)
+
+    w = hub.fork(hold)
+    assert reports.get() == ("holding", key)
+    return w
+
+
+def resolved(hub: clusterhub.Hub, key: str, timeout: float | None = None) -> clusterhub.Lock:
+    """A handle whose next trylock goes straight to the key's slot."""
+    lk = hub.lock(key, timeout=timeout)
+    with lk:
+        pass
+    return lk

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pathlib
 import re
 import subprocess
 import sys
@@ -18,13 +17,13 @@ import pytest
 
 import clusterhub
 
-from conftest import Reports, join_ok
+from conftest import ROOT, Reports, join_ok
 
 pytestmark = pytest.mark.timeout(60)
 
 O_CLOEXEC = 0o2000000
 MEMFD_NAME = "memfd:clusterhub-locks"
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+README = ROOT / "README.md"
 
 # The child lists what it inherited: (fd, target) for each open descriptor.
 LIST_FDS = (

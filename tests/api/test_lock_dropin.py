@@ -17,12 +17,11 @@ import unittest
 from typing import Any, Callable
 
 import pytest
-from test_locks import Holder, hold_in_worker, leave_dead_holder, mine
 
 import clusterhub
 from clusterhub import LockError
 
-from conftest import join_ok
+from conftest import Holder, hold_in_worker, join_ok, leave_dead_holder, mine
 
 pytestmark = pytest.mark.timeout(60)
 

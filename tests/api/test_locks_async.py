@@ -16,12 +16,11 @@ import time
 from typing import Any, Awaitable, Callable
 
 import pytest
-from test_locks import mine, wait_blocked
 
 import clusterhub
 from clusterhub import HubClosedError, LockError, LockTimeout
 
-from conftest import join_ok
+from conftest import join_ok, mine, wait_blocked
 
 pytestmark = pytest.mark.timeout(30)
 
