@@ -73,7 +73,8 @@ def test_unknown_worker_raises_value_error(make_hub, event):
 
 def test_exited_worker_raises_worker_died(hub):
     """A Worker or id whose worker has exited raises WorkerDied at the call
-    site for sends and requests."""
+    site for sends and requests; a broadcast with no worker left is no error,
+    and the master keeps working."""
     w = hub.fork(lambda: None)
     join_ok(w)
     for ref in (w, w.id):
@@ -81,6 +82,8 @@ def test_exited_worker_raises_worker_died(hub):
             hub.send_to_worker(ref, "x")
         with pytest.raises(WorkerDied):
             hub.request_worker(ref, "x")
+    hub.send_to_workers("x")  # nobody left: nothing to do, no error
+    assert hub.request_master("nothing").exception(10) is not None
     assert len(hub._pending) == 0
 
 
