@@ -1,5 +1,7 @@
-"""API.md "Asyncio": attach()/detach(), async def handlers, awaiting
-requests, and never blocking the event loop."""
+"""asyncio: attach()/detach() move handler dispatch onto an event loop and
+back, async def handlers run there (in the master and in a worker), request
+futures are awaitable with or without attach, and the hub never blocks the
+loop."""
 
 from __future__ import annotations
 

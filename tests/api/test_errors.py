@@ -1,4 +1,4 @@
-"""API.md "Errors" and bad input at the call site: wrong worker references,
+"""The exception tree, and errors at the call site: wrong worker references,
 master-only calls in a worker, calls after close, bad arguments, and peers
 that write garbage into their channel."""
 

@@ -1,5 +1,8 @@
-"""API.md "Locks" through the public API: ``hub.lock()`` handles, ``held_locks()``
-and their interaction with ``close()``, with real processes, threads and deaths.
+"""Global locks through the public API: ``hub.lock()`` handles shared by
+threads and processes (mutual exclusion, timeouts, a dead holder's lock
+recovered once, misuse raising LockError, a full table), ``held_locks()`` and
+``locked()``, the threading.Lock ``acquire`` forms, and their interaction with
+``close()``, with real processes, threads and deaths.
 
 Processes and threads are sequenced with pipes (the ``reports`` fixture), events
 and the locks themselves; a test sleeps only where time is its subject (a

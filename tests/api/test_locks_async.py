@@ -1,4 +1,4 @@
-"""API.md "Locks" in asyncio: ``async with hub.lock(key)`` never blocks the
+"""Global locks in asyncio: ``async with hub.lock(key)`` never blocks the
 loop, the owner is the task, and cancellation, timeouts and recovery behave as
 with threads.
 

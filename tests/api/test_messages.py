@@ -1,5 +1,7 @@
-"""API.md "Messages": handlers (on/off/once), senders, ordering, plain
-messages in every direction, and the data serializers."""
+"""Plain messages: handlers (on/off/once), the sender a handler is given,
+ordering, messages in every direction (to the master, to a worker, to all,
+to a random one), the data serializers, bounded queues and send timeouts,
+and Worker handles sent as data."""
 
 from __future__ import annotations
 

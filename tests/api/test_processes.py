@@ -1,5 +1,7 @@
-"""API.md "Processes": fork, worker exit codes, Worker handles, join, close,
-on_exit, inert hubs after fork, master death, idle cost and Ctrl-C."""
+"""Processes: fork() and the exit codes of forked workers, Worker handles,
+hub.workers, join and on_exit, close(), hubs left inert in children forked by
+other code, what a worker does when its master dies, the idle cost, and
+Ctrl-C."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""API.md "Messages" / requests: every request ends exactly once (result,
-remote error, no handler, timeout, cancellation, peer death) and leaves no
-pending entry behind."""
+"""Requests: every request ends exactly once (result, remote error, no
+handler, timeout, cancellation, peer death) and leaves no pending entry
+behind; handlers may answer later (a future, a coroutine) or wait on requests
+of their own; forged and duplicate replies are dropped."""
 
 from __future__ import annotations
 
