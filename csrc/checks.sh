@@ -172,7 +172,11 @@ done
 # tests that drive those units, decode's model test with CH_DECODE_EXAMPLES examples.
 PYTHON=${PYTHON:-python}
 mod="$tmp/module"
-log "clusterhub._core under ASan+UBSan (gcc): tests/test_decode.py, test_locks.py, test_core_locks.py"
+# (the tests that drive them: decode_messages; LockBase, directly and through the
+# API's lock tests; the lock table, crash points included, and the *_nogil calls)
+san_tests=(tests/test_decode.py tests/core/test_lock_handle.py tests/api/test_locks.py
+    tests/test_core_locks.py)
+log "clusterhub._core under ASan+UBSan (gcc): ${san_tests[*]}"
 mkdir -p "$mod/build" "$mod/pkg"
 cp -r "$csrc" "$mod/build/csrc"
 cp -r "$csrc/../src/clusterhub" "$mod/pkg/"
@@ -195,7 +199,7 @@ core=$(san_python -c 'import clusterhub._core as c; print(c.__file__)')
 case $core in "$mod/pkg/"*) ;; *) echo "checks.sh: imported $core, not the sanitized module" >&2; exit 1 ;; esac
 rc=0
 CH_DECODE_EXAMPLES=${CH_DECODE_EXAMPLES:-5000} san_python -m pytest -q -p no:cacheprovider \
-    tests/test_decode.py tests/test_locks.py tests/test_core_locks.py >"$mod/pytest.log" 2>&1 || rc=$?
+    "${san_tests[@]}" >"$mod/pytest.log" 2>&1 || rc=$?
 tail -3 "$mod/pytest.log"
 if [ "$rc" != 0 ] || compgen -G "$mod/san.*" >/dev/null; then
     echo "checks.sh: the sanitized module's tests FAILED (status $rc); end of the log:" >&2

@@ -9,7 +9,8 @@
  * and the receiver is what bounds one-way throughput.  This does the plain
  * messages of a batch in one C call; everything else (requests, replies,
  * broadcasts, anything malformed or undecodable) stays in Python's
- * Hub._read, which is the reference: the result is the same either way.
+ * Router.read (router.py), which is the reference: the result is the same
+ * either way.
  *
  *   decode_messages(rx, i, n, loads, sender, out) -> int
  *
@@ -18,7 +19,7 @@
  *   i       the first frame to look at (0 <= i <= n <= CH_RX_MAX_FRAMES).
  *   loads   called as loads(memoryview) for each body.  The view is
  *           read-only over rx's buffer and valid only during the call (as
- *           the views Hub._read hands to loads).
+ *           the views Router.read hands to loads).
  *   sender  the sender object put into each item (borrowed; each item
  *           holds a reference of its own).
  *   out     a list: one (name, data, sender, None) tuple is appended per

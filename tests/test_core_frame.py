@@ -790,7 +790,7 @@ def test_message_from_c_equals_the_python_envelope(
     kind: int, origin: int, rid: int, name: bytes, body: bytes, post: bool
 ) -> None:
     """ch_tx_send_msg and ch_tx_post_msg put on the wire exactly the frame of
-    protocol.encode (the envelope Hub._read decodes), and raise nothing for
+    protocol.encode (the envelope Router.read decodes), and raise nothing for
     what protocol accepts."""
     from clusterhub import protocol
 

@@ -3,7 +3,7 @@
 Its contract (csrc/decode.h) is checked against a model written here from
 the envelope format, on frames fed into a real receive buffer; and end to
 end, a burst mixing every kind of frame (and bodies that fail to load)
-is handled as Hub._read alone would.
+is handled as Router.read alone would.
 """
 
 from __future__ import annotations

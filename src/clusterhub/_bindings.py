@@ -211,7 +211,7 @@ class Rx:
         self._frames = lib.ch_rx_frames(self._p)  # a fixed array inside the ch_rx
         # EOF if nothing partial is buffered, else TRUNCATED: one C call.
         self.eof: Callable[[], int] = functools.partial(lib.ch_rx_eof, self._p)
-        # The receive hot path (Hub._read), without a Python frame of ours:
+        # The receive hot path (Router.read), without a Python frame of ours:
         # n = fill(fd) reads like ``read`` but returns the count (or code);
         # frame i is then at table[2i], table[2i + 1] bytes long, in the
         # buffer at data() (both valid until the next fill).
@@ -394,7 +394,7 @@ from ._core import LockBase as LockBase  # noqa: E402  (set by the call above)
 LOCK_FOREVER_S: int = lib.CH_LOCK_FOREVER_S  # longer timeouts mean no limit
 
 # decode_messages (csrc/decode.c): the plain messages of a received batch,
-# decoded in one C call (Hub._read uses it for bursts); set the same way.
+# decoded in one C call (Router.read uses it for bursts); set the same way.
 if lib.ch_decode_register(_core.__name__.encode()) != 0:
     raise ImportError(f"{_core.__name__}: could not set decode_messages (see the error above)")
 from ._core import decode_messages as decode_messages  # noqa: E402
