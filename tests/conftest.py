@@ -239,6 +239,21 @@ def ignore_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def collector(hub: clusterhub.Hub, name: str, n: int) -> tuple[list[tuple[Any, Any]], threading.Event]:
+    """Register a handler collecting ``n`` (data, sender) pairs; returns
+    (list, event set once n arrived)."""
+    got: list[tuple[Any, Any]] = []
+    done = threading.Event()
+
+    def handler(data: Any, sender: Any) -> None:
+        got.append((data, sender))
+        if len(got) >= n:
+            done.set()
+
+    hub.on(name, handler)
+    return got, done
+
+
 # ---- locks ---------------------------------------------------------------------
 
 _FUTEX_NR = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine)

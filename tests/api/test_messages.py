@@ -1,7 +1,8 @@
-"""Plain messages: handlers (on/off/once), the sender a handler is given,
-ordering, messages in every direction (to the master, to a worker, to all,
-to a random one), the data serializers, bounded queues and send timeouts,
-and Worker handles sent as data."""
+"""Plain messages with forked workers: handlers (on/off/once, inherited
+through fork), the master's messages to itself, bursts, a handler's
+exception, the data serializers, bounded queues and send timeouts, and Worker
+handles sent as data.  What every transport must do with plain messages (both
+ways, order, broadcasts) is in tests/conformance/test_messages.py."""
 
 from __future__ import annotations
 
@@ -17,36 +18,11 @@ import pytest
 import clusterhub
 from clusterhub import WorkerDied
 
-from conftest import MP, join_ok
+from conftest import MP, collector, join_ok
 
 MP_VALUE = MP.Value
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Point:
-    """A user class crossing processes by pickle."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __eq__(self, other):
-        return isinstance(other, Point) and (self.x, self.y) == (other.x, other.y)
-
-
-def _collector(hub, name, n):
-    """Register a handler collecting ``n`` (data, sender) pairs; returns
-    (list, event set once n arrived)."""
-    got = []
-    done = threading.Event()
-
-    def handler(data, sender):
-        got.append((data, sender))
-        if len(got) >= n:
-            done.set()
-
-    hub.on(name, handler)
-    return got, done
 
 
 # ---- on / off / once ---------------------------------------------------------
@@ -88,10 +64,6 @@ def test_on_off_once_in_the_master(hub):
     ]
 
 
-
-
-
-
 def test_once_and_off_in_a_worker(hub, reports):
     """A worker's own on/once/off behave as in the master."""
 
@@ -116,79 +88,7 @@ def test_once_and_off_in_a_worker(hub, reports):
     join_ok(w)
 
 
-# ---- senders -----------------------------------------------------------------------
-
-
-def test_sender_is_the_worker_in_the_master(hub):
-    """In the master, a worker's message comes with that Worker as sender."""
-    got, done = _collector(hub, "hello", 2)
-    a = hub.fork(lambda: hub.send_to_master("hello", "from a"))
-    b = hub.fork(lambda: hub.send_to_master("hello", "from b"))
-    assert done.wait(10)
-    assert sorted((d, s.id) for d, s in got) == [("from a", a.id), ("from b", b.id)]
-    assert {id(s) for _, s in got} == {id(a), id(b)}  # the very Worker objects
-    join_ok(a)
-    join_ok(b)
-
-
-def test_sender_is_none_from_the_master(hub, reports):
-    """In a worker, a message from the master comes with sender None, and in
-    the master its own send_to_master also has sender None."""
-    got, done = _collector(hub, "self", 1)
-
-    def work():
-        ev = threading.Event()
-        box = []
-        hub.on("hi", lambda data, sender: (box.append(sender), ev.set()))
-        hub.send_to_master("ready")
-        assert ev.wait(10)
-        reports.put(box[0])
-
-    ready = threading.Event()
-    hub.on("ready", lambda data, sender: ready.set())
-    w = hub.fork(work)
-    assert ready.wait(10)
-    hub.send_to_worker(w, "hi")
-    assert reports.get() == (None,)
-    hub.send_to_master("self", 1)
-    assert done.wait(10)
-    assert got == [(1, None)]
-    join_ok(w)
-
-
-# ---- ordering --------------------------------------------------------------------
-
-
-def test_per_sender_order_and_one_handler_at_a_time(hub):
-    """Messages of each sender are handled in send order, and the master runs
-    one handler at a time even with several workers sending at once."""
-    n = 2000
-    seen: dict[int, list[int]] = {}
-    running = [0]
-    overlap = []
-    done = threading.Event()
-
-    def handler(data, sender):
-        running[0] += 1
-        if running[0] > 1:
-            overlap.append(data)
-        seen.setdefault(sender.id, []).append(data)
-        running[0] -= 1
-        if sum(len(v) for v in seen.values()) == 3 * n:
-            done.set()
-
-    hub.on("seq", handler)
-
-    def work():
-        for i in range(n):
-            hub.send_to_master("seq", i)
-
-    ws = [hub.fork(work) for _ in range(3)]
-    assert done.wait(30)
-    assert not overlap
-    assert {k: v for k, v in seen.items()} == {w.id: list(range(n)) for w in ws}
-    for w in ws:
-        join_ok(w)
+# ---- ordering and the master's own messages ----------------------------------------
 
 
 def test_burst_read_in_one_go_is_handled_in_full(hub, reports):
@@ -217,34 +117,6 @@ def test_burst_read_in_one_go_is_handled_in_full(hub, reports):
     gate.set()
     assert reports.get(15) == (n,)
     assert got == list(range(n))
-    join_ok(w)
-
-
-def test_master_to_worker_order(hub, reports):
-    """Messages from the master reach a worker in send order."""
-    n = 3000
-
-    def work():
-        got = []
-        done = threading.Event()
-
-        def h(data, sender):
-            got.append(data)
-            if len(got) == n:
-                done.set()
-
-        hub.on("seq", h)
-        hub.send_to_master("ready")
-        assert done.wait(20)
-        reports.put(got == list(range(n)))
-
-    ready = threading.Event()
-    hub.on("ready", lambda data, sender: ready.set())
-    w = hub.fork(work)
-    assert ready.wait(10)
-    for i in range(n):
-        hub.send_to_worker(w.id if i % 2 else w, "seq", i)  # by Worker and by id
-    assert reports.get(20) == (True,)
     join_ok(w)
 
 
@@ -281,7 +153,7 @@ def test_plain_message_without_handler_is_dropped(hub, caplog):
     """A plain message nobody handles is dropped (logged at debug level) and
     the receiver keeps working."""
     caplog.set_level(logging.DEBUG, logger="clusterhub")
-    got, done = _collector(hub, "known", 1)
+    got, done = collector(hub, "known", 1)
     w = hub.fork(lambda: (hub.send_to_master("unknown", 1), hub.send_to_master("known", 2)))
     assert done.wait(10)
     assert [d for d, _ in got] == [2]
@@ -291,7 +163,7 @@ def test_plain_message_without_handler_is_dropped(hub, caplog):
 
 def test_a_message_named_error_is_not_special(hub, reports):
     """A message named "error" is an ordinary message in both directions."""
-    got, done = _collector(hub, "error", 1)
+    got, done = collector(hub, "error", 1)
 
     def work():
         ev = threading.Event()
@@ -362,7 +234,7 @@ def test_handlers_registered_before_fork_are_inherited(hub, reports):
 
 def test_worker_changes_do_not_affect_the_master(hub, reports):
     """A worker removing an inherited handler leaves the master's in place."""
-    got, done = _collector(hub, "x", 1)
+    got, done = collector(hub, "x", 1)
 
     def work():
         hub.off("x")
@@ -373,102 +245,7 @@ def test_worker_changes_do_not_affect_the_master(hub, reports):
     join_ok(w)
 
 
-# ---- send_to_worker(s), random ----------------------------------------------------------
-
-
-def _ready_workers(hub, k, work):
-    ready = threading.Semaphore(0)
-    hub.on("ready", lambda data, sender: ready.release())
-    ws = [hub.fork(work) for _ in range(k)]
-    for _ in ws:
-        assert ready.acquire(timeout=10)
-    return ws
-
-
-def test_broadcast_from_the_master(hub, reports):
-    """send_to_workers from the master reaches every live worker (sender None)
-    and not the master's own handlers."""
-    master_calls = []
-    hub.on("b", lambda data, sender: master_calls.append(data))
-
-    def work():
-        ev = threading.Event()
-        hub.on("b", lambda data, sender: (reports.put(hub.worker_id, data, sender), ev.set()))
-        hub.send_to_master("ready")
-        assert ev.wait(10)
-
-    ws = _ready_workers(hub, 3, work)
-    hub.send_to_workers("b", "all")
-    got = sorted(reports.get_n(3))
-    assert got == [(w.id, "all", None) for w in ws]
-    hub.request_master("sync").exception(10)
-    assert master_calls == []
-    for w in ws:
-        join_ok(w)
-
-
-def test_broadcast_from_a_worker(hub, reports):
-    """A worker's send_to_workers reaches every other worker with the origin
-    as sender (.id), not the origin itself and not the master's handlers."""
-    master_calls = []
-    hub.on("b", lambda data, sender: master_calls.append(data))
-    hub.on("probe-me", lambda data, sender: hub.send_to_worker(sender, "probe"))
-
-    def work():
-        got = []
-        probed = threading.Event()
-        end = threading.Event()
-        hub.on("b", lambda data, sender: got.append((data, sender.id, type(sender).__name__)))
-        hub.on("probe", lambda data, sender: probed.set())
-        hub.on("end", lambda data, sender: end.set())
-        go = threading.Event()
-        hub.on("go", lambda data, sender: go.set())
-        hub.send_to_master("ready")
-        assert go.wait(10)  # every worker is live
-        if hub.worker_id == 1:
-            hub.send_to_workers("b", "from 1")
-        hub.request_master("probe-me").exception(10)
-        assert probed.wait(10)
-        reports.put(hub.worker_id, "probed", list(got))
-        assert end.wait(10)
-        reports.put(hub.worker_id, "end", got)
-
-    ws = _ready_workers(hub, 3, work)
-    hub.send_to_workers("go")
-    first = {r[0]: r[2] for r in reports.get_n(3)}
-    assert first[1] == []  # never back to the origin
-    hub.send_to_workers("end")
-    final = {r[0]: r[2] for r in reports.get_n(3)}
-    assert final == {1: [], 2: [("from 1", 1, "Worker")], 3: [("from 1", 1, "Worker")]}
-    assert master_calls == []
-    for w in ws:
-        join_ok(w)
-
-
-def test_send_to_random_worker(hub, reports):
-    """send_to_random_worker returns the Worker it chose, which gets the
-    message; with no worker it returns None."""
-    assert hub.send_to_random_worker("r", 1) is None
-
-    def work():
-        ev = threading.Event()
-        hub.on("r", lambda data, sender: (reports.put(hub.worker_id, data), ev.set()))
-        hub.on("end", lambda data, sender: ev.set())
-        hub.send_to_master("ready")
-        assert ev.wait(10)
-
-    ws = _ready_workers(hub, 2, work)
-    chosen = hub.send_to_random_worker("r", "pick")
-    assert isinstance(chosen, clusterhub.Worker) and chosen in ws
-    assert reports.get() == (chosen.id, "pick")
-    for w in ws:
-        if w is not chosen:
-            hub.send_to_worker(w, "end")
-    for w in ws:
-        join_ok(w)
-    assert hub.send_to_random_worker("r", 2) is None
-
-
+# ---- a worker exiting meanwhile -------------------------------------------------------
 
 
 def test_sending_while_a_worker_exits_never_crashes(hub):
@@ -491,25 +268,11 @@ def test_sending_while_a_worker_exits_never_crashes(hub):
 # ---- data: serializers, size, queue -----------------------------------------------------------
 
 
-def test_pickle_is_the_default(hub, reports):
-    """Any picklable object (a user class, nested containers, bytes) crosses
-    intact both ways with the default serializer."""
-    value = {"p": Point(1, 2), "t": (1, 2), "b": b"\x00\xff", "s": {1, 2}}
-    hub.on("echo", lambda data, sender: data)
-
-    def work():
-        reports.put(hub.request_master("echo", value).result(10) == value)
-
-    w = hub.fork(work)
-    assert reports.get() == (True,)
-    join_ok(w)
-
-
 def test_json_serializer(make_hub, reports):
     """serializer="json" sends JSON (a tuple arrives as a list) and refuses
     non-JSON data at the call site with TypeError, nothing sent."""
     hub = make_hub(serializer="json")
-    got, done = _collector(hub, "j", 2)
+    got, done = collector(hub, "j", 2)
 
     def work():
         hub.send_to_master("j", {"t": (1, 2)})
@@ -565,12 +328,6 @@ def test_custom_serializer(make_hub, reports):
         ("decoded", ("decoded", 6)),
     )
     join_ok(w)
-
-
-
-
-
-
 
 
 def test_max_queue_blocks_the_sender_then_worker_died(make_hub, reports):
