@@ -355,9 +355,7 @@ class _LoadsBadly:
         return (_refuse, ())
 
 
-# ---- remote errors as users see them ----------------------------------------------------
-
-_OWN_DIR = os.path.dirname(clusterhub.__file__)
+# ---- errors as users see them ----------------------------------------------------------
 
 
 def test_lock_error_is_a_runtime_error_and_types_show_public_paths():
@@ -368,57 +366,6 @@ def test_lock_error_is_a_runtime_error_and_types_show_public_paths():
     for name in clusterhub.errors.__all__:
         assert getattr(clusterhub, name).__module__ == "clusterhub", name
     assert issubclass(clusterhub.SendTimeout, TimeoutError)
-
-
-def test_remote_error_is_one_line_and_keeps_its_traceback(hub):
-    """A RemoteError's repr and str are one line (type and message); its
-    remote traceback shows the handler's frames but none of clusterhub's own,
-    and is chained as __cause__ so an uncaught error prints it."""
-
-    @hub.on("fail")
-    def failing_handler(data, sender):
-        raise KeyError("no such invoice")
-
-    def work():
-        try:
-            hub.request_master("fail").result(10)
-        except RemoteError as e:
-            hub.send_to_master("seen", (repr(e), str(e), e.type_name, e.remote_traceback,
-                                        type(e.__cause__).__name__))
-
-    got = []
-    done = threading.Event()
-    hub.on("seen", lambda data, sender: (got.append(data), done.set()))
-    w = hub.fork(work)
-    assert done.wait(20)
-    join_ok(w)
-    r, s, type_name, tb, cause = got[0]
-    assert r == "RemoteError(\"KeyError: 'no such invoice'\")"
-    assert s == "KeyError: 'no such invoice'" and "\n" not in r + s
-    assert type_name == "KeyError"
-    assert "failing_handler" in tb and "Traceback" in tb
-    assert _OWN_DIR not in tb, tb
-    assert cause == "RemoteTraceback"
-
-
-def test_remote_error_from_a_worker_names_public_types(hub, event):
-    """A clusterhub error raised by a worker's handler crosses as
-    clusterhub.X (not clusterhub.errors.X), without clusterhub's frames."""
-    go = event()
-
-    @hub.on("big")
-    def big(data, sender):
-        raise MessageTooLarge("over the limit")
-
-    w = hub.fork(go.wait)
-    with pytest.raises(RemoteError) as info:
-        hub.request_worker(w, "big").result(10)
-    err = info.value
-    assert err.type_name == "clusterhub.MessageTooLarge"
-    assert "clusterhub.errors" not in err.remote_traceback
-    assert _OWN_DIR not in err.remote_traceback
-    go.set()
-    join_ok(w)
 
 
 UNCAUGHT_SCRIPT = """

@@ -1,7 +1,9 @@
-"""Requests: every request ends exactly once (result, remote error, no
-handler, timeout, cancellation, peer death) and leaves no pending entry
+"""Requests with forked workers: every request ends exactly once (result,
+remote error, timeout, cancellation, peer death) and leaves no pending entry
 behind; handlers may answer later (a future, a coroutine) or wait on requests
-of their own; forged and duplicate replies are dropped."""
+of their own; forged and duplicate replies are dropped.  What every transport
+must do with requests (both ways, request_workers, RemoteError,
+NoHandlerError, timeouts, WorkerDied) is in tests/conformance/test_requests.py."""
 
 from __future__ import annotations
 
@@ -10,17 +12,14 @@ import concurrent.futures
 import logging
 import os
 import pickle
-import signal
 import threading
 import time
 
 import pytest
 
-import clusterhub
 from clusterhub import (
     HubError,
     NoHandlerError,
-    NoWorkersError,
     RemoteError,
     WorkerDied,
     protocol,
@@ -62,89 +61,12 @@ def _end(hub, ws):
         assert w.join(15)
 
 
-# ---- the basic directions ------------------------------------------------------------
-
-
-def test_request_master_from_a_worker_and_from_the_master(hub, reports):
-    """request_master answers with the first handler's return value, from a
-    worker and in the master itself."""
-    second = []
-    hub.on("sum", lambda data, sender: data["a"] + data["b"])
-    hub.on("sum", lambda data, sender: second.append(data) or "its value is ignored")
-
-    def work():
-        reports.put(hub.request_master("sum", {"a": 1, "b": 2}).result(10), len(hub._pending))
-
-    w = hub.fork(work)
-    assert reports.get() == (3, 0)
-    assert hub.request_master("sum", {"a": 5, "b": 6}).result(10) == 11
-    assert len(second) == 2  # every handler of the name runs, in order
-    join_ok(w)
-    assert len(hub._pending) == 0
-
-
-def test_request_worker_by_worker_and_id(hub):
-    """request_worker asks one worker's handlers, addressed by Worker or id."""
-    ws = _serve(hub, {"mult": lambda data, sender: (data * 2, sender)})
-    w = ws[0]
-    assert hub.request_worker(w, "mult", 21).result(10) == (42, None)
-    assert hub.request_worker(w.id, "mult", "ab").result(10) == ("abab", None)
-    _end(hub, ws)
-    assert len(hub._pending) == 0
-
-
-def test_request_workers_collects_results_and_errors(hub, event):
-    """request_workers gives {id: result or exception}: a value, RemoteError
-    for a raising handler, WorkerDied for a worker exiting mid-request and
-    TimeoutError for a slow one; the future itself succeeds."""
-    slow_go = event()
-
-    def answer(data, sender):
-        wid = hub.worker_id
-        if wid == 1:
-            return "value"
-        if wid == 2:
-            raise KeyError("no such thing")
-        if wid == 3:
-            os._exit(5)
-        slow_go.wait(20)
-        return "late"
-
-    ws = _serve(hub, {"q": answer}, n=4)
-    got = []
-    fut = hub.request_workers("q", timeout=1.0, callback=lambda e, r: got.append((e, r)))
-    res = fut.result(15)
-    assert fut.exception() is None
-    assert sorted(res) == [1, 2, 3, 4]
-    assert res[1] == "value"
-    assert isinstance(res[2], RemoteError) and res[2].type_name == "KeyError"
-    assert isinstance(res[3], WorkerDied)
-    assert isinstance(res[4], TimeoutError)
-    assert got == [(None, res)]
-    slow_go.set()
-    ws[2].join(10)
-    assert ws[2].exitcode == 5
-    _end(hub, ws)
-    assert len(hub._pending) == 0
+# ---- the master's own requests, callbacks, awaiting --------------------------------------
 
 
 def test_request_workers_with_no_worker(hub):
     """request_workers with no live worker succeeds with an empty dict."""
     assert hub.request_workers("q").result(5) == {}
-
-
-def test_request_random_worker(hub):
-    """request_random_worker asks one live worker; with none, the future fails
-    with NoWorkersError (and the callback gets it)."""
-    got = []
-    f = hub.request_random_worker("who", callback=lambda e, r: got.append(type(e)))
-    assert isinstance(f.exception(5), NoWorkersError)
-    assert got == [NoWorkersError]
-    ws = _serve(hub, {"who": lambda data, sender: hub.worker_id}, n=2)
-    answers = {hub.request_random_worker("who").result(10) for _ in range(30)}
-    assert answers <= {1, 2} and answers
-    _end(hub, ws)
-    assert len(hub._pending) == 0
 
 
 def test_callback_node_style(hub):
@@ -241,80 +163,7 @@ def test_handler_future_failing_gives_remote_error(hub):
     assert len(hub._pending) == 0
 
 
-class CustomFailure(Exception):
-    pass
-
-
-def test_remote_error_describes_the_exception(hub):
-    """A raising handler fails the request with RemoteError carrying the
-    type name, the message and the remote traceback."""
-
-    def failing_handler(data, sender):
-        raise CustomFailure(f"bad input {data}")
-
-    ws = _serve(hub, {"fail": failing_handler})
-    hub.on("fail", failing_handler)
-    for fut in (hub.request_worker(ws[0], "fail", 7), hub.request_master("fail", 7)):
-        err = fut.exception(10)
-        assert type(err) is RemoteError
-        assert err.type_name.endswith("CustomFailure")
-        assert "bad input 7" in str(err)
-        assert str(err).startswith(err.type_name)
-        assert "failing_handler" in err.remote_traceback
-        assert "Traceback" in err.remote_traceback
-        with pytest.raises(RemoteError):
-            fut.result()
-    _end(hub, ws)
-    assert len(hub._pending) == 0
-
-
-def test_no_handler_fails_promptly(hub, reports):
-    """A request nobody handles fails at once with NoHandlerError (a
-    RemoteError), in the master, in a worker and towards a worker."""
-    ws = _serve(hub, {})
-
-    def work():
-        t0 = time.monotonic()
-        e = hub.request_master("nobody").exception(10)
-        reports.put(type(e).__name__, isinstance(e, RemoteError), time.monotonic() - t0)
-
-    w = hub.fork(work)
-    name, is_remote, took = reports.get()
-    assert (name, is_remote) == ("NoHandlerError", True) and took < 5
-    for fut in (hub.request_master("nobody"), hub.request_worker(ws[0], "nobody")):
-        t0 = time.monotonic()
-        assert isinstance(fut.exception(10), NoHandlerError)
-        assert time.monotonic() - t0 < 5
-    join_ok(w)
-    _end(hub, ws)
-    assert len(hub._pending) == 0
-
-
 # ---- timeouts, cancellation ---------------------------------------------------------------
-
-
-def test_timeout_then_late_answer_dropped(hub, event):
-    """timeout= fails a request with the builtin TimeoutError when no answer
-    came in time; the late answer is dropped and the channel keeps working."""
-    go = event()
-
-    def slow(data, sender):
-        go.wait(20)
-        return "late"
-
-    ws = _serve(hub, {"slow": slow, "fast": lambda data, sender: "fast"})
-    t0 = time.monotonic()
-    f = hub.request_worker(ws[0], "slow", timeout=0.3)
-    with pytest.raises(TimeoutError):
-        f.result(10)
-    assert 0.25 <= time.monotonic() - t0 < 5
-    assert type(f.exception()) is TimeoutError or isinstance(f.exception(), TimeoutError)
-    assert len(hub._pending) == 0
-    go.set()
-    assert hub.request_worker(ws[0], "fast").result(10) == "fast"  # after the late reply
-    assert f.exception() is not None
-    _end(hub, ws)
-    assert len(hub._pending) == 0
 
 
 def test_timeout_of_a_local_request(hub):
@@ -421,30 +270,6 @@ def test_cancel_request_workers(hub, event):
 # ---- peer death ----------------------------------------------------------------------------
 
 
-def test_worker_death_fails_its_pending_requests(hub, reports):
-    """A worker dying with requests pending fails them with WorkerDied (a
-    PeerDied), and nothing is left pending."""
-
-    def die(data, sender):
-        reports.put("dying")
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    ws = _serve(hub, {"die": die, "hang": lambda data, sender: threading.Event().wait()})
-    f1 = hub.request_worker(ws[0], "hang")
-    f2 = hub.request_worker(ws[0], "die")  # queued behind "hang": never answered
-    w = ws[0]
-    w.kill()
-    for f in (f1, f2):
-        err = f.exception(10)
-        assert isinstance(err, WorkerDied) and isinstance(err, clusterhub.PeerDied)
-    join_ok(w, -9)
-    assert len(hub._pending) == 0
-    with pytest.raises(WorkerDied):
-        hub.request_worker(w, "x")
-    with pytest.raises(WorkerDied):
-        hub.request_worker(w.id, "x")
-
-
 def test_worker_exit_during_its_handler(hub):
     """A worker that exits inside the handler of a request fails it with
     WorkerDied, reported on on_exit too."""
@@ -475,51 +300,6 @@ def test_reply_to_a_worker_that_exited_is_dropped(hub, caplog):
 
 
 # ---- handlers that wait ---------------------------------------------------------------------
-
-
-def test_handler_waiting_on_its_own_request(hub, reports):
-    """A handler may make a request and wait for it: replies keep arriving
-    while it waits, and messages that arrive meanwhile run after it returns."""
-    order = []
-
-    def master_ask(data, sender):
-        # In the master, while handling the worker's request, ask it back.
-        return hub.request_worker(sender, "inner", data).result(10) + 1
-
-    hub.on("outer", master_ask)
-    hub.on("slow-reply", lambda data, sender: (hub.send_to_worker(sender, "late-msg"), "ok")[1])
-
-    def work():
-        def inner(data, sender):
-            return data * 10
-
-        def waits(data, sender):
-            order.append("start")
-            r = hub.request_master("slow-reply").result(10)
-            order.append(("end", r))
-            return "done"
-
-        hub.on("inner", inner)
-        hub.on("waits", waits)
-        hub.on("late-msg", lambda data, sender: order.append("late-msg"))
-        got = hub.request_master("outer", 4).result(10)
-        hub.send_to_master("ready")
-        end = threading.Event()
-        hub.on("end", lambda data, sender: end.set())
-        assert end.wait(20)
-        reports.put(got, order)
-
-    ready = threading.Event()
-    hub.on("ready", lambda data, sender: ready.set())
-    w = hub.fork(work)
-    assert ready.wait(10)
-    assert hub.request_worker(w, "waits").result(10) == "done"
-    hub.send_to_worker(w, "end")
-    got, order = reports.get()
-    assert got == 41
-    assert order == ["start", ("end", "ok"), "late-msg"]
-    join_ok(w)
-    assert len(hub._pending) == 0
 
 
 def test_waiting_on_own_handlers_raises_at_once(hub):
@@ -620,30 +400,6 @@ def test_reply_for_another_workers_request_is_dropped(hub, event):
     assert not f1.done()
     go.set()
     assert f1.result(10) == "honest"
-    _end(hub, ws)
-    assert len(hub._pending) == 0
-
-
-def test_many_concurrent_requests_from_threads(hub):
-    """Requests made from several threads at once all get their own answers."""
-    ws = _serve(hub, {"echo": lambda data, sender: data}, n=2)
-    errors = []
-
-    def client(k):
-        try:
-            for i in range(200):
-                w = ws[i % 2]
-                assert hub.request_worker(w, "echo", (k, i)).result(10) == (k, i)
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not any(t.is_alive() for t in threads)
-    assert errors == []
     _end(hub, ws)
     assert len(hub._pending) == 0
 
