@@ -1,11 +1,11 @@
-"""Processes: fork() and the exit codes of forked workers, Worker handles,
-hub.workers, join and on_exit, close(), hubs left inert in children forked by
-other code, what a worker does when its master dies, the idle cost, and
-Ctrl-C."""
+"""Processes with forked workers: fork() and the exit codes of forked
+workers, Worker handles, on_exit, close(), hubs left inert in children forked
+by other code, several hubs, the idle cost, and Ctrl-C.  What every transport
+must do with exits (hub.workers, join, on_exit) and with the master's death
+is in tests/conformance/test_processes.py."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import signal
@@ -18,7 +18,7 @@ import time
 import pytest
 
 import clusterhub
-from clusterhub import HubClosedError, MasterDied
+from clusterhub import HubClosedError
 
 from conftest import (
     REAPED_ELSEWHERE,
@@ -163,7 +163,7 @@ def test_big_messages_sent_before_exit_are_all_delivered(make_hub):
     assert got == [200_000] * 40
 
 
-# ---- Worker handles, hub.workers, hub.join -------------------------------
+# ---- Worker handles, on_exit, forks ---------------------------------------
 
 
 def test_worker_handle_lifecycle(hub, event):
@@ -192,32 +192,6 @@ def test_kill(hub, event):
     join_ok(w, -signal.SIGKILL)
 
 
-def test_workers_lists_live_workers_only(hub, event):
-    """hub.workers maps ids to the live Worker objects and drops exited ones."""
-    go = event()
-    a = hub.fork(go.wait)
-    b = hub.fork(lambda: None)
-    join_ok(b)
-    assert hub.workers == {a.id: a}
-    assert hub.workers[a.id] is a
-    go.set()
-    join_ok(a)
-    assert hub.workers == {}
-
-
-def test_hub_join(hub, event):
-    """hub.join(timeout) is False while a worker runs and True once all exited."""
-    go = event()
-    ws = [hub.fork(go.wait) for _ in range(2)]
-    t0 = time.monotonic()
-    assert hub.join(0.3) is False
-    assert 0.25 <= time.monotonic() - t0 < 5
-    go.set()
-    assert hub.join(15) is True
-    assert all(w.exitcode == 0 for w in ws)
-    assert hub.join(0) is True
-
-
 def test_on_exit_reports_every_exit(hub):
     """on_exit (usable as a decorator) gets each exited Worker with its
     exitcode set and is_alive() False."""
@@ -235,8 +209,6 @@ def test_on_exit_reports_every_exit(hub):
     c = hub.fork(lambda: os.kill(os.getpid(), signal.SIGKILL))
     assert done.wait(20)
     assert sorted(seen) == [(a.id, 0, False), (b.id, 4, False), (c.id, -9, False)]
-
-
 
 
 def test_killed_worker_with_unread_messages_is_no_error(hub, caplog, event):
@@ -566,94 +538,6 @@ def test_close_in_a_worker(hub, reports):
     assert got == [1]
 
 
-# ---- master death ------------------------------------------------------------
-
-
-def _run_master(reports, exit_on_master_death, go=None):
-    """The body of an intermediate master process the test will SIGKILL."""
-    h = clusterhub.Hub(exit_on_master_death=exit_on_master_death)
-    never = concurrent.futures.Future()  # a handler answering "never"
-    h.on("never", lambda data, sender: never)
-
-    def waiter():
-        def cb(err, result):
-            reports.put("callback", os.getpid(), type(err).__name__)
-
-        h.request_master("never", callback=cb)
-        reports.put("ready", os.getpid(), "waiter")
-        if go is None:
-            threading.Event().wait()  # the master's death must end this process
-            return
-        go.wait()  # master died, we kept running: check the hub then exit 0
-        try:
-            h.send_to_master("x")
-            sent = "no error"
-        except MasterDied:
-            sent = "MasterDied"
-        f = h.request_master("x")
-        reports.put("after", sent, type(f.exception(5)).__name__, len(h._pending))
-
-    def busy():
-        blocked = threading.Event()
-
-        def block(data, sender):
-            reports.put("ready", os.getpid(), "busy")
-            blocked.wait()  # the dispatcher is busy: no one reads the socket
-
-        h.on("block", block)
-        h.send_to_master("ready-to-block")
-
-    h.on("ready-to-block", lambda data, sender: h.send_to_worker(sender, "block"))
-    h.fork(waiter)
-    if exit_on_master_death:
-        h.fork(lambda: (busy(), threading.Event().wait()))
-    threading.Event().wait()
-
-
-def test_master_death_ends_workers(reports):
-    """With exit_on_master_death=True, a worker whose master is SIGKILLed
-    fails its pending requests with MasterDied, then exits with code 1 within
-    about a second, even when its dispatcher is busy in a handler."""
-    with subreaper():
-        master = run_forked(lambda: _run_master(reports, True))
-        try:
-            ready = {r[2]: r[1] for r in reports.get_n(2)}
-            pids = [ready["waiter"], ready["busy"]]
-        finally:
-            os.kill(master, signal.SIGKILL)
-            assert waitpid_bounded(master, 10) == -signal.SIGKILL
-        try:
-            t0 = time.monotonic()
-            codes = [waitpid_bounded(pid, 10) for pid in pids]
-            took = time.monotonic() - t0
-        finally:
-            kill_and_reap(pids)
-        assert codes == [1, 1]
-        assert took < 2.5, f"workers took {took:.2f} s to notice the master's death"
-    assert reports.get() == ("callback", pids[0], "MasterDied")
-
-
-def test_master_death_without_exit(reports, event):
-    """With exit_on_master_death=False the worker keeps running: its pending
-    request fails with MasterDied, send_to_master raises it, and a new
-    request returns a future failed with it."""
-    go = event()
-    with subreaper():
-        master = run_forked(lambda: _run_master(reports, False, go))
-        try:
-            (_, pid, _) = reports.get()
-        finally:
-            os.kill(master, signal.SIGKILL)
-            assert waitpid_bounded(master, 10) == -signal.SIGKILL
-        try:
-            assert reports.get() == ("callback", pid, "MasterDied")
-            go.set()
-            assert reports.get() == ("after", "MasterDied", "MasterDied", 0)
-            assert waitpid_bounded(pid, 10) == 0
-        finally:
-            kill_and_reap([pid])
-
-
 # ---- cost of an idle hub, Ctrl-C -------------------------------------------------
 
 
@@ -759,67 +643,7 @@ def test_ctrl_c_stops_master_and_workers(tmp_path):
     assert err.count("KeyboardInterrupt") <= 1, err
 
 
-# ---- a busy handler does not hide exits; join waits for the handling -----
-
-
-def test_exit_is_seen_while_a_handler_runs(hub, event):
-    """While a master handler runs, a worker's exit shows at once in
-    Worker.join/is_alive/exitcode and hub.workers (as send_to_worker says)."""
-    started, release = threading.Event(), threading.Event()
-
-    @hub.on("block")
-    def block(data, sender):
-        started.set()
-        release.wait(30)
-
-    go = event()
-    a = hub.fork(go.wait)
-    b = hub.fork(lambda: hub.send_to_master("block"))
-    try:
-        assert started.wait(10)
-        join_ok(b)  # the handler b started is still running
-        assert not b.is_alive() and b.id not in hub.workers and a.id in hub.workers
-        with pytest.raises(clusterhub.WorkerDied):
-            hub.send_to_worker(b, "x")
-        go.set()
-        join_ok(a)
-        assert hub.workers == {}
-        assert hub.join(0) is False  # a's and b's exits are not handled yet: the handler runs
-    finally:
-        release.set()
-    assert hub.join(10) is True
-
-
-def test_join_waits_until_exited_workers_messages_are_handled(hub):
-    """hub.join() returns True only once every message the exited workers
-    sent has been handled (fork, send results, join, read: nothing missing)."""
-    got = []
-
-    @hub.on("result")
-    def result(data, sender):
-        time.sleep(0.0005)  # a handler that takes a little time, as real ones do
-        got.append((sender.id, data))
-
-    def work():
-        for i in range(200):
-            hub.send_to_master("result", i)
-
-    ws = [hub.fork(work) for _ in range(2)]
-    assert hub.join(30) is True
-    assert len(got) == 400
-    for w in ws:
-        assert [d for wid, d in got if wid == w.id] == list(range(200))
-        assert w.exitcode == 0
-
-
-def test_join_waits_for_on_exit_callbacks(hub):
-    """When hub.join() returns True, the on_exit callback of every exited
-    worker has run."""
-    seen = []
-    hub.on_exit(lambda w: (time.sleep(0.05), seen.append(w.id)))
-    ws = [hub.fork(lambda: None) for _ in range(3)]
-    assert hub.join(30) is True
-    assert sorted(seen) == [w.id for w in ws]
+# ---- join from a handler, close with a handler that never returns --------
 
 
 def test_join_from_a_handler_waits_for_exits_only(hub, reports):
