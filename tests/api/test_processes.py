@@ -535,6 +535,7 @@ def test_close_in_a_worker(hub, reports):
     w = hub.fork(work)
     assert reports.get() == ("closed", True, w.id)
     join_ok(w)
+    assert hub.join(10)  # Worker.join sees the exit; hub.join, also its messages handled
     assert got == [1]
 
 
