@@ -76,6 +76,7 @@ __all__ = [
     "MASTER_TIMEOUT",
     "READY_TIMEOUT",
     "WIRE_VERSION",
+    "WORKER_ID_MAX",
     "WORKER_TIMEOUT",
     "master_handshake",
     "peer_cred",
@@ -96,6 +97,7 @@ MASTER_TIMEOUT = 2.0  # the master's deadline for a peer's hello (a peer that sa
 WORKER_TIMEOUT = 5.0  # the connecting side's deadline for the whole handshake
 READY_TIMEOUT = 30.0  # the master's deadline for "ready" after its welcome
 _NONCE = 32
+WORKER_ID_MAX = 2**32 - 1  # a message's origin field is 32 bits
 _MAC_DOMAIN = b"clusterhub-handshake-1"
 _REASON_MAX = 1000
 _FD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
@@ -420,7 +422,7 @@ class _Conn:
             return None
         if type(v) is not typ:  # (exact: a bool is not an int)
             self.refuse(f"the {self.peer} sent a malformed {msg['type']}: "
-                        f"{key!r} is {_clip(v)}, not a {typ.__name__}")
+                        f"{key!r} is {_clip(v)} (expected {typ.__name__})")
         return v
 
     def nonce(self, msg: dict[str, Any], key: str) -> Optional[bytes]:
@@ -453,9 +455,6 @@ class _Conn:
             challenge=challenge,
             response=response,
         )
-
-    def done(self) -> None:
-        self.sock.settimeout(None)
 
 
 def _hello(role: str, wire: int, version: str, serializer: str, challenge: Optional[bytes],
@@ -600,57 +599,58 @@ def master_handshake(
     t = check_timeout(timeout)
     rt = check_timeout(ready_timeout)
 
-    cred = peer_cred(sock)
-    conn = _Conn(sock, f"connecting process (pid {cred.pid})", t)
-    if cred.uid not in uids:
-        conn.refuse(f"uid {cred.uid} may not connect to this hub (allowed: "
-                    f"{', '.join(map(str, sorted(uids)))}; see allowed_uids)")
-    problem = _pidns_problem(cred.pid, conn.peer)
-    if problem:
-        conn.refuse(problem)
-
-    challenge = os.urandom(_NONCE) if authkey is not None else None
-    conn.send(_hello("master", wire, version, serializer, challenge), "hello")
-    msg, got = conn.recv("hello")
-    _close_all(got)
-    h = conn.hello(msg, "worker")
-    problem = _mismatch((wire, version, serializer), (h.wire, h.version, h.serializer))
-    if problem:
-        conn.refuse(problem)
-    if authkey is None:
-        if h.auth:
-            conn.refuse("the connecting process has an authkey and this hub none: give both the same authkey")
-    else:
-        assert challenge is not None
-        if not h.auth:
-            conn.refuse("this hub requires an authkey; the connecting process gave none")
-        if h.challenge is None or h.response is None:
-            conn.refuse(f"the {conn.peer} sent no challenge or no response")
-        if not hmac.compare_digest(h.response, _mac(authkey, b"worker", challenge, h.challenge)):
-            conn.refuse(f"authentication failed: the {conn.peer} does not know this hub's authkey")
-    if h.pid != cred.pid:
-        conn.refuse(f"the connection was made by pid {cred.pid}, but the peer says it is pid {h.pid}")
-
-    pidfd, source = _peer_pidfd(conn, cred.pid, h.start)
     try:
-        wid = assign_id()
-        if not isinstance(wid, int) or isinstance(wid, bool) or wid < 1:
-            raise ValueError(f"assign_id() returned {wid!r}, not an int >= 1")
-        response = None
-        if authkey is not None:
-            assert challenge is not None and h.challenge is not None
-            response = _mac(authkey, b"master", h.challenge, challenge).hex()
-        welcome = {"type": "welcome", "worker_id": wid, "fds": list(fdmap), "response": response}
-        conn.send(welcome, "welcome", fdmap.values())
-        conn.set_timeout(rt)
-        msg, got = conn.recv("ready message")
+        cred = peer_cred(sock)
+        conn = _Conn(sock, f"connecting process (pid {cred.pid})", t)
+        if cred.uid not in uids:
+            conn.refuse(f"uid {cred.uid} may not connect to this hub (only its own uid and allowed_uids)")
+        problem = _pidns_problem(cred.pid, conn.peer)
+        if problem:
+            conn.refuse(problem)
+
+        challenge = os.urandom(_NONCE) if authkey is not None else None
+        conn.send(_hello("master", wire, version, serializer, challenge), "hello")
+        msg, got = conn.recv("hello")
         _close_all(got)
-        conn.expect(msg, "ready")
-        conn.done()
-    except BaseException:
-        os.close(pidfd)
-        raise
-    return Accepted(wid, cred.pid, cred.uid, cred.gid, pidfd, source, serializer, wire, version)
+        h = conn.hello(msg, "worker")
+        problem = _mismatch((wire, version, serializer), (h.wire, h.version, h.serializer))
+        if problem:
+            conn.refuse(problem)
+        if authkey is None:
+            if h.auth:
+                conn.refuse("the connecting process has an authkey and this hub none: give both the same authkey")
+        else:
+            assert challenge is not None
+            if not h.auth:
+                conn.refuse("this hub requires an authkey; the connecting process gave none")
+            if h.challenge is None or h.response is None:
+                conn.refuse(f"the {conn.peer} sent no challenge or no response")
+            if not hmac.compare_digest(h.response, _mac(authkey, b"worker", challenge, h.challenge)):
+                conn.refuse(f"authentication failed: the {conn.peer} does not know this hub's authkey")
+        if h.pid != cred.pid:
+            conn.refuse(f"the connection was made by pid {cred.pid}, but the peer says it is pid {h.pid}")
+
+        pidfd, source = _peer_pidfd(conn, cred.pid, h.start)
+        try:
+            wid = assign_id()
+            if not isinstance(wid, int) or isinstance(wid, bool) or not 1 <= wid <= WORKER_ID_MAX:
+                raise ValueError(f"assign_id() returned {wid!r}, not an int from 1 to {WORKER_ID_MAX}")
+            response = None
+            if authkey is not None:
+                assert challenge is not None and h.challenge is not None
+                response = _mac(authkey, b"master", h.challenge, challenge).hex()
+            welcome = {"type": "welcome", "worker_id": wid, "fds": list(fdmap), "response": response}
+            conn.send(welcome, "welcome", fdmap.values())
+            conn.set_timeout(rt)
+            msg, got = conn.recv("ready message")
+            _close_all(got)
+            conn.expect(msg, "ready")
+        except BaseException:
+            os.close(pidfd)
+            raise
+        return Accepted(wid, cred.pid, cred.uid, cred.gid, pidfd, source, serializer, wire, version)
+    finally:
+        sock.settimeout(None)  # (blocking again, whatever happened)
 
 
 # ---- the connecting side -----------------------------------------------------------
@@ -698,69 +698,72 @@ def worker_handshake(
     version = _our_version(version)
     _check_common(serializer, authkey, wire)
     t = check_timeout(timeout)
-    cred = peer_cred(sock)
-    conn = _Conn(sock, f"master (pid {cred.pid})", t)
-    expected = os.geteuid() if expect_uid is None else expect_uid
-    if cred.uid != expected:
-        whose = " (its own)" if expect_uid is None else ""
-        conn.refuse(f"the master runs as uid {cred.uid}; the connecting process expects uid {expected}{whose}")
-    problem = _pidns_problem(cred.pid, "master")
-    if problem:
-        conn.refuse(problem)
-
-    msg, got = conn.recv("hello")
-    _close_all(got)
-    h = conn.hello(msg, "master")
-    if h.pid != cred.pid:
-        conn.refuse(f"the listening socket is pid {cred.pid}'s, but the master says it is pid {h.pid}")
-    problem = _mismatch((h.wire, h.version, h.serializer), (wire, version, serializer))
-    if problem:
-        conn.refuse(problem)
-    challenge = response = None
-    if h.auth and authkey is None:
-        conn.refuse("the master requires an authkey; the connecting process gave none")
-    if authkey is not None:
-        if not h.auth:
-            conn.refuse("the connecting process has an authkey and the master none: "
-                        "give both the same authkey")
-        if h.challenge is None:
-            conn.refuse(f"the {conn.peer} sent no challenge")
-        challenge = os.urandom(_NONCE)
-        response = _mac(authkey, b"worker", h.challenge, challenge)
-    conn.send(_hello("worker", wire, version, serializer, challenge, response), "hello")
-
-    msg, fds = conn.recv("welcome")
-    pidfd = -1
     try:
-        conn.expect(msg, "welcome")
+        cred = peer_cred(sock)
+        conn = _Conn(sock, f"master (pid {cred.pid})", t)
+        expected = os.geteuid() if expect_uid is None else expect_uid
+        if cred.uid != expected:
+            whose = " (its own)" if expect_uid is None else ""
+            conn.refuse(f"the master runs as uid {cred.uid}; the connecting process expects uid {expected}{whose}")
+        problem = _pidns_problem(cred.pid, "master")
+        if problem:
+            conn.refuse(problem)
+
+        msg, got = conn.recv("hello")
+        _close_all(got)
+        h = conn.hello(msg, "master")
+        if h.pid != cred.pid:
+            conn.refuse(f"the listening socket is pid {cred.pid}'s, but the master says it is pid {h.pid}")
+        problem = _mismatch((h.wire, h.version, h.serializer), (wire, version, serializer))
+        if problem:
+            conn.refuse(problem)
+        challenge = response = None
+        if h.auth and authkey is None:
+            conn.refuse("the master requires an authkey; the connecting process gave none")
         if authkey is not None:
-            assert challenge is not None and h.challenge is not None
-            theirs = conn.nonce(msg, "response")
-            if theirs is None or not hmac.compare_digest(theirs, _mac(authkey, b"master", challenge, h.challenge)):
-                conn.refuse(f"authentication failed: the {conn.peer} does not know this process's authkey "
-                            "(a process squatting the address?)")
-        wid = conn.get(msg, "worker_id", int)
-        names = conn.get(msg, "fds", list)
-        if wid < 1 or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
-            conn.refuse(f"the {conn.peer} sent a malformed welcome: {_clip(msg)}")
-        if len(names) != len(fds):
-            conn.refuse(f"the {conn.peer} named {len(names)} file descriptors and sent {len(fds)}")
-        fdmap = dict(zip(names, fds))
-        missing = [n for n in require_fds if n not in fdmap]
-        if missing:
-            conn.refuse(f"the {conn.peer} did not hand over {', '.join(map(repr, missing))}")
-        pidfd, source = _peer_pidfd(conn, cred.pid, h.start)
-        joined = Joined(wid, cred.pid, cred.uid, pidfd, source, serializer, wire, version, fdmap)
-        if ready:
-            conn.send({"type": "ready"}, "ready message")
-            joined.ready = True
-        conn.done()
-    except BaseException:
-        _close_all(fds)
-        if pidfd >= 0:
-            os.close(pidfd)
-        raise
-    return joined
+            if not h.auth:
+                conn.refuse("the connecting process has an authkey and the master none: "
+                            "give both the same authkey")
+            if h.challenge is None:
+                conn.refuse(f"the {conn.peer} sent no challenge")
+            challenge = os.urandom(_NONCE)
+            response = _mac(authkey, b"worker", h.challenge, challenge)
+        conn.send(_hello("worker", wire, version, serializer, challenge, response), "hello")
+
+        msg, fds = conn.recv("welcome")
+        pidfd = -1
+        try:
+            conn.expect(msg, "welcome")
+            if authkey is not None:
+                assert challenge is not None and h.challenge is not None
+                theirs = conn.nonce(msg, "response")
+                if theirs is None or not hmac.compare_digest(theirs, _mac(authkey, b"master", challenge, h.challenge)):
+                    conn.refuse(f"authentication failed: the {conn.peer} does not know this process's authkey "
+                                "(a process squatting the address?)")
+            wid = conn.get(msg, "worker_id", int)
+            names = conn.get(msg, "fds", list)
+            names_ok = all(isinstance(n, str) for n in names) and len(set(names)) == len(names)
+            if not 1 <= wid <= WORKER_ID_MAX or not names_ok:
+                conn.refuse(f"the {conn.peer} sent a malformed welcome: {_clip(msg)}")
+            if len(names) != len(fds):
+                conn.refuse(f"the {conn.peer} named {len(names)} file descriptors and sent {len(fds)}")
+            fdmap = dict(zip(names, fds))
+            missing = [n for n in require_fds if n not in fdmap]
+            if missing:
+                conn.refuse(f"the {conn.peer} did not hand over {', '.join(map(repr, missing))}")
+            pidfd, source = _peer_pidfd(conn, cred.pid, h.start)
+            joined = Joined(wid, cred.pid, cred.uid, pidfd, source, serializer, wire, version, fdmap)
+            if ready:
+                conn.send({"type": "ready"}, "ready message")
+                joined.ready = True
+        except BaseException:
+            _close_all(fds)
+            if pidfd >= 0:
+                os.close(pidfd)
+            raise
+        return joined
+    finally:
+        sock.settimeout(None)  # (blocking again, whatever happened)
 
 
 def send_ready(sock: socket.socket, joined: Joined, timeout: Optional[float] = WORKER_TIMEOUT) -> None:
@@ -773,6 +776,8 @@ def send_ready(sock: socket.socket, joined: Joined, timeout: Optional[float] = W
     if joined.ready:
         raise HandshakeError("this worker already told the master it is ready")
     conn = _Conn(sock, f"master (pid {joined.master_pid})", check_timeout(timeout))
-    conn.send({"type": "ready"}, "ready message")
-    conn.done()
+    try:
+        conn.send({"type": "ready"}, "ready message")
+    finally:
+        sock.settimeout(None)
     joined.ready = True
