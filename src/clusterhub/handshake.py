@@ -100,6 +100,7 @@ _NONCE = 32
 WORKER_ID_MAX = 2**32 - 1  # a message's origin field is 32 bits
 _MAC_DOMAIN = b"clusterhub-handshake-1"
 _REASON_MAX = 1000
+_NAME_MAX = 200  # a serializer's name, a version
 _FD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _UCRED = struct.Struct("iII")
@@ -320,6 +321,9 @@ class _Conn:
         """Tell the peer why (best effort, never blocking) and raise."""
         reason = reason[:_REASON_MAX]
         body = json.dumps({"type": "refuse", "reason": reason}).encode("ascii")
+        while len(body) > MAX_MESSAGE:  # (non-ASCII is escaped: up to 12 bytes a character)
+            body = json.dumps({"type": "refuse", "reason": reason[: len(reason) // 2]}).encode("ascii")
+            reason = reason[: len(reason) // 2]
         try:
             self.sock.send(_HEAD.pack(MAGIC, len(body)) + body, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         except OSError:
@@ -471,7 +475,8 @@ def _hello(role: str, wire: int, version: str, serializer: str, challenge: Optio
 def _mismatch(master: tuple[int, str, str], worker: tuple[int, str, str]) -> Optional[str]:
     """The refusal naming both sides' values, or None if they agree."""
     labels = ("wire protocol version", "clusterhub version", "serializer")
-    diffs = [f"{label}: master {m!r}, worker {w!r}" for label, m, w in zip(labels, master, worker) if m != w]
+    diffs = [f"{label}: master {_clip(m)}, worker {_clip(w)}" for label, m, w in zip(labels, master, worker)
+             if m != w]
     return "the two sides do not match: " + "; ".join(diffs) if diffs else None
 
 
@@ -525,12 +530,16 @@ def _our_version(version: Optional[str]) -> str:
         return __version__
     if not isinstance(version, str):
         raise TypeError(f"version must be a str, not {type(version).__name__}")
+    if len(version) > _NAME_MAX:
+        raise ValueError(f"version longer than {_NAME_MAX} characters")
     return version
 
 
 def _check_common(serializer: str, authkey: Optional[bytes], wire: int) -> None:
     if not isinstance(serializer, str) or not serializer:
         raise TypeError("serializer must be a non-empty str (the serializer's name)")
+    if len(serializer) > _NAME_MAX:
+        raise ValueError(f"serializer name longer than {_NAME_MAX} characters")
     if authkey is not None:
         if not isinstance(authkey, bytes):
             raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")

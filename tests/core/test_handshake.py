@@ -73,7 +73,7 @@ def read_frames(sock: socket.socket, timeout: float = 10.0) -> list[Any]:
     out = []
     while data:
         magic, n = struct.unpack_from(">4sI", data)
-        assert magic == b"CHH1"
+        assert magic == b"CHH1" and n <= H.MAX_MESSAGE
         out.append(json.loads(data[8 : 8 + n]))
         data = data[8 + n :]
     return out
@@ -847,13 +847,24 @@ def test_assign_id_must_give_a_worker_id(wid: Any) -> None:
     peer.close()
 
 
+def test_a_refusal_always_fits_a_message() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with pytest.raises(H.HandshakeError):
+        H._Conn(a, "peer", 1.0).refuse("\u00e9" * 5000)  # (JSON escapes it: 6 bytes each)
+    a.close()
+    (refusal,) = read_frames(b)
+    assert refusal["type"] == "refuse" and set(refusal["reason"]) == {"\u00e9"}
+    b.close()
+
+
 def test_bad_arguments_send_nothing() -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     too_many = {f"fd{i}": 0 for i in range(H.MAX_FDS + 1)}
     cases: list[tuple[dict[str, Any], type[Exception]]] = [
         ({"fds": too_many}, ValueError), ({"fds": {"Bad-Name": 0}}, ValueError),
         ({"fds": {"locks": -1}}, ValueError), ({"authkey": "text"}, TypeError),
-        ({"authkey": b""}, ValueError), ({"serializer": ""}, TypeError), ({"timeout": -1}, ValueError),
+        ({"authkey": b""}, ValueError), ({"serializer": ""}, TypeError), ({"serializer": "s" * 201}, ValueError),
+        ({"version": "v" * 201}, ValueError), ({"timeout": -1}, ValueError),
     ]
     for kw, kind in cases:
         args: dict[str, Any] = {"assign_id": lambda: 1, "serializer": "pickle", **kw}
