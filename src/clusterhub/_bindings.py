@@ -88,8 +88,11 @@ def socketpair() -> tuple[int, int]:
     return fds[0], fds[1]
 
 
-_unpack = ffi.unpack
-_buffer = ffi.buffer
+# For the receive hot path (router.Router.read), which reads an Rx's frame
+# table and buffer in place: unpack(table, n) -> the n ints (offset, length
+# pairs); buffer(address, size) -> the bytes there, without a copy.
+unpack = _unpack = ffi.unpack
+buffer = ffi.buffer
 
 
 class PeerGone(Exception):

@@ -38,7 +38,7 @@ _unpack_envelope = protocol.HEADER.unpack_from
 _ENVELOPE = protocol.HEADER.size
 _MSG, _REQ, _RES, _ERR, _BCAST = protocol.MSG, protocol.REQ, protocol.RES, protocol.ERR, protocol.BCAST
 _EOF = _bindings.EOF
-_unpack, _buffer = _bindings.ffi.unpack, _bindings.ffi.buffer  # (to move into _bindings)
+_unpack, _buffer = _bindings.unpack, _bindings.buffer
 _decode_messages = _bindings.decode_messages
 
 
