@@ -9,6 +9,11 @@ process and its forked workers (Linux).
 """
 
 from .errors import (
+    AddressInUse,
+    ConnectError,
+    ConnectTimeout,
+    HandshakeError,
+    HandshakeTimeout,
     HubClosedError,
     HubError,
     LockError,
@@ -48,6 +53,11 @@ __all__ = [
     "NoWorkersError",
     "SendTimeout",
     "HubClosedError",
+    "AddressInUse",
+    "ConnectError",
+    "ConnectTimeout",
+    "HandshakeError",
+    "HandshakeTimeout",
     "LockError",
     "LockTimeout",
     "LockTableFull",

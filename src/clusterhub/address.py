@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .checks import check_timeout
-from .errors import HubError
+from .errors import AddressInUse, ConnectError, ConnectTimeout, HubError
 
 __all__ = [
     "Address",
@@ -61,33 +61,6 @@ __all__ = [
 SUN_PATH_MAX = 107
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-# ---- errors ------------------------------------------------------------------------
-
-
-class AddressInUse(HubError):
-    """Another process listens on the address (a live master, or a process
-    that is not one), or the path is taken by something that is not a socket.
-    ``address`` is the address as given."""
-
-    def __init__(self, message: str, address: str = "") -> None:
-        super().__init__(message)
-        self.address = address
-
-
-class ConnectError(HubError, ConnectionError):
-    """Connecting to a hub failed: nothing listens there, the socket file is
-    not accessible, or (subclasses) the connection timed out or the handshake
-    was refused.  The OSError behind it, if any, is its ``__cause__``."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-
-
-class ConnectTimeout(ConnectError, TimeoutError):
-    """The listener did not take the connection within the timeout (its
-    backlog stayed full)."""
 
 
 # ---- addresses ---------------------------------------------------------------------

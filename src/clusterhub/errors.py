@@ -20,6 +20,11 @@ __all__ = [
     "LockError",
     "LockTimeout",
     "LockTableFull",
+    "AddressInUse",
+    "ConnectError",
+    "ConnectTimeout",
+    "HandshakeError",
+    "HandshakeTimeout",
 ]
 
 
@@ -129,6 +134,45 @@ class LockTimeout(LockError, TimeoutError):
 
 class LockTableFull(LockError):
     """More keys are held or waited on at once than the lock table can hold."""
+
+
+class AddressInUse(HubError):
+    """Another process listens on the address (a live master, or a process
+    that is not one), or the path is taken by something that is not a socket.
+    ``address`` is the address as given."""
+
+    def __init__(self, message: str, address: str = "") -> None:
+        super().__init__(message)
+        self.address = address
+
+
+class ConnectError(HubError, ConnectionError):
+    """Connecting to a hub failed: nothing listens there, the socket file is
+    not accessible, or (subclasses) the connection timed out or the handshake
+    was refused.  The OSError behind it, if any, is its ``__cause__``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class ConnectTimeout(ConnectError, TimeoutError):
+    """The listener did not take the connection within the timeout (its
+    backlog stayed full)."""
+
+
+class HandshakeError(ConnectError):
+    """The handshake failed or was refused.  ``by_peer``: the other side
+    refused, and the message carries its reason (``"refused by the master:
+    ..."``); otherwise this side found the problem (and told the peer, when
+    it could)."""
+
+    def __init__(self, message: str, by_peer: bool = False) -> None:
+        super().__init__(message)
+        self.by_peer = by_peer
+
+
+class HandshakeTimeout(HandshakeError, TimeoutError):
+    """The peer did not send (or take) a handshake message within the deadline."""
 
 
 # Shown as ``clusterhub.X`` (tracebacks, type names sent to peers, pickles),

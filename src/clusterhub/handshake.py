@@ -62,8 +62,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Iterable, Mapping, NamedTuple, NoReturn, Optional
 
-from .address import ConnectError
 from .checks import check_timeout
+from .errors import HandshakeError, HandshakeTimeout
 
 __all__ = [
     "Accepted",
@@ -113,24 +113,6 @@ if _SO_PEERPIDFD is None and os.uname().machine in (
     "riscv64", "s390x", "ppc64le", "ppc64", "loongarch64",
 ):
     _SO_PEERPIDFD = 77
-
-
-# ---- errors ------------------------------------------------------------------------
-
-
-class HandshakeError(ConnectError):
-    """The handshake failed or was refused.  ``by_peer``: the other side
-    refused, and the message carries its reason (``"refused by the master:
-    ..."``); otherwise this side found the problem (and told the peer, when
-    it could)."""
-
-    def __init__(self, message: str, by_peer: bool = False) -> None:
-        super().__init__(message)
-        self.by_peer = by_peer
-
-
-class HandshakeTimeout(HandshakeError, TimeoutError):
-    """The peer did not send (or take) a handshake message within the deadline."""
 
 
 # ---- results -----------------------------------------------------------------------

@@ -978,7 +978,8 @@ def test_another_pid_namespace_is_refused(fork: Callable[..., Child]) -> None:
             pytest.skip(f"unshare(CLONE_NEWPID) failed: {first[1]}")
         assert first == ("pid", 1)
         err, _ = serve(lst)
-        assert isinstance(err, H.HandshakeError) and "another PID namespace" in str(err), err
+        # (Both sides refuse: the master may see the worker's refusal first.)
+        assert isinstance(err, H.HandshakeError) and "PID namespace" in str(err), err
         kind, _, text, _ = c.get()
         assert kind == "error" and "PID namespace" in text
         assert c.join() == 0
