@@ -174,8 +174,8 @@ PYTHON=${PYTHON:-python}
 mod="$tmp/module"
 # (the tests that drive them: decode_messages; LockBase, directly and through the
 # API's lock tests; the lock table, crash points included, and the *_nogil calls)
-san_tests=(tests/test_decode.py tests/core/test_lock_handle.py tests/api/test_locks.py
-    tests/test_core_locks.py)
+san_tests=(tests/core/test_decode.py tests/core/test_lock_handle.py tests/api/test_locks.py
+    tests/core/test_locktable.py)
 log "clusterhub._core under ASan+UBSan (gcc): ${san_tests[*]}"
 mkdir -p "$mod/build" "$mod/pkg"
 cp -r "$csrc" "$mod/build/csrc"
