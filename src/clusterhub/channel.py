@@ -395,13 +395,10 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
                 else:
                     os.eventfd_read(rfd)
             if done and waiting(rid) is fut:
-                # Others' replies: complete them now, but those whose
-                # completion runs callbacks on the dispatcher (a callback
-                # may wait for a reply on this very channel).
-                later = [c for c in done if c[0]._has_callbacks]
-                complete_all([c for c in done if not c[0]._has_callbacks])
-                if later:
-                    d.call_soon(functools.partial(complete_all, later))
+                # Others' replies whose completion may run code (callbacks,
+                # or a blocked thread to wake): on the dispatcher, since a
+                # callback may wait for a reply on this very channel.
+                d.call_soon(functools.partial(complete_all, done))
                 done = []
             if d.inbox:
                 # Messages for the handlers: the dispatcher may have gone

@@ -155,11 +155,13 @@ class Router:
                     if fut is None or fut._channel is not ch:
                         log.debug("dropping a reply to request %d nobody waits for", rid)
                         continue
-                    pending.pop(rid, None)  # now: it is completed later (complete_all)
+                    pending.pop(rid, None)
                     try:
-                        done.append((fut, True, loads(buf[data_at:end])))
+                        ok, value = True, loads(buf[data_at:end])
                     except Exception as e:
-                        done.append((fut, False, HubError(f"cannot decode the reply: {e!r}")))
+                        ok, value = False, HubError(f"cannot decode the reply: {e!r}")
+                    if not fut.complete_here(ok, value):  # (else: later, see complete_all)
+                        done.append((fut, ok, value))
                 elif kind == _ERR:
                     pending.complete(ch, rid, False, remote_error(buf[data_at:end]), done)
                 elif _MSG <= kind <= _BCAST:
