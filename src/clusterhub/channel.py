@@ -78,11 +78,11 @@ class Channel:
         # broadcasts go to is over max_queue, its input is not read.
         self.blockers: set[Channel] = set()  # channels holding our input back
         self.held_back: set[Channel] = set()  # channels whose input we hold back
-        self.mask = 0  # the dispatcher's epoll registration, 0: none (see Hub._arm)
+        self.mask = 0  # the dispatcher's epoll registration, 0: none (see arm)
         self.arming = threading.Lock()  # held while mask and registration change
-        self.disarmed = False  # the dispatcher dropped it for a leader (see Hub._arm)
-        self.room_waiters = 0  # dispatcher waits for room here (see Hub._wait_room)
-        self.read_ctx: Any = None  # what Hub._read needs, gathered once
+        self.disarmed = False  # the dispatcher dropped it for a leader (see arm)
+        self.room_waiters = 0  # the dispatcher waits for room here (see wait_room)
+        self.read_ctx: Any = None  # what Router.read needs, gathered once
         # The send queue needs no Python lock (its C calls lock it and refuse
         # use once it is closed), so sending is one call of a bound C function.
         self.send = functools.partial(self._tx.send, fd)  # (payload, max_len)
