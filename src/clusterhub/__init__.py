@@ -8,6 +8,7 @@ process and its forked workers (Linux).
         ...
 """
 
+from .connect import connect
 from .errors import (
     AddressInUse,
     ConnectError,
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Hub",
+    "connect",
     "Worker",
     "Lock",
     "Future",

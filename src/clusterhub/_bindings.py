@@ -279,6 +279,23 @@ class LockTable:
         self.ptr: Any = pp[0]
         self.nslots: int = lib.ch_lt_nslots(self.ptr)
 
+    @classmethod
+    def attach(cls, fd: int) -> "LockTable":
+        """Map the table held by memfd ``fd`` (made by another process and
+        passed over a socket).  ``fd`` stays the caller's: the table keeps
+        its own duplicate."""
+        self = cls.__new__(cls)
+        pp = ffi.new("ch_table **")
+        r = lib.ch_lt_attach(fd, pp)
+        if r == -_errno.EMFILE:
+            raise errors.HubError(
+                f"too many hubs open in this process (at most {lib.CH_LT_MAX_TABLES})"
+            )
+        check(r, "lock table")
+        self.ptr = pp[0]
+        self.nslots = lib.ch_lt_nslots(self.ptr)
+        return self
+
     def ref(self, slot: int = lib.CH_LT_SLOT_NONE, gen: int = 0) -> int:
         """The hot-path ref of (slot, gen); by default one that means "resolve first"."""
         return int(lib.ch_lt_ref(self.ptr, slot, gen))

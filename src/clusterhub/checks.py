@@ -28,6 +28,15 @@ def check_int(name: str, value: Any, lo: int, hi: Optional[int]) -> None:
         raise ValueError(f"{name} must be between {lo} and {hi}" if hi else f"{name} must be >= {lo}")
 
 
+def check_uid(uid: Any) -> int:
+    """A user id: an int >= 0."""
+    if not isinstance(uid, int) or isinstance(uid, bool):
+        raise TypeError(f"a uid must be an int, not {type(uid).__name__}")
+    if uid < 0:
+        raise ValueError("a uid must be >= 0")
+    return uid
+
+
 def check_callback(callback: Any) -> None:
     if not callable(callback):
         raise TypeError("callback must be callable as callback(error, result)")

@@ -14,11 +14,12 @@ import logging
 import os
 import random
 import weakref
-from typing import Any, Callable, Optional, ParamSpec, TypeVar, Union, overload
+from typing import Any, Callable, Iterable, Optional, ParamSpec, TypeVar, Union, overload
 
 from . import _bindings, protocol, sched
+from ._bindings import LockTable
 from .channel import wait_reply
-from .checks import check_callback, check_int, check_timeout
+from .checks import check_callback, check_int, check_timeout, check_uid
 from .dispatch import Dispatcher
 from .errors import (
     HubClosedError,
@@ -82,6 +83,11 @@ class Hub:
     :param lock_slots: the lock table holds at least this many keys held or
         waited on at once (and at most twice as many).
     :param exit_on_master_death: a worker whose master dies exits with code 1.
+    :param address: also accept processes the hub did not fork, which join
+        with :func:`clusterhub.connect` (``"@name"``: a Linux abstract socket;
+        anything else: a filesystem path, made owner-only).  ``authkey``
+        (bytes): they must prove they know it (and the master proves it to
+        them); ``allowed_uids``: users besides this one that may connect.
     :param batch_dispatcher: run the hub's dispatcher threads (one per
         process) under Linux's ``SCHED_BATCH`` policy when they would run
         under the ordinary one, so that a message's arrival does not preempt
@@ -100,27 +106,69 @@ class Hub:
         lock_slots: int = DEFAULT_LOCK_SLOTS,
         exit_on_master_death: bool = True,
         batch_dispatcher: bool = True,
+        address: Optional[str] = None,
+        authkey: Optional[bytes] = None,
+        allowed_uids: Optional[Iterable[int]] = None,
     ) -> None:
         check_int("max_message_size", max_message_size, 1, _bindings.FRAME_MAX_LIMIT)
+        if authkey is not None and not isinstance(authkey, bytes):
+            raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
+        uids = None if allowed_uids is None else [check_uid(u) for u in allowed_uids]
         check_int("max_queue", max_queue, 0, None)
         check_int("lock_slots", lock_slots, 1, None)
+        procs = self._build(serializer, max_message_size, max_queue, Locks(lock_slots),
+                            exit_on_master_death, batch_dispatcher, f"master-{os.getpid()}")
+        if address is not None:
+            try:
+                procs.listen(address, protocol.serializer_name(serializer), authkey, uids)
+            except BaseException:
+                self._dispatcher.stop()
+                self._locks.close()
+                raise
+            self._address = procs.listener.address.text if procs.listener else None
+        self._dispatcher.start()
+        _hubs.add(self)
+
+    _address: Optional[str]
+
+    def _build(
+        self, serializer: Union[str, protocol.Serializer], max_message_size: int, max_queue: int,
+        locks: Locks, exit_on_master_death: bool, batch_dispatcher: bool, name: str,
+    ) -> Processes:
+        """Make the hub's parts (the dispatcher not started yet): the local
+        transport's process layer, returned."""
         self._dumps, self._loads = protocol.serializer_functions(serializer)
         if not isinstance(exit_on_master_death, bool):
             raise TypeError("exit_on_master_death must be True or False")
         if not isinstance(batch_dispatcher, bool):
             raise TypeError("batch_dispatcher must be True or False")
         self._closed = False
-        pid = os.getpid()
-        self._locks = Locks(lock_slots)
-        self._dispatcher = Dispatcher(f"master-{pid}", batch_dispatcher)
+        self._locks = locks
+        self._dispatcher = Dispatcher(name, batch_dispatcher)
         self._pending = Pending(self._dispatcher, wait_reply)
         # The transport (see transport.py): here the local one, socketpairs to forked workers.
-        procs = Processes((pid, next(_hub_serial)), self._dispatcher, self._pending,
+        procs = Processes((os.getpid(), next(_hub_serial)), self._dispatcher, self._pending,
                           self._locks, max_message_size, max_queue, exit_on_master_death)
         procs.router = Router(procs, self._dispatcher, self._pending, self._dumps, self._loads)
         self._procs: Transport = procs
-        self._dispatcher.start()
-        _hubs.add(self)
+        self._address = None
+        return procs
+
+    @classmethod
+    def _joining(cls, locks_fd: int, worker_id: int, serializer: Union[str, protocol.Serializer],
+                 exit_on_master_death: bool) -> tuple["Hub", Processes]:
+        """The worker side of a process that connects by address, before its
+        channel to the master exists (see connect.py)."""
+        hub = cls.__new__(cls)
+        procs = hub._build(serializer, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUE,
+                           Locks(1, LockTable.attach(locks_fd)), exit_on_master_death, True,
+                           f"worker-{worker_id}")
+        procs.is_master = False
+        procs.connected = True
+        procs.worker_id = worker_id
+        hub._dispatcher.start()
+        _hubs.add(hub)
+        return hub, procs
 
     def __repr__(self) -> str:
         role = "master" if self.is_master else f"worker {self.worker_id}"
@@ -160,6 +208,11 @@ class Hub:
         """Live workers by id (master only; a snapshot)."""
         self._check_master("workers")
         return dict(self._procs.workers)
+
+    @property
+    def address(self) -> Optional[str]:
+        """The address processes connect to (see :func:`clusterhub.connect`), or None."""
+        return self._address
 
     @property
     def _master(self) -> Optional[Endpoint]:

@@ -106,9 +106,11 @@ class HeldLock(NamedTuple):
 class Locks:
     """This process's view of a hub's lock table."""
 
-    def __init__(self, lock_slots: int) -> None:
-        self.table = LockTable(2 * lock_slots)
+    def __init__(self, lock_slots: int, table: Optional[LockTable] = None) -> None:
+        # (table: one attached from the master, for a process that connected)
+        self.table = LockTable(2 * lock_slots) if table is None else table
         self.ptr: Any = self.table.ptr  # None once closed: handles then raise
+        self._gone: Optional[Exception] = None  # what lock calls raise once unusable
         self._handles: dict[Key, Lock] = {}
         self.aio: dict[tuple[asyncio.AbstractEventLoop, bytes], _AioState] = {}
 
@@ -132,9 +134,20 @@ class Locks:
 
     def _check(self) -> Any:
         if self.ptr is None:
-            raise HubClosedError("this hub is closed")
+            raise self.gone()
         return self.ptr
 
+    def gone(self) -> Exception:
+        """What a lock call raises once the table is unusable here."""
+        return self._gone or HubClosedError("this hub is closed")
+
+    def orphan(self, error: Exception) -> None:
+        """The table is no longer the one the others use (a connected
+        process whose master died): every later lock call raises ``error``.
+        The mapping stays: a thread of ours may still hold a lock in it."""
+        self._gone = error
+        self.table.disable()
+        self.ptr = None
     def retire(self) -> None:
         """Refuse all further lock use (HubClosedError), in one step with
         checking that no thread of this process holds or waits on a lock;
@@ -241,7 +254,7 @@ class Lock(LockBase):
             if r == _ESTALE:  # given to another key meanwhile: it was not held
                 return False
         if r < 0:
-            raise HubClosedError("this hub is closed") if r == _EBADF else lock_error(r, self.key)
+            raise locks.gone() if r == _EBADF else lock_error(r, self.key)
         return r == 1
 
     def _release_save(self) -> None:
@@ -269,7 +282,7 @@ class Lock(LockBase):
         """Finish a release whose unlock through the cached ref failed."""
         locks = self._locks
         if locks.ptr is None or r == _EBADF:
-            raise HubClosedError("this hub is closed")
+            raise locks.gone()
         if r != _EPERM and r != _ESTALE and r != _EINVAL:
             raise lock_error(r, self.key)
         # The handle may be shared: another thread may have re-resolved it

@@ -35,7 +35,7 @@ class Worker:
     """
 
     __slots__ = ("id", "pid", "_exited", "_exitcode", "_waiter", "channel", "settled", "hub_key",
-                 "__weakref__")
+                 "pidfd", "connected", "__weakref__")
 
     def __init__(
         self,
@@ -54,6 +54,11 @@ class Worker:
         # on_exit callbacks (what Hub.join waits for).
         self.settled = threading.Event()
         self.hub_key = hub_key  # which hub it belongs to (see __reduce__)
+        # True for a process that connected by address (the hub did not fork
+        # it, and never reaps it); pidfd: its pidfd, for signals that cannot
+        # reach a reused pid.
+        self.connected = False
+        self.pidfd: int | None = None
 
     def __reduce__(self) -> Any:
         # A reference, not a copy: unpickled by a process of the same hub it
@@ -90,10 +95,14 @@ class Worker:
     def _signal(self, sig: int) -> None:
         if self.pid is None or self._exited.is_set():
             return
+        pidfd = self.pidfd
         try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
+        except (ProcessLookupError, OSError):
+            pass  # (gone; or the pidfd closed as it exited)
 
     def set_exited(self, code: int | None) -> None:
         self._exitcode = code

@@ -105,6 +105,14 @@ def serializer_functions(spec: str | Serializer) -> tuple[Dumps, Loads]:
     return checked_dumps, lambda data: loads(bytes(data))
 
 
+def serializer_name(spec: str | Serializer) -> str:
+    """The serializer's name as a handshake compares it ("pickle", "json",
+    or the object's type, qualified by its module)."""
+    if isinstance(spec, str):
+        return spec
+    return f"{type(spec).__module__}.{type(spec).__qualname__}"
+
+
 known_names: dict[str, bytes] = {}  # names seen, checked and encoded (bounded)
 
 

@@ -16,6 +16,7 @@ import os
 import random
 import select
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -25,9 +26,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from . import _bindings, process, sched
 from ._bindings import PeerGone
+from .address import Listener, listen
 from .channel import Channel
 from .dispatch import Dispatcher
-from .errors import MasterDied, SendTimeout, WorkerDied
+from .errors import HubError, MasterDied, SendTimeout, WorkerDied
+from .handshake import master_handshake
 from .locks import Locks
 from .process import ExitWatcher, Worker, exit_process, flush_stdio, reap, run_target
 from .requests import Pending
@@ -38,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("clusterhub")
 
 WorkerRef = Union[Worker, int]
+
+_MAX_HANDSHAKES = 64  # connections being admitted at once (more are dropped)
 
 # One hub fork at a time in this process: a fork by one thread must not
 # inherit the fresh socketpair of another thread's fork.
@@ -97,6 +102,10 @@ class Processes:
         self.master: Optional[Channel] = None  # a worker's channel to its master
         self.master_gone = threading.Event()  # (a worker: the dispatcher saw the master go)
         self.exits = ExitWatcher(f"clusterhub-master-{self.pid}-exits", self._exited)
+        self.listener: Optional[Listener] = None  # the master's, with an address
+        self._admit_args: dict[str, Any] = {}  # (what the handshake checks)
+        self._admitting = threading.BoundedSemaphore(_MAX_HANDSHAKES)
+        self.connected = False  # a process that joined its master by address
         _layers.add(self)
 
     # ---- the master: forking ------------------------------------------------
@@ -142,6 +151,81 @@ class Processes:
         _bindings.start_writer()  # (a first burst need not wait for its creation)
         return ch
 
+    # ---- the master: processes that connect by address ----------------------------
+
+    def listen(self, address: str, serializer: str, authkey: Optional[bytes],
+               allowed_uids: Any) -> None:
+        """Accept processes that connect to ``address`` (see address.py)."""
+        self.listener = listen(address)
+        self._admit_args = {"serializer": serializer, "authkey": authkey,
+                            "allowed_uids": tuple(allowed_uids or ())}
+        self.dispatcher.register(self.listener.fileno(), select.EPOLLIN, self._on_listener)
+
+    def _on_listener(self, _ev: int) -> None:
+        """On the dispatcher: take every pending connection; each handshake
+        runs on a thread of its own (it blocks, within its deadlines)."""
+        listener = self.listener
+        while listener is not None and not self.closed:
+            try:
+                conn = listener.accept()
+            except OSError as e:  # (EMFILE...: the connection stays pending)
+                log.error("clusterhub: cannot accept a connection on %s: %s", listener.address.text, e)
+                return
+            if conn is None:
+                return
+            if not self._admitting.acquire(blocking=False):
+                log.warning("clusterhub: too many handshakes at once: a connection dropped")
+                conn.close()
+                continue
+            threading.Thread(target=self._admit, args=(conn,), daemon=True,
+                             name=f"clusterhub-master-{self.pid}-handshake").start()
+
+    def _admit(self, conn: socket.socket) -> None:
+        """A connected process's handshake, then it is a worker like any other."""
+        try:
+            try:
+                acc = master_handshake(conn, assign_id=self._assign_id,
+                                       fds={"locks": self.locks.table.fileno()}, **self._admit_args)
+            except HubError as e:
+                log.info("clusterhub: connection refused: %s", e)
+                conn.close()
+                return
+            with self.state_lock:
+                if self.closed:
+                    acc.close()
+                    conn.close()
+                    return
+                conn.setblocking(False)
+                w = Worker(acc.worker_id, acc.pid, self.wait_event, self.key)
+                w.connected = True
+                w.pidfd = os.dup(acc.pidfd)  # (ours for signals; the watcher owns acc's)
+                w.channel = self._channel(conn.detach(), w)
+                self.workers[w.id] = w
+                self.unsettled[w.id] = w
+                self.known[w.id] = w
+                self.exits.watch(w, acc.pidfd)
+            log.info("clusterhub: worker %d (pid %d) connected", w.id, w.pid)
+            self.dispatcher.call_soon(w.channel.watch)
+        finally:
+            self._admitting.release()
+
+    def _assign_id(self) -> int:
+        with self.state_lock:
+            wid = self.next_id
+            self.next_id += 1
+            return wid
+
+    # ---- a process that joins its master by address --------------------------------
+
+    def join_master(self, fd: int, master_pidfd: Optional[int]) -> None:
+        """Read and write the master's channel, a handshaken socket ``fd``
+        (see connect.py; worker_id and connected are set already)."""
+        self.locks.table.set_worker_id(self.worker_id)
+        self.master = ch = self._channel(fd, None)
+        ch.watch()
+        if self.exit_on_master_death:
+            self._watch_master(master_pidfd)
+
     # ---- the child: becoming a worker ------------------------------------------
 
     def _run_worker(
@@ -171,6 +255,9 @@ class Processes:
         self.unsettled = {}
         self.known = weakref.WeakValueDictionary()
         self.exit_callbacks = []
+        if self.listener is not None:
+            self.listener.abandon()  # (closed in every child already: see address.py)
+            self.listener = None
         self.is_master = False
         self.worker_id = wid
         self.pid = os.getpid()
@@ -184,19 +271,19 @@ class Processes:
         ch.watch()
         d.start()
         if self.exit_on_master_death:
-            self._watch_master(master_pid)
+            try:
+                pidfd: Optional[int] = os.pidfd_open(master_pid)
+            except ProcessLookupError:
+                pidfd = None  # gone already
+            self._watch_master(pidfd)
 
-    def _watch_master(self, master_pid: int) -> None:
+    def _watch_master(self, pidfd: Optional[int]) -> None:
         """exit_on_master_death must hold while a handler keeps the dispatcher
         busy: a thread waits for the master to exit and, unless the dispatcher
         dealt with it within a grace period (it reads the replies already
         sent), fails the pending requests and exits itself.  It waits on the
         master's pidfd, not on the socket: a socket wakes every poller on
-        every incoming frame."""
-        try:
-            pidfd: Optional[int] = os.pidfd_open(master_pid)
-        except ProcessLookupError:
-            pidfd = None  # gone already
+        every incoming frame.  (``pidfd``: None when the master is gone already.)"""
 
         def watch() -> None:
             if pidfd is not None:
@@ -212,6 +299,8 @@ class Processes:
     def master_lost(self) -> None:
         """A worker's channel to its master is gone (the router saw it)."""
         self.master_gone.set()
+        if self.connected:  # (no split brain: its lock table is no longer the others')
+            self.locks.orphan(MasterDied("the master has died: its lock table is gone"))
         self.pending.fail_all(lambda: MasterDied("the master has died"))
         if self.exit_on_master_death:
             exit_process(1)
@@ -239,7 +328,13 @@ class Processes:
         """On the exit watcher's thread, as soon as the kernel reports the
         exit: reap, and reflect it (``workers``, ``join``, ``exitcode``); the
         dispatcher then handles what the worker sent (``_settle``)."""
-        code = reap(w.pid) if w.pid is not None else None
+        if w.connected:  # not our child: never reaped here (its parent will)
+            code = None
+            pidfd, w.pidfd = w.pidfd, None
+            if pidfd is not None:
+                os.close(pidfd)
+        else:
+            code = reap(w.pid) if w.pid is not None else None
         with self.state_lock:
             self.workers.pop(w.id, None)
         w.set_exited(code)
@@ -379,7 +474,7 @@ class Processes:
         """SIGTERM the live workers (the master) or flush to the master (a
         worker); SIGKILL those left after ``timeout``.  A KeyboardInterrupt
         meanwhile kills them at once and is returned, to raise later."""
-        workers = list(self.workers.values())
+        workers = [w for w in self.workers.values() if not w.connected]  # (those see MasterDied)
         try:
             if self.is_master:
                 for w in workers:
@@ -405,6 +500,9 @@ class Processes:
     def close(self) -> None:
         """Close the channels (after stop_watching and the dispatcher's stop)."""
         self.closed = True
+        if self.listener is not None:
+            self.dispatcher.unregister(self.listener.fileno())
+            self.listener.close()
         for w in list(self.known.values()):
             if w.channel is not None:
                 w.channel.close()
@@ -420,5 +518,7 @@ class Processes:
             if w.channel is not None:
                 w.channel.abandon()
         self.exits.abandon()
+        if self.listener is not None:
+            self.listener.abandon()
         if self.master is not None:
             self.master.abandon()

@@ -40,15 +40,19 @@ A transport adds a subclass of :class:`Cluster` (``master_hub``, ``_start``,
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
+import itertools
+import os
 import threading
 from typing import Any, Callable, ClassVar, Optional
 
 import clusterhub
 from clusterhub import WorkerDied
+from clusterhub.process import exit_process, run_target
 
-from conftest import run_forked
+from conftest import kill_and_reap, run_forked, waitpid_bounded
 
 READY = "conformance:ready"  # worker -> master: my handlers are registered
 END = "conformance:end"  # master -> a served worker: return
@@ -139,6 +143,9 @@ class Cluster:
         assert w.join(timeout), f"{w!r} did not exit within {timeout} s"
         assert self.exit_code(w) == code, f"{w!r}: expected exit code {code}"
 
+    def teardown(self) -> None:
+        """After the test (the master hub is closed after this, by make_hub)."""
+
     def spawn_master(self, body: Callable[..., Any], *args: Any, **hub_kwargs: Any) -> int:
         """Run ``body(cluster, *args)`` in a new process with a master hub of its
         own (``Hub(**hub_kwargs)``); the process then waits to be killed.  Its pid."""
@@ -187,4 +194,66 @@ class Forked(Cluster):
         return w.exitcode
 
 
-TRANSPORTS: dict[str, type[Cluster]] = {"forked": Forked}
+_addresses = itertools.count(1)
+JOINED = "conformance:joined"  # a connected worker -> master: I am here
+
+
+class Connected(Cluster):
+    """Processes the hub did not fork (plain fork children of the test
+    process), which join the master by address with ``clusterhub.connect``."""
+
+    transport = "connected"
+
+    def __init__(self, hub: clusterhub.Hub) -> None:
+        super().__init__(hub)
+        self._joined: dict[int, "concurrent.futures.Future[clusterhub.Worker]"] = {}
+        self._pids: list[int] = []
+        hub.on(JOINED, self._on_joined)
+
+    def _on_joined(self, pid: int, sender: clusterhub.Worker) -> None:
+        with self._lock:
+            fut = self._joined.setdefault(pid, concurrent.futures.Future())
+        fut.set_result(sender)
+
+    @classmethod
+    def master_hub(cls, make: Callable[..., clusterhub.Hub], **hub_kwargs: Any) -> clusterhub.Hub:
+        return make(address=f"@clusterhub-conformance-{os.getpid()}-{next(_addresses)}", **hub_kwargs)
+
+    def _start(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> clusterhub.Worker:
+        address = self.hub.address
+        assert address is not None
+        exit_on_death = self.hub._procs.exit_on_master_death
+
+        def worker() -> None:
+            for hub in list(clusterhub.hub._hubs):  # (inert here: this child joins by address)
+                hub._abandon()
+            # (as a forked worker of this master would: connect's own default is False)
+            hub = clusterhub.connect(address, timeout=10, exit_on_master_death=exit_on_death)
+            hub.send_to_master(JOINED, os.getpid())
+            code = run_target(fn, (hub, *args), {})
+            hub._procs.flush_master()  # (what it sent is delivered before it exits)
+            exit_process(code)
+
+        pid = run_forked(worker)
+        self._pids.append(pid)
+        with self._lock:
+            fut = self._joined.setdefault(pid, concurrent.futures.Future())
+        return fut.result(timeout=15)
+
+    def kill(self, w: clusterhub.Worker) -> None:
+        w.kill()
+
+    def exit_code(self, w: clusterhub.Worker) -> Optional[int]:
+        assert w.pid is not None
+        code = waitpid_bounded(w.pid, 10)
+        self._pids.remove(w.pid)
+        return code
+
+    def teardown(self) -> None:
+        self.hub.close(timeout=2.0)  # (its workers then see MasterDied and exit)
+        for pid in self._pids:
+            if waitpid_bounded(pid, 10) is None:
+                kill_and_reap([pid])
+
+
+TRANSPORTS: dict[str, type[Cluster]] = {"forked": Forked, "connected": Connected}

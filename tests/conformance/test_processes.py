@@ -31,6 +31,13 @@ def _nothing(hub):
     """A worker that returns at once."""
 
 
+def _forever(hub):
+    """A worker that runs until it is killed (on nothing shared with other
+    processes: a process killed while it waits on a multiprocessing Event
+    leaves that Event's set() blocked)."""
+    threading.Event().wait()
+
+
 # ---- exits: hub.workers, join, on_exit -------------------------------------------
 
 
@@ -77,7 +84,7 @@ def test_killed_worker_is_seen_by_join_on_exit_and_workers(cluster, event):
         exited.set()
 
     a = cluster.start(_wait, go)
-    b = cluster.start(_wait, go)
+    b = cluster.start(_forever)
     cluster.kill(b)
     assert exited.wait(10)
     assert seen == [(b.id, False)]
