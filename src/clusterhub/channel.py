@@ -219,6 +219,7 @@ class Channel:
     def died(self) -> PeerDied:
         """The error for a send to a peer that is gone."""
         if self.peer is None:
+            self.router.procs.master_unreachable()  # (before the dispatcher may have seen it)
             return MasterDied("the master has died")
         return WorkerDied(f"worker {self.peer.id} has exited")
 

@@ -299,11 +299,17 @@ class Processes:
     def master_lost(self) -> None:
         """A worker's channel to its master is gone (the router saw it)."""
         self.master_gone.set()
-        if self.connected:  # (no split brain: its lock table is no longer the others')
-            self.locks.orphan(MasterDied("the master has died: its lock table is gone"))
+        self.master_unreachable()
         self.pending.fail_all(lambda: MasterDied("the master has died"))
         if self.exit_on_master_death:
             exit_process(1)
+
+    def master_unreachable(self) -> None:
+        """The master is gone (seen by the router, or by a sender first).  A
+        connected process's lock table is then no longer the one the others
+        use (no split brain): its lock calls raise MasterDied from now on."""
+        if self.connected and self.locks.ptr is not None:
+            self.locks.orphan(MasterDied("the master has died: its lock table is gone"))
 
     def master_channel(self) -> Channel:
         """A worker's channel to its master; MasterDied once it is gone."""

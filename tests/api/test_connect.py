@@ -1,0 +1,267 @@
+"""Processes the hub did not fork join it by address: what is particular to
+them (the conformance suite covers what they share with forked workers):
+errors when connecting, authkey, idempotent connect(), no reaping, close()
+and the master's death as a connected process sees them, a process started
+by exec, and ProcessPoolExecutor's initializer."""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import clusterhub
+from clusterhub import ConnectError, HandshakeError, HubError, MasterDied
+
+from conftest import Reports, kill_and_reap, run_forked, waitpid_bounded
+
+pytestmark = pytest.mark.timeout(60)
+
+_n = itertools.count(1)
+
+
+def _address() -> str:
+    return f"@clusterhub-test-connect-{os.getpid()}-{next(_n)}"
+
+
+def _abandon_inherited() -> None:
+    """In a plain fork child of the test process: its copies of the test's
+    hubs are inert (as they are after any fork not made by hub.fork)."""
+    for hub in list(clusterhub.hub._hubs):
+        hub._abandon()
+
+
+def test_connect_to_nothing_raises_connect_error():
+    """connect() to an address nobody listens on raises ConnectError (a
+    HubError and a ConnectionError) at once."""
+    with pytest.raises(ConnectError) as info:
+        clusterhub.connect(_address(), timeout=2)
+    assert isinstance(info.value, HubError) and isinstance(info.value, ConnectionError)
+
+
+def test_a_second_master_on_a_busy_address_fails(make_hub):
+    """Hub(address=) on an address a live master listens on raises
+    AddressInUse; the first master keeps it."""
+    addr = _address()
+    first = make_hub(address=addr)
+    with pytest.raises(clusterhub.AddressInUse):
+        clusterhub.Hub(address=addr)
+    assert first.address == addr
+
+
+def test_wrong_or_missing_authkey_is_refused(make_hub, reports: Reports):
+    """With an authkey, a process that does not know it is refused
+    (HandshakeError) and never becomes a worker."""
+    hub = make_hub(address=_address(), authkey=b"secret")
+
+    def child() -> None:
+        _abandon_inherited()
+        for key in (b"wrong", None):
+            try:
+                clusterhub.connect(hub.address, authkey=key, timeout=5)
+                reports.put("joined", key)
+            except HandshakeError as e:
+                reports.put("refused", type(e).__name__)
+        h = clusterhub.connect(hub.address, authkey=b"secret", timeout=5)
+        reports.put("joined", h.worker_id)
+        h.close()
+
+    pid = run_forked(child)
+    try:
+        assert reports.get_n(3, 20) == [("refused", "HandshakeError"), ("refused", "HandshakeError"),
+                                         ("joined", 1)]
+        assert waitpid_bounded(pid, 10) == 0
+    finally:
+        kill_and_reap([pid])
+
+
+def test_connect_is_idempotent_and_exit_codes_are_not_reaped(make_hub, reports: Reports):
+    """connect() again in the same process returns the same hub; the master
+    never reaps a connected process (its exitcode is None), which its own
+    parent (here the test) still reaps with its real exit code."""
+    hub = make_hub(address=_address())
+    exits = []
+    done = threading.Event()
+    hub.on_exit(lambda w: (exits.append((w.id, w.exitcode, w.connected)), done.set()))
+
+    def child() -> None:
+        _abandon_inherited()
+        h = clusterhub.connect(hub.address, timeout=5)
+        reports.put(h is clusterhub.connect(hub.address), h.worker_id, h.is_worker)
+        h.close()
+        os._exit(7)
+
+    pid = run_forked(child)
+    try:
+        assert reports.get(20) == (True, 1, True)
+        assert done.wait(20)
+        assert exits == [(1, None, True)]
+        assert waitpid_bounded(pid, 10) == 7
+    finally:
+        kill_and_reap([pid])
+
+
+def test_close_leaves_connected_processes_running_with_master_died(make_hub, reports: Reports):
+    """close() does not signal a connected process: it sees MasterDied on
+    its sends and requests, and its lock calls raise MasterDied (its lock
+    table is no longer the one others use)."""
+    hub = make_hub(address=_address())
+    hub.on("ping", lambda data, sender: "pong")
+    go = multiprocessing.get_context("fork").Event()
+
+    def child() -> None:
+        _abandon_inherited()
+        h = clusterhub.connect(hub.address, timeout=5)
+        reports.put("ready", h.request_master("ping").result(10))
+        go.wait(30)
+        out = []
+        for call in (lambda: h.send_to_master("x"), lambda: h.request_master("ping").result(5),
+                     lambda: h.lock("k").acquire()):
+            try:
+                call()
+                out.append("ok")
+            except MasterDied:
+                out.append("MasterDied")
+        reports.put("after", out)
+
+    pid = run_forked(child)
+    try:
+        assert reports.get(20) == ("ready", "pong")
+        hub.close(timeout=1)
+        go.set()
+        assert reports.get(20) == ("after", ["MasterDied", "MasterDied", "MasterDied"])
+        assert waitpid_bounded(pid, 10) == 0
+    finally:
+        kill_and_reap([pid])
+
+
+EXEC_WORKER = textwrap.dedent(
+    """
+    import sys, clusterhub
+    hub = clusterhub.connect(sys.argv[1], timeout=10)
+    with hub.lock("shared") as held:
+        print("locked", hub.worker_id, held.recovered, flush=True)
+        sys.stdin.readline()  # hold it until the test says so
+    print(hub.request_master("add", (2, 3)).result(10), flush=True)
+    """
+)
+
+
+def test_a_process_started_by_exec_shares_the_locks(make_hub, tmp_path):
+    """A Python process started by exec (not a fork of the master) joins by
+    address, holds a global lock the master then cannot take, and makes
+    requests."""
+    hub = make_hub(address=_address())
+    hub.on("add", lambda data, sender: data[0] + data[1])
+    script = tmp_path / "worker.py"
+    script.write_text(EXEC_WORKER)
+    proc = subprocess.Popen([sys.executable, str(script), hub.address], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().split() == ["locked", "1", "False"]
+        assert hub.lock("shared").acquire(timeout=0.2) is False  # the other process holds it
+        assert [row.pid for row in hub.held_locks()] == [proc.pid]
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "5"
+        assert proc.wait(20) == 0
+        assert hub.lock("shared").acquire(timeout=5)
+        hub.lock("shared").release()
+        assert hub.join(20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+POOL_SCRIPT = textwrap.dedent(
+    """
+    import concurrent.futures, multiprocessing, os, sys
+    import clusterhub
+
+    def task(n):
+        hub = clusterhub.connect(sys.argv[2])  # (the initializer connected: the same hub)
+        with hub.lock("pool"):
+            return hub.worker_id, hub.request_master("square", n).result(10)
+
+    if __name__ == "__main__":
+        address = sys.argv[2]
+        with clusterhub.Hub(address=address) as hub:
+            hub.on("square", lambda data, sender: data * data)
+            ctx = multiprocessing.get_context(sys.argv[1])
+            with concurrent.futures.ProcessPoolExecutor(
+                2, mp_context=ctx, initializer=clusterhub.connect, initargs=(address,)
+            ) as pool:
+                results = list(pool.map(task, range(6)))
+            print([r[1] for r in results], all(r[0] >= 1 for r in results), hub.join(20))
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_process_pool_executor_initializer(tmp_path, method):
+    """ProcessPoolExecutor workers (fork, spawn, forkserver) connect in the
+    initializer, and each task gets the same hub by calling connect again.
+    (In a fresh interpreter: spawn and forkserver leave helper processes.)"""
+    script = tmp_path / "pool.py"
+    script.write_text(POOL_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), method, _address()], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == "[0, 1, 4, 9, 16, 25] True True", proc.stderr
+
+
+def test_a_fork_of_a_connected_process_is_not_connected(make_hub, reports: Reports):
+    """A child forked (by other code) from a connected process cannot use
+    its parent's hub (HubClosedError); connect() there makes its own."""
+    hub = make_hub(address=_address())
+
+    def child() -> None:
+        _abandon_inherited()
+        h = clusterhub.connect(hub.address, timeout=5)
+
+        def grandchild() -> None:
+            try:
+                h.send_to_master("x")
+                reports.put("inherited works")
+            except clusterhub.HubClosedError:
+                reports.put("inert", clusterhub.connect(hub.address, timeout=5).worker_id)
+
+        reports.put("grandchild", waitpid_bounded(run_forked(grandchild), 20))
+
+    pid = run_forked(child)
+    try:
+        assert reports.get_n(2, 30) == [("inert", 2), ("grandchild", 0)]
+        assert waitpid_bounded(pid, 10) == 0
+    finally:
+        kill_and_reap([pid])
+
+
+def test_kill_and_terminate_reach_a_connected_process(make_hub, reports: Reports):
+    """Worker.kill() reaches a connected process (through its pidfd) and its
+    exit is reported."""
+    hub = make_hub(address=_address())
+
+    def child() -> None:
+        _abandon_inherited()
+        clusterhub.connect(hub.address, timeout=5)
+        reports.put("up")
+        threading.Event().wait()
+
+    pid = run_forked(child)
+    try:
+        assert reports.get(20) == ("up",)
+        (w,) = hub.workers.values()
+        assert w.connected and w.pid == pid
+        w.kill()
+        assert w.join(20) and w.exitcode is None
+        assert waitpid_bounded(pid, 10) == -signal.SIGKILL
+    finally:
+        kill_and_reap([pid])
