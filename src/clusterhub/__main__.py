@@ -21,6 +21,7 @@ examples:
   python -m clusterhub demo                  a short tour, explained as it runs
   python -m clusterhub bench                 the comparison, as a table
   python -m clusterhub bench --only lock     only the lock groups
+  python -m clusterhub serve @myapp          a master for processes that connect
   python -m clusterhub COMMAND --help        a command's own options
 """
 
@@ -42,6 +43,16 @@ def make_parser() -> argparse.ArgumentParser:
                    help="also write the results as JSON to FILE (alone: JSON to stdout, no table)")
     p.add_argument("--only", metavar="NAME", action="append",
                    help="only the groups whose name contains NAME (repeatable), e.g. round-trip")
+    p = sub.add_parser(
+        "serve", help="run a master with no program of its own, for processes that connect",
+        description="Run a master hub at ADDRESS until SIGTERM or SIGINT: processes started by "
+                    "anything else join it with clusterhub.connect(ADDRESS).  ADDRESS is @name "
+                    "(a Linux abstract socket) or a filesystem path.  CLUSTERHUB_AUTHKEY in the "
+                    "environment, if set, is the authkey they must know.",
+    )
+    p.add_argument("address", metavar="ADDRESS", help="@name or a path")
+    p.add_argument("--handlers", metavar="MODULE:FUNCTION",
+                   help="call FUNCTION(hub) first, to register handlers")
     sub.add_parser(
         "demo", help="a short tour of clusterhub",
         description="A short tour that explains itself: fork workers, make requests both ways, "
@@ -54,6 +65,10 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        from .serve import serve
+
+        return serve(args.address, args.handlers)
     if args.command == "demo":
         from .demo import main as demo
 

@@ -248,20 +248,63 @@ def test_kill_and_terminate_reach_a_connected_process(make_hub, reports: Reports
     """Worker.kill() reaches a connected process (through its pidfd) and its
     exit is reported."""
     hub = make_hub(address=_address())
+    up: list[clusterhub.Worker] = []
+    arrived = threading.Event()
+    hub.on("up", lambda data, sender: (up.append(sender), arrived.set()))
 
     def child() -> None:
         _abandon_inherited()
-        clusterhub.connect(hub.address, timeout=5)
-        reports.put("up")
+        clusterhub.connect(hub.address, timeout=5).send_to_master("up")
         threading.Event().wait()
 
     pid = run_forked(child)
     try:
-        assert reports.get(20) == ("up",)
+        assert arrived.wait(20)  # (a message comes after the master added the worker)
         (w,) = hub.workers.values()
+        assert up == [w]
         assert w.connected and w.pid == pid
         w.kill()
         assert w.join(20) and w.exitcode is None
         assert waitpid_bounded(pid, 10) == -signal.SIGKILL
     finally:
         kill_and_reap([pid])
+
+
+HANDLERS = """
+def register(hub):
+    hub.on("add", lambda data, sender: data[0] + data[1])
+"""
+
+
+def test_serve_runs_a_master_for_processes_that_connect(tmp_path, reports: Reports):
+    """`python -m clusterhub serve ADDRESS --handlers module:function` serves
+    requests and locks to processes that connect, and exits 0 on SIGTERM."""
+    (tmp_path / "myhandlers.py").write_text(HANDLERS)
+    addr = _address()
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "clusterhub", "serve", addr, "--handlers",
+                             "myhandlers:register"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    pid = 0
+    try:
+        assert proc.stdout.readline().strip() == f"serving at {addr}"
+
+        def child() -> None:
+            _abandon_inherited()
+            h = clusterhub.connect(addr, timeout=5)
+            with h.lock("served"):
+                reports.put(h.request_master("add", (20, 22)).result(10))
+
+        pid = run_forked(child)
+        assert reports.get(20) == (42,)
+        assert waitpid_bounded(pid, 10) == 0
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert "worker 1" in err  # its exit was logged
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if pid:
+            kill_and_reap([pid])
