@@ -269,8 +269,12 @@ class LockTable:
     def __init__(self, nslots: int) -> None:
         if nslots > lib.CH_LT_SLOTS_MAX:
             raise ValueError(f"lock_slots too large (at most {lib.CH_LT_SLOTS_MAX // 2})")
+        self._open(lambda pp: lib.ch_lt_create(nslots, pp))
+
+    def _open(self, make: Any) -> None:
+        """Set ``ptr`` to the table ``make(ch_table **)`` creates or maps."""
         pp = ffi.new("ch_table **")
-        r = lib.ch_lt_create(nslots, pp)
+        r = make(pp)
         if r == -_errno.EMFILE:
             raise errors.HubError(
                 f"too many hubs open in this process (at most {lib.CH_LT_MAX_TABLES})"
@@ -285,15 +289,7 @@ class LockTable:
         passed over a socket).  ``fd`` stays the caller's: the table keeps
         its own duplicate."""
         self = cls.__new__(cls)
-        pp = ffi.new("ch_table **")
-        r = lib.ch_lt_attach(fd, pp)
-        if r == -_errno.EMFILE:
-            raise errors.HubError(
-                f"too many hubs open in this process (at most {lib.CH_LT_MAX_TABLES})"
-            )
-        check(r, "lock table")
-        self.ptr = pp[0]
-        self.nslots = lib.ch_lt_nslots(self.ptr)
+        self._open(lambda pp: lib.ch_lt_attach(fd, pp))
         return self
 
     def ref(self, slot: int = lib.CH_LT_SLOT_NONE, gen: int = 0) -> int:

@@ -134,24 +134,23 @@ class Future(concurrent.futures.Future[T]):
         return super().set_running_or_notify_cancel()
 
     def set_result(self, result: Any) -> None:
-        with self._guard:
-            based = self._based
-            if not based and self._outcome is None:
-                self._outcome = (True, result)
-                return
-        if not based:  # (raised outside the guard: repr sets up the base)
-            raise concurrent.futures.InvalidStateError(f"already done: {self!r}")
-        super().set_result(result)
+        self._set(True, result)
 
     def set_exception(self, exception: Optional[BaseException]) -> None:
+        self._set(False, exception)
+
+    def _set(self, ok: bool, value: Any) -> None:
         with self._guard:
             based = self._based
             if not based and self._outcome is None:
-                self._outcome = (False, exception)
+                self._outcome = (ok, value)
                 return
         if not based:  # (raised outside the guard: repr sets up the base)
             raise concurrent.futures.InvalidStateError(f"already done: {self!r}")
-        super().set_exception(exception)
+        if ok:
+            super().set_result(value)
+        else:
+            super().set_exception(value)
 
     def _settled(self, timeout: Optional[float]) -> tuple[Optional[tuple[bool, Any]], Optional[float]]:
         """Run the hook if still pending; (the outcome kept here, or None
