@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -308,3 +309,107 @@ def test_serve_runs_a_master_for_processes_that_connect(tmp_path, reports: Repor
             proc.wait(10)
         if pid:
             kill_and_reap([pid])
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_storm_of_connections_leaves_the_master_flat(make_hub, reports: Reports):
+    """Hundreds of processes' worth of connects (joined and left, refused,
+    hung up at once) leave the master serving, with as many fds as before
+    and every joined worker seen by on_exit."""
+    hub = make_hub(address=_address(), authkey=b"k")
+    hub.on("ping", lambda data, sender: "pong")
+    left = []
+    hub.on_exit(lambda w: left.append(w.id))
+
+    def warm_up() -> None:  # (the first channel starts the process-wide C writer: its fd stays)
+        _abandon_inherited()
+        clusterhub.connect(hub.address, authkey=b"k", timeout=10).close()
+
+    assert waitpid_bounded(run_forked(warm_up), 20) == 0
+    assert hub.join(20)
+    before = _fd_count()
+
+    def child(n: int) -> None:
+        _abandon_inherited()
+        import socket as socket_module
+
+        joined = refused = 0
+        for i in range(n):
+            if i % 3 == 0:
+                h = clusterhub.connect(hub.address, authkey=b"k", timeout=10)
+                assert h.request_master("ping").result(10) == "pong"
+                h.close()
+                joined += 1
+            elif i % 3 == 1:
+                try:
+                    clusterhub.connect(hub.address, authkey=b"wrong", timeout=10)
+                except HandshakeError:
+                    refused += 1
+            else:
+                s = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+                s.connect("\0" + hub.address[1:])
+                s.close()
+        reports.put(joined, refused)
+
+    pid = run_forked(lambda: child(300))
+    try:
+        assert reports.get(120) == (100, 100)
+        assert waitpid_bounded(pid, 20) == 0
+        assert hub.join(30)
+        assert sorted(left) == list(range(1, 102))  # (the warm-up's, then 100)
+        assert hub.request_workers("ping").result(10) == {}
+        deadline = time.monotonic() + 10
+        # (A resource, not an event to await: the exit watcher closes its
+        # epoll on its own thread once no worker is left.)
+        while _fd_count() != before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _fd_count() == before
+    finally:
+        kill_and_reap([pid])
+
+
+def _master_at(address: str, reports: Reports, answer: str) -> None:
+    hub = clusterhub.Hub(address=address)
+    hub.on("who", lambda data, sender: answer)
+    reports.put("listening", answer)
+    threading.Event().wait()
+
+
+def test_connect_after_the_master_died_reaches_the_new_one(reports: Reports):
+    """A connected process whose master died gets MasterDied; connect() with
+    the same address then joins whatever master listens there now, and its
+    locks are the new table's."""
+    addr = _address()
+    old = run_forked(lambda: _master_at(addr, reports, "old"))
+    new = 0
+    try:
+        assert reports.get(20) == ("listening", "old")
+        got = []
+
+        def child() -> None:
+            _abandon_inherited()
+            h = clusterhub.connect(addr, timeout=5)
+            reports.put("asked", h.request_master("who").result(10))
+            go.wait(30)
+            try:
+                h.request_master("who").result(10)
+            except MasterDied:
+                got.append("MasterDied")
+            h2 = clusterhub.connect(addr, timeout=10)
+            reports.put("again", h2 is not h, h2.request_master("who").result(10), got)
+
+        go = multiprocessing.get_context("fork").Event()
+        pid = run_forked(child)
+        assert reports.get(20) == ("asked", "old")
+        os.kill(old, signal.SIGKILL)
+        assert waitpid_bounded(old, 10) == -signal.SIGKILL
+        new = run_forked(lambda: _master_at(addr, reports, "new"))
+        assert reports.get(20) == ("listening", "new")
+        go.set()
+        assert reports.get(30) == ("again", True, "new", ["MasterDied"])
+        assert waitpid_bounded(pid, 10) == 0
+    finally:
+        kill_and_reap([p for p in (old, new) if p])
