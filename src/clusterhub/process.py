@@ -156,6 +156,21 @@ class ExitWatcher:
             self._fds[pidfd] = w
             self._epoll.register(pidfd, select.EPOLLIN)
 
+    def unwatch(self, w: Worker) -> bool:
+        """Stop watching ``w`` and close its pidfd; False when its exit was
+        taken (or is being reported) already."""
+        with self.lock:
+            for fd, watched in self._fds.items():
+                if watched is w:
+                    del self._fds[fd]
+                    if self._epoll is not None:
+                        self._epoll.unregister(fd)
+                        if not self._fds:  # (the thread ends once it has nothing to watch)
+                            os.eventfd_write(self._wake, 1)
+                    os.close(fd)
+                    return True
+        return False
+
     def _run(self) -> None:
         ep = self._epoll
         assert ep is not None
@@ -165,8 +180,12 @@ class ExitWatcher:
             except InterruptedError:
                 continue
             for fd, _ev in events:
-                if fd == self._wake:
-                    continue  # stop() was called
+                if fd == self._wake:  # stop(), or unwatch() took the last one
+                    try:
+                        os.eventfd_read(fd)
+                    except BlockingIOError:
+                        pass
+                    continue
                 w = self._fds.get(fd)
                 if w is None:
                     continue
@@ -176,6 +195,8 @@ class ExitWatcher:
                 except ChildProcessError:
                     pass  # reaped by someone else: it did exit
                 with self.lock:
+                    if self._fds.get(fd) is not w:
+                        continue  # (unwatched meanwhile: its leaving is reported there)
                     del self._fds[fd]
                     ep.unregister(fd)
                     os.close(fd)

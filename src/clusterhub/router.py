@@ -267,6 +267,8 @@ class Router:
             target.held_back.discard(ch)
         if w is not None:
             self.pending.fail_peer(ch, lambda: WorkerDied(f"worker {w.id} has exited"))
+            if w.connected:  # (it left: its process may go on, and connect again)
+                self.procs.worker_left(w)
             return
         if code in _PROTOCOL_ERRORS:
             log.error("the master broke its channel (%s): treating it as dead", describe(code))

@@ -209,6 +209,13 @@ class Processes:
         finally:
             self._admitting.release()
 
+    def worker_left(self, w: Worker) -> None:
+        """A connected worker's channel closed: it left the hub (its process
+        may go on, and even connect again, as a new worker).  Reported as an
+        exit, unless its process's exit was seen first."""
+        if self.exits.unwatch(w):
+            self._exited(w)
+
     def _assign_id(self) -> int:
         with self.state_lock:
             wid = self.next_id

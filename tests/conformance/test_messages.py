@@ -253,13 +253,17 @@ def test_big_messages_both_ways(cluster, reports):
     hub.on("echo", lambda data, sender: data)
 
     def work(hub):
+        finish = threading.Event()
         hub.on("echo", lambda data, sender: data)
+        hub.on("finish", lambda data, sender: finish.set())
         ready(hub)
         hub.send_to_master("big", big)
         reports.put(hub.request_master("echo", big).result(30) == big)
+        finish.wait(30)  # (or the master's request may find it gone)
 
     w = cluster.start(work, ready=True)
     assert hub.request_worker(w, "echo", big).result(30) == big
+    hub.send_to_worker(w, "finish")
     assert reports.get(30) == (True,)
     assert done.wait(30)
     assert got[0][0] == big and got[0][1] is w

@@ -18,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.managers import BaseManager
 from typing import Any, Callable, ContextManager
 
-from .. import Hub
+from .. import Hub, connect
 from .host import Batch, Case, Countdown, Sample, ask, expect, hosted, now_ns, reap, report, run_forked, serve, stop
 from .jobs import Job, Target
 
@@ -70,6 +70,33 @@ def _rt_clusterhub_host(conn: Any) -> None:
 
 def rt_clusterhub(pinned: bool = False) -> ContextManager[Batch]:
     return hosted(_rt_clusterhub_host, pinned=pinned)
+
+
+def _rt_connected_host(conn: Any) -> None:
+    # The same, with a requester the hub did not fork: a plain child that
+    # joins by address (the same transport: it should agree with the forked one).
+    address = f"@clusterhub-bench-{os.getpid()}"
+    hub = Hub(address=address)
+    hub.on("echo", _echo)
+    inner, theirs = mp.Pipe()
+
+    def requester() -> None:
+        hub._abandon()  # (inert in this child: it joins by address instead)
+        joined = connect(address)
+        serve(theirs, lambda n: _timed_calls(lambda i: joined.request_master("echo", i).result(), n))
+
+    pid = run_forked(requester)
+    theirs.close()
+    try:
+        _relay(conn, inner)
+    finally:
+        stop(inner)
+        hub.close()
+        reap(pid)
+
+
+def rt_connected(pinned: bool = False) -> ContextManager[Batch]:
+    return hosted(_rt_connected_host, pinned=pinned)
 
 
 class PipeEcho:
@@ -166,12 +193,17 @@ ROUND_TRIP = Job(
     "round-trip", "s per request round trip, worker -> master -> worker",
     {
         "clusterhub": rt_clusterhub,
+        "clusterhub-connected": rt_connected,
         "pipe": rt_peer(PipeEcho),
         "manager": rt_peer(ManagerEcho),
         "process-pool": rt_peer(PoolEcho),
     },
     size=1000, rounds=11, smoke=20, pinnable=True,
-    targets=(Target("clusterhub", "pipe", 1.5, "<= 1.5 x multiprocessing.Pipe pickled echo"),),
+    targets=(
+        Target("clusterhub", "pipe", 1.5, "<= 1.5 x multiprocessing.Pipe pickled echo"),
+        Target("clusterhub-connected", "clusterhub", 1.2,
+               "a connected worker within the spread of a forked one (<= 1.2 x)"),
+    ),
 )
 
 
