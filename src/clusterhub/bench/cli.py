@@ -10,13 +10,14 @@ import sys
 import time
 from typing import Any, Optional
 
+from .connecting import CONNECT
 from .idle import IDLE
 from .jobs import Job, compare, conditions, format_group, measure_job, summarize
 from .locking import CONTENDED_2, CONTENDED_4, P99_BUSY, RECOVERY, UNCONTENDED
 from .messaging import BROADCAST, ONE_WAY, ROUND_TRIP
 
 JOBS = (ROUND_TRIP, ONE_WAY, BROADCAST, UNCONTENDED, P99_BUSY, CONTENDED_2, CONTENDED_4,
-        RECOVERY, IDLE)
+        RECOVERY, IDLE, CONNECT)
 
 
 # (job, pinned, size, rounds): smaller than the full suite, under a minute in all.
