@@ -151,7 +151,8 @@ def compare(job: Job, summaries: Mapping[str, dict[str, Any]]) -> dict[str, Any]
             continue
         value = summaries[tg.case]["t"]
         if tg.peer is not None:
-            value = ratios.get(f"{tg.case}/{tg.peer}", math.inf)
+            peer_t = summaries[tg.peer]["t"]  # (a peer, or another clusterhub case)
+            value = value / peer_t if peer_t > 0 else math.inf
         verdicts.append({**tg._asdict(), "value": value, "met": value <= tg.bound})
     return {"ratios": ratios, "targets": verdicts}
 

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any, Callable, ContextManager, Iterator, NamedTuple, Optional
 
-from .. import Hub
+from .. import Hub, connect
 from .host import (
     Batch,
     Case,
@@ -106,6 +106,34 @@ def _uc_clusterhub_by_name() -> Iterator[Callable[[int], float]]:
 
 
 @contextlib.contextmanager
+def _uc_connected() -> Iterator[Callable[[int], float]]:
+    # `with lk:` in a process that joined its master by address (the same
+    # table, mapped from the memfd the master sent): should match the above.
+    address = f"@clusterhub-bench-lock-{os.getpid()}"
+    r, w = os.pipe()
+
+    def master() -> None:
+        with Hub(address=address):
+            os.write(w, b"!")
+            pause_forever()
+
+    pid = run_forked(master)
+    os.close(w)
+    try:
+        if os.read(r, 1) != b"!":
+            raise RuntimeError("the benchmark's master did not start")
+        hub = connect(address)
+        try:
+            yield with_loop(hub.lock("k"))
+        finally:
+            hub.close()
+    finally:
+        os.close(r)
+        os.kill(pid, signal.SIGKILL)
+        reap(pid)
+
+
+@contextlib.contextmanager
 def _uc_mp_lock() -> Iterator[Callable[[int], float]]:
     yield with_loop(_fork.Lock())
 
@@ -134,6 +162,7 @@ UNCONTENDED = Job(
     {
         "clusterhub": in_host(_uc_clusterhub),
         "clusterhub-by-name": in_host(_uc_clusterhub_by_name),
+        "clusterhub-connected": in_host(_uc_connected),
         "mp-lock": in_host(_uc_mp_lock),
         "flock": in_host(_uc_flock),
     },
@@ -141,6 +170,8 @@ UNCONTENDED = Job(
     targets=(
         Target("clusterhub", "mp-lock", 1.25, "`with lk:` <= 1.25 x `with multiprocessing.Lock()`"),
         Target("clusterhub-by-name", "flock", 1.0, "`with hub.lock(name):` <= 1 x bare fcntl.flock pair"),
+        Target("clusterhub-connected", "clusterhub", 1.2,
+               "`with lk:` in a connected process within the spread of the master's (<= 1.2 x)"),
     ),
 )
 
