@@ -124,8 +124,10 @@ def _unpickle_worker(hub_key: Any, wid: int) -> Worker:
 
 
 class ExitWatcher:
-    """A thread that waits on the pidfds of a hub's forked workers and calls
-    ``on_exit(worker)`` (on that thread) when one exits.
+    """A thread that waits on the pidfds of a hub's workers and calls
+    ``on_exit(worker, code)`` (on that thread) when one exits; ``code`` is its
+    exit status read without reaping (WNOWAIT), None when it is not a child
+    of this process.
 
     It owns the pidfds: ``watch`` takes one, and the thread closes it after
     the call.  It sleeps in ``epoll_wait`` (no polling), and runs only while
@@ -134,7 +136,7 @@ class ExitWatcher:
     closes its copies with ``abandon``).
     """
 
-    def __init__(self, name: str, on_exit: Callable[[Worker], None]) -> None:
+    def __init__(self, name: str, on_exit: Callable[[Worker, Optional[int]], None]) -> None:
         self.name = name
         self._on_exit = on_exit
         self.lock = threading.RLock()
@@ -189,11 +191,14 @@ class ExitWatcher:
                 w = self._fds.get(fd)
                 if w is None:
                     continue
+                code = None  # (known without reaping only for a child of ours)
                 try:
-                    if os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                    info = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                    if info is None:
                         continue  # (not yet: a pidfd is readable once the process exited)
+                    code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
                 except ChildProcessError:
-                    pass  # reaped by someone else: it did exit
+                    pass  # not our child, or reaped by someone else: it did exit
                 with self.lock:
                     if self._fds.get(fd) is not w:
                         continue  # (unwatched meanwhile: its leaving is reported there)
@@ -201,7 +206,7 @@ class ExitWatcher:
                     ep.unregister(fd)
                     os.close(fd)
                 try:
-                    self._on_exit(w)
+                    self._on_exit(w, code)
                 except Exception:  # a bug of ours: say so, keep watching the others
                     log.critical("clusterhub: handling the exit of worker %d failed", w.id,
                                  exc_info=True)
@@ -231,13 +236,22 @@ class ExitWatcher:
 
     def _close(self) -> None:
         with self.lock:
-            for fd in self._fds:
-                os.close(fd)
-            self._fds = {}
-            if self._epoll is not None:
-                self._epoll.close()
-                os.close(self._wake)
-                self._epoll = None
+            fds, self._fds = self._fds, {}
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:  # (in a fork child, the parent may have been closing it)
+                    pass
+            ep, self._epoll = self._epoll, None
+            wake, self._wake = self._wake, -1
+            if ep is not None:
+                # (A fork child may see this half done by the parent's
+                # thread, which the fork did not wait for: forgive EBADF.)
+                ep.close()
+                try:
+                    os.close(wake)
+                except OSError:
+                    pass
 
 
 def reap(pid: int) -> int | None:

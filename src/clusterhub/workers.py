@@ -43,6 +43,9 @@ log = logging.getLogger("clusterhub")
 WorkerRef = Union[Worker, int]
 
 _MAX_HANDSHAKES = 64  # connections being admitted at once (more are dropped)
+# After a connected worker's channel closed: how long its process has to be
+# seen exiting (with its exit status) before it is reported as having left.
+_LEFT_GRACE = 0.05
 
 # One hub fork at a time in this process: a fork by one thread must not
 # inherit the fresh socketpair of another thread's fork.
@@ -210,9 +213,16 @@ class Processes:
             self._admitting.release()
 
     def worker_left(self, w: Worker) -> None:
-        """A connected worker's channel closed: it left the hub (its process
-        may go on, and even connect again, as a new worker).  Reported as an
-        exit, unless its process's exit was seen first."""
+        """A connected worker's channel closed (on the dispatcher).  Its
+        process may be exiting (its pidfd then tells, with its status) or go
+        on: it left the hub, and may even connect again as a new worker.
+        Which one is decided a moment later, off the dispatcher."""
+        self.dispatcher.call_later(_LEFT_GRACE, lambda: self._left(w))
+
+    def _left(self, w: Worker) -> None:
+        pidfd = w.pidfd
+        if pidfd is not None and select.select([pidfd], [], [], 0)[0]:
+            return  # it exited: the exit watcher reports it, with its code
         if self.exits.unwatch(w):
             self._exited(w)
 
@@ -337,12 +347,11 @@ class Processes:
 
     # ---- workers' exits --------------------------------------------------------
 
-    def _exited(self, w: Worker) -> None:
+    def _exited(self, w: Worker, code: Optional[int] = None) -> None:
         """On the exit watcher's thread, as soon as the kernel reports the
         exit: reap, and reflect it (``workers``, ``join``, ``exitcode``); the
         dispatcher then handles what the worker sent (``_settle``)."""
-        if w.connected:  # not our child: never reaped here (its parent will)
-            code = None
+        if w.connected:  # never reaped here (its parent will): code read with WNOWAIT, if ours
             pidfd, w.pidfd = w.pidfd, None
             if pidfd is not None:
                 os.close(pidfd)
