@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import select
 import signal
-import threading
 from typing import Any, Callable, Optional
 
 from .hub import Hub
@@ -34,16 +34,27 @@ def serve(address: str, handlers: Optional[str] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s clusterhub: %(message)s")
     setup = load_handlers(handlers) if handlers else None
     authkey = os.environ.get("CLUSTERHUB_AUTHKEY")
-    stop = threading.Event()
+    # The signal may be delivered to any thread (the hub has its own), and a
+    # main thread blocked on a lock would not run the handler: the C-level
+    # handler writes to a wakeup fd instead, which the main thread waits on.
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(w)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda _s, _f: stop.set())
-    with Hub(address=address, authkey=authkey.encode() if authkey else None,
-             exit_on_master_death=False) as hub:
-        hub.on_exit(lambda w: log.info("worker %d (pid %s) left", w.id, w.pid))
-        if setup is not None:
-            setup(hub)
-        log.info("serving at %s (pid %d)", hub.address, os.getpid())
-        print(f"serving at {hub.address}", flush=True)
-        stop.wait()
-        log.info("stopping")
+        signal.signal(sig, lambda _s, _f: None)
+    # (A mask inherited from whoever started us must not hide them either.)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        with Hub(address=address, authkey=authkey.encode() if authkey else None,
+                 exit_on_master_death=False) as hub:
+            hub.on_exit(lambda wk: log.info("worker %d (pid %s) left", wk.id, wk.pid))
+            if setup is not None:
+                setup(hub)
+            log.info("serving at %s (pid %d)", hub.address, os.getpid())
+            print(f"serving at {hub.address}", flush=True)
+            select.select([r], [], [])
+            log.info("stopping (signal %d)", os.read(r, 1)[0])
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(r)
+        os.close(w)
     return 0

@@ -283,7 +283,7 @@ def test_serve_runs_a_master_for_processes_that_connect(tmp_path, reports: Repor
     requests and locks to processes that connect, and exits 0 on SIGTERM."""
     (tmp_path / "myhandlers.py").write_text(HANDLERS)
     addr = _address()
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen([sys.executable, "-m", "clusterhub", "serve", addr, "--handlers",
                              "myhandlers:register"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
