@@ -28,6 +28,11 @@ def check_int(name: str, value: Any, lo: int, hi: Optional[int]) -> None:
         raise ValueError(f"{name} must be between {lo} and {hi}" if hi else f"{name} must be >= {lo}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False")
+
+
 def check_uid(uid: Any) -> int:
     """A user id: an int >= 0."""
     if not isinstance(uid, int) or isinstance(uid, bool):

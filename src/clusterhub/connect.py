@@ -9,11 +9,14 @@ import time
 from typing import Any, Callable, Optional, Union
 
 from . import protocol
+from ._bindings import LockTable
 from .address import connect as connect_socket
 from .address import parse_address
 from .checks import check_timeout
+from .forks import hubs as hub_registry
 from .handshake import send_ready, worker_handshake
-from .hub import Hub
+from .hub import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUE, Hub
+from .locks import Locks
 from .workers import Processes
 
 # This process's connected hubs by address (a fork child starts afresh: the
@@ -67,7 +70,7 @@ def connect(
             raise
         hub = None
         try:
-            hub, procs = Hub._joining(joined.fds["locks"], joined.worker_id, spec, exit_on_master_death)
+            hub, procs = _worker_side(joined.fds["locks"], joined.worker_id, spec, exit_on_master_death)
             if setup is not None:
                 setup(hub)
             send_ready(sock, joined, timeout=_left(deadline))
@@ -83,6 +86,22 @@ def connect(
             joined.close()  # (the fds it still owns: the lock table keeps its own copy)
         _hubs[key] = (hub, procs)
         return hub
+
+
+def _worker_side(locks_fd: int, worker_id: int, serializer: Union[str, protocol.Serializer],
+                 exit_on_master_death: bool) -> tuple[Hub, Processes]:
+    """The worker-side hub of a process that connects, before its channel to
+    the master exists: the master's lock table mapped from ``locks_fd``."""
+    hub = Hub.__new__(Hub)
+    procs = hub._build(serializer, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUE,
+                       Locks(1, LockTable.attach(locks_fd)), exit_on_master_death, True,
+                       f"worker-{worker_id}")
+    procs.is_master = False
+    procs.connected = True
+    procs.worker_id = worker_id
+    hub._dispatcher.start()
+    hub_registry.add(hub)
+    return hub, procs
 
 
 def _left(deadline: Optional[float]) -> Optional[float]:

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import os
 import random
-import weakref
 from typing import Any, Callable, Iterable, Optional, ParamSpec, TypeVar, Union, overload
 
-from . import _bindings, protocol, sched
-from ._bindings import LockTable
+from . import _bindings, forks, protocol
 from .channel import wait_reply
-from .checks import check_callback, check_int, check_timeout, check_uid
+from .checks import check_bool, check_callback, check_int, check_timeout, check_uid
 from .dispatch import Dispatcher
 from .errors import (
     HubClosedError,
@@ -28,6 +25,7 @@ from .errors import (
     NoWorkersError,
     WorkerDied,
 )
+from .forks import hubs as _hubs
 from .locks import HeldLock, Lock, Locks
 from .process import Worker
 from .requests import Callback, Future, Pending, gather
@@ -52,22 +50,6 @@ _HANDLER_GRACE = 1.0
 
 _MSG, _BCAST = protocol.MSG, protocol.BCAST
 _known_names = protocol.known_names
-
-# Every hub of this process, so a fork by other code can neutralise them.
-_hubs: "weakref.WeakSet[Hub]" = weakref.WeakSet()
-_hub_serial = itertools.count(1)  # (with the master's pid: a hub's key)
-_forking: Optional["Hub"] = None  # the hub whose fork() is in progress
-
-
-def _after_fork_in_child() -> None:
-    sched.forget()
-    for hub in list(_hubs):
-        if hub is not _forking:
-            hub._abandon()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
 
 class Hub:
     """Messages and global locks between a master process and its workers.
@@ -118,16 +100,14 @@ class Hub:
         check_int("lock_slots", lock_slots, 1, None)
         procs = self._build(serializer, max_message_size, max_queue, Locks(lock_slots),
                             exit_on_master_death, batch_dispatcher, f"master-{os.getpid()}")
-        if address is not None:
-            try:
-                procs.listen(address, protocol.serializer_name(serializer), authkey, uids)
-            except BaseException:
-                self._dispatcher.stop()
-                self._locks.close()
-                raise
-            self._address = procs.listener.address.text if procs.listener else None
         self._dispatcher.start()
         _hubs.add(self)
+        if address is not None:
+            try:
+                self._address = procs.listen(address, protocol.serializer_name(serializer), authkey, uids)
+            except BaseException:
+                self.close()
+                raise
 
     _address: Optional[str]
 
@@ -138,37 +118,19 @@ class Hub:
         """Make the hub's parts (the dispatcher not started yet): the local
         transport's process layer, returned."""
         self._dumps, self._loads = protocol.serializer_functions(serializer)
-        if not isinstance(exit_on_master_death, bool):
-            raise TypeError("exit_on_master_death must be True or False")
-        if not isinstance(batch_dispatcher, bool):
-            raise TypeError("batch_dispatcher must be True or False")
+        check_bool("exit_on_master_death", exit_on_master_death)
+        check_bool("batch_dispatcher", batch_dispatcher)
         self._closed = False
         self._locks = locks
         self._dispatcher = Dispatcher(name, batch_dispatcher)
         self._pending = Pending(self._dispatcher, wait_reply)
         # The transport (see transport.py): here the local one, socketpairs to forked workers.
-        procs = Processes((os.getpid(), next(_hub_serial)), self._dispatcher, self._pending,
+        procs = Processes((os.getpid(), next(forks.serial)), self._dispatcher, self._pending,
                           self._locks, max_message_size, max_queue, exit_on_master_death)
         procs.router = Router(procs, self._dispatcher, self._pending, self._dumps, self._loads)
         self._procs: Transport = procs
         self._address = None
         return procs
-
-    @classmethod
-    def _joining(cls, locks_fd: int, worker_id: int, serializer: Union[str, protocol.Serializer],
-                 exit_on_master_death: bool) -> tuple["Hub", Processes]:
-        """The worker side of a process that connects by address, before its
-        channel to the master exists (see connect.py)."""
-        hub = cls.__new__(cls)
-        procs = hub._build(serializer, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUE,
-                           Locks(1, LockTable.attach(locks_fd)), exit_on_master_death, True,
-                           f"worker-{worker_id}")
-        procs.is_master = False
-        procs.connected = True
-        procs.worker_id = worker_id
-        hub._dispatcher.start()
-        _hubs.add(hub)
-        return hub, procs
 
     def __repr__(self) -> str:
         role = "master" if self.is_master else f"worker {self.worker_id}"
@@ -229,25 +191,16 @@ class Hub:
         exception: its traceback on stderr and 1), after everything it sent
         has been written to the master.
 
-        The master has threads of the hub's own, and Python 3.12+ warns that
-        forking a multi-threaded process may deadlock the child; this call
-        silences that warning because, for the hub, it is safe: nothing those
-        threads hold is used in the child.  There the dispatcher (its thread,
-        epoll, inbox, timers and locks) is made anew, the other workers'
-        channels and pidfds are closed without touching their buffers, the C
-        send queues take their mutex around the fork (``pthread_atfork``),
-        the lock table re-reads the child's identity, and concurrent hub forks
-        are serialized.  Threads of your own are another matter: a lock one of
-        them holds at the fork stays held in the child.
+        Python 3.12+ warns that forking a multi-threaded process may deadlock
+        the child; for the hub's own threads it is safe, so this call silences
+        that warning: nothing they hold is used in the child (see
+        ``Processes.fork``).  Threads of your own are another matter: a lock
+        one of them holds at the fork stays held in the child.
         """
         self._check_master("fork")
         if not callable(target):
             raise TypeError(f"target must be callable, not {type(target).__name__}")
-        return self._procs.fork(target, args, kwargs, self._forking)
-
-    def _forking(self, on: bool) -> None:
-        global _forking
-        _forking = self if on else None
+        return self._procs.fork(target, args, kwargs, lambda on: forks.forking(self if on else None))
 
     def _abandon(self) -> None:
         """In a child forked by other code: this hub is inert there."""

@@ -116,7 +116,15 @@ class Processes:
     def fork(self, target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
              forking: Callable[[bool], None]) -> Worker:
         """Fork a worker running ``target``; ``forking(True/False)`` brackets
-        the fork (the hub module marks which hub forks, see hub.py)."""
+        the fork (see forks.py).
+
+        Why forking with the hub's threads running is safe: nothing they hold
+        is used in the child.  There the dispatcher (its thread, epoll, inbox,
+        timers and locks) is made anew, the other workers' channels and
+        pidfds are closed without touching their buffers, the C send queues
+        take their mutex around the fork (``pthread_atfork``), the lock table
+        re-reads the child's identity, and hub forks are serialized here.
+        """
         flush_stdio()  # or the child inherits, and prints again, unflushed output
         # (The exit watcher's lock: a child closes the pidfds it sees.)
         with _fork_lock, self.state_lock, self.exits.lock:
@@ -157,12 +165,14 @@ class Processes:
     # ---- the master: processes that connect by address ----------------------------
 
     def listen(self, address: str, serializer: str, authkey: Optional[bytes],
-               allowed_uids: Any) -> None:
-        """Accept processes that connect to ``address`` (see address.py)."""
+               allowed_uids: Any) -> str:
+        """Accept processes that connect to ``address`` (see address.py); the
+        address as processes name it."""
         self.listener = listen(address)
         self._admit_args = {"serializer": serializer, "authkey": authkey,
                             "allowed_uids": tuple(allowed_uids or ())}
         self.dispatcher.register(self.listener.fileno(), select.EPOLLIN, self._on_listener)
+        return self.listener.address.text
 
     def _on_listener(self, _ev: int) -> None:
         """On the dispatcher: take every pending connection; each handshake
