@@ -50,53 +50,41 @@ def _relay(conn: Any, inner: Any) -> None:
     serve(conn, lambda size: ask(inner, size))
 
 
-def _rt_clusterhub_host(conn: Any) -> None:
-    # The host is the master, answering "echo"; a worker makes the requests.
-    hub = Hub()
-    hub.on("echo", _echo)
-    inner, theirs = mp.Pipe()
-
-    def requester() -> None:
-        serve(theirs, lambda n: _timed_calls(lambda i: hub.request_master("echo", i).result(), n))
-
-    hub.fork(requester)
-    theirs.close()
-    try:
-        _relay(conn, inner)
-    finally:
-        stop(inner)
-        hub.close()
-
-
-def rt_clusterhub(pinned: bool = False) -> ContextManager[Batch]:
-    return hosted(_rt_clusterhub_host, pinned=pinned)
-
-
-def _rt_connected_host(conn: Any) -> None:
-    # The same, with a requester the hub did not fork: a plain child that
-    # joins by address (the same transport: it should agree with the forked one).
-    address = f"@clusterhub-bench-{os.getpid()}"
+def _rt_clusterhub_host(conn: Any, connected: bool) -> None:
+    # The host is the master, answering "echo"; a worker makes the requests:
+    # forked by the hub, or (connected) a plain child that joins by address
+    # (the same transport: the two should agree).
+    address = f"@clusterhub-bench-{os.getpid()}" if connected else None
     hub = Hub(address=address)
     hub.on("echo", _echo)
     inner, theirs = mp.Pipe()
 
     def requester() -> None:
-        hub._abandon()  # (inert in this child: it joins by address instead)
-        joined = connect(address)
-        serve(theirs, lambda n: _timed_calls(lambda i: joined.request_master("echo", i).result(), n))
+        asker = hub
+        if address is not None:
+            hub._abandon()  # (inert in this child: it joins by address instead)
+            asker = connect(address)
+        serve(theirs, lambda n: _timed_calls(lambda i: asker.request_master("echo", i).result(), n))
 
-    pid = run_forked(requester)
+    pid = run_forked(requester) if connected else None
+    if pid is None:
+        hub.fork(requester)
     theirs.close()
     try:
         _relay(conn, inner)
     finally:
         stop(inner)
         hub.close()
-        reap(pid)
+        if pid is not None:  # (a hub's own worker is reaped by the hub)
+            reap(pid)
+
+
+def rt_clusterhub(pinned: bool = False) -> ContextManager[Batch]:
+    return hosted(_rt_clusterhub_host, False, pinned=pinned)
 
 
 def rt_connected(pinned: bool = False) -> ContextManager[Batch]:
-    return hosted(_rt_connected_host, pinned=pinned)
+    return hosted(_rt_clusterhub_host, True, pinned=pinned)
 
 
 class PipeEcho:
