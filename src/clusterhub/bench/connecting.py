@@ -50,8 +50,11 @@ def _connect_host(conn: Any) -> None:
 
         def batch(n: int) -> dict[str, Any]:
             sample: dict[str, Any] = ask(inner, n)
+            # (Each worker that left is reported a moment later: see
+            # Processes.worker_left.  join() returns once all were.)
+            settled = hub.join(10)
             sample.update(master_fds=len(os.listdir("/proc/self/fd")), master_rss_kib=_rss_kib(),
-                          workers_left=len(hub.workers))
+                          workers_left=len(hub.workers), settled=settled)
             return sample
 
         serve(conn, batch)
