@@ -2,7 +2,10 @@
 posix_ipc, sysv_ipc) are optional: they come with the ``bench`` extra
 (``pip install ".[test,bench]"``).  A peer whose module does not import is left
 out of its jobs (so a full run still measures the rest of the group), and each
-test of its cases skips with the reason; everything else runs."""
+test of its cases skips with the reason; everything else runs.  A peer that
+is not a module (node's cluster-hub) is declared with ``require``; one that
+finds out only when set up (an ``npm install`` that fails) raises
+``clusterhub.bench.host.Unavailable``, and the same happens then."""
 
 from __future__ import annotations
 
@@ -29,9 +32,17 @@ def optional(module: str, dist: Optional[str] = None) -> Any:
         return None
 
 
+def require(name: str, reason: Optional[str]) -> None:
+    """Declare a requirement that is not a module (e.g. "node"): ``reason``
+    says why it is missing, None when it is there."""
+    if reason is not None:
+        _missing[name] = reason
+
+
 def with_peers(job: Job, peers: Mapping[str, tuple[str, Case]], targets: tuple[Target, ...] = ()) -> Job:
-    """``job`` extended with the peer cases (``case: (module, case factory)``)
-    whose module imported; ``case_params(job)`` lists the others too, skipped."""
+    """``job`` extended with the peer cases (``case: (module or requirement,
+    case factory)``) whose module imported (or requirement is met);
+    ``case_params(job)`` lists the others too, skipped."""
     present = {case: make for case, (module, make) in peers.items() if module not in _missing}
     extended = job.extended(present, targets)  # a target about a missing peer is not reported
     _cases[extended.name] = {

@@ -17,6 +17,10 @@ is timed inside them.  Here:
   uses ``measure``.
 - With ``--benchmark-disable`` (the default in pyproject.toml) each test runs
   one small batch of its own case: a smoke test.
+- The messaging tests run in each placement (the ``placement`` fixture:
+  ``unpinned``, ``one-cpu``, ``two-cpus``, see ``clusterhub.bench.host``); a
+  case that cannot run here (``Unavailable``: node missing, one CPU for
+  ``two-cpus``) skips with the reason, and the rest of its group is measured.
 - At the end, ``pytest_terminal_summary`` prints clusterhub/peer ratios per
   group against the targets; the same ratios are in each test's
   ``extra_info`` (and so in ``--benchmark-json``).
@@ -29,20 +33,24 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
+from clusterhub.bench.host import PLACEMENTS, Unavailable, describe_placements
 from clusterhub.bench.jobs import Job, compare, conditions, format_group, measure_job, measure_once, summarize
 
 HERE = Path(__file__).resolve().parent
 
 # group -> case -> samples, measured once per group (benchmarks enabled)
 _measured: dict[str, dict[str, list[dict[str, Any]]]] = {}
-# group -> (job, case -> summary): what the terminal summary prints
-_reported: dict[str, tuple[Job, dict[str, dict[str, Any]]]] = {}
+# group -> case -> why it was left out (Unavailable)
+_unavailable: dict[str, dict[str, str]] = {}
+# group -> (job, placement, case -> summary): what the terminal summary prints
+_reported: dict[str, tuple[Job, Optional[str], dict[str, dict[str, Any]]]] = {}
 
 
-@pytest.fixture(params=[False, True], ids=["unpinned", "pinned"])
-def pinned(request: pytest.FixtureRequest) -> bool:
-    """Run a messaging benchmark unpinned and with every process on CPU 0."""
-    return bool(request.param)
+@pytest.fixture(params=PLACEMENTS)
+def placement(request: pytest.FixtureRequest) -> str:
+    """Run a messaging benchmark in each placement: unpinned, every process
+    on one CPU, the two sides on two CPUs."""
+    return str(request.param)
 
 
 class _ReplayClock:
@@ -97,30 +105,36 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture
 def measure(benchmark: Any, request: pytest.FixtureRequest) -> Any:
-    """``measure(job, case, pinned=None)``: benchmark one case of a job (see
-    the module docstring); returns the case's summary."""
+    """``measure(job, case, placement=None)``: benchmark one case of a job
+    (see the module docstring); returns the case's summary."""
     marker = request.node.get_closest_marker("benchmark")
     clock = marker.kwargs["timer"] if marker is not None else None
     if not isinstance(clock, _ReplayClock):
         raise RuntimeError("a test using `measure` lost the replay clock of its benchmark marker")
 
-    def run(job: Job, case: str, pinned: Optional[bool] = None) -> dict[str, Any]:
+    def run(job: Job, case: str, placement: Optional[str] = None) -> dict[str, Any]:
         if benchmark.group != job.name:
             raise ValueError(f"mark the test @pytest.mark.benchmark(group={job.name!r})")
-        group = job.group(pinned)
-        benchmark.group = group  # plus "pinned"/"unpinned" for the messaging jobs
+        group = job.group(placement)
+        benchmark.group = group  # plus the placement for the messaging jobs
         if benchmark.disabled:
-            samples = measure_once(job, case, pinned)
+            try:
+                samples = measure_once(job, case, placement)
+            except Unavailable as e:
+                pytest.skip(str(e))
             clock.replay(benchmark, [s["t"] for s in samples])
             return summarize(samples)
         if group not in _measured:
-            _measured[group] = measure_job(job, pinned)
+            _unavailable[group] = {}
+            _measured[group] = measure_job(job, placement, unavailable=_unavailable[group])
+        if case in _unavailable[group]:
+            pytest.skip(_unavailable[group][case])
         summaries = {c: summarize(s) for c, s in _measured[group].items()}
-        _reported[group] = (job, summaries)
-        cmp = compare(job, summaries)
+        _reported[group] = (job, placement, summaries)
+        cmp = compare(job, summaries, placement)
         benchmark.extra_info.update(
             figure=job.figure, batch_size=job.size, interleaved_with=sorted(set(summaries) - {case}),
-            pinned=pinned, summary=summaries[case], ratios=cmp["ratios"],
+            placement=placement, summary=summaries[case], ratios=cmp["ratios"],
             targets=[t for t in cmp["targets"] if case in (t["case"], t["peer"])],
         )
         clock.replay(benchmark, [s["t"] for s in _measured[group][case]])
@@ -137,8 +151,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     cond = conditions()
     tr.write_sep("=", "clusterhub / peer (same-run interleaved medians; < 1: clusterhub faster)")
     tr.write_line(f"{cond['cpus']} CPUs ({cond['cpu_model']}), load now "
-                  f"{', '.join(f'{x:.2f}' for x in cond['loadavg'])}; 'pinned': every process on CPU 0")
-    for group, (job, summaries) in _reported.items():
+                  f"{', '.join(f'{x:.2f}' for x in cond['loadavg'])}; {describe_placements()}")
+    for group, (job, placement, summaries) in _reported.items():
         tr.write_line("")
-        for line in format_group(job, group, summaries):
+        for line in format_group(job, placement, summaries, _unavailable.get(group)):
             tr.write_line(line)

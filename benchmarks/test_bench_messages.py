@@ -1,9 +1,13 @@
-"""Messaging: request round trip, one-way messages, broadcast to 8 workers.
+"""Messaging: request round trip, one-way messages, broadcast to 8 workers,
+the round trip's p99 with a busy loop on every CPU, the asyncio round trip,
+and fan-in (4 and 16 workers requesting at once).
 
-clusterhub and the stdlib peers come from the kit
-(``clusterhub.bench.messaging``); pyzmq's are added here when it is installed
-(the ``bench`` extra; without it, its cases skip, see ``_peers``).  Each is
-measured unpinned and pinned to one CPU.
+clusterhub and the stdlib peers come from the kit (``clusterhub.bench.messaging``,
+``.aio``, ``.fanin``); pyzmq's are added here when it is installed (the
+``bench`` extra; without it, its cases skip, see ``_peers``), and node's
+cluster-hub when ``node`` and ``npm`` are (``_node``).  Round trip, one-way
+and broadcast are measured in the three placements (unpinned, one-cpu,
+two-cpus).
 """
 
 from __future__ import annotations
@@ -16,9 +20,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
-from clusterhub.bench.messaging import BROADCAST, ONE_WAY, ROUND_TRIP, bc_peer, ow_peer, rt_peer
+from clusterhub.bench.aio import ASYNCIO_ROUND_TRIP
+from clusterhub.bench.fanin import FAN_IN_4, FAN_IN_16
+from clusterhub.bench.host import ONE_CPU, TWO_CPUS, UNPINNED
+from clusterhub.bench.jobs import Target
+from clusterhub.bench.messaging import BROADCAST, ONE_WAY, ROUND_TRIP, RT_P99_BUSY, bc_peer, ow_peer, rt_peer
 
-from ._peers import case_params, optional, with_peers
+from ._node import missing_tools, rt_node
+from ._peers import case_params, optional, require, with_peers
 
 if TYPE_CHECKING:
     import zmq
@@ -108,27 +117,67 @@ class ZmqPubSub(_Zmq):
         return s.send_pyobj
 
 
-ROUND_TRIP_ALL = with_peers(ROUND_TRIP, {"zmq-dealer-router": ("zmq", rt_peer(ZmqEcho))})
+require("node", missing_tools())
+
+ROUND_TRIP_ALL = with_peers(
+    ROUND_TRIP,
+    {"zmq-dealer-router": ("zmq", rt_peer(ZmqEcho)), "node-cluster-hub": ("node", rt_node)},
+    targets=(
+        Target("clusterhub", "node-cluster-hub", 1 / 5, ">= 5 x faster than node's cluster-hub",
+               placements=(UNPINNED, TWO_CPUS)),
+        Target("clusterhub", "node-cluster-hub", 1 / 2, ">= 2 x faster than node's cluster-hub",
+               placements=(ONE_CPU,)),
+    ),
+)
 ONE_WAY_ALL = with_peers(ONE_WAY, {"zmq-push-pull": ("zmq", ow_peer(ZmqPushPull))})
-BROADCAST_ALL = with_peers(BROADCAST, {"zmq-pub-sub": ("zmq", bc_peer(ZmqPubSub))})
+BROADCAST_ALL = with_peers(
+    BROADCAST, {"zmq-pub-sub": ("zmq", bc_peer(ZmqPubSub))},
+    targets=(Target("clusterhub", "zmq-pub-sub", 1.0, "<= 1.0 x pyzmq PUB/SUB's time"),),
+)
 
 
 @pytest.mark.benchmark(group="round-trip")
 @pytest.mark.parametrize("case", case_params(ROUND_TRIP_ALL))
-def test_round_trip(measure: Any, case: str, pinned: bool) -> None:
-    """A worker's request_master("echo", x).result() loop, timed in the worker, against the same echo over each peer."""
-    measure(ROUND_TRIP_ALL, case, pinned)
+def test_round_trip(measure: Any, case: str, placement: str) -> None:
+    """A worker's request_master("echo", x).result() loop, timed in the worker, against the same echo over each peer;
+    cpu_per_rt_s: both sides' CPU time per round trip."""
+    measure(ROUND_TRIP_ALL, case, placement)
 
 
 @pytest.mark.benchmark(group="one-way")
 @pytest.mark.parametrize("case", case_params(ONE_WAY_ALL))
-def test_one_way(measure: Any, case: str, pinned: bool) -> None:
+def test_one_way(measure: Any, case: str, placement: str) -> None:
     """Small messages from a worker to the master, from the first send to the last one handled."""
-    measure(ONE_WAY_ALL, case, pinned)
+    measure(ONE_WAY_ALL, case, placement)
 
 
 @pytest.mark.benchmark(group="broadcast-8")
 @pytest.mark.parametrize("case", case_params(BROADCAST_ALL))
-def test_broadcast(measure: Any, case: str, pinned: bool) -> None:
+def test_broadcast(measure: Any, case: str, placement: str) -> None:
     """Broadcasts from the master to 8 workers, until every worker has handled the last."""
-    measure(BROADCAST_ALL, case, pinned)
+    measure(BROADCAST_ALL, case, placement)
+
+
+@pytest.mark.benchmark(group="round-trip-p99-busy")
+@pytest.mark.parametrize("case", RT_P99_BUSY.cases)
+def test_round_trip_p99_busy(measure: Any, case: str) -> None:
+    """Each round trip timed alone while a busy Python process spins on every CPU: the p99 (p50 and max beside)."""
+    measure(RT_P99_BUSY, case)
+
+
+@pytest.mark.benchmark(group="asyncio-round-trip")
+@pytest.mark.parametrize("case", ASYNCIO_ROUND_TRIP.cases)
+def test_asyncio_round_trip(measure: Any, case: str) -> None:
+    """`await hub.request_master("echo", x)` in a worker's asyncio loop, the hub attached to it or not, against an
+    asyncio streams pickle echo."""
+    measure(ASYNCIO_ROUND_TRIP, case)
+
+
+@pytest.mark.parametrize(
+    "job", [pytest.param(job, marks=pytest.mark.benchmark(group=job.name), id=str(job.params["workers"]))
+            for job in (FAN_IN_4, FAN_IN_16)]
+)
+@pytest.mark.parametrize("case", FAN_IN_4.cases)
+def test_fan_in(measure: Any, case: str, job: Any) -> None:
+    """Workers looping request_master("echo", x).result() for the same window: s per request, requests/s."""
+    measure(job, case)

@@ -10,24 +10,34 @@ import sys
 import time
 from typing import Any, Optional
 
+from .aio import ASYNCIO_ROUND_TRIP
 from .connecting import CONNECT
+from .fanin import FAN_IN_4, FAN_IN_16
+from .host import ONE_CPU, TWO_CPUS, UNPINNED, describe_placements
 from .idle import IDLE
 from .jobs import Job, compare, conditions, format_group, measure_job, summarize
 from .locking import CONTENDED_2, CONTENDED_4, P99_BUSY, RECOVERY, UNCONTENDED
-from .messaging import BROADCAST, ONE_WAY, ROUND_TRIP
+from .messaging import BROADCAST, ONE_WAY, ROUND_TRIP, RT_P99_BUSY
 
-JOBS = (ROUND_TRIP, ONE_WAY, BROADCAST, UNCONTENDED, P99_BUSY, CONTENDED_2, CONTENDED_4,
-        RECOVERY, IDLE, CONNECT)
+JOBS = (ROUND_TRIP, RT_P99_BUSY, ASYNCIO_ROUND_TRIP, FAN_IN_4, FAN_IN_16, ONE_WAY, BROADCAST,
+        UNCONTENDED, P99_BUSY, CONTENDED_2, CONTENDED_4, RECOVERY, IDLE, CONNECT)
 
 
-# (job, pinned, size, rounds): smaller than the full suite, under a minute in all.
-QUICK_PLAN: tuple[tuple[Job, Optional[bool], Any, int], ...] = (
-    (ROUND_TRIP, False, 300, 5),
-    (ROUND_TRIP, True, 300, 5),
-    (ONE_WAY, False, 5000, 5),
-    (ONE_WAY, True, 5000, 5),
-    (BROADCAST, False, 500, 5),
-    (BROADCAST, True, 500, 5),
+# (job, placement, size, rounds): smaller than the full suite, under a minute in all.
+QUICK_PLAN: tuple[tuple[Job, Optional[str], Any, int], ...] = (
+    (ROUND_TRIP, UNPINNED, 300, 5),
+    (ROUND_TRIP, ONE_CPU, 300, 5),
+    (ROUND_TRIP, TWO_CPUS, 300, 5),
+    (RT_P99_BUSY, None, (1000, 0.5), 3),
+    (ASYNCIO_ROUND_TRIP, None, 300, 5),
+    (FAN_IN_4, None, 0.1, 3),
+    (FAN_IN_16, None, 0.1, 3),
+    (ONE_WAY, UNPINNED, 5000, 5),
+    (ONE_WAY, ONE_CPU, 5000, 5),
+    (ONE_WAY, TWO_CPUS, 5000, 5),
+    (BROADCAST, UNPINNED, 500, 5),
+    (BROADCAST, ONE_CPU, 500, 5),
+    (BROADCAST, TWO_CPUS, 500, 5),
     (UNCONTENDED, None, 0.01, 9),
     (P99_BUSY, None, 10000, 5),
     (CONTENDED_2, None, 0.2, 5),
@@ -48,20 +58,22 @@ def bench(args: argparse.Namespace) -> int:
     lines = [
         f"clusterhub {cond['clusterhub']} vs stdlib peers: medians of interleaved batches, "
         f"ratios clusterhub/peer (< 1: clusterhub faster)",
-        f"{cond['cpus']} CPUs ({cond['cpu_model']}), load {', '.join(f'{x:.2f}' for x in cond['loadavg'])}; "
-        f"'pinned' = every process on CPU 0",
+        f"{cond['cpus']} CPUs ({cond['cpu_model']}), load {', '.join(f'{x:.2f}' for x in cond['loadavg'])}",
+        describe_placements(),
     ]
     t_start = time.monotonic()
-    for job, pinned, size, rounds in plan:
-        group = job.group(pinned)
+    for job, placement, size, rounds in plan:
+        group = job.group(placement)
         print(f"measuring {group} ...", file=sys.stderr, flush=True)
-        samples = measure_job(job, pinned, size=size, rounds=rounds)
+        unavailable: dict[str, str] = {}
+        samples = measure_job(job, placement, size=size, rounds=rounds, unavailable=unavailable)
         summaries = {case: summarize(s) for case, s in samples.items()}
-        out["groups"][group] = {"figure": job.figure, "size": size, "cases": summaries,
-                                **compare(job, summaries)}
-        lines += [""] + format_group(job, group, summaries)
-    lines += ["", f"({time.monotonic() - t_start:.0f} s; the full comparison with pyzmq, filelock, "
-                  "fasteners, posix_ipc and sysv_ipc: see benchmarks/README.md)"]
+        out["groups"][group] = {"figure": job.figure, "size": size, "placement": placement,
+                                "cases": summaries, "unavailable": unavailable,
+                                **compare(job, summaries, placement)}
+        lines += [""] + format_group(job, placement, summaries, unavailable)
+    lines += ["", f"({time.monotonic() - t_start:.0f} s; the full comparison with pyzmq, node's cluster-hub, "
+                  "filelock, fasteners, posix_ipc and sysv_ipc: see benchmarks/README.md)"]
     if args.json == "-":
         json.dump(out, sys.stdout, indent=2)
         print()

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from .. import Hub, connect
-from .host import ask, expect, hosted, reap, run_forked, serve, stop
+from .host import UNPINNED, ask, expect, hosted, reap, run_forked, serve, stop
 from .jobs import Job
 
 
@@ -64,8 +64,8 @@ def _connect_host(conn: Any) -> None:
         reap(pid)
 
 
-def _connect_case(pinned: bool = False) -> Any:
-    return hosted(_connect_host, pinned=pinned)
+def _connect_case(placement: str = UNPINNED) -> Any:
+    return hosted(_connect_host, placement=placement)
 
 
 CONNECT = Job(

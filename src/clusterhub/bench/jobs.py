@@ -1,11 +1,13 @@
 """Jobs, and what is made of their samples: measuring, summaries, targets, report.
 
 A *job* (``Job``) is one comparison: its cases (clusterhub's and the peers'),
-the batch size, the rounds and the targets.  ``measure_job`` sets every case
-up at once, runs a warm-up batch of each, then rounds of one batch per case
-in rotating order (A B A B ..., since these machines are shared and noisy);
-``summarize`` takes each case's medians, ``compare`` the clusterhub/peer
-ratios and the targets' verdicts, and ``format_group`` prints them.
+the batch size, the rounds, the placements it is measured in (one *group*
+per placement, e.g. ``round-trip two-cpus``) and the targets.
+``measure_job`` sets every case up at once, runs a warm-up batch of each,
+then rounds of one batch per case in rotating order (A B A B ..., since these
+machines are shared and noisy); ``summarize`` takes each case's medians,
+``compare`` the clusterhub/peer ratios and the targets' verdicts, and
+``format_group`` prints them.
 """
 
 from __future__ import annotations
@@ -20,19 +22,23 @@ import time
 from typing import Any, Callable, ContextManager, Mapping, NamedTuple, Optional
 
 from .. import __version__
-from .host import Batch, Case, Sample
+from .host import UNPINNED, Batch, Case, Sample, Unavailable
 
 
 class Target(NamedTuple):
     """A promise about a job's figures: ``case``'s figure <= ``bound`` x
     ``peer``'s (or <= ``bound`` itself when ``peer`` is None); ``text`` says it
-    in words.  Each job lists its own; the README's Performance table shows
-    them all with the last full run."""
+    in words.  ``key`` is the sample's entry compared (the figure ``"t"``, or
+    an extra such as ``"master_wakeups_per_s"``); ``placements``, when given,
+    limits the target to those groups of a placed job.  Each job lists its
+    own; the README's Performance table shows them all with the last full run."""
 
     case: str
     peer: Optional[str]
     bound: float
     text: str
+    placements: tuple[str, ...] = ()  # () = in every placement
+    key: str = "t"
 
 
 def fmt_time(s: float) -> str:
@@ -59,7 +65,7 @@ class Job:
     size: Any  # what each batch gets (messages, seconds, ...), full runs
     rounds: int
     smoke: Any  # the size of a one-batch smoke run
-    pinnable: bool = False  # measured unpinned and pinned to one CPU
+    placements: tuple[str, ...] = ()  # a group per placement (host.PLACEMENTS); () = one group, unpinned
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     targets: tuple[Target, ...] = ()
     show: tuple[str, ...] = ()  # extras worth printing next to the figure
@@ -71,40 +77,50 @@ class Job:
             self, cases={**self.cases, **cases}, targets=self.targets + targets
         )
 
-    def group(self, pinned: Optional[bool]) -> str:
-        if not self.pinnable or pinned is None:
+    def group(self, placement: Optional[str]) -> str:
+        if not self.placements or placement is None:
             return self.name
-        return f"{self.name} {'pinned' if pinned else 'unpinned'}"
+        return f"{self.name} {placement}"
 
-    def make(self, case: str, pinned: Optional[bool]) -> ContextManager[Batch]:
-        return self.cases[case](pinned=bool(pinned), **self.params)
+    def make(self, case: str, placement: Optional[str]) -> ContextManager[Batch]:
+        return self.cases[case](placement=placement or UNPINNED, **self.params)
 
 
 def measure_job(
-    job: Job, pinned: Optional[bool] = None, *, size: Any = None, rounds: Optional[int] = None,
-    cases: Optional[list[str]] = None, warmup: int = 1,
+    job: Job, placement: Optional[str] = None, *, size: Any = None, rounds: Optional[int] = None,
+    cases: Optional[list[str]] = None, warmup: int = 1, unavailable: Optional[dict[str, str]] = None,
 ) -> dict[str, list[Sample]]:
     """Set every case up, run ``warmup`` batches of each, then ``rounds``
-    rounds of one batch per case, interleaved in rotating order."""
+    rounds of one batch per case, interleaved in rotating order.  A case that
+    raises ``Unavailable`` while being set up is left out (the reason goes
+    into ``unavailable``, case -> why)."""
     size = job.size if size is None else size
     rounds = job.rounds if rounds is None else rounds
     names = list(job.cases) if cases is None else cases
-    samples: dict[str, list[Sample]] = {name: [] for name in names}
     with contextlib.ExitStack() as stack:
-        batches = {name: stack.enter_context(job.make(name, pinned)) for name in names}
+        batches = {}
+        for name in names:
+            try:
+                batches[name] = stack.enter_context(job.make(name, placement))
+            except Unavailable as e:
+                if unavailable is not None:
+                    unavailable[name] = str(e)
+        names = list(batches)
+        samples: dict[str, list[Sample]] = {name: [] for name in names}
         for _ in range(warmup):
             for name in names:
                 batches[name](size)
-        for r in range(rounds):
+        for r in range(rounds if names else 0):
             k = r % len(names)
             for name in names[k:] + names[:k]:
                 samples[name].append(batches[name](size))
     return samples
 
 
-def measure_once(job: Job, case: str, pinned: Optional[bool] = None) -> list[Sample]:
-    """One small batch of one case: the smoke test."""
-    with job.make(case, pinned) as batch:
+def measure_once(job: Job, case: str, placement: Optional[str] = None) -> list[Sample]:
+    """One small batch of one case: the smoke test (``Unavailable`` when the
+    case cannot run here)."""
+    with job.make(case, placement) as batch:
         return [batch(job.smoke)]
 
 
@@ -137,8 +153,15 @@ def _usable(summary: dict[str, Any]) -> bool:
     return summary.get("recovers", True) is not False
 
 
-def compare(job: Job, summaries: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
-    """clusterhub/peer ratios of the median figures, and the targets' verdicts."""
+def targets_for(job: Job, placement: Optional[str]) -> tuple[Target, ...]:
+    """The job's targets that apply to the group of ``placement``."""
+    where = placement or UNPINNED
+    return tuple(tg for tg in job.targets if not tg.placements or where in tg.placements)
+
+
+def compare(job: Job, summaries: Mapping[str, dict[str, Any]], placement: Optional[str] = None) -> dict[str, Any]:
+    """clusterhub/peer ratios of the median figures, and the verdicts of the
+    targets that apply to ``placement``'s group."""
     ratios = {
         f"{ours}/{peer}": summaries[ours]["t"] / summaries[peer]["t"]
         for ours in summaries if is_ours(ours)
@@ -146,40 +169,60 @@ def compare(job: Job, summaries: Mapping[str, dict[str, Any]]) -> dict[str, Any]
         if summaries[peer]["t"] > 0
     }
     verdicts = []
-    for tg in job.targets:
+    for tg in targets_for(job, placement):
         if tg.case not in summaries or (tg.peer is not None and tg.peer not in summaries):
             continue
-        value = summaries[tg.case]["t"]
+        value = summaries[tg.case].get(tg.key)
+        if value is None:
+            continue
         if tg.peer is not None:
-            peer_t = summaries[tg.peer]["t"]  # (a peer, or another clusterhub case)
-            value = value / peer_t if peer_t > 0 else math.inf
+            peer_v = summaries[tg.peer].get(tg.key) or 0  # (a peer, or another clusterhub case)
+            value = value / peer_v if peer_v > 0 else math.inf
         verdicts.append({**tg._asdict(), "value": value, "met": value <= tg.bound})
     return {"ratios": ratios, "targets": verdicts}
 
 
-def format_group(job: Job, group: str, summaries: Mapping[str, dict[str, Any]]) -> list[str]:
-    """A few lines: each case's median, its ratios, and the targets' verdicts."""
-    cmp = compare(job, summaries)
+def format_group(
+    job: Job, placement: Optional[str], summaries: Mapping[str, dict[str, Any]],
+    unavailable: Optional[Mapping[str, str]] = None,
+) -> list[str]:
+    """A few lines: each case's median, its ratios, and the targets' verdicts
+    (and the cases left out, with the reason)."""
+    group = job.group(placement)
+    if not summaries:
+        lines = [f"{group}: {job.figure}: nothing measured"]
+        return lines + [f"  {case:<20} left out: {why}" for case, why in (unavailable or {}).items()]
+    cmp = compare(job, summaries, placement)
     rounds = max(s["rounds"] for s in summaries.values())
     lines = [f"{group}: {job.figure} (median of {rounds} interleaved batches)"]
     ours = [c for c in summaries if is_ours(c)]
+    width = max(20, *map(len, summaries))
     for case, s in summaries.items():
         extras = "  ".join(_fmt_extra(k, s[k]) for k in job.show if k in s)
-        line = f"  {case:<20} {job.fmt(s['t']):>14}"
+        line = f"  {case:<{width}} {job.fmt(s['t']):>14}"
         if not _usable(s):
             line += "  never recovers (the waiter timed out)"
         elif not is_ours(case) and ours:
             line += "  " + "  ".join(f"{o}/{case} {cmp['ratios'][f'{o}/{case}']:.2f}" for o in ours
                                      if f"{o}/{case}" in cmp["ratios"])
         lines.append(line + (f"  [{extras}]" if extras else ""))
+    for case, why in (unavailable or {}).items():
+        lines.append(f"  {case:<{width}} left out: {why}")
     for v in cmp["targets"]:
-        what = f"{v['case']}/{v['peer']} = {v['value']:.2f}" if v["peer"] else \
-            f"{v['case']} = {job.fmt(v['value'])}"
+        key = "" if v["key"] == "t" else f" {v['key']}"
+        if v["peer"]:
+            what = f"{v['case']}/{v['peer']}{key} = {v['value']:.2f}"
+        elif key:
+            what = f"{v['case']}{key} = {v['value']:.3g}"
+        else:
+            what = f"{v['case']} = {job.fmt(v['value'])}"
         lines.append(f"  target {v['text']}: {what} -> {'met' if v['met'] else 'MISSED'}")
     return lines
 
 
 def _fmt_extra(key: str, value: Any) -> str:
+    if isinstance(value, float) and key.endswith("_s") and not key.endswith("per_s"):
+        return f"{key}={fmt_time(value)}"  # a duration in seconds
     if isinstance(value, list):
         return f"{key}=" + "/".join(f"{v:.2f}" for v in value)
     if isinstance(value, float):

@@ -24,6 +24,7 @@ from typing import Any, Callable, ContextManager, Iterator, NamedTuple, Optional
 
 from .. import Hub, connect
 from .host import (
+    UNPINNED,
     Batch,
     Case,
     Sample,
@@ -82,7 +83,7 @@ def _loop_host(conn: Any, setup: Callable[[], ContextManager[Callable[[int], flo
 
 def in_host(setup: Callable[[], ContextManager[Any]], host: Callable[..., None] = _loop_host) -> Case:
     """A case timing, in its own host process, what ``setup()`` yields."""
-    return lambda pinned=False: hosted(host, setup, pinned=pinned)
+    return lambda placement=UNPINNED: hosted(host, setup, placement=placement)
 
 
 @contextlib.contextmanager
@@ -402,7 +403,7 @@ def _contended_host(conn: Any, kind: LockKind, procs: int) -> None:
 
 
 def contended(kind: type) -> Case:
-    return lambda pinned=False, procs=2: hosted(_contended_host, kind(), procs, pinned=pinned)
+    return lambda placement=UNPINNED, procs=2: hosted(_contended_host, kind(), procs, placement=placement)
 
 
 def _contended_job(procs: int) -> Job:
@@ -494,7 +495,7 @@ def _recovery_host(conn: Any, kind: LockKind) -> None:
 
 
 def recovery(kind: type) -> Case:
-    return lambda pinned=False: hosted(_recovery_host, kind(), pinned=pinned)
+    return lambda placement=UNPINNED: hosted(_recovery_host, kind(), placement=placement)
 
 
 RECOVERY = Job(
