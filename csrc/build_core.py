@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 
 # Pure-C units (<unit>.c, <unit>.h, cdef_<unit>.h): also built, without
 # Python, into the C drivers and fuzzers.
-C_UNITS = ("frame", "locktable")
+C_UNITS = ("frame", "locktable", "wait")
 # Header-only: the message envelope (static inline helpers and constants).
 HEADERS = ("envelope",)
 # Units written against the CPython API (the limited API of 3.10): compiled
@@ -25,7 +25,8 @@ HEADERS = ("envelope",)
 PY_UNITS = ("nogil", "lockhandle", "decode")
 
 ffi = FFI()
-# In this order: cdef_nogil.h uses the types of cdef_frame.h and cdef_locktable.h.
+# In this order: cdef_nogil.h uses the types of cdef_frame.h, cdef_locktable.h
+# and cdef_wait.h.
 ffi.cdef("\n".join((HERE / f"cdef_{u}.h").read_text() for u in C_UNITS + HEADERS + PY_UNITS))
 # cffi builds the module for the stable ABI (setuptools' py_limited_api=True,
 # its default except on debug and free-threaded interpreters): one

@@ -173,9 +173,10 @@ done
 PYTHON=${PYTHON:-python}
 mod="$tmp/module"
 # (the tests that drive them: decode_messages; LockBase, directly and through the
-# API's lock tests; the lock table, crash points included, and the *_nogil calls)
+# API's lock tests; the lock table, crash points included, and the *_nogil calls;
+# wait.c's spin-then-block waits and its policy)
 san_tests=(tests/core/test_decode.py tests/core/test_lock_handle.py tests/api/test_locks.py
-    tests/core/test_locktable.py)
+    tests/core/test_locktable.py tests/core/test_wait.py)
 log "clusterhub._core under ASan+UBSan (gcc): ${san_tests[*]}"
 mkdir -p "$mod/build" "$mod/pkg"
 cp -r "$csrc" "$mod/build/csrc"

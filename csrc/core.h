@@ -22,6 +22,7 @@
 #include "lockhandle.h"
 #include "locktable.h"
 #include "nogil.h"
+#include "wait.h"
 
 #undef Py_BEGIN_ALLOW_THREADS
 #undef Py_END_ALLOW_THREADS

@@ -53,3 +53,20 @@ int64_t ch_tx_send_msg_nogil(ch_tx *tx, int fd, size_t max_len, unsigned kind, u
     PyEval_RestoreThread(ts);
     return r;
 }
+
+int ch_rx_wait_nogil(ch_rx *rx, int fd, int ep_fd, int wake_fd, ch_spin *s,
+                     int64_t deadline_ns)
+{
+    PyThreadState *ts = PyEval_SaveThread();
+    int r = ch_rx_wait(rx, fd, ep_fd, wake_fd, s, deadline_ns);
+    PyEval_RestoreThread(ts);
+    return r;
+}
+
+int ch_spin_readable_nogil(int fd, ch_spin *s)
+{
+    PyThreadState *ts = PyEval_SaveThread();
+    int r = ch_spin_readable(fd, s);
+    PyEval_RestoreThread(ts);
+    return r;
+}

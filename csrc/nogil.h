@@ -31,6 +31,7 @@
 
 #include "frame.h"
 #include "locktable.h"
+#include "wait.h"
 
 /* ch_lt_timedlock with the GIL released.  t must stay mapped for the whole
  * call: the caller serialises it with ch_lt_close itself (tests only; the
@@ -56,5 +57,14 @@ int ch_lt_timedlock_ref_nogil(uint64_t ref, int64_t deadline_ns);
 int64_t ch_tx_send_msg_nogil(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_t origin,
                              uint64_t rid, const uint8_t *name, size_t name_len,
                              const uint8_t *body, size_t body_len);
+
+/* ch_rx_wait with the GIL released (it spins, then blocks).  The caller
+ * owns rx and s for the call, as ch_rx_wait says. */
+int ch_rx_wait_nogil(ch_rx *rx, int fd, int ep_fd, int wake_fd, ch_spin *s,
+                     int64_t deadline_ns);
+
+/* ch_spin_readable with the GIL released: a spin must let the process's
+ * other threads run. */
+int ch_spin_readable_nogil(int fd, ch_spin *s);
 
 #endif

@@ -201,6 +201,30 @@ def writer_stats() -> dict[str, int]:
     return {k: getattr(st, k) for k in ("wakeups", "sleeps", "writes", "cpu_ns", "running")}
 
 
+class Spin:
+    """One waiter's spin-then-block policy (``ch_spin``, csrc/wait.h): how
+    long it spins before it blocks, adapted to how long its waits took."""
+
+    __slots__ = ("p",)
+
+    def __init__(self, cap_s: float, peer_pid: int = 0) -> None:
+        self.p = ffi.new("ch_spin *")
+        lib.ch_spin_init(self.p, int(cap_s * 1e9), peer_pid)
+
+    def spinner(self, fd: int) -> Callable[[], int]:
+        """``spin() -> 1`` when ``fd`` became readable while spinning, 0 when
+        the budget ran out or was 0 (never blocks longer; the GIL released)."""
+        return functools.partial(lib.ch_spin_readable_nogil, fd, self.p)
+
+    def peer(self, pid: int) -> None:
+        """The process at the other end (its CPU affinity matters, see wait.h)."""
+        lib.ch_spin_peer(self.p, pid)
+
+    def stats(self) -> dict[str, int]:
+        """Spins so far, and those that saw their data come (tests, benchmarks)."""
+        return {"spins": self.p.spins, "hits": self.p.hits, "avg_ns": self.p.avg_ns}
+
+
 class Rx:
     """A receive buffer (``ch_rx``) that hands out complete frames in batches."""
 
@@ -222,6 +246,14 @@ class Rx:
         self.table = self._frames
         self.data: Callable[[], Any] = functools.partial(lib.ch_rx_data, self._p)
         self.addr = int(ffi.cast("uintptr_t", self._p))  # for decode_messages
+
+    def waiter(self, fd: int, ep_fd: int, wake_fd: int, spin: "Spin") -> Callable[[int], int]:
+        """``wait(deadline_ns) -> n``: ``fill(fd)``, but waiting for frames
+        (spinning first, see Spin; then blocking on the epoll ``ep_fd``,
+        which watches ``fd`` and ``wake_fd``; the GIL released), until
+        ``wake_fd`` is readable or the CLOCK_MONOTONIC ``deadline_ns`` (-1:
+        none): then 0; -EINTR after a signal (csrc/wait.h)."""
+        return functools.partial(lib.ch_rx_wait_nogil, self._p, fd, ep_fd, wake_fd, spin.p)
 
     def read(self, fd: int) -> list[memoryview] | int:
         """Read what ``fd`` has and return the complete frames as memoryviews.

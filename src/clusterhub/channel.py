@@ -12,6 +12,7 @@ request ended some other way, or the peer is gone).
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import select
@@ -21,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import _bindings
-from ._bindings import PeerGone, Rx, Tx
+from ._bindings import PeerGone, Rx, Spin, Tx
 from .errors import MasterDied, PeerDied, SendTimeout, WorkerDied
 from .requests import Done, Future, complete_all
 
@@ -36,6 +37,7 @@ _OUT = select.EPOLLOUT
 # Channel.lep): no epoll_ctl per message or per request.
 _EXCLUSIVE = select.EPOLLEXCLUSIVE
 _EOF = _bindings.EOF
+_EINTR = -errno.EINTR
 
 
 class Channel:
@@ -46,10 +48,11 @@ class Channel:
         "reader", "leader", "dying", "_wake", "_fds_open", "blockers", "held_back",
         "mask", "arming", "disarmed", "lep", "send", "send_msg", "send_request", "post", "post_msg",
         "pending", "unowned", "room_waiters", "read_ctx", "dispatcher", "router",
+        "peer_pid", "spin", "wait",
     )
 
     def __init__(self, fd: int, peer: Any, max_len: int, max_queue: int,
-                 dispatcher: "Dispatcher", router: "Router") -> None:
+                 dispatcher: "Dispatcher", router: "Router", spin: float, peer_pid: int) -> None:
         self.fd = fd
         self.dispatcher = dispatcher  # whose epoll watches this channel
         self.router = router  # who reads it and routes what came
@@ -92,6 +95,11 @@ class Channel:
         self.post_msg = self._tx.message_poster(fd, max_len)
         self.pending = self._tx.pending  # bytes queued, not yet written (0 once closed)
         self.unowned = self._tx.unowned  # those the C writer thread does not write
+        # A leader waits for its reply with wait(deadline_ns) (see wait_reply):
+        # it spins briefly before it blocks when that pays (csrc/wait.h).
+        self.peer_pid = peer_pid
+        self.spin = Spin(spin, peer_pid)
+        self.wait = self.rx.waiter(fd, self.lep.fileno(), self._wake, self.spin)
 
     def poke(self) -> None:
         """Wake the thread leading this channel, if any."""
@@ -374,27 +382,18 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
         if ch.closed or ch.dying or ch.blockers:
             return timeout  # held back: the dispatcher reads it once released
         ch.leader = me
-        poll = ch.lep.poll
-        fd = ch.fd
-        # Frames buffered in rx (left by the reader before us, whose
-        # revisit finds us holding the channel): no poll announces them.
-        more = ch.rx.eof() != _EOF
+        wait = ch.wait
+        deadline_ns = -1 if deadline is None else int(deadline * 1e9)
         while waiting(rid) is fut and not (ch.closed or ch.dying or ch.blockers):
-            if more:
-                ready = [(fd, 0)]
-            elif deadline is None:
-                ready = poll(-1, 2)  # (the socket and the wake fd)
-            else:
-                left = deadline - time.monotonic()
-                if left <= 0:
+            # Frames (or the channel's end), spinning first when that pays;
+            # 0 when poked or at the deadline; -EINTR: a signal (its handler
+            # runs here, as this loop goes on).
+            n = wait(deadline_ns)
+            if n == 0 or n == _EINTR:
+                if deadline is not None and time.monotonic() >= deadline:
                     break
-                ready = poll(left, 2)
-            more = False
-            for rfd, _ev in ready:
-                if rfd == fd:
-                    more = read(ch, 1, done)
-                else:
-                    os.eventfd_read(rfd)
+                continue
+            more = read(ch, 1, done, n)
             if done and waiting(rid) is fut:
                 # Others' replies whose completion may run code (callbacks,
                 # or a blocked thread to wake): on the dispatcher, since a

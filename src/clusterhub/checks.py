@@ -28,6 +28,21 @@ def check_int(name: str, value: Any, lo: int, hi: Optional[int]) -> None:
         raise ValueError(f"{name} must be between {lo} and {hi}" if hi else f"{name} must be >= {lo}")
 
 
+# The longest spin a hub may be configured with (seconds): spinning longer
+# than a wake-up costs never pays.
+SPIN_MAX = 0.001
+
+
+def check_spin(spin: Any) -> float:
+    """A spin cap in seconds: a real number from 0 (off) to SPIN_MAX."""
+    if isinstance(spin, bool) or not isinstance(spin, Real):
+        raise TypeError(f"spin must be a number of seconds, not {type(spin).__name__}")
+    s = float(spin)
+    if not 0 <= s <= SPIN_MAX:  # (false for NaN too)
+        raise ValueError(f"spin must be between 0 (off) and {SPIN_MAX} s")
+    return s
+
+
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False")

@@ -15,7 +15,8 @@ from .address import parse_address
 from .checks import check_timeout
 from .forks import hubs as hub_registry
 from .handshake import send_ready, worker_handshake
-from .hub import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUE, Hub
+from .checks import check_spin
+from .hub import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUE, DEFAULT_SPIN, Hub
 from .locks import Locks
 from .workers import Processes
 
@@ -33,6 +34,7 @@ def connect(
     authkey: Optional[bytes] = None,
     serializer: Union[str, protocol.Serializer, None] = None,
     exit_on_master_death: bool = False,
+    spin: float = DEFAULT_SPIN,
 ) -> Hub:
     """Join the master listening at ``address`` (``Hub(address=...)``): this
     process's worker-side hub.
@@ -44,12 +46,13 @@ def connect(
 
     ``setup(hub)`` runs before the master learns of this worker, so the
     handlers it registers see every message; it cannot send yet.
-    ``serializer``: None for pickle, which must match the master's, as
+    ``spin``: as ``Hub(spin=...)``.  ``serializer``: None for pickle, which must match the master's, as
     ``authkey`` must (the check runs both ways).  Nothing listening, a
     refused handshake or ``timeout`` raise :class:`HubError` subclasses
     (``ConnectError``, ``HandshakeError``, ``ConnectTimeout``).
     """
     timeout = check_timeout(timeout)
+    spin = check_spin(spin)
     if setup is not None and not callable(setup):
         raise TypeError("setup must be callable as setup(hub)")
     addr = parse_address(address)
@@ -70,13 +73,14 @@ def connect(
             raise
         hub = None
         try:
-            hub, procs = _worker_side(joined.fds["locks"], joined.worker_id, spec, exit_on_master_death)
+            hub, procs = _worker_side(joined.fds["locks"], joined.worker_id, spec, exit_on_master_death,
+                                      spin)
             if setup is not None:
                 setup(hub)
             send_ready(sock, joined, timeout=_left(deadline))
             sock.setblocking(False)
             pidfd, joined.master_pidfd = joined.master_pidfd, -1  # (now the master watcher's)
-            procs.join_master(sock.detach(), pidfd if pidfd >= 0 else None)
+            procs.join_master(sock.detach(), pidfd if pidfd >= 0 else None, joined.master_pid)
         except BaseException:
             sock.close()
             if hub is not None:
@@ -89,13 +93,13 @@ def connect(
 
 
 def _worker_side(locks_fd: int, worker_id: int, serializer: Union[str, protocol.Serializer],
-                 exit_on_master_death: bool) -> tuple[Hub, Processes]:
+                 exit_on_master_death: bool, spin: float) -> tuple[Hub, Processes]:
     """The worker-side hub of a process that connects, before its channel to
     the master exists: the master's lock table mapped from ``locks_fd``."""
     hub = Hub.__new__(Hub)
     procs = hub._build(serializer, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUE,
                        Locks(1, LockTable.attach(locks_fd)), exit_on_master_death, True,
-                       f"worker-{worker_id}")
+                       f"worker-{worker_id}", spin)
     procs.is_master = False
     procs.connected = True
     procs.worker_id = worker_id

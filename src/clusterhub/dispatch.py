@@ -28,6 +28,7 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 from . import sched
+from ._bindings import Spin
 from .handlers import Registry
 from .remote import NoHandler
 
@@ -57,9 +58,10 @@ class Timer:
 
 
 class Dispatcher:
-    def __init__(self, name: str, batch: bool = True) -> None:
+    def __init__(self, name: str, batch: bool = True, spin: float = 0.0) -> None:
         self.name = name
         self.batch = batch  # run the thread under SCHED_BATCH (see sched.py)
+        self.spin_cap = spin  # (seconds: see Hub)
         self.registry = Registry()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._private_loop: asyncio.AbstractEventLoop | None = None
@@ -76,6 +78,12 @@ class Dispatcher:
         self.register(self._wake_fd, select.EPOLLIN, self._on_wake)
         self._ops: deque[Callable[[], None]] = deque()
         self.inbox: deque[Item] = deque()
+        # Right after answering a worker's request, its next one is likely
+        # within microseconds: the thread spins on the epoll before it sleeps
+        # (see _main and csrc/wait.h).  answered: that worker's pid, 0: none.
+        self.answered = 0
+        self._spin = Spin(self.spin_cap)
+        self._spin_ready = self._spin.spinner(self.epoll.fileno())
         self._timers: list[tuple[float, int, Timer]] = []
         self._tcond = threading.Condition(threading.Lock())
         self._tseq = itertools.count()
@@ -281,8 +289,13 @@ class Dispatcher:
         if self.loop is None:
             self.handler_ident = self.ident
         inbox, poll = self.inbox, self.poll
+        spin, spin_ready = self._spin, self._spin_ready
         try:
             while not self._stopping:
+                if self.answered:
+                    spin.peer(self.answered)
+                    self.answered = 0
+                    spin_ready()
                 poll(0 if self._ops else None)
                 if inbox:
                     if self.loop is None:

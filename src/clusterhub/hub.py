@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Optional, ParamSpec, TypeVar, Union,
 
 from . import _bindings, forks, protocol
 from .channel import wait_reply
-from .checks import check_bool, check_callback, check_int, check_timeout, check_uid
+from .checks import check_bool, check_callback, check_int, check_spin, check_timeout, check_uid
 from .dispatch import Dispatcher
 from .errors import (
     HubClosedError,
@@ -44,6 +44,8 @@ E = TypeVar("E", bound=Callable[[Worker], Any])  # an on_exit callback
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 8 * 1024 * 1024
 DEFAULT_LOCK_SLOTS = 1024
+# How long a thread expecting a frame soon spins before it blocks, at most (s).
+DEFAULT_SPIN = 50e-6
 
 # How long close() lets a running handler finish before abandoning it.
 _HANDLER_GRACE = 1.0
@@ -70,6 +72,14 @@ class Hub:
         anything else: a filesystem path, made owner-only).  ``authkey``
         (bytes): they must prove they know it (and the master proves it to
         them); ``allowed_uids``: users besides this one that may connect.
+    :param spin: how long, at most, a thread that expects a frame within
+        microseconds (a requester its reply, the dispatcher a worker's next
+        request right after answering one) spins on the socket before it
+        sleeps, in seconds (default 50 µs; 0: never).  Waking a sleeping
+        thread on another CPU costs tens of microseconds on many machines;
+        the spin is adapted to the recent reply times, and skipped where it
+        cannot pay (the peer pinned to our only CPU, or spins that kept
+        running out).  Forked workers inherit it.
     :param batch_dispatcher: run the hub's dispatcher threads (one per
         process) under Linux's ``SCHED_BATCH`` policy when they would run
         under the ordinary one, so that a message's arrival does not preempt
@@ -88,6 +98,7 @@ class Hub:
         lock_slots: int = DEFAULT_LOCK_SLOTS,
         exit_on_master_death: bool = True,
         batch_dispatcher: bool = True,
+        spin: float = DEFAULT_SPIN,
         address: Optional[str] = None,
         authkey: Optional[bytes] = None,
         allowed_uids: Optional[Iterable[int]] = None,
@@ -99,7 +110,7 @@ class Hub:
         check_int("max_queue", max_queue, 0, None)
         check_int("lock_slots", lock_slots, 1, None)
         procs = self._build(serializer, max_message_size, max_queue, Locks(lock_slots),
-                            exit_on_master_death, batch_dispatcher, f"master-{os.getpid()}")
+                            exit_on_master_death, batch_dispatcher, f"master-{os.getpid()}", spin)
         self._dispatcher.start()
         _hubs.add(self)
         if address is not None:
@@ -114,19 +125,21 @@ class Hub:
     def _build(
         self, serializer: Union[str, protocol.Serializer], max_message_size: int, max_queue: int,
         locks: Locks, exit_on_master_death: bool, batch_dispatcher: bool, name: str,
+        spin: float,
     ) -> Processes:
         """Make the hub's parts (the dispatcher not started yet): the local
         transport's process layer, returned."""
         self._dumps, self._loads = protocol.serializer_functions(serializer)
         check_bool("exit_on_master_death", exit_on_master_death)
         check_bool("batch_dispatcher", batch_dispatcher)
+        spin = check_spin(spin)
         self._closed = False
         self._locks = locks
-        self._dispatcher = Dispatcher(name, batch_dispatcher)
+        self._dispatcher = Dispatcher(name, batch_dispatcher, spin)
         self._pending = Pending(self._dispatcher, wait_reply)
         # The transport (see transport.py): here the local one, socketpairs to forked workers.
         procs = Processes((os.getpid(), next(forks.serial)), self._dispatcher, self._pending,
-                          self._locks, max_message_size, max_queue, exit_on_master_death)
+                          self._locks, max_message_size, max_queue, exit_on_master_death, spin)
         procs.router = Router(procs, self._dispatcher, self._pending, self._dumps, self._loads)
         self._procs: Transport = procs
         self._address = None

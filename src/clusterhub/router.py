@@ -91,8 +91,10 @@ class Router:
                     ch.disarmed = True
                     ch.arm_locked()
 
-    def read(self, ch: Channel, rounds: int, done: list[Done]) -> bool:
-        """Read and route up to ``rounds`` batches of frames from ``ch``.
+    def read(self, ch: Channel, rounds: int, done: list[Done], filled: int = 0) -> bool:
+        """Read and route up to ``rounds`` batches of frames from ``ch``;
+        the first is already in ``ch.rx`` when ``filled`` (what the fill
+        returned: see Channel.wait) is not 0.
 
         The reader holds ``ch.reader``: the requests it completes are added to
         ``done`` and their callbacks run after it let go of the channel, so a
@@ -124,7 +126,10 @@ class Router:
         for _ in range(rounds):
             if ch.closed:
                 return False
-            n = fill(fd)
+            if filled:
+                n, filled = filled, 0
+            else:
+                n = fill(fd)
             if n <= 0:
                 if n:
                     self.channel_lost(ch, n)
@@ -243,6 +248,7 @@ class Router:
             left = ch.send_msg(kind, 0, rid, b"", 0, body, len(body))
             if left:
                 ch.sent_part(left, wait, len(body))
+            self.dispatcher.answered = ch.peer_pid
         except PeerDied:
             log.debug("reply to request %d dropped: the peer is gone", rid)
         except MessageTooLarge as e:

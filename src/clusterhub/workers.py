@@ -81,7 +81,7 @@ class Processes:
 
     def __init__(
         self, key: Any, dispatcher: Dispatcher, pending: Pending, locks: Locks,
-        max_len: int, max_queue: int, exit_on_master_death: bool,
+        max_len: int, max_queue: int, exit_on_master_death: bool, spin: float,
     ) -> None:
         self.key = key  # shared by the master and its workers: Worker pickles name it
         self.dispatcher = dispatcher
@@ -91,6 +91,7 @@ class Processes:
         self.max_len = max_len
         self.max_queue = max_queue
         self.exit_on_master_death = exit_on_master_death
+        self.spin = spin  # (seconds: see Hub)
         self.pid = os.getpid()
         self.is_master = True
         self.worker_id: Optional[int] = None
@@ -149,7 +150,7 @@ class Processes:
                     os._exit(1)  # ...even if a second Ctrl-C hits its exit path
             os.close(wfd)
             w = Worker(wid, pid, self.wait_event, self.key)
-            w.channel = self._channel(mfd, w)
+            w.channel = self._channel(mfd, w, pid)
             self.workers[wid] = w
             self.unsettled[wid] = w
             self.known[wid] = w
@@ -157,8 +158,9 @@ class Processes:
         self.dispatcher.call_soon(w.channel.watch)
         return w
 
-    def _channel(self, fd: int, peer: Optional[Worker]) -> Channel:
-        ch = Channel(fd, peer, self.max_len, self.max_queue, self.dispatcher, self.router)
+    def _channel(self, fd: int, peer: Optional[Worker], peer_pid: int) -> Channel:
+        ch = Channel(fd, peer, self.max_len, self.max_queue, self.dispatcher, self.router,
+                     self.spin, peer_pid)
         _bindings.start_writer()  # (a first burst need not wait for its creation)
         return ch
 
@@ -212,7 +214,7 @@ class Processes:
                 w = Worker(acc.worker_id, acc.pid, self.wait_event, self.key)
                 w.connected = True
                 w.pidfd = os.dup(acc.pidfd)  # (ours for signals; the watcher owns acc's)
-                w.channel = self._channel(conn.detach(), w)
+                w.channel = self._channel(conn.detach(), w, acc.pid)
                 self.workers[w.id] = w
                 self.unsettled[w.id] = w
                 self.known[w.id] = w
@@ -244,11 +246,11 @@ class Processes:
 
     # ---- a process that joins its master by address --------------------------------
 
-    def join_master(self, fd: int, master_pidfd: Optional[int]) -> None:
+    def join_master(self, fd: int, master_pidfd: Optional[int], master_pid: int) -> None:
         """Read and write the master's channel, a handshaken socket ``fd``
         (see connect.py; worker_id and connected are set already)."""
         self.locks.table.set_worker_id(self.worker_id)
-        self.master = ch = self._channel(fd, None)
+        self.master = ch = self._channel(fd, None, master_pid)
         ch.watch()
         if self.exit_on_master_death:
             self._watch_master(master_pidfd)
@@ -293,7 +295,7 @@ class Processes:
         self.locks.after_fork_child(wid)
         d = self.dispatcher
         d.reinit_after_fork(f"worker-{wid}")
-        self.master = ch = self._channel(wfd, None)
+        self.master = ch = self._channel(wfd, None, master_pid)
         self.master_gone = threading.Event()
         ch.watch()
         d.start()

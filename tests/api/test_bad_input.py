@@ -169,10 +169,15 @@ def test_hub_serializer_dumps_returns_non_bytes(make_hub: MakeHub) -> None:
         ("lock_slots", True, TypeError, "must be an int, not bool"),
         ("lock_slots", 0, ValueError, "must be >= 1"),
         ("lock_slots", 1 << 30, ValueError, "too large"),
+        ("spin", True, TypeError, "spin must be a number of seconds, not bool"),
+        ("spin", "50us", TypeError, "spin must be a number of seconds, not str"),
+        ("spin", -1e-6, ValueError, "spin must be between 0 (off) and 0.001 s"),
+        ("spin", 0.5, ValueError, "spin must be between 0 (off) and 0.001 s"),
+        ("spin", float("nan"), ValueError, "spin must be between"),
     ],
 )
 def test_hub_size_parameters(make_hub: MakeHub, param: str, value: Any, exc: type, gist: str) -> None:
-    """max_message_size, max_queue and lock_slots of the wrong type raise TypeError, out of range ValueError."""
+    """max_message_size, max_queue, lock_slots and spin of the wrong type raise TypeError, out of range ValueError."""
     raises(exc, lambda: clusterhub.Hub(**{param: value}), f"{gist}")
     assert_usable(make_hub())
 
