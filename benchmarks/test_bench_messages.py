@@ -5,9 +5,9 @@ and fan-in (4 and 16 workers requesting at once).
 clusterhub and the stdlib peers come from the kit (``clusterhub.bench.messaging``,
 ``.aio``, ``.fanin``); pyzmq's are added here when it is installed (the
 ``bench`` extra; without it, its cases skip, see ``_peers``), and node's
-cluster-hub when ``node`` and ``npm`` are (``_node``).  Round trip, one-way
-and broadcast are measured in the three placements (unpinned, one-cpu,
-two-cpus).
+cluster-hub when ``node`` and ``npm`` are (``_node``).  Round trip, asyncio
+round trip, one-way and broadcast are measured in the three placements
+(unpinned, one-cpu, two-cpus).
 """
 
 from __future__ import annotations
@@ -167,10 +167,10 @@ def test_round_trip_p99_busy(measure: Any, case: str) -> None:
 
 @pytest.mark.benchmark(group="asyncio-round-trip")
 @pytest.mark.parametrize("case", ASYNCIO_ROUND_TRIP.cases)
-def test_asyncio_round_trip(measure: Any, case: str) -> None:
+def test_asyncio_round_trip(measure: Any, case: str, placement: str) -> None:
     """`await hub.request_master("echo", x)` in a worker's asyncio loop, the hub attached to it or not, against an
     asyncio streams pickle echo."""
-    measure(ASYNCIO_ROUND_TRIP, case)
+    measure(ASYNCIO_ROUND_TRIP, case, placement)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,11 @@ reader.readexactly``).
 
 As for the other round trips, the requester times n round trips and the
 figure is s per round trip; ``cpu_per_rt_s`` is the CPU time of both
-processes (all threads) per round trip.
+processes (all threads) per round trip; and the job is measured in the three
+placements (the master or the echo server on one CPU, the asyncio requester
+on the other for ``two-cpus``).  Unpinned, the scheduler decides whether the
+two processes share a CPU (tens of µs per round trip on these VMs) or not
+(over a hundred), which the pinned placements fix.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 from typing import Any, Awaitable, Callable, ContextManager
 
 from .. import Hub
-from .host import UNPINNED, Batch, Sample, aserve, ask, expect, pin_client, reap, run_forked, serve, stop
+from .host import PLACEMENTS, UNPINNED, Batch, Sample, aserve, ask, expect, pin_client, reap, run_forked, serve, stop
 from .jobs import Job, Target
 from .messaging import rt_counted
 
@@ -145,7 +149,7 @@ ASYNCIO_ROUND_TRIP = Job(
         "clusterhub-not-attached": aio_clusterhub(False),
         "asyncio-streams": aio_streams,
     },
-    size=1000, rounds=11, smoke=20, show=("cpu_per_rt_s",),
+    size=1000, rounds=11, smoke=20, placements=PLACEMENTS, show=("cpu_per_rt_s",),
     targets=(
         Target("clusterhub-attached", "asyncio-streams", 1.0,
                "attached: <= 1.0 x an asyncio streams pickle echo"),

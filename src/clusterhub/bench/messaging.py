@@ -275,8 +275,9 @@ ROUND_TRIP = Job(
 # ---- 1b. round-trip tail latency with a busy loop on every CPU --------------------
 # The round-trip cases above, unpinned, each batch run while a busy Python
 # process spins on every CPU (started by the parent around the batch, each
-# pinned to its CPU); the requester times each round trip alone and the
-# figure is the p99.
+# pinned to its CPU: unpinned, the load balancer may stack them and leave a
+# CPU free); the requester times each round trip alone and the figure is the
+# p99.
 
 
 def busy_round_trip(case: Case) -> Case:
