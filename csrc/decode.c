@@ -18,18 +18,19 @@
 static PyObject *decode_messages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "decode_messages takes 6 arguments");
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "decode_messages takes 7 arguments");
         return NULL;
     }
     const ch_rx *rx;
     Py_ssize_t i, n;
-    PyObject *loads = args[3], *sender = args[4], *out = args[5];
+    PyObject *loads = args[3], *sender = args[4], *out = args[5], *reply = args[6];
     if ((!(rx = PyLong_AsVoidPtr(args[0])) && PyErr_Occurred()) ||
         ((i = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred()) ||
         ((n = PyLong_AsSsize_t(args[2])) == -1 && PyErr_Occurred()))
         return NULL;
-    if (!rx || i < 0 || n < i || n > CH_RX_MAX_FRAMES || !PyList_Check(out)) {
+    if (!rx || i < 0 || n < i || n > CH_RX_MAX_FRAMES || !PyList_Check(out) ||
+        (reply != Py_None && !PyCallable_Check(reply))) {
         PyErr_SetString(PyExc_ValueError, "decode_messages: bad arguments");
         return NULL;
     }
@@ -41,7 +42,8 @@ static PyObject *decode_messages(PyObject *self, PyObject *const *args, Py_ssize
     PyObject *last_name = NULL;
     for (; i < n; i++) {
         ch_msg m; /* (its origin and request id mean nothing here) */
-        if (ch_msg_parse(data + table[2 * i], table[2 * i + 1], &m) < 0 || m.kind != CH_KIND_MSG)
+        if (ch_msg_parse(data + table[2 * i], table[2 * i + 1], &m) < 0 ||
+            !(m.kind == CH_KIND_MSG || (m.kind == CH_KIND_REQ && reply != Py_None)))
             break;
         const uint8_t *name_raw = m.name;
         size_t nlen = m.name_len;
@@ -73,9 +75,23 @@ static PyObject *decode_messages(PyObject *self, PyObject *const *args, Py_ssize
             Py_DECREF(name);
             break;
         }
-        PyObject *item = PyTuple_Pack(4, name, value, sender, Py_None);
+        PyObject *answer = Py_None;
+        Py_INCREF(answer);
+        if (m.kind == CH_KIND_REQ) {
+            PyObject *rid = PyLong_FromUnsignedLongLong(m.rid);
+            Py_DECREF(answer);
+            answer = rid ? PyObject_CallFunctionObjArgs(reply, rid, NULL) : NULL;
+            Py_XDECREF(rid);
+            if (!answer) {
+                Py_DECREF(name);
+                Py_DECREF(value);
+                goto fail;
+            }
+        }
+        PyObject *item = PyTuple_Pack(4, name, value, sender, answer);
         Py_DECREF(name);
         Py_DECREF(value);
+        Py_DECREF(answer);
         if (!item)
             goto fail;
         int r = PyList_Append(out, item);
@@ -90,9 +106,51 @@ fail:
     return NULL;
 }
 
+static PyObject *take_reply(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "take_reply takes 5 arguments");
+        return NULL;
+    }
+    const ch_rx *rx;
+    Py_ssize_t n;
+    unsigned long long rid;
+    PyObject *loads = args[3], *miss = args[4];
+    if ((!(rx = PyLong_AsVoidPtr(args[0])) && PyErr_Occurred()) ||
+        ((n = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred()) ||
+        ((rid = PyLong_AsUnsignedLongLong(args[2])) == (unsigned long long)-1 && PyErr_Occurred()))
+        return NULL;
+    if (!rx) {
+        PyErr_SetString(PyExc_ValueError, "take_reply: bad arguments");
+        return NULL;
+    }
+    ch_msg m;
+    const uint32_t *table = ch_rx_frames(rx);
+    if (n != 1 || ch_msg_parse(ch_rx_data(rx) + table[0], table[1], &m) < 0 ||
+        m.kind != CH_KIND_RES || m.rid != rid)
+        goto missed;
+    PyObject *view = PyMemoryView_FromMemory((char *)m.body, (Py_ssize_t)m.body_len, PyBUF_READ);
+    if (!view)
+        return NULL;
+    PyObject *value = PyObject_CallFunctionObjArgs(loads, view, NULL);
+    Py_DECREF(view);
+    if (value)
+        return value;
+    PyErr_Clear(); /* Python redoes it and reports the error */
+missed:
+    Py_INCREF(miss);
+    return miss;
+}
+
 static PyMethodDef decode_def = {
     "decode_messages", (PyCFunction)(void (*)(void))decode_messages, METH_FASTCALL,
-    "decode_messages(rx, i, n, loads, sender, out) -> int (see csrc/decode.h)",
+    "decode_messages(rx, i, n, loads, sender, out, reply) -> int (see csrc/decode.h)",
+};
+
+static PyMethodDef take_reply_def = {
+    "take_reply", (PyCFunction)(void (*)(void))take_reply, METH_FASTCALL,
+    "take_reply(rx, n, rid, loads, miss) -> value or miss (see csrc/decode.h)",
 };
 
 int ch_decode_register(const char *module)
@@ -102,9 +160,12 @@ int ch_decode_register(const char *module)
     int rc = -1;
     PyObject *m = PyImport_AddModule(module); /* borrowed */
     PyObject *fn = m ? PyCFunction_NewEx(&decode_def, NULL, NULL) : NULL;
-    if (fn && PyObject_SetAttrString(m, "decode_messages", fn) == 0)
+    PyObject *take = m ? PyCFunction_NewEx(&take_reply_def, NULL, NULL) : NULL;
+    if (fn && take && PyObject_SetAttrString(m, "decode_messages", fn) == 0 &&
+        PyObject_SetAttrString(m, "take_reply", take) == 0)
         rc = 0;
     Py_XDECREF(fn);
+    Py_XDECREF(take);
     if (rc < 0)
         PyErr_WriteUnraisable(NULL);
     PyGILState_Release(g);

@@ -441,8 +441,10 @@ from ._core import LockBase as LockBase  # noqa: E402  (set by the call above)
 
 LOCK_FOREVER_S: int = lib.CH_LOCK_FOREVER_S  # longer timeouts mean no limit
 
-# decode_messages (csrc/decode.c): the plain messages of a received batch,
-# decoded in one C call (Router.read uses it for bursts); set the same way.
+# decode_messages (csrc/decode.c): the messages and requests of a received
+# batch, decoded in one C call (Router.read), and take_reply, a requester's
+# reply (channel.wait_reply); set the same way.
 if lib.ch_decode_register(_core.__name__.encode()) != 0:
     raise ImportError(f"{_core.__name__}: could not set decode_messages (see the error above)")
 from ._core import decode_messages as decode_messages  # noqa: E402
+from ._core import take_reply as take_reply  # noqa: E402

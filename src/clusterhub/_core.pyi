@@ -30,8 +30,13 @@ class LockBase:
     def _held_here(ref: int, /) -> int: ...  # 1, 0 or a negative errno (lockhandle.h)
 
 def decode_messages(
-    rx: int, i: int, n: int, loads: Any, sender: Any, out: list[Any], /
+    rx: int, i: int, n: int, loads: Any, sender: Any, out: list[Any], reply: Any, /
 ) -> int:
-    """The plain messages of a received batch from frame ``i`` on, as inbox
-    items appended to ``out``; the first frame not decoded (csrc/decode.h).
+    """The messages (and, with ``reply``, requests) of a received batch from
+    frame ``i`` on, as inbox items appended to ``out``; the first frame not
+    decoded (csrc/decode.h).
     Set on this module by ``lib.ch_decode_register`` (see _bindings.py)."""
+
+def take_reply(rx: int, n: int, rid: int, loads: Any, miss: Any, /) -> Any:
+    """The loaded reply to request ``rid`` when the batch of ``n`` frames in
+    ``rx`` is exactly that reply, else ``miss`` (csrc/decode.h)."""

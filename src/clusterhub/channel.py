@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import _bindings
-from ._bindings import PeerGone, Rx, Spin, Tx
+from ._bindings import PeerGone, Rx, Spin, Tx, take_reply
 from .errors import MasterDied, PeerDied, SendTimeout, WorkerDied
 from .requests import Done, Future, complete_all
 
@@ -38,6 +38,7 @@ _OUT = select.EPOLLOUT
 _EXCLUSIVE = select.EPOLLEXCLUSIVE
 _EOF = _bindings.EOF
 _EINTR = -errno.EINTR
+_MISS = object()  # (take_reply: not the batch it takes)
 
 
 class Channel:
@@ -382,14 +383,23 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
         if ch.closed or ch.dying or ch.blockers:
             return timeout  # held back: the dispatcher reads it once released
         ch.leader = me
-        wait = ch.wait
+        wait, rx_addr, loads, pending_pop = ch.wait, ch.rx.addr, ch.router.loads, ch.router.pending.pop
         deadline_ns = -1 if deadline is None else int(deadline * 1e9)
         while waiting(rid) is fut and not (ch.closed or ch.dying or ch.blockers):
             # Frames (or the channel's end), spinning first when that pays;
             # 0 when poked or at the deadline; -EINTR: a signal (its handler
             # runs here, as this loop goes on).
             n = wait(deadline_ns)
-            if n == 0 or n == _EINTR:
+            if n == 1:
+                # Usually the batch is just our reply: loaded in one C call.
+                value = take_reply(rx_addr, 1, rid, loads, _MISS)
+                if value is not _MISS:
+                    # (rx holds at most part of a next frame: the socket
+                    # announces the rest to whoever reads next.)
+                    if pending_pop(rid, None) is fut and not fut.complete_here(True, value):
+                        done.append((fut, True, value))
+                    break
+            elif n == 0 or n == _EINTR:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 continue

@@ -17,7 +17,7 @@ worker's broadcast without decoding its data.  Error replies carry
 serializer.
 
 Messages are mostly built in C (``ch_tx_send_msg``/``ch_tx_post_msg``) and
-decoded in place by ``Router.read`` (bursts of plain messages by C's
+decoded in place by ``Router.read`` (messages and requests by C's
 ``decode_messages``); :func:`encode` builds the one payload a broadcast
 sends to every worker.
 """

@@ -106,10 +106,11 @@ class Router:
         event will announce those, so the caller must read again.
 
         This is the receive hot path: frames are decoded in place, without
-        a view or a call per frame for replies; the plain messages of a
-        burst are decoded by one C call (``decode_messages``), and this
-        loop takes the frames that call leaves (requests, replies,
-        broadcasts, errors), which makes it the reference for both.
+        a view or a call per frame for replies; messages and requests are
+        decoded by C (``decode_messages``, one call for a run of them), and
+        this loop takes the frames that call leaves (replies, broadcasts,
+        errors, and what it could not decode), which makes it the reference
+        for both.
         """
         ctx = ch.read_ctx
         if ctx is None:  # (made once: a call's set-up costs as much as a reply)
@@ -119,9 +120,10 @@ class Router:
                 ch.fd, rx.fill, rx.table, rx.data, rx.eof, self.loads, self.pending,
                 inbox.append, self.procs.is_master, ch.peer, self.reply, rx.addr, inbox.extend,
                 ch.peer if self.procs.is_master else None,  # (a message's sender)
+                functools.partial(functools.partial, self.reply, ch),  # (rid) -> reply(ok, value)
             )
         (fd, fill, table, rx_data, eof, loads, pending, inbox_append, is_master, peer,
-         reply_to, rx_addr, inbox_extend, msg_sender) = ctx
+         reply_to, rx_addr, inbox_extend, msg_sender, reply_for) = ctx
         partial = functools.partial
         for _ in range(rounds):
             if ch.closed:
@@ -139,13 +141,13 @@ class Router:
             i = 0
             last = 2 * n
             while i < last:
-                if n > 1:  # a burst: its plain messages in C, from frame i on
-                    items: list[Any] = []
-                    i = 2 * _decode_messages(rx_addr, i >> 1, n, loads, msg_sender, items)
-                    if items:
-                        inbox_extend(items)
-                    if i == last:
-                        break
+                # Messages and requests in C, from frame i on (the rest here).
+                items: list[Any] = []
+                i = 2 * _decode_messages(rx_addr, i >> 1, n, loads, msg_sender, items, reply_for)
+                if items:
+                    inbox_extend(items)
+                if i == last:
+                    break
                 start = offs[i]
                 end = start + offs[i + 1]
                 i += 2

@@ -1,8 +1,9 @@
-"""decode_messages (csrc/decode.c), the C decoder of a burst's plain messages.
+"""decode_messages and take_reply (csrc/decode.c), the C decoders of
+messages and requests, and of a requester's reply.
 
-Its contract (csrc/decode.h) is checked against a model written here from
-the envelope format, on frames fed into a real receive buffer; and end to
-end, a burst mixing every kind of frame (and bodies that fail to load)
+Their contracts (csrc/decode.h) are checked against a model written here
+from the envelope format, on frames fed into a real receive buffer; and end
+to end, a burst mixing every kind of frame (and bodies that fail to load)
 is handled as Router.read alone would.
 """
 
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 import clusterhub
 from clusterhub import protocol
-from clusterhub._bindings import Rx, decode_messages
+from clusterhub._bindings import Rx, decode_messages, take_reply
 
 from conftest import Reports, join_ok
 
@@ -55,13 +56,14 @@ def feed(payloads: list[bytes]) -> tuple[Rx, int]:
     return rx, len(n)
 
 
-def model(payloads: list[bytes], i: int, sender: Any) -> tuple[list[tuple[Any, ...]], int]:
-    """What decode.h promises: the items of the plain messages from i on,
-    and the first frame not decoded."""
+def model(payloads: list[bytes], i: int, sender: Any, reply: Any = None) -> tuple[list[tuple[Any, ...]], int]:
+    """What decode.h promises: the items of the messages (and, with a
+    reply factory, requests) from i on, and the first frame not decoded."""
     out = []
+    kinds = (protocol.MSG,) if reply is None else (protocol.MSG, protocol.REQ)
     for j in range(i, len(payloads)):
         p = payloads[j]
-        if len(p) < protocol.HEADER.size or p[0] != protocol.MSG:
+        if len(p) < protocol.HEADER.size or p[0] not in kinds:
             return out, j
         nlen = struct.unpack_from("<H", p, 13)[0]
         if protocol.HEADER.size + nlen > len(p):
@@ -71,7 +73,8 @@ def model(payloads: list[bytes], i: int, sender: Any) -> tuple[list[tuple[Any, .
             data = loads(memoryview(p[15 + nlen :]))
         except Exception:  # a bad name, Boom, or any other load failure: left to Python
             return out, j
-        out.append((name, data, sender, None))
+        rid = struct.unpack_from("<Q", p, 5)[0]
+        out.append((name, data, sender, None if p[0] == protocol.MSG else reply(rid)))
     return out, len(payloads)
 
 
@@ -95,20 +98,21 @@ EXAMPLES = int(os.environ.get("CH_DECODE_EXAMPLES", "300"))
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(frames, min_size=1, max_size=40), st.data())
-def test_matches_the_model(payloads: list[bytes], data: st.DataObject) -> None:
+@given(st.lists(frames, min_size=1, max_size=40), st.data(), st.booleans())
+def test_matches_the_model(payloads: list[bytes], data: st.DataObject, requests: bool) -> None:
     rx, n = feed(payloads)
     i = data.draw(st.integers(0, n))
     sender = object()
+    reply = (lambda rid: ("reply", rid)) if requests else None
     out: list[Any] = []
-    stop = decode_messages(rx.addr, i, n, loads, sender, out)
-    want, want_stop = model(payloads, i, sender)
+    stop = decode_messages(rx.addr, i, n, loads, sender, out, reply)
+    want, want_stop = model(payloads, i, sender, reply)
     assert stop == want_stop
     assert len(out) == len(want)
     for got, exp in zip(out, want):
         assert got[0] == exp[0] and type(got[0]) is str
         assert got[1] == exp[1]
-        assert got[2] is sender and got[3] is None
+        assert got[2] is sender and got[3] == exp[3]
 
 
 def test_same_name_is_one_object_and_refcounts_balance() -> None:
@@ -117,7 +121,7 @@ def test_same_name_is_one_object_and_refcounts_balance() -> None:
     sender = object()
     before = sys.getrefcount(sender)
     out: list[Any] = []
-    assert decode_messages(rx.addr, 0, n, pickle.loads, sender, out) == n
+    assert decode_messages(rx.addr, 0, n, pickle.loads, sender, out, None) == n
     assert [x[1] for x in out] == list(range(100))
     assert len({id(x[0]) for x in out}) == 1
     assert sys.getrefcount(sender) == before + 100
@@ -125,15 +129,45 @@ def test_same_name_is_one_object_and_refcounts_balance() -> None:
     assert sys.getrefcount(sender) == before
 
 
+MISS = object()
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(frames, min_size=1, max_size=3), st.integers(0, 12))
+def test_take_reply_matches_the_model(payloads: list[bytes], rid: int) -> None:
+    """The loaded body when the batch is exactly one well-formed reply to
+    rid whose body loads; else the miss object, no exception pending."""
+    rx, n = feed(payloads)
+    got = take_reply(rx.addr, n, rid, loads, MISS)
+    p = payloads[0]
+    want: Any = MISS
+    if n == 1 and len(p) >= protocol.HEADER.size and p[0] == protocol.RES:
+        kind, origin, prid, nlen = protocol.HEADER.unpack_from(p)
+        if prid == rid and protocol.HEADER.size + nlen <= len(p):
+            try:
+                want = loads(memoryview(p[protocol.HEADER.size + nlen :]))
+            except Exception:
+                want = MISS
+    assert got is MISS if want is MISS else got == want
+
+
+def test_take_reply_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        take_reply(0, 1, 1, pickle.loads, MISS)
+    with pytest.raises(TypeError):
+        take_reply(1, 1, 1, pickle.loads)  # type: ignore[call-arg]
+
+
 @pytest.mark.parametrize(
     "args, exc",
     [
-        ((0, 0, 0, pickle.loads, None, []), ValueError),  # no rx
-        (("x", 0, 0, pickle.loads, None, []), TypeError),
-        ((1, -1, 0, pickle.loads, None, []), ValueError),
-        ((1, 2, 1, pickle.loads, None, []), ValueError),  # i past n
-        ((1, 0, 0, pickle.loads, None, ()), ValueError),  # out not a list
-        ((1, 0, 0, pickle.loads, None), TypeError),  # arity
+        ((0, 0, 0, pickle.loads, None, [], None), ValueError),  # no rx
+        (("x", 0, 0, pickle.loads, None, [], None), TypeError),
+        ((1, -1, 0, pickle.loads, None, [], None), ValueError),
+        ((1, 2, 1, pickle.loads, None, [], None), ValueError),  # i past n
+        ((1, 0, 0, pickle.loads, None, (), None), ValueError),  # out not a list
+        ((1, 0, 0, pickle.loads, None, [], 3), ValueError),  # reply not callable
+        ((1, 0, 0, pickle.loads, None, []), TypeError),  # arity
     ],
 )
 def test_bad_arguments_raise(args: tuple[Any, ...], exc: type) -> None:
@@ -147,7 +181,7 @@ def test_loads_errors_are_left_to_python_and_cleared() -> None:
     payloads = [envelope(protocol.MSG, b"m", pickle.dumps(1)), envelope(protocol.MSG, b"m", b"!x")]
     rx, n = feed(payloads)
     out: list[Any] = []
-    assert decode_messages(rx.addr, 0, n, loads, None, out) == 1
+    assert decode_messages(rx.addr, 0, n, loads, None, out, None) == 1
     assert out == [("m", 1, None, None)]
 
 
