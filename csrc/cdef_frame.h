@@ -41,6 +41,7 @@ void ch_tx_writer_stats(ch_writer_stats *out);
 int ch_rx_new(size_t max_len, ch_rx **out);
 void ch_rx_free(ch_rx *rx);
 int ch_rx_read(ch_rx *rx, int fd);
+int ch_rx_buffered(ch_rx *rx);
 int ch_rx_feed(ch_rx *rx, const uint8_t *data, size_t len, size_t *used);
 int ch_rx_eof(const ch_rx *rx);
 const uint8_t *ch_rx_data(const ch_rx *rx);

@@ -991,6 +991,11 @@ int ch_rx_read(ch_rx *rx, int fd)
     }
 }
 
+int ch_rx_buffered(ch_rx *rx)
+{
+    return rx_scan(rx);
+}
+
 int ch_rx_feed(ch_rx *rx, const uint8_t *data, size_t len, size_t *used)
 {
     *used = 0;

@@ -265,6 +265,13 @@ void ch_rx_free(ch_rx *rx);
 int ch_rx_read(ch_rx *rx, int fd);
 
 /*
+ * Like ch_rx_read, but without reading: hands out the complete frames already
+ * buffered (0 when there is none), or a protocol error (CH_ERR_MALFORMED,
+ * CH_ERR_TOOBIG) for a bad header at the front.  Never blocks, no syscall.
+ */
+int ch_rx_buffered(ch_rx *rx);
+
+/*
  * Like ch_rx_read, but takes the bytes from memory instead of a socket (for
  * tests and fuzzing): appends up to len bytes of `data` (the caller keeps
  * ownership) and returns the frames now complete.  *used receives how many bytes

@@ -65,8 +65,11 @@ int ch_rx_wait_nogil(ch_rx *rx, int fd, int ep_fd, int wake_fd, ch_spin *s,
 
 int ch_spin_readable_nogil(int fd, ch_spin *s)
 {
+    int64_t budget = ch_spin_budget(s);
+    if (budget <= 0)
+        return 0; /* (no spin: no GIL round trip either) */
     PyThreadState *ts = PyEval_SaveThread();
-    int r = ch_spin_readable(fd, s);
+    int r = ch_spin_readable_for(fd, s, budget);
     PyEval_RestoreThread(ts);
     return r;
 }

@@ -63,8 +63,9 @@ int64_t ch_tx_send_msg_nogil(ch_tx *tx, int fd, size_t max_len, unsigned kind, u
 int ch_rx_wait_nogil(ch_rx *rx, int fd, int ep_fd, int wake_fd, ch_spin *s,
                      int64_t deadline_ns);
 
-/* ch_spin_readable with the GIL released: a spin must let the process's
- * other threads run. */
+/* ch_spin_readable with the GIL released while it spins: a spin must let
+ * the process's other threads run.  Without a budget it returns 0 at once,
+ * the GIL kept. */
 int ch_spin_readable_nogil(int fd, ch_spin *s);
 
 #endif

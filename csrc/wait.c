@@ -116,7 +116,10 @@ static int64_t ns_to_deadline(int64_t deadline_ns, int64_t now)
 
 int ch_rx_wait(ch_rx *rx, int fd, int ep_fd, int wake_fd, ch_spin *s, int64_t deadline_ns)
 {
-    int n = ch_rx_read(rx, fd);
+    /* Frames left buffered by the previous read come first.  No recv yet:
+     * without a spin, epoll_wait tells whether the socket has data (a recv
+     * that would block costs a syscall for nothing). */
+    int n = ch_rx_buffered(rx);
     if (n != 0)
         return n;
     int64_t start = now_ns();
@@ -126,13 +129,13 @@ int ch_rx_wait(ch_rx *rx, int fd, int ep_fd, int wake_fd, ch_spin *s, int64_t de
     if (budget > 0) {
         int64_t until = start + budget, t;
         do {
-            cpu_relax();
             n = ch_rx_read(rx, fd);
             t = now_ns();
             if (n != 0) {
                 ch_spin_record(s, 1, 1, t - start);
                 return n;
             }
+            cpu_relax();
         } while (t < until);
     }
     for (;;) {
@@ -179,7 +182,11 @@ int ch_rx_wait(ch_rx *rx, int fd, int ep_fd, int wake_fd, ch_spin *s, int64_t de
 
 int ch_spin_readable(int fd, ch_spin *s)
 {
-    int64_t budget = ch_spin_budget(s);
+    return ch_spin_readable_for(fd, s, ch_spin_budget(s));
+}
+
+int ch_spin_readable_for(int fd, ch_spin *s, int64_t budget)
+{
     if (budget <= 0)
         return 0;
     struct pollfd pf = {.fd = fd, .events = POLLIN};

@@ -106,4 +106,9 @@ int ch_rx_wait(ch_rx *rx, int fd, int ep_fd, int wake_fd, ch_spin *s, int64_t de
  */
 int ch_spin_readable(int fd, ch_spin *s);
 
+/* ch_spin_readable with the budget given (what ch_spin_budget(s) returned
+ * for this wait): the GIL-releasing wrapper asks for the budget first, and
+ * releases the GIL only to spin. */
+int ch_spin_readable_for(int fd, ch_spin *s, int64_t budget);
+
 #endif

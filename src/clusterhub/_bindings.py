@@ -205,11 +205,13 @@ class Spin:
     """One waiter's spin-then-block policy (``ch_spin``, csrc/wait.h): how
     long it spins before it blocks, adapted to how long its waits took."""
 
-    __slots__ = ("p",)
+    __slots__ = ("p", "set_peer")
 
     def __init__(self, cap_s: float, peer_pid: int = 0) -> None:
         self.p = ffi.new("ch_spin *")
         lib.ch_spin_init(self.p, int(cap_s * 1e9), peer_pid)
+        # set_peer(pid): as peer(pid), one C call (the dispatcher's loop).
+        self.set_peer: Callable[[int], None] = functools.partial(lib.ch_spin_peer, self.p)
 
     def spinner(self, fd: int) -> Callable[[], int]:
         """``spin() -> 1`` when ``fd`` became readable while spinning, 0 when

@@ -39,6 +39,7 @@ _EXCLUSIVE = select.EPOLLEXCLUSIVE
 _EOF = _bindings.EOF
 _EINTR = -errno.EINTR
 _MISS = object()  # (take_reply: not the batch it takes)
+_get_ident = threading.get_ident
 
 
 class Channel:
@@ -49,7 +50,7 @@ class Channel:
         "reader", "leader", "dying", "_wake", "_fds_open", "blockers", "held_back",
         "mask", "arming", "disarmed", "lep", "send", "send_msg", "send_request", "post", "post_msg",
         "pending", "unowned", "room_waiters", "read_ctx", "dispatcher", "router",
-        "peer_pid", "spin", "wait",
+        "peer_pid", "spin", "wait", "lead_ctx",
     )
 
     def __init__(self, fd: int, peer: Any, max_len: int, max_queue: int,
@@ -101,6 +102,9 @@ class Channel:
         self.peer_pid = peer_pid
         self.spin = Spin(spin, peer_pid)
         self.wait = self.rx.waiter(fd, self.lep.fileno(), self._wake, self.spin)
+        pending = router.pending
+        self.lead_ctx = (dispatcher, self.reader, router.read, pending.get, pending.pop,
+                         self.wait, self.rx.addr, router.loads)  # (what wait_reply needs)
 
     def poke(self) -> None:
         """Wake the thread leading this channel, if any."""
@@ -360,22 +364,18 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
     This is the request hot path: one function, bound locals.
     """
     ch: Channel = fut._channel
-    d = ch.dispatcher
-    me = threading.get_ident()
+    d, reader, read, waiting, pending_pop, wait, rx_addr, loads = ch.lead_ctx
+    me = _get_ident()
     if me == d.ident:
         # Its reply may be read by a requester leading the channel: be woken then.
         fut.add_done_callback(lambda _f: d.wake())
         d.pump_until(fut.done, timeout)
         return 0 if timeout is not None else None
-    if ch.closed:
-        return timeout
-    reader = ch.reader
-    if not reader.acquire(False):
-        return timeout  # someone reads it already: they complete fut
-    read = ch.router.read
+    if ch.closed or not reader.acquire(False):
+        return timeout  # (someone reads it already: they complete fut)
     # While ``fut`` waits in the pending table its reply has not come (it
     # leaves the table as the reply is read, or when it ends otherwise).
-    waiting, rid = ch.router.pending.get, fut._rid
+    rid = fut._rid
     deadline = None if timeout is None else time.monotonic() + timeout
     done: list[Done] = []
     more = False
@@ -383,7 +383,6 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
         if ch.closed or ch.dying or ch.blockers:
             return timeout  # held back: the dispatcher reads it once released
         ch.leader = me
-        wait, rx_addr, loads, pending_pop = ch.wait, ch.rx.addr, ch.router.loads, ch.router.pending.pop
         deadline_ns = -1 if deadline is None else int(deadline * 1e9)
         while waiting(rid) is fut and not (ch.closed or ch.dying or ch.blockers):
             # Frames (or the channel's end), spinning first when that pays;
@@ -396,8 +395,13 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
                 if value is not _MISS:
                     # (rx holds at most part of a next frame: the socket
                     # announces the rest to whoever reads next.)
-                    if pending_pop(rid, None) is fut and not fut.complete_here(True, value):
-                        done.append((fut, True, value))
+                    if pending_pop(rid, None) is fut:
+                        with fut._guard:  # (Future.complete_here, inlined)
+                            here = not fut._based
+                            if here and fut._outcome is None:
+                                fut._outcome = (True, value)
+                        if not here:
+                            done.append((fut, True, value))
                     break
             elif n == 0 or n == _EINTR:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -429,7 +433,8 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
                 ch.arm_locked()
         if more:  # left buffered: the dispatcher takes them
             d.call_next(lambda: ch.router.on_channel(ch, _IN))
-        complete_all(done)  # even when interrupted (Ctrl-C): these replies came
+        if done:
+            complete_all(done)  # even when interrupted (Ctrl-C): these replies came
     if deadline is None:
         return None
     return max(0.0, deadline - time.monotonic())

@@ -289,11 +289,11 @@ class Dispatcher:
         if self.loop is None:
             self.handler_ident = self.ident
         inbox, poll = self.inbox, self.poll
-        spin, spin_ready = self._spin, self._spin_ready
+        spin_peer, spin_ready = self._spin.set_peer, self._spin_ready
         try:
             while not self._stopping:
                 if self.answered:
-                    spin.peer(self.answered)
+                    spin_peer(self.answered)
                     self.answered = 0
                     spin_ready()
                 poll(0 if self._ops else None)

@@ -167,7 +167,15 @@ class Future(concurrent.futures.Future[T]):
         return None, timeout
 
     def result(self, timeout: float | None = None) -> T:
-        outcome, timeout = self._settled(timeout)
+        if self._based:
+            outcome, timeout = self._settled(timeout)
+        else:  # (_settled inlined: the request hot path)
+            if self._outcome is None and self._waiter is not None:
+                timeout = self._waiter(self, timeout)
+            outcome = self._outcome
+            if outcome is None or self._based:
+                self._base()  # (to block, or it was set up meanwhile)
+                outcome = None
         if outcome is None:
             return super().result(timeout)
         if outcome[0]:
@@ -291,7 +299,9 @@ class Pending:
             except (KeyError, TypeError):
                 nb = protocol.encode_name(name)  # (checks it)
             fut: Future[Any] = Future(self._remote_hook, ch)
-            rid = self.add(fut)
+            rid = fut._rid = next(self._ids)  # (add, inlined)
+            fut._pending = self
+            self._by_id[rid] = fut
         else:
             nb = protocol.encode_name(name)
             check_timeout(timeout)

@@ -136,8 +136,7 @@ class Router:
                 if n:
                     self.channel_lost(ch, n)
                 return False
-            offs = _unpack(table, 2 * n)
-            buf = memoryview(_buffer(rx_data(), offs[-2] + offs[-1]))
+            offs: Any = None  # (the frame table, when this loop needs it)
             i = 0
             last = 2 * n
             while i < last:
@@ -148,6 +147,9 @@ class Router:
                     inbox_extend(items)
                 if i == last:
                     break
+                if offs is None:
+                    offs = _unpack(table, last)
+                    buf = memoryview(_buffer(rx_data(), offs[-2] + offs[-1]))
                 start = offs[i]
                 end = start + offs[i + 1]
                 i += 2
