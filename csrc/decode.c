@@ -143,9 +143,38 @@ missed:
     return miss;
 }
 
+static PyObject *reply_rid(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "reply_rid takes 2 arguments");
+        return NULL;
+    }
+    const ch_rx *rx;
+    Py_ssize_t n;
+    if ((!(rx = PyLong_AsVoidPtr(args[0])) && PyErr_Occurred()) ||
+        ((n = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred()))
+        return NULL;
+    if (!rx) {
+        PyErr_SetString(PyExc_ValueError, "reply_rid: bad arguments");
+        return NULL;
+    }
+    ch_msg m;
+    const uint32_t *table = ch_rx_frames(rx);
+    if (n != 1 || ch_msg_parse(ch_rx_data(rx) + table[0], table[1], &m) < 0 ||
+        m.kind != CH_KIND_RES)
+        return PyLong_FromLong(0);
+    return PyLong_FromUnsignedLongLong(m.rid);
+}
+
 static PyMethodDef decode_def = {
     "decode_messages", (PyCFunction)(void (*)(void))decode_messages, METH_FASTCALL,
     "decode_messages(rx, i, n, loads, sender, out, reply) -> int (see csrc/decode.h)",
+};
+
+static PyMethodDef reply_rid_def = {
+    "reply_rid", (PyCFunction)(void (*)(void))reply_rid, METH_FASTCALL,
+    "reply_rid(rx, n) -> int (see csrc/decode.h)",
 };
 
 static PyMethodDef take_reply_def = {
@@ -161,11 +190,14 @@ int ch_decode_register(const char *module)
     PyObject *m = PyImport_AddModule(module); /* borrowed */
     PyObject *fn = m ? PyCFunction_NewEx(&decode_def, NULL, NULL) : NULL;
     PyObject *take = m ? PyCFunction_NewEx(&take_reply_def, NULL, NULL) : NULL;
-    if (fn && take && PyObject_SetAttrString(m, "decode_messages", fn) == 0 &&
-        PyObject_SetAttrString(m, "take_reply", take) == 0)
+    PyObject *rid = m ? PyCFunction_NewEx(&reply_rid_def, NULL, NULL) : NULL;
+    if (fn && take && rid && PyObject_SetAttrString(m, "decode_messages", fn) == 0 &&
+        PyObject_SetAttrString(m, "take_reply", take) == 0 &&
+        PyObject_SetAttrString(m, "reply_rid", rid) == 0)
         rc = 0;
     Py_XDECREF(fn);
     Py_XDECREF(take);
+    Py_XDECREF(rid);
     if (rc < 0)
         PyErr_WriteUnraisable(NULL);
     PyGILState_Release(g);

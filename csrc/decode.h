@@ -60,10 +60,18 @@
  * Returns the loaded value, or NULL (an exception) for bad arguments or no
  * memory.  Thread safety and blocking as decode_messages.
  */
+/*
+ *   reply_rid(rx, n) -> int
+ *
+ * The request id of the batch when it is exactly one reply (a well-formed
+ * CH_KIND_RES frame), else 0 (ids start at 1): a reader that serves several
+ * requesters (an asyncio loop, see loopread.py) looks up whose it is, then
+ * loads it with take_reply.  Raises for bad arguments only.
+ */
 #ifndef CH_DECODE_H
 #define CH_DECODE_H
 
-/* Set decode_messages and take_reply as attributes of the module named `module` (which
+/* Set decode_messages, take_reply and reply_rid as attributes of the module named `module` (which
  * must be in sys.modules: clusterhub._core, called from clusterhub._bindings
  * at import).  Takes the GIL itself.  0, or -1 after printing the Python
  * exception as unraisable. */

@@ -449,4 +449,5 @@ LOCK_FOREVER_S: int = lib.CH_LOCK_FOREVER_S  # longer timeouts mean no limit
 if lib.ch_decode_register(_core.__name__.encode()) != 0:
     raise ImportError(f"{_core.__name__}: could not set decode_messages (see the error above)")
 from ._core import decode_messages as decode_messages  # noqa: E402
+from ._core import reply_rid as reply_rid  # noqa: E402
 from ._core import take_reply as take_reply  # noqa: E402

@@ -37,6 +37,10 @@ def decode_messages(
     decoded (csrc/decode.h).
     Set on this module by ``lib.ch_decode_register`` (see _bindings.py)."""
 
+def reply_rid(rx: int, n: int, /) -> int:
+    """The request id of the batch of ``n`` frames in ``rx`` when it is
+    exactly one reply, else 0 (csrc/decode.h)."""
+
 def take_reply(rx: int, n: int, rid: int, loads: Any, miss: Any, /) -> Any:
     """The loaded reply to request ``rid`` when the batch of ``n`` frames in
     ``rx`` is exactly that reply, else ``miss`` (csrc/decode.h)."""

@@ -28,6 +28,7 @@ from .requests import Done, Future, complete_all
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
+    from .loopread import LoopLead
     from .process import Worker
     from .router import Router
 
@@ -47,10 +48,10 @@ class Channel:
 
     __slots__ = (
         "fd", "peer", "max_len", "max_queue", "rx", "_tx", "_lock", "closed",
-        "reader", "leader", "dying", "_wake", "_fds_open", "blockers", "held_back",
+        "reader", "leader", "dying", "wake_fd", "_fds_open", "blockers", "held_back",
         "mask", "arming", "disarmed", "lep", "send", "send_msg", "send_request", "post", "post_msg",
         "pending", "unowned", "room_waiters", "read_ctx", "dispatcher", "router",
-        "peer_pid", "spin", "wait", "lead_ctx",
+        "peer_pid", "spin", "wait", "lead_ctx", "loop_lead",
     )
 
     def __init__(self, fd: int, peer: Any, max_len: int, max_queue: int,
@@ -67,6 +68,7 @@ class Channel:
         self.closed = False
         self.reader = threading.Lock()  # whoever holds it owns rx
         self.leader: int | None = None  # thread id of a requester reading here
+        self.loop_lead: Optional["LoopLead"] = None  # an asyncio loop reading here (loopread.py)
         self.dying = False  # the peer is known dead: leaders step down
         # What a leader waits on: the socket, registered here before the
         # dispatcher registers it and both EPOLLEXCLUSIVE, so that data
@@ -75,10 +77,10 @@ class Channel:
         # socket's queue whose epoll has a thread waiting).  Plus the eventfd
         # that ``poke`` writes to.
         self.lep = select.epoll()
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.lep.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
-        self.lep.register(self._wake, select.EPOLLIN)
-        self._fds_open = True  # fd, _wake and lep (closed by the reader: see close)
+        self.lep.register(self.wake_fd, select.EPOLLIN)
+        self._fds_open = True  # fd, wake_fd and lep (closed by the reader: see close)
         # Relay backpressure (master side): while a channel this worker's
         # broadcasts go to is over max_queue, its input is not read.
         self.blockers: set[Channel] = set()  # channels holding our input back
@@ -101,7 +103,7 @@ class Channel:
         # it spins briefly before it blocks when that pays (csrc/wait.h).
         self.peer_pid = peer_pid
         self.spin = Spin(spin, peer_pid)
-        self.wait = self.rx.waiter(fd, self.lep.fileno(), self._wake, self.spin)
+        self.wait = self.rx.waiter(fd, self.lep.fileno(), self.wake_fd, self.spin)
         pending = router.pending
         self.lead_ctx = (dispatcher, self.reader, router.read, pending.get, pending.pop,
                          self.wait, self.rx.addr, router.loads)  # (what wait_reply needs)
@@ -112,7 +114,7 @@ class Channel:
             with self._lock:  # not once release_reader closed it (its number may be reused)
                 if self._fds_open:
                     try:
-                        os.eventfd_write(self._wake, 1)
+                        os.eventfd_write(self.wake_fd, 1)
                     except OSError:
                         pass
 
@@ -149,6 +151,8 @@ class Channel:
                 pass
         if self.reader.acquire(False):
             self.release_reader()
+        elif self.loop_lead is not None:
+            self.loop_lead.abandon()
         else:
             self.poke()  # the leader sees the channel closed and lets go
 
@@ -165,7 +169,7 @@ class Channel:
 
     def _close_fds(self) -> None:
         self.lep.close()
-        for fd in (self.fd, self._wake):
+        for fd in (self.fd, self.wake_fd):
             try:
                 os.close(fd)
             except OSError:
@@ -371,8 +375,14 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
         fut.add_done_callback(lambda _f: d.wake())
         d.pump_until(fut.done, timeout)
         return 0 if timeout is not None else None
+    owned = False  # this thread's loop leads the channel (see loopread.py)
     if ch.closed or not reader.acquire(False):
-        return timeout  # (someone reads it already: they complete fut)
+        lead = ch.loop_lead
+        if ch.closed or lead is None or lead.thread != me or lead.released:
+            return timeout  # (someone reads it already: they complete fut)
+        # A handler run by that very loop waits: the loop cannot read until
+        # it returns, so read here, as the loop would.
+        owned = True
     # While ``fut`` waits in the pending table its reply has not come (it
     # leaves the table as the reply is read, or when it ends otherwise).
     rid = fut._rid
@@ -397,7 +407,7 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
                     # announces the rest to whoever reads next.)
                     if pending_pop(rid, None) is fut:
                         with fut._guard:  # (Future.complete_here, inlined)
-                            here = not fut._based
+                            here = not fut._based and fut._afut is None
                             if here and fut._outcome is None:
                                 fut._outcome = (True, value)
                         if not here:
@@ -420,17 +430,22 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
                 # lengths misses a drain racing with our appends).
                 d.wake()
     finally:
-        ch.leader = None
-        if ch.closed:
-            ch.release_reader()
+        if owned:
+            if more and ch.loop_lead is not None:  # (the loop reads them)
+                ch.loop_lead.loop.call_soon(ch.loop_lead.on_readable)
+            more = False
         else:
-            reader.release()
-        # The dispatcher may have stopped watching the channel while we
-        # held it (checked after letting go: see Router.on_channel).
-        if ch.disarmed or ch.arming.locked():
-            with ch.arming:
-                ch.disarmed = False
-                ch.arm_locked()
+            ch.leader = None
+            if ch.closed:
+                ch.release_reader()
+            else:
+                reader.release()
+            # The dispatcher may have stopped watching the channel while we
+            # held it (checked after letting go: see Router.on_channel).
+            if ch.disarmed or ch.arming.locked():
+                with ch.arming:
+                    ch.disarmed = False
+                    ch.arm_locked()
         if more:  # left buffered: the dispatcher takes them
             d.call_next(lambda: ch.router.on_channel(ch, _IN))
         if done:

@@ -12,10 +12,9 @@ from . import protocol
 from ._bindings import LockTable
 from .address import connect as connect_socket
 from .address import parse_address
-from .checks import check_timeout
+from .checks import check_spin, check_timeout
 from .forks import hubs as hub_registry
 from .handshake import send_ready, worker_handshake
-from .checks import check_spin
 from .hub import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUE, DEFAULT_SPIN, Hub
 from .locks import Locks
 from .workers import Processes

@@ -14,7 +14,7 @@ import os
 import random
 from typing import Any, Callable, Iterable, Optional, ParamSpec, TypeVar, Union, overload
 
-from . import _bindings, forks, protocol
+from . import _bindings, forks, loopread, protocol
 from .channel import wait_reply
 from .checks import check_bool, check_callback, check_int, check_spin, check_timeout, check_uid
 from .dispatch import Dispatcher
@@ -137,6 +137,7 @@ class Hub:
         self._locks = locks
         self._dispatcher = Dispatcher(name, batch_dispatcher, spin)
         self._pending = Pending(self._dispatcher, wait_reply)
+        self._pending.loop_hook = loopread.lead  # (an await reads its channel on its loop)
         # The transport (see transport.py): here the local one, socketpairs to forked workers.
         procs = Processes((os.getpid(), next(forks.serial)), self._dispatcher, self._pending,
                           self._locks, max_message_size, max_queue, exit_on_master_death, spin)
@@ -485,6 +486,7 @@ class Hub:
         """Dispatch on the hub's own thread again."""
         self._check()
         self._dispatcher.detach()
+        self._procs.detached()
 
     # ---- locks ----------------------------------------------------------
 

@@ -51,6 +51,12 @@ class Future(concurrent.futures.Future[T]):
     does).  Until then the outcome is kept here, which saves about 5 µs per
     request round trip (measured): most replies are read by the very thread
     that waits for them, and nothing else ever looks.
+
+    Awaited, it completes an asyncio future of the awaiting loop directly
+    (``_to_loop``: at once when completed on that loop's thread, else
+    through ``call_soon_threadsafe``), without the base class; and a reply
+    on a channel nobody reads is read by the awaiting loop itself (the
+    Pending table's loop hook, see loopread.py).
     """
 
     # Hook run by result()/exception() before waiting; returns the timeout left.
@@ -61,6 +67,8 @@ class Future(concurrent.futures.Future[T]):
     _pending: Optional["Pending"] = None  # the table it waits in
     _based = False  # the base class is set up (from then on it keeps the state)
     _outcome: Optional[tuple[bool, Any]] = None  # before that: (ok, result or exception)
+    _aloop: Any = None  # the loop awaiting it, and its future there (see __await__)
+    _afut: Any = None
 
     def __init__(self, waiter: Any = None, channel: Any = None) -> None:
         self._guard = _new_lock()  # (orders completion against setting up the base)
@@ -76,6 +84,9 @@ class Future(concurrent.futures.Future[T]):
             _base_init(self)
             self._based = True
             outcome = self._outcome
+            awaited = self._afut is not None
+        if awaited:  # (from now on the base completes it: forward from there)
+            super().add_done_callback(self._forward_base)
         if outcome is not None:
             try:
                 if outcome[0]:
@@ -93,7 +104,33 @@ class Future(concurrent.futures.Future[T]):
         return object.__getattribute__(self, name)
 
     def __await__(self) -> Generator[Any, None, T]:
-        return asyncio.wrap_future(self).__await__()
+        if not self.done():
+            loop = asyncio.get_running_loop()
+            afut = loop.create_future()
+            with self._guard:
+                based = self._based
+                if not based:
+                    if self._afut is not None:  # (awaited twice: the base forwards to both)
+                        based = True
+                    else:
+                        self._aloop, self._afut = loop, afut
+                        outcome = self._outcome
+            if based:
+                self.add_done_callback(functools.partial(_forward_from, loop, afut))
+            elif outcome is not None:  # (completed meanwhile)
+                _to_loop(loop, afut, *outcome)
+            lead = None if self._pending is None or self._local else self._pending.loop_hook
+            release = lead(self, loop) if lead is not None else None
+            try:
+                yield from afut
+            except asyncio.CancelledError:
+                if afut.cancelled():  # (the awaiting task was cancelled)
+                    self.cancel()
+                raise
+            finally:
+                if release is not None:
+                    release()
+        return self.result()
 
     __iter__ = __await__
 
@@ -106,7 +143,12 @@ class Future(concurrent.futures.Future[T]):
                 return False
             if self._outcome is None:
                 self._outcome = (ok, value)
+                if self._afut is not None:
+                    _to_loop(self._aloop, self._afut, ok, value)
             return True
+
+    def _forward_base(self, f: concurrent.futures.Future[Any]) -> None:
+        _forward_from(self._aloop, self._afut, f)
 
     def done(self) -> bool:
         return super().done() if self._based else self._outcome is not None
@@ -144,6 +186,8 @@ class Future(concurrent.futures.Future[T]):
             based = self._based
             if not based and self._outcome is None:
                 self._outcome = (ok, value)
+                if self._afut is not None:
+                    _to_loop(self._aloop, self._afut, ok, value)
                 return
         if not based:  # (raised outside the guard: repr sets up the base)
             raise concurrent.futures.InvalidStateError(f"already done: {self!r}")
@@ -191,6 +235,45 @@ class Future(concurrent.futures.Future[T]):
         if outcome is None:
             return super().exception(timeout)
         return None if outcome[0] else outcome[1]
+
+
+def _settle(afut: "asyncio.Future[Any]", ok: bool, value: Any) -> None:
+    if not afut.done():  # (cancelled meanwhile, or forwarded twice)
+        if ok:
+            afut.set_result(value)
+        else:
+            afut.set_exception(value)
+
+
+def _to_loop(loop: asyncio.AbstractEventLoop, afut: "asyncio.Future[Any]", ok: bool, value: Any) -> None:
+    """Complete ``afut`` of ``loop``: at once on that loop's thread (which
+    only schedules its callbacks), else through the loop's thread-safe call."""
+    if _running_loop() is loop:
+        _settle(afut, ok, value)
+    else:
+        try:
+            loop.call_soon_threadsafe(_settle, afut, ok, value)
+        except RuntimeError:
+            pass  # the loop is closed: nobody awaits any more
+
+
+def _forward_from(loop: asyncio.AbstractEventLoop, afut: "asyncio.Future[Any]",
+                  f: concurrent.futures.Future[Any]) -> None:
+    """A done callback: pass ``f``'s outcome (or cancellation) on to ``afut``."""
+    if f.cancelled():
+        if _running_loop() is loop:
+            afut.cancel()
+        else:
+            try:
+                loop.call_soon_threadsafe(afut.cancel)
+            except RuntimeError:
+                pass
+        return
+    exc = f.exception()
+    _to_loop(loop, afut, exc is None, f.result() if exc is None else exc)
+
+
+_running_loop = asyncio._get_running_loop  # (public as asyncio.get_running_loop, minus the raise)
 
 
 # A completion held back (see resolve): the future, whether it succeeded, and
@@ -255,6 +338,10 @@ class Pending:
         self._dispatcher = dispatcher  # its timers (timeouts) and thread (a wait there pumps)
         self._remote_hook = remote_hook  # result()'s hook for a reply on a channel
         self._local_hook = self._wait_local  # (bound once: made per request otherwise)
+        # Run as loop_hook(fut, loop) by an await on a channel request: the
+        # loop may read the reply itself; returns what to call once it came.
+        self.loop_hook: Optional[Callable[[Future[Any], asyncio.AbstractEventLoop],
+                                          Optional[Callable[[], None]]]] = None
         self._ids = itertools.count(1)
         self._by_id: dict[int, Future[Any]] = {}
         self.get = self._by_id.get

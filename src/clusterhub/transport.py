@@ -141,6 +141,11 @@ class Transport(Protocol):
         master); a KeyboardInterrupt that cut it short is returned."""
         ...
 
+    def detached(self) -> None:
+        """The hub detached from its asyncio loop: a loop reading an
+        endpoint for its coroutines (loopread.py) lets go."""
+        ...
+
     def stop_watching(self) -> None:
         """Closing: learn of no more exits."""
         ...

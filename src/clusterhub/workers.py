@@ -340,6 +340,13 @@ class Processes:
         if self.connected and self.locks.ptr is not None:
             self.locks.orphan(MasterDied("the master has died: its lock table is gone"))
 
+    def detached(self) -> None:
+        channels = [w.channel for w in list(self.workers.values())] + [self.master]
+        for ch in channels:
+            lead = None if ch is None else ch.loop_lead
+            if lead is not None:
+                lead.abandon()
+
     def master_channel(self) -> Channel:
         """A worker's channel to its master; MasterDied once it is gone."""
         ch = self.master

@@ -98,7 +98,7 @@ def test_an_idle_hub_does_not_spin_or_wake(make_hub: Any, reports: Reports) -> N
     after = [_switches(w.pid) for w in ws], _switches_of_hub_threads(hub)
     assert hub._dispatcher._spin.stats()["spins"] == spins
     assert after == before
-    for r, wfd in go:
+    for _r, wfd in go:
         os.write(wfd, b"x")
     for w in ws:
         join_ok(w)
