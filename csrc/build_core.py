@@ -21,8 +21,9 @@ C_UNITS = ("frame", "locktable", "wait")
 HEADERS = ("envelope",)
 # Units written against the CPython API (the limited API of 3.10): compiled
 # into this module only.  cffi calls the *_nogil wrappers, and the functions
-# that set LockBase and decode_messages as attributes of the module.
-PY_UNITS = ("nogil", "lockhandle", "decode")
+# that set LockBase, decode_messages (and its kin) and Reply as attributes of
+# the module.
+PY_UNITS = ("nogil", "lockhandle", "decode", "reply")
 
 ffi = FFI()
 # In this order: cdef_nogil.h uses the types of cdef_frame.h, cdef_locktable.h

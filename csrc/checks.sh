@@ -166,7 +166,7 @@ done
 [ "$failed" = 0 ] || exit 1
 
 # ---- the compiled module's CPython-API units under ASan + UBSan ------------------
-# lockhandle.c, decode.c and nogil.c need an interpreter, so no pure-C driver or
+# lockhandle.c, decode.c, reply.c and nogil.c need an interpreter, so no pure-C driver or
 # libFuzzer harness runs them: build clusterhub._core itself with the sanitizers
 # (with gcc, as pip does), preload their runtimes into the interpreter, and run the
 # tests that drive those units, decode's model test with CH_DECODE_EXAMPLES examples.
@@ -174,9 +174,9 @@ PYTHON=${PYTHON:-python}
 mod="$tmp/module"
 # (the tests that drive them: decode_messages; LockBase, directly and through the
 # API's lock tests; the lock table, crash points included, and the *_nogil calls;
-# wait.c's spin-then-block waits and its policy)
+# wait.c's spin-then-block waits and its policy; reply.c's Reply)
 san_tests=(tests/core/test_decode.py tests/core/test_lock_handle.py tests/api/test_locks.py
-    tests/core/test_locktable.py tests/core/test_wait.py)
+    tests/core/test_locktable.py tests/core/test_wait.py tests/core/test_reply.py)
 log "clusterhub._core under ASan+UBSan (gcc): ${san_tests[*]}"
 mkdir -p "$mod/build" "$mod/pkg"
 cp -r "$csrc" "$mod/build/csrc"

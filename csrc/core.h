@@ -22,6 +22,7 @@
 #include "lockhandle.h"
 #include "locktable.h"
 #include "nogil.h"
+#include "reply.h"
 #include "wait.h"
 
 #undef Py_BEGIN_ALLOW_THREADS

@@ -10,6 +10,7 @@
 #include "decode.h"
 #include "envelope.h"
 #include "frame.h"
+#include "reply.h"
 
 #ifndef PyBUF_READ /* (in the limited API's headers from 3.11; the value is ABI) */
 #define PyBUF_READ 0x100
@@ -30,7 +31,7 @@ static PyObject *decode_messages(PyObject *self, PyObject *const *args, Py_ssize
         ((n = PyLong_AsSsize_t(args[2])) == -1 && PyErr_Occurred()))
         return NULL;
     if (!rx || i < 0 || n < i || n > CH_RX_MAX_FRAMES || !PyList_Check(out) ||
-        (reply != Py_None && !PyCallable_Check(reply))) {
+        (reply != Py_None && !PyTuple_Check(reply))) {
         PyErr_SetString(PyExc_ValueError, "decode_messages: bad arguments");
         return NULL;
     }
@@ -78,10 +79,8 @@ static PyObject *decode_messages(PyObject *self, PyObject *const *args, Py_ssize
         PyObject *answer = Py_None;
         Py_INCREF(answer);
         if (m.kind == CH_KIND_REQ) {
-            PyObject *rid = PyLong_FromUnsignedLongLong(m.rid);
             Py_DECREF(answer);
-            answer = rid ? PyObject_CallFunctionObjArgs(reply, rid, NULL) : NULL;
-            Py_XDECREF(rid);
+            answer = ch_reply_new(reply, m.rid);
             if (!answer) {
                 Py_DECREF(name);
                 Py_DECREF(value);

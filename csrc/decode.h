@@ -25,10 +25,10 @@
  *           holds a reference of its own).
  *   out     a list: one (name, data, sender, answer) tuple is appended per
  *           frame decoded, name a str decoded from strict UTF-8, answer
- *           None for a message and reply(rid) for a request.
- *   reply   None (requests are not decoded: they stop the decoder) or a
- *           callable, called as reply(rid) with the request id (an int)
- *           for each request decoded.
+ *           None for a message and Reply(reply, rid) for a request (see
+ *           reply.h).
+ *   reply   None (requests are not decoded: they stop the decoder) or the
+ *           channel's reply context, a tuple (reply.h).
  *
  * Decodes frames i, i+1, ... while each is a message (CH_KIND_MSG of
  * envelope.h), or a request (CH_KIND_REQ) when `reply` is given, whose
@@ -36,7 +36,7 @@
  * returns the index of the first frame it did not decode (n when all were).
  * Exceptions from loads or from decoding are cleared: Python redoes that
  * frame and reports them.  Raises (returns NULL) for bad arguments, no
- * memory, or an exception from `reply`; the items appended before stay in
+ * memory, or a `reply` that is not a tuple; the items appended before stay in
  * `out`.
  *
  * Thread safety: holds the GIL throughout; the caller holds the channel's

@@ -113,12 +113,13 @@ class Tx:
     around it; once closed, calls fail with PeerGone without touching the fd.
     """
 
-    __slots__ = ("_p", "_send", "_send_msg", "_flush", "pending", "unowned")
+    __slots__ = ("_p", "_send", "_send_msg", "_flush", "pending", "unowned", "addr")
 
     def __init__(self) -> None:
         pp = ffi.new("ch_tx **")
         check(lib.ch_tx_new(pp), "ch_tx_new")
         self._p = ffi.gc(pp[0], lib.ch_tx_free)  # freed only when unreachable
+        self.addr = int(ffi.cast("uintptr_t", self._p))  # for C's Reply (kept alive with us)
         self._send = lib.ch_tx_send
         self._send_msg = lib.ch_tx_send_msg
         self._flush = lib.ch_tx_flush
@@ -450,4 +451,10 @@ if lib.ch_decode_register(_core.__name__.encode()) != 0:
     raise ImportError(f"{_core.__name__}: could not set decode_messages (see the error above)")
 from ._core import decode_messages as decode_messages  # noqa: E402
 from ._core import reply_rid as reply_rid  # noqa: E402
+
+# Reply (csrc/reply.c): the C callable that answers one request (made by
+# decode_messages from a channel's reply context, see Router.reply_context).
+if lib.ch_reply_register(_core.__name__.encode()) != 0:
+    raise ImportError(f"{_core.__name__}: could not create Reply (see the error above)")
+from ._core import Reply as Reply  # noqa: E402
 from ._core import take_reply as take_reply  # noqa: E402

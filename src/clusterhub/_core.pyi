@@ -37,6 +37,13 @@ def decode_messages(
     decoded (csrc/decode.h).
     Set on this module by ``lib.ch_decode_register`` (see _bindings.py)."""
 
+class Reply:
+    """reply(ok, value): answer one request (csrc/reply.h)."""
+
+    rid: int
+    def __init__(self, ctx: tuple[Any, ...], rid: int, /) -> None: ...
+    def __call__(self, ok: bool, value: Any, /) -> Any: ...
+
 def reply_rid(rx: int, n: int, /) -> int:
     """The request id of the batch of ``n`` frames in ``rx`` when it is
     exactly one reply, else 0 (csrc/decode.h)."""

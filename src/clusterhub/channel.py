@@ -47,7 +47,7 @@ class Channel:
     """A framed, non-blocking socket endpoint to one peer process."""
 
     __slots__ = (
-        "fd", "peer", "max_len", "max_queue", "rx", "_tx", "_lock", "closed",
+        "fd", "peer", "max_len", "max_queue", "rx", "tx", "_lock", "closed",
         "reader", "leader", "dying", "wake_fd", "_fds_open", "blockers", "held_back",
         "mask", "arming", "disarmed", "lep", "send", "send_msg", "send_request", "post", "post_msg",
         "pending", "unowned", "room_waiters", "read_ctx", "dispatcher", "router",
@@ -63,7 +63,7 @@ class Channel:
         self.max_len = max_len
         self.max_queue = max_queue
         self.rx = Rx(max_len)
-        self._tx = Tx()
+        self.tx = Tx()
         self._lock = threading.Lock()
         self.closed = False
         self.reader = threading.Lock()  # whoever holds it owns rx
@@ -92,13 +92,13 @@ class Channel:
         self.read_ctx: Any = None  # what Router.read needs, gathered once
         # The send queue needs no Python lock (its C calls lock it and refuse
         # use once it is closed), so sending is one call of a bound C function.
-        self.send = functools.partial(self._tx.send, fd)  # (payload, max_len)
-        self.send_msg = self._tx.message_sender(fd, max_len)
-        self.send_request = self._tx.message_sender(fd, max_len, release_gil=True)
-        self.post = self._tx.frame_poster(fd)
-        self.post_msg = self._tx.message_poster(fd, max_len)
-        self.pending = self._tx.pending  # bytes queued, not yet written (0 once closed)
-        self.unowned = self._tx.unowned  # those the C writer thread does not write
+        self.send = functools.partial(self.tx.send, fd)  # (payload, max_len)
+        self.send_msg = self.tx.message_sender(fd, max_len)
+        self.send_request = self.tx.message_sender(fd, max_len, release_gil=True)
+        self.post = self.tx.frame_poster(fd)
+        self.post_msg = self.tx.message_poster(fd, max_len)
+        self.pending = self.tx.pending  # bytes queued, not yet written (0 once closed)
+        self.unowned = self.tx.unowned  # those the C writer thread does not write
         # A leader waits for its reply with wait(deadline_ns) (see wait_reply):
         # it spins briefly before it blocks when that pays (csrc/wait.h).
         self.peer_pid = peer_pid
@@ -131,7 +131,7 @@ class Channel:
 
     def flush(self) -> int:
         """Write what the socket takes of the queue; return the bytes left."""
-        return self._tx.flush(self.fd)
+        return self.tx.flush(self.fd)
 
     def close(self) -> None:
         """Close the socket; queued bytes are dropped.  Idempotent.
@@ -144,7 +144,7 @@ class Channel:
             if self.closed:
                 return
             self.closed = True
-            self._tx.close()
+            self.tx.close()
             try:  # wake whoever polls the socket (a sender waiting for room)
                 _shutdown(self.fd)
             except OSError:

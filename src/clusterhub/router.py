@@ -125,7 +125,7 @@ class Router:
                 ch.fd, rx.fill, rx.table, rx.data, rx.eof, self.loads, self.pending,
                 inbox.append, self.procs.is_master, ch.peer, self.reply, rx.addr, inbox.extend,
                 ch.peer if self.procs.is_master else None,  # (a message's sender)
-                functools.partial(functools.partial, self.reply, ch),  # (rid) -> reply(ok, value)
+                self.reply_context(ch),  # (how C answers a request: see csrc/reply.h)
             )
         (fd, fill, table, rx_data, eof, loads, pending, inbox_append, is_master, peer,
          reply_to, rx_addr, inbox_extend, msg_sender, reply_for) = ctx
@@ -245,7 +245,8 @@ class Router:
 
     def reply(self, ch: Channel, rid: int, ok: bool, value: Any, wait: bool = True) -> None:
         """Answer request ``rid`` that came on ``ch`` (bound with functools.partial
-        as an inbox item's ``reply(ok, value)``)."""
+        as an inbox item's ``reply(ok, value)``; the usual path is C's Reply,
+        which falls back to this, see reply_context)."""
         if ok:
             try:
                 kind, body = protocol.RES, self.dumps(value)
@@ -253,15 +254,26 @@ class Router:
                 ok, value = False, e
         if not ok:
             kind, body = protocol.ERR, error_body(value)
+        self.reply_sent(ch, rid, ch.send_msg(kind, 0, rid, b"", 0, body, len(body)), len(body), wait)
+
+    def reply_sent(self, ch: Channel, rid: int, left: int, size: int, wait: bool = True) -> None:
+        """After sending the reply to ``rid`` (a body of ``size`` bytes): deal
+        with what is left queued (``left`` > 0) or the error (< 0)."""
         try:
-            left = ch.send_msg(kind, 0, rid, b"", 0, body, len(body))
             if left:
-                ch.sent_part(left, wait, len(body))
+                ch.sent_part(left, wait, size)
             self.dispatcher.answered = ch.peer_pid
         except PeerDied:
             log.debug("reply to request %d dropped: the peer is gone", rid)
         except MessageTooLarge as e:
             ch.send_parts(protocol.ERR, 0, rid, b"", error_body(e), False)
+
+    def reply_context(self, ch: Channel) -> tuple[Any, ...]:
+        """What C's Reply needs to answer requests that came on ``ch``
+        (csrc/reply.h): the send queue, the serializer, the Python paths."""
+        tx = ch.tx
+        return (tx, tx.addr, ch.fd, ch.max_len, self.dumps, functools.partial(self.reply, ch),
+                functools.partial(self.reply_sent, ch), self.dispatcher, ch.peer_pid)
 
     def channel_lost(self, ch: Channel, code: int) -> None:
         if ch.closed:
