@@ -290,10 +290,13 @@ class Dispatcher:
             self.handler_ident = self.ident
         inbox, poll = self.inbox, self.poll
         spin_peer, spin_ready = self._spin.set_peer, self._spin_ready
+        peer = 0
         try:
             while not self._stopping:
                 if self.answered:
-                    spin_peer(self.answered)
+                    if self.answered != peer:
+                        peer = self.answered
+                        spin_peer(peer)
                     self.answered = 0
                     spin_ready()
                 poll(0 if self._ops else None)

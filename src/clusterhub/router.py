@@ -72,7 +72,8 @@ class Router:
             try:
                 more = self.read(ch, 1, done)
             finally:
-                if ch.blockers or ch.mask != _IN or ch.unowned():
+                # (A reply sent while reading arms for room itself: Channel._backlog.)
+                if ch.blockers or ch.mask != _IN:
                     ch.arm()  # (else nothing to change)
                 if ch.closed:
                     ch.release_reader()  # (it closes the fds)
