@@ -33,6 +33,8 @@ _new_lock = threading.Lock
 
 
 _base_init = concurrent.futures.Future.__init__
+_new_future = object.__new__
+_known_names = protocol.known_names
 
 
 class Future(concurrent.futures.Future[T]):
@@ -382,11 +384,15 @@ class Pending:
         gone) from worker ``origin`` (0: the master); its future."""
         if timeout is None and callback is None:  # (the common case, inline)
             try:
-                nb = protocol.known_names[name]
+                nb = _known_names[name]
             except (KeyError, TypeError):
                 nb = protocol.encode_name(name)  # (checks it)
-            fut: Future[Any] = Future(self._remote_hook, ch)
-            rid = fut._rid = next(self._ids)  # (add, inlined)
+            # (Future(self._remote_hook, ch) and add(), inlined)
+            fut: Future[Any] = _new_future(Future)
+            fut._guard = _new_lock()
+            fut._waiter = self._remote_hook
+            fut._channel = ch
+            rid = fut._rid = next(self._ids)
             fut._pending = self
             self._by_id[rid] = fut
         else:
