@@ -120,17 +120,9 @@ class Router:
         """
         ctx = ch.read_ctx
         if ctx is None:  # (made once: a call's set-up costs as much as a reply)
-            rx = ch.rx
-            inbox = self.dispatcher.inbox
-            ctx = ch.read_ctx = (
-                ch.fd, rx.fill, rx.table, rx.data, rx.eof, self.loads, self.pending,
-                inbox.append, self.procs.is_master, ch.peer, self.reply, rx.addr, inbox.extend,
-                ch.peer if self.procs.is_master else None,  # (a message's sender)
-                self.reply_context(ch),  # (how C answers a request: see csrc/reply.h)
-            )
-        (fd, fill, table, rx_data, eof, loads, pending, inbox_append, is_master, peer,
-         reply_to, rx_addr, inbox_extend, msg_sender, reply_for) = ctx
-        partial = functools.partial
+            ctx = ch.read_ctx = self._read_context(ch)
+        # (what every batch needs; the rest only for frames C leaves, below)
+        fd, fill, eof, loads, rx_addr, inbox_extend, msg_sender, reply_for, route_ctx = ctx
         for _ in range(rounds):
             if ch.closed:
                 return False
@@ -154,6 +146,8 @@ class Router:
                 if i == last:
                     break
                 if offs is None:
+                    table, rx_data, pending, inbox_append, is_master, peer, reply_to = route_ctx
+                    partial = functools.partial
                     offs = _unpack(table, last)
                     buf = memoryview(_buffer(rx_data(), offs[-2] + offs[-1]))
                 start = offs[i]
@@ -207,6 +201,16 @@ class Router:
                 else:
                     return self.malformed(ch, f"unknown kind {kind}")
         return not ch.closed and eof() != _EOF
+
+    def _read_context(self, ch: Channel) -> tuple[Any, ...]:
+        """What ``read`` needs of ``ch``, bound once (see read)."""
+        rx, inbox, is_master = ch.rx, self.dispatcher.inbox, self.procs.is_master
+        return (
+            ch.fd, rx.fill, rx.eof, self.loads, rx.addr, inbox.extend,
+            ch.peer if is_master else None,  # (a message's sender)
+            self.reply_context(ch),  # (how C answers a request: see csrc/reply.h)
+            (rx.table, rx.data, self.pending, inbox.append, is_master, ch.peer, self.reply),
+        )
 
     def malformed(self, ch: Channel, what: str) -> bool:
         log.debug("malformed envelope: %s", what)
