@@ -105,6 +105,26 @@ fail:
     return NULL;
 }
 
+/* The batch's lone reply: args[0] the rx (an int), args[1] the frame count.
+ * 1 with *m filled when the batch is exactly one well-formed CH_KIND_RES
+ * frame, 0 when it is anything else, -1 with an exception for bad
+ * arguments (`fn` names the caller in the message). */
+static int lone_reply(PyObject *const *args, const char *fn, ch_msg *m)
+{
+    const ch_rx *rx;
+    Py_ssize_t n;
+    if ((!(rx = PyLong_AsVoidPtr(args[0])) && PyErr_Occurred()) ||
+        ((n = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred()))
+        return -1;
+    if (!rx) {
+        PyErr_Format(PyExc_ValueError, "%s: bad arguments", fn);
+        return -1;
+    }
+    const uint32_t *table = ch_rx_frames(rx);
+    return n == 1 && ch_msg_parse(ch_rx_data(rx) + table[0], table[1], m) == 0 &&
+           m->kind == CH_KIND_RES;
+}
+
 static PyObject *take_reply(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
@@ -112,22 +132,15 @@ static PyObject *take_reply(PyObject *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_TypeError, "take_reply takes 5 arguments");
         return NULL;
     }
-    const ch_rx *rx;
-    Py_ssize_t n;
-    unsigned long long rid;
     PyObject *loads = args[3], *miss = args[4];
-    if ((!(rx = PyLong_AsVoidPtr(args[0])) && PyErr_Occurred()) ||
-        ((n = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred()) ||
-        ((rid = PyLong_AsUnsignedLongLong(args[2])) == (unsigned long long)-1 && PyErr_Occurred()))
+    unsigned long long rid = PyLong_AsUnsignedLongLong(args[2]);
+    if (rid == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
-    if (!rx) {
-        PyErr_SetString(PyExc_ValueError, "take_reply: bad arguments");
-        return NULL;
-    }
     ch_msg m;
-    const uint32_t *table = ch_rx_frames(rx);
-    if (n != 1 || ch_msg_parse(ch_rx_data(rx) + table[0], table[1], &m) < 0 ||
-        m.kind != CH_KIND_RES || m.rid != rid)
+    int r = lone_reply(args, "take_reply", &m);
+    if (r < 0)
+        return NULL;
+    if (r == 0 || m.rid != rid)
         goto missed;
     PyObject *view = PyMemoryView_FromMemory((char *)m.body, (Py_ssize_t)m.body_len, PyBUF_READ);
     if (!view)
@@ -149,21 +162,11 @@ static PyObject *reply_rid(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_TypeError, "reply_rid takes 2 arguments");
         return NULL;
     }
-    const ch_rx *rx;
-    Py_ssize_t n;
-    if ((!(rx = PyLong_AsVoidPtr(args[0])) && PyErr_Occurred()) ||
-        ((n = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred()))
-        return NULL;
-    if (!rx) {
-        PyErr_SetString(PyExc_ValueError, "reply_rid: bad arguments");
-        return NULL;
-    }
     ch_msg m;
-    const uint32_t *table = ch_rx_frames(rx);
-    if (n != 1 || ch_msg_parse(ch_rx_data(rx) + table[0], table[1], &m) < 0 ||
-        m.kind != CH_KIND_RES)
-        return PyLong_FromLong(0);
-    return PyLong_FromUnsignedLongLong(m.rid);
+    int r = lone_reply(args, "reply_rid", &m);
+    if (r < 0)
+        return NULL;
+    return r ? PyLong_FromUnsignedLongLong(m.rid) : PyLong_FromLong(0);
 }
 
 static PyMethodDef decode_def = {

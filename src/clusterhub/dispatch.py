@@ -288,7 +288,7 @@ class Dispatcher:
         self.ident = threading.get_ident()
         if self.loop is None:
             self.handler_ident = self.ident
-        inbox, ops, callbacks, epoll_poll = self.inbox, self._ops, self._callbacks, self.epoll.poll
+        inbox, ops, poll = self.inbox, self._ops, self.poll
         spin_peer, spin_ready = self._spin.set_peer, self._spin_ready
         peer = 0
         try:
@@ -299,24 +299,7 @@ class Dispatcher:
                         spin_peer(peer)
                     self.answered = 0
                     spin_ready()
-                # (self.poll(0 if ops else None), inlined: the request hot path;
-                # with ops to run, what they route is handled before any wait)
-                timeout = -1
-                if ops:
-                    timeout = 0
-                    for _ in range(len(ops)):  # not those they add: see call_next
-                        ops.popleft()()
-                try:
-                    events = epoll_poll(timeout, _MAX_EVENTS)
-                except InterruptedError:
-                    events = []
-                for fd, ev in events:
-                    cb = callbacks.get(fd)
-                    if cb is not None:
-                        cb(ev)
-                if ops:
-                    for _ in range(len(ops)):
-                        ops.popleft()()
+                poll(0 if ops else None)
                 if inbox:
                     if self.loop is None:
                         self.drain()

@@ -70,6 +70,25 @@ def _window_batch(links: list[Any]) -> Batch:
     return batch
 
 
+def _serve_clients(conn: Any, workers: int, start: Callable[[Any], object]) -> None:
+    """Start ``workers`` clients (``start(their_end)`` each), wait until all
+    are ready, then time windows for the parent until it stops; the clients
+    are told to stop in any case."""
+    links: list[Any] = []
+    try:
+        for _ in range(workers):
+            inner, theirs = mp.Pipe()
+            start(theirs)
+            theirs.close()
+            links.append(inner)
+        for link in links:
+            expect(link)
+        serve(conn, _window_batch(links))
+    finally:
+        for link in links:
+            stop(link)
+
+
 def _fanin_clusterhub_host(conn: Any, workers: int, placement: str) -> None:
     # The host is the master, answering "echo"; its workers make the requests.
     hub = Hub()
@@ -79,19 +98,9 @@ def _fanin_clusterhub_host(conn: Any, workers: int, placement: str) -> None:
         pin_client(placement)
         _client(theirs, lambda i: hub.request_master("echo", i).result())
 
-    links: list[Any] = []
     try:
-        for _ in range(workers):
-            inner, theirs = mp.Pipe()
-            hub.fork(client, theirs)
-            theirs.close()
-            links.append(inner)
-        for link in links:
-            expect(link)
-        serve(conn, _window_batch(links))
+        _serve_clients(conn, workers, lambda theirs: hub.fork(client, theirs))
     finally:
-        for link in links:
-            stop(link)
         hub.close()
 
 
@@ -111,8 +120,7 @@ def _fanin_pipes_host(conn: Any, workers: int, placement: str) -> None:
     # the serving side's CPU, and so is each client.
     pipes = [mp.Pipe() for _ in range(workers)]
     server = run_forked(_pipe_server, [b for _, b in pipes])
-    links: list[Any] = []
-    pids = []
+    pids: list[int] = []
 
     def client(theirs: Any, end: Any) -> None:
         pin_client(placement)
@@ -123,18 +131,10 @@ def _fanin_pipes_host(conn: Any, workers: int, placement: str) -> None:
 
         _client(theirs, call)
 
+    ends = iter(a for a, _ in pipes)
     try:
-        for a, _ in pipes:
-            inner, theirs = mp.Pipe()
-            pids.append(run_forked(client, theirs, a))
-            theirs.close()
-            links.append(inner)
-        for link in links:
-            expect(link)
-        serve(conn, _window_batch(links))
+        _serve_clients(conn, workers, lambda theirs: pids.append(run_forked(client, theirs, next(ends))))
     finally:
-        for link in links:
-            stop(link)
         for pid in pids:
             reap(pid)
         with contextlib.suppress(ProcessLookupError):
