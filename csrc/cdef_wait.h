@@ -8,8 +8,11 @@ typedef struct ch_spin {
     int64_t cap_ns;
     int64_t avg_ns;
     int64_t checked_ns;
+    int64_t parked_ns;
     int32_t peer_pid;
+    int32_t peer_tid;
     int32_t same_cpu;
+    int32_t parked_cpu;
     uint32_t misses;
     uint32_t rest;
     uint32_t rest_next;
@@ -17,7 +20,7 @@ typedef struct ch_spin {
     uint64_t spins, hits;
 } ch_spin;
 
-void ch_spin_init(ch_spin *s, int64_t cap_ns, int32_t peer_pid);
+void ch_spin_init(ch_spin *s, int64_t cap_ns, int32_t peer_pid, int32_t peer_tid);
 void ch_spin_peer(ch_spin *s, int32_t peer_pid);
 int64_t ch_spin_budget(ch_spin *s);
 void ch_spin_record(ch_spin *s, int spun, int hit, int64_t waited_ns);

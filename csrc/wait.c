@@ -3,6 +3,9 @@
 #include "wait.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <poll.h>
 #include <sched.h>
 #include <stdint.h>
@@ -31,21 +34,54 @@ static inline void cpu_relax(void)
 #endif
 }
 
-void ch_spin_init(ch_spin *s, int64_t cap_ns, int32_t peer_pid)
+void ch_spin_init(ch_spin *s, int64_t cap_ns, int32_t peer_pid, int32_t peer_tid)
 {
     memset(s, 0, sizeof *s);
     s->cap_ns = cap_ns > 0 ? cap_ns : 0;
     s->peer_pid = peer_pid;
+    s->peer_tid = peer_tid;
     s->rest_next = 16;
     s->checked_ns = INT64_MIN;
+    s->parked_cpu = -1;
 }
 
 void ch_spin_peer(ch_spin *s, int32_t peer_pid)
 {
     if (s->peer_pid != peer_pid) {
         s->peer_pid = peer_pid;
+        s->peer_tid = 0;
         s->checked_ns = INT64_MIN; /* look at its affinity at the next wait */
+        s->parked_cpu = -1;
     }
+}
+
+/* The CPU the peer's answering thread last ran on (field 39 of its
+ * /proc/<pid>/task/<tid>/stat), or -1. */
+static int peer_cpu(const ch_spin *s)
+{
+    char path[64], buf[1024];
+    if (s->peer_pid <= 0)
+        return -1;
+    snprintf(path, sizeof path, "/proc/%d/task/%d/stat", (int)s->peer_pid,
+             (int)(s->peer_tid > 0 ? s->peer_tid : s->peer_pid));
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* (the command name may hold spaces) */
+    if (!p)
+        return -1;
+    /* Field 3 (the state) follows ") "; the CPU is field 39. */
+    for (int field = 2; field < 39; field++) {
+        p = strchr(p + 1, ' ');
+        if (!p)
+            return -1;
+    }
+    return atoi(p + 1);
 }
 
 /* Whether spinning here would only keep the peer from running: this thread
@@ -80,6 +116,11 @@ int64_t ch_spin_budget(ch_spin *s)
     }
     if (s->same_cpu)
         return 0;
+    if (s->parked_cpu >= 0) {
+        if (sched_getcpu() == s->parked_cpu && now - s->parked_ns < CH_SPIN_RECHECK_NS)
+            return 0;
+        s->parked_cpu = -1; /* we moved, or a while passed: try again */
+    }
     int64_t b = 2 * s->avg_ns + SPIN_SLACK_NS;
     return b < s->cap_ns ? b : s->cap_ns;
 }
@@ -99,6 +140,13 @@ void ch_spin_record(ch_spin *s, int spun, int hit, int64_t waited_ns)
         s->hits++;
         s->misses = 0;
         s->rest_next = 16;
+        return;
+    }
+    int cpu = sched_getcpu();
+    if (cpu >= 0 && peer_cpu(s) == cpu) {
+        /* It could not run while we spun: spin no more from this CPU. */
+        s->parked_cpu = cpu;
+        s->parked_ns = now_ns();
         return;
     }
     if (++s->misses >= CH_SPIN_MAX_MISSES) {

@@ -14,6 +14,11 @@
  *   - when the peer can only run on the CPU this thread would spin on (both
  *     pinned there): spinning would only delay the peer, so it is off;
  *     re-checked every CH_SPIN_RECHECK_NS;
+ *   - when a spin ran out and the peer's thread last ran on the CPU we
+ *     spun on (the scheduler tends to wake a task on its waker's CPU, where
+ *     a spinning waker keeps it from running), spinning is off while this
+ *     thread stays on that CPU, for up to CH_SPIN_RECHECK_NS (the peer's
+ *     CPU is read from /proc, on such misses only);
  *   - after CH_SPIN_MAX_MISSES spins in a row ran out before the data came,
  *     spinning rests for a number of waits that doubles with each such
  *     streak (up to CH_SPIN_MAX_REST), and is tried again after.
@@ -45,8 +50,11 @@ typedef struct ch_spin {
     int64_t cap_ns;      /* the configured maximum; 0: never spin */
     int64_t avg_ns;      /* moving average of recent wait times */
     int64_t checked_ns;  /* when the affinities were last looked at */
+    int64_t parked_ns;   /* when parked_cpu was set */
     int32_t peer_pid;    /* the process at the other end (0: unknown) */
+    int32_t peer_tid;    /* its thread that answers (0: the process's main thread) */
     int32_t same_cpu;    /* the peer can only run where we would spin */
+    int32_t parked_cpu;  /* -1, or our CPU when a spin ran out with the peer on it */
     uint32_t misses;     /* spins in a row that ran out */
     uint32_t rest;       /* waits left without spinning */
     uint32_t rest_next;  /* the length of the next rest */
@@ -55,23 +63,25 @@ typedef struct ch_spin {
 } ch_spin;
 
 /* Set up `s` for a waiter whose peer is process `peer_pid` (0 when unknown:
- * no affinity check against it), spinning at most `cap_ns` (<= 0: never).
- * Never fails; any thread. */
-void ch_spin_init(ch_spin *s, int64_t cap_ns, int32_t peer_pid);
+ * no affinity check against it), answered by its thread `peer_tid` (0: the
+ * process's main thread), spinning at most `cap_ns` (<= 0: never).  Never
+ * fails; any thread. */
+void ch_spin_init(ch_spin *s, int64_t cap_ns, int32_t peer_pid, int32_t peer_tid);
 
-/* Change the peer (a dispatcher serving several: the one it answered last).
- * Cheap when unchanged. */
+/* Change the peer (a dispatcher serving several: the one it answered last;
+ * its main thread).  Cheap when unchanged. */
 void ch_spin_peer(ch_spin *s, int32_t peer_pid);
 
 /* The spin budget for the next wait, in nanoseconds (0: block at once).
- * May call sched_getaffinity (every CH_SPIN_RECHECK_NS).  Updates the rest
- * counter: call it once per wait. */
+ * May call sched_getaffinity (every CH_SPIN_RECHECK_NS) and sched_getcpu.
+ * Updates the rest counter: call it once per wait. */
 int64_t ch_spin_budget(ch_spin *s);
 
 /* Record how a wait went: `spun` whether it spun, `hit` whether the data
  * came while spinning, `waited_ns` from the start of the wait until the
  * data was there (or until the wait ended otherwise: then call with hit 0
- * and waited_ns 0 to leave the average alone). */
+ * and waited_ns 0 to leave the average alone).  A spin that ran out reads
+ * the peer thread's last CPU from /proc (microseconds). */
 void ch_spin_record(ch_spin *s, int spun, int hit, int64_t waited_ns);
 
 /*

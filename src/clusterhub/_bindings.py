@@ -208,9 +208,9 @@ class Spin:
 
     __slots__ = ("p", "set_peer")
 
-    def __init__(self, cap_s: float, peer_pid: int = 0) -> None:
+    def __init__(self, cap_s: float, peer_pid: int = 0, peer_tid: int = 0) -> None:
         self.p = ffi.new("ch_spin *")
-        lib.ch_spin_init(self.p, int(cap_s * 1e9), peer_pid)
+        lib.ch_spin_init(self.p, int(cap_s * 1e9), peer_pid, peer_tid)
         # set_peer(pid): as peer(pid), one C call (the dispatcher's loop).
         self.set_peer: Callable[[int], None] = functools.partial(lib.ch_spin_peer, self.p)
 

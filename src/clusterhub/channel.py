@@ -55,7 +55,8 @@ class Channel:
     )
 
     def __init__(self, fd: int, peer: Any, max_len: int, max_queue: int,
-                 dispatcher: "Dispatcher", router: "Router", spin: float, peer_pid: int) -> None:
+                 dispatcher: "Dispatcher", router: "Router", spin: float, peer_pid: int,
+                 peer_tid: int = 0) -> None:
         self.fd = fd
         self.dispatcher = dispatcher  # whose epoll watches this channel
         self.router = router  # who reads it and routes what came
@@ -102,7 +103,7 @@ class Channel:
         # A leader waits for its reply with wait(deadline_ns) (see wait_reply):
         # it spins briefly before it blocks when that pays (csrc/wait.h).
         self.peer_pid = peer_pid
-        self.spin = Spin(spin, peer_pid)
+        self.spin = Spin(spin, peer_pid, peer_tid)  # (peer_tid: its thread that answers, if known)
         self.wait = self.rx.waiter(fd, self.lep.fileno(), self.wake_fd, self.spin)
         pending = router.pending
         self.lead_ctx = (dispatcher, self.reader, router.read, pending.get, pending.pop,

@@ -62,6 +62,7 @@ class Dispatcher:
         self.name = name
         self.batch = batch  # run the thread under SCHED_BATCH (see sched.py)
         self.spin_cap = spin  # (seconds: see Hub)
+        self.native_id = 0  # the thread's kernel id, once started
         self.registry = Registry()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._private_loop: asyncio.AbstractEventLoop | None = None
@@ -107,6 +108,7 @@ class Dispatcher:
         t = threading.Thread(target=self._main, name=f"clusterhub-{self.name}", daemon=True)
         self._thread = t
         t.start()
+        self.native_id = _tid(t)
         if self.batch:
             sched.batch(_tid(t))  # (here, not in the thread: done when start() returns)
 

@@ -158,9 +158,9 @@ class Processes:
         self.dispatcher.call_soon(w.channel.watch)
         return w
 
-    def _channel(self, fd: int, peer: Optional[Worker], peer_pid: int) -> Channel:
+    def _channel(self, fd: int, peer: Optional[Worker], peer_pid: int, peer_tid: int = 0) -> Channel:
         ch = Channel(fd, peer, self.max_len, self.max_queue, self.dispatcher, self.router,
-                     self.spin, peer_pid)
+                     self.spin, peer_pid, peer_tid)
         _bindings.start_writer()  # (a first burst need not wait for its creation)
         return ch
 
@@ -275,6 +275,7 @@ class Processes:
 
     def _become_worker(self, wid: int, mfd: int, wfd: int) -> None:
         master_pid = self.pid  # still the parent's
+        master_tid = self.dispatcher.native_id  # (the master's thread that answers)
         os.close(mfd)
         for w in self.workers.values():
             if w.channel is not None:
@@ -295,7 +296,7 @@ class Processes:
         self.locks.after_fork_child(wid)
         d = self.dispatcher
         d.reinit_after_fork(f"worker-{wid}")
-        self.master = ch = self._channel(wfd, None, master_pid)
+        self.master = ch = self._channel(wfd, None, master_pid, master_tid)
         self.master_gone = threading.Event()
         ch.watch()
         d.start()

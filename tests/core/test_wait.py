@@ -253,3 +253,56 @@ def test_no_spin_where_the_peer_can_only_run_on_our_only_cpu() -> None:
             for fd in (ready_r, ready_w, release_r, release_w):
                 os.close(fd)
         assert (result[0] > 0) == spins, (peer_cpu, result)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_miss_with_the_peer_on_our_cpu_parks_the_spin_there() -> None:
+    """A spin that ran out while the peer last ran on our CPU stops spinning
+    while this thread stays on that CPU (the peer could not run meanwhile);
+    moved to another CPU, it spins again.  A miss with the peer elsewhere
+    only counts towards a rest."""
+    cpus = sorted(os.sched_getaffinity(0))
+    ready_r, ready_w = os.pipe()
+    release_r, release_w = os.pipe()
+    pid = fork_child()
+    if pid == 0:
+        try:
+            os.sched_setaffinity(0, {cpus[0]})
+            # Free to run anywhere (else the affinity rule alone stops the
+            # spin), but it goes on where it is until it blocks.
+            os.sched_setaffinity(0, set(cpus))
+            os.write(ready_w, b"x")
+            os.read(release_r, 1)
+        finally:
+            os._exit(0)
+    out: list[Any] = []
+
+    def check() -> None:
+        with open(f"/proc/{pid}/stat") as f:  # where the peer last ran (field 39)
+            here = int(f.read().rpartition(")")[2].split()[36])
+        there = next(c for c in cpus if c != here)
+        os.sched_setaffinity(0, {here})
+        s = Spin(50e-6, pid)
+        assert budget(s) > 0
+        lib.ch_spin_record(s.p, 1, 0, 0)  # ran out, the peer on our CPU
+        out.append(budget(s))
+        out.append(s.p.misses)
+        os.sched_setaffinity(0, {there})
+        out.append(budget(s))  # moved: spins again
+        lib.ch_spin_record(s.p, 1, 0, 0)  # ran out, the peer elsewhere
+        out.append(budget(s) > 0)
+        out.append(s.p.misses)
+
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        t = threading.Thread(target=check)
+        t.start()
+        t.join()
+    finally:
+        os.write(release_w, b"x")
+        assert os.waitpid(pid, 0)[1] == 0
+        for fd in (ready_r, ready_w, release_r, release_w):
+            os.close(fd)
+    assert out[0] == 0 and out[1] == 0  # parked, not counted as a miss
+    assert out[2] > 0
+    assert out[3] is True and out[4] == 1
