@@ -379,8 +379,12 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
     owned = False  # this thread's loop leads the channel (see loopread.py)
     if ch.closed or not reader.acquire(False):
         lead = ch.loop_lead
-        if ch.closed or lead is None or lead.thread != me or lead.released:
+        if ch.closed or lead is None or lead.released:
             return timeout  # (someone reads it already: they complete fut)
+        if lead.thread != me:
+            if lead.waiting == 0:
+                lead.abandon()  # an idle loop lets go: the dispatcher reads our reply
+            return timeout
         # A handler run by that very loop waits: the loop cannot read until
         # it returns, so read here, as the loop would.
         owned = True

@@ -10,13 +10,15 @@ request: that is what made an ``await`` cost several times a synchronous
 ``result()``.
 
 The dispatcher does not watch the channel during a lead.  The lead lasts
-while coroutines of the loop await replies on the channel, and one loop
-turn longer: a coroutine awaiting request after request keeps it (no
-registration change per request); then the loop lets go, so that the
-dispatcher reads the channel while the loop may not run.  A frame that
-comes for nobody awaiting also ends it, and so do ``detach()``, the
-channel's end and, as a last resort, the loop's collection.  Messages and
-requests read by the loop go to the dispatcher's inbox as usual.
+while coroutines of the loop await replies on the channel, and after the
+last await until the task that made it ends (one loop turn, outside a
+task): a task awaiting request after request keeps it, with no
+registration change or extra loop turn per request; the loop may stop
+once the task ended, and the dispatcher must read the channel then.  A
+frame that comes for nobody awaiting ends it too, and so do a synchronous
+request from another thread (an idle loop lets go for it), ``detach()``,
+the channel's end and, as a last resort, the loop's collection.  Messages
+and requests read by the loop go to the dispatcher's inbox as usual.
 
 A synchronous ``result()`` on the loop's own thread (a handler run on an
 attached loop) while its loop leads the channel reads the channel itself
@@ -49,7 +51,8 @@ _MISS = object()  # (take_reply: not the reply it takes)
 class LoopLead:
     """``loop`` reads ``ch`` (it holds the channel's reader lock)."""
 
-    __slots__ = ("ch", "_loop", "thread", "waiting", "released", "_release_due", "__weakref__")
+    __slots__ = ("ch", "_loop", "thread", "waiting", "released", "_release_due", "_tasks",
+                 "__weakref__")
 
     def __init__(self, ch: "Channel", loop: asyncio.AbstractEventLoop) -> None:
         self.ch = ch
@@ -59,6 +62,7 @@ class LoopLead:
         self.waiting = 0  # coroutines of the loop awaiting a reply on ch
         self.released = False
         self._release_due = False
+        self._tasks: set[asyncio.Task[Any]] = set()  # (their end lets go, see done_waiting)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -134,12 +138,24 @@ class LoopLead:
         self.waiting -= 1
         if self.waiting or self.released or self._release_due:
             return
-        self._release_due = True
-        self.loop.call_soon(self._release_if_idle)
+        task = asyncio.current_task()
+        if task is None:  # (a coroutine driven by hand)
+            self._release_due = True
+            self.loop.call_soon(self._release_if_idle)
+        elif task not in self._tasks:
+            # Kept while the task lives and no await is pending (a task that
+            # awaits request after request costs no extra loop turn); let go
+            # when it ends, as the loop may stop then.
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: "asyncio.Task[Any]") -> None:
+        self._tasks.discard(task)
+        self._release_if_idle()
 
     def _release_if_idle(self) -> None:
         self._release_due = False
-        if self.waiting == 0:
+        if self.waiting == 0 and not self.released:
             self.release()
 
     def dispatcher_saw(self) -> bool:

@@ -289,3 +289,39 @@ def test_master_death_fails_the_await(reports: Reports, attached: bool) -> None:
         os.waitpid(pid, 0)
         os.close(r)
         os.close(wfd)
+
+
+def test_an_idle_lead_lasts_until_its_task_ends_and_yields_to_a_thread(
+        hub: clusterhub.Hub, reports: Reports) -> None:
+    """After its awaits, a task that goes on keeps the channel (no extra
+    loop turn per request); a synchronous request from another thread makes
+    the idle loop hand it back; a task that ends lets go."""
+    _held_replies(hub)
+    hub.on("echo", _echo)
+
+    def worker() -> None:
+        async def main() -> Any:
+            fut = hub.request_master("slow", 1)
+            # (its reply is released once this task awaits it: the loop leads)
+            asyncio.get_running_loop().call_soon(hub.send_to_master, "go")
+            assert await fut == 1
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            kept = _lead(hub) is not None
+            r = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: hub.request_master("echo", 2).result(timeout=10))
+            handed_back = _lead(hub) is None
+
+            async def one() -> Any:
+                return await hub.request_master("echo", 3)
+
+            r3 = await asyncio.ensure_future(one())
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            return kept, r, handed_back, r3, _lead(hub) is None
+
+        reports.put(*asyncio.run(main()))
+
+    w = hub.fork(worker)
+    assert reports.get() == (True, 2, True, 3, True)
+    join_ok(w)
