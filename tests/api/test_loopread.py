@@ -1,8 +1,9 @@
 """An awaiting coroutine's loop reads the channel its reply comes on
 (clusterhub/loopread.py): replies reach many concurrent awaits, messages
-keep flowing while the loop leads, the lead ends one loop turn after the
-last await (or at detach), a handler on the leading loop may still wait
-synchronously, and cancellation and the master's death end awaits.
+keep flowing while the loop leads, the lead ends with the awaiting task
+(or for another thread's synchronous request, or at detach), a handler on
+the leading loop may still wait synchronously, and cancellation and the
+master's death end awaits.
 
 Everything runs in real worker processes; what a worker saw comes back
 through ``reports``.
@@ -77,7 +78,7 @@ def test_concurrent_awaits_from_many_tasks(hub: clusterhub.Hub, reports: Reports
     join_ok(w)
 
 
-def test_not_attached_lets_go_one_turn_after_the_last_await(hub: clusterhub.Hub, reports: Reports) -> None:
+def test_the_lead_ends_with_the_awaiting_task(hub: clusterhub.Hub, reports: Reports) -> None:
     _held_replies(hub)
     hub.on("echo", _echo)
 
