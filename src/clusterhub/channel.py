@@ -6,8 +6,10 @@ queues the rest; whoever must wait for room (``wait_room``) polls for POLLOUT.
 Receiving is done by one thread at a time: the holder of ``reader``.  That is
 usually the dispatcher; a thread waiting for a reply on this channel takes it
 when it is free and reads its reply itself (leader/follower), which saves a
-thread hand-off per request.  ``poke()`` wakes such a leader early (its
-request ended some other way, or the peer is gone).
+thread hand-off per request, spinning briefly before it sleeps when that
+pays (``Channel.wait``, csrc/wait.h); an asyncio loop whose coroutines await
+replies takes it the same way (loopread.py).  ``poke()`` wakes such a leader
+early (its request ended some other way, or the peer is gone).
 """
 
 from __future__ import annotations
@@ -365,8 +367,10 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
 
     On the dispatcher thread, serve the sockets while waiting.  Elsewhere,
     when nobody reads the reply's channel, read it in this thread until the
-    reply came (leader/follower: no hand-off from the dispatcher thread).
-    This is the request hot path: one function, bound locals.
+    reply came (leader/follower: no hand-off from the dispatcher thread);
+    when this thread's own asyncio loop leads it (a handler run by that loop
+    waits), read it here too; when another thread's idle loop leads it, ask
+    it to let go.  This is the request hot path: one function, bound locals.
     """
     ch: Channel = fut._channel
     d, reader, read, waiting, pending_pop, wait, rx_addr, loads = ch.lead_ctx
