@@ -414,13 +414,8 @@ def wait_reply(fut: "Future[Any]", timeout: float | None) -> float | None:
                 if value is not _MISS:
                     # (rx holds at most part of a next frame: the socket
                     # announces the rest to whoever reads next.)
-                    if pending_pop(rid, None) is fut:
-                        with fut._guard:  # (Future.complete_here, inlined)
-                            here = not fut._based and fut._afut is None
-                            if here and fut._outcome is None:
-                                fut._outcome = (True, value)
-                        if not here:
-                            done.append((fut, True, value))
+                    if pending_pop(rid, None) is fut and not fut.complete_here(True, value):
+                        done.append((fut, True, value))
                     break
             elif n == 0 or n == _EINTR:
                 if deadline is not None and time.monotonic() >= deadline:

@@ -62,7 +62,6 @@ class Dispatcher:
         self.name = name
         self.batch = batch  # run the thread under SCHED_BATCH (see sched.py)
         self.spin_cap = spin  # (seconds: see Hub)
-        self.native_id = 0  # the thread's kernel id, once started
         self.registry = Registry()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._private_loop: asyncio.AbstractEventLoop | None = None
@@ -108,7 +107,6 @@ class Dispatcher:
         t = threading.Thread(target=self._main, name=f"clusterhub-{self.name}", daemon=True)
         self._thread = t
         t.start()
-        self.native_id = _tid(t)
         if self.batch:
             sched.batch(_tid(t))  # (here, not in the thread: done when start() returns)
 
@@ -181,6 +179,12 @@ class Dispatcher:
             os.close(self._wake_fd)
         except OSError:
             pass
+
+    @property
+    def native_id(self) -> int:
+        """The thread's kernel id (0 before it started)."""
+        t = self._thread
+        return 0 if t is None or t.native_id is None else t.native_id
 
     @property
     def on_thread(self) -> bool:

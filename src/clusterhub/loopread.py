@@ -158,17 +158,6 @@ class LoopLead:
         if self.waiting == 0 and not self.released:
             self.release()
 
-    def dispatcher_saw(self) -> bool:
-        """The dispatcher saw the channel readable while we hold it (Router.
-        on_channel): True when it should take the channel, the loop being
-        stopped or closed (any other time the loop reads it itself)."""
-        loop = self._loop()
-        if self.released or (loop is not None and loop.is_running()):
-            return False
-        # (No coroutine of a loop that is not running can be awaiting.)
-        self.release(unregister=loop is not None and not loop.is_closed())
-        return True
-
     def release(self, unregister: bool = True) -> None:
         """Let go of the channel (on the loop's thread, or anywhere once the
         loop is closed, with ``unregister`` False)."""

@@ -84,11 +84,6 @@ class Router:
             if done:
                 complete_all(done)
         else:
-            lead = ch.loop_lead
-            if lead is not None and lead.dispatcher_saw():
-                # (an asyncio loop led it and stopped: it let go, read it here)
-                self.dispatcher.call_next(functools.partial(self.on_channel, ch, _IN))
-                return
             # A requester leads the channel and reads what came.  Level-
             # triggered, this event would come back until it has: stop
             # watching meanwhile; the leader restores it as it lets go.
