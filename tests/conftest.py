@@ -192,6 +192,29 @@ def subreaper() -> Iterator[None]:
         _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
+_ready_names = iter(range(1 << 62))
+
+
+def fork_ready(hub: clusterhub.Hub, setup: Callable[[], Any] | None = None,
+               until: Any = None, wait: float | None = 30.0) -> clusterhub.Worker:
+    """Fork a worker that runs ``setup()`` (registering its handlers, say),
+    tells the master it is ready, then waits ``wait`` s (None: for ever) or
+    until ``until`` (an event) is set; return it once it is ready."""
+    name = f"ready-{next(_ready_names)}"
+    ready = threading.Event()
+    hub.on(name, lambda data, sender: ready.set())
+
+    def work() -> None:
+        if setup is not None:
+            setup()
+        hub.send_to_master(name)
+        (until if until is not None else threading.Event()).wait(wait)
+
+    w = hub.fork(work)
+    assert ready.wait(10), "the worker did not start"
+    return w
+
+
 def join_ok(w: clusterhub.Worker, code: int = 0, timeout: float = 15.0) -> None:
     """Wait for a worker and check its exit code (a failed assertion in the
     worker exits with 1 and prints its traceback on stderr)."""

@@ -25,7 +25,7 @@ from clusterhub import (
     RemoteError,
 )
 
-from conftest import ROOT, Reports, join_ok, kill_and_reap
+from conftest import ROOT, Reports, fork_ready, join_ok, kill_and_reap
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,17 +37,8 @@ MakeHub = Callable[..., clusterhub.Hub]
 
 def echo_worker(hub: clusterhub.Hub) -> clusterhub.Worker:
     """A worker that answers "echo" and runs until the test's hub closes."""
-    ready = threading.Event()
-    hub.on("ready", lambda data, sender: ready.set())
     hub.on("echo", lambda data, sender: data)
-
-    def work() -> None:
-        hub.send_to_master("ready")
-        threading.Event().wait()
-
-    w = hub.fork(work)
-    assert ready.wait(10), "the worker did not start"
-    return w
+    return fork_ready(hub, wait=None)
 
 
 def assert_usable(hub: clusterhub.Hub, w: clusterhub.Worker | None = None) -> None:

@@ -26,7 +26,7 @@ from clusterhub import (
     protocol,
 )
 
-from conftest import join_ok
+from conftest import fork_ready, join_ok
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -179,16 +179,7 @@ def test_calls_after_close_raise_hub_closed(hub, reports):
 def test_pending_requests_fail_when_the_hub_closes(hub, event):
     """close() ends the requests still pending with HubClosedError."""
     go = event()
-    ready = threading.Event()
-    hub.on("ready", lambda data, sender: ready.set())
-
-    def work():
-        hub.on("slow", lambda data, sender: go.wait(20))
-        hub.send_to_master("ready")
-        go.wait(20)
-
-    w = hub.fork(work)
-    assert ready.wait(10)
+    w = fork_ready(hub, lambda: hub.on("slow", lambda data, sender: go.wait(20)), go, 20)
     f = hub.request_worker(w, "slow")
     hub.close(timeout=1)
     assert isinstance(f.exception(5), (HubClosedError, WorkerDied))
@@ -249,21 +240,13 @@ def test_worker_writing_garbage_is_killed(hub, caplog, reports, garbage):
     exited = threading.Event()
     hub.on_exit(lambda w: (exits.append((w.id, w.exitcode)), exited.set()))
     hub.on("ping", lambda data, sender: "pong")
-    ready = threading.Event()
-    hub.on("ready", lambda data, sender: ready.set())
-
-    def good():
-        hub.on("ask", lambda data, sender: hub.request_master("ping").result(10))
-        hub.send_to_master("ready")
-        threading.Event().wait(30)
 
     def bad():
         hub.send_to_master("before", 1)
         os.write(hub._master.fd, garbage)
         threading.Event().wait(30)
 
-    g = hub.fork(good)
-    assert ready.wait(10)
+    g = fork_ready(hub, lambda: hub.on("ask", lambda data, sender: hub.request_master("ping").result(10)))
     b = hub.fork(bad)
     assert exited.wait(10)
     assert exits == [(b.id, -signal.SIGKILL)]
@@ -305,16 +288,7 @@ def test_undecodable_request_data_answers_with_an_error(hub):
         def __reduce__(self):
             return (_refuse, ())
 
-    ready = threading.Event()
-    hub.on("ready", lambda data, sender: ready.set())
-
-    def work():
-        hub.on("echo", lambda data, sender: data)
-        hub.send_to_master("ready")
-        threading.Event().wait(30)
-
-    w = hub.fork(work)
-    assert ready.wait(10)
+    w = fork_ready(hub, lambda: hub.on("echo", lambda data, sender: data))
     err = hub.request_worker(w, "echo", Unloadable()).exception(10)
     assert isinstance(err, RemoteError)
     assert "cannot be loaded" in str(err)

@@ -23,6 +23,7 @@ from clusterhub import HubClosedError
 from conftest import (
     REAPED_ELSEWHERE,
     children_of,
+    fork_ready,
     ignore_sigterm,
     join_ok,
     kill_and_reap,
@@ -218,16 +219,7 @@ def test_killed_worker_with_unread_messages_is_no_error(hub, caplog, event):
     exited = threading.Event()
     codes = []
     hub.on_exit(lambda w: (codes.append(w.exitcode), exited.set()))
-    ready = threading.Event()
-    hub.on("ready", lambda data, sender: ready.set())
-
-    def work():
-        hub.on("block", lambda data, sender: go.wait(30))
-        hub.send_to_master("ready")
-        go.wait(30)
-
-    w = hub.fork(work)
-    assert ready.wait(10)
+    w = fork_ready(hub, lambda: hub.on("block", lambda data, sender: go.wait(30)), go, 30)
     hub.send_to_worker(w, "block")
     for i in range(100):
         hub.send_to_worker(w, "unread", i)
@@ -484,16 +476,7 @@ def test_close_wakes_waiting_threads(hub, event):
     go = event()
     gate = threading.Event()
     hub.on("slow", lambda data, sender: gate.wait(20))
-    ready = threading.Event()
-    hub.on("ready", lambda data, sender: ready.set())
-
-    def work():
-        hub.on("slow", lambda data, sender: go.wait(20))
-        hub.send_to_master("ready")
-        go.wait(20)
-
-    w = hub.fork(work)
-    assert ready.wait(10)
+    w = fork_ready(hub, lambda: hub.on("slow", lambda data, sender: go.wait(20)), go, 20)
     errors = []
 
     def wait_on(fut):

@@ -6,6 +6,7 @@ compiled module as the library calls them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -13,13 +14,13 @@ import signal
 import struct
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import pytest
 
 from clusterhub._bindings import Rx, Spin, ffi, lib, socketpair
 
-from conftest import fork_child
+from conftest import fork_child, in_thread
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -221,38 +222,45 @@ def test_spins_that_keep_running_out_rest_then_try_again() -> None:
     assert s.p.rest_next == 16
 
 
+@contextlib.contextmanager
+def _peer(cpu: int, then: Optional[set[int]] = None) -> Iterator[int]:
+    """A child process that runs on ``cpu`` (then, when given, may run on
+    ``then`` but stays where it is) and blocks until the block ends: its pid."""
+    ready_r, ready_w = os.pipe()
+    release_r, release_w = os.pipe()
+    pid = fork_child()
+    if pid == 0:
+        try:
+            os.sched_setaffinity(0, {cpu})
+            if then is not None:
+                os.sched_setaffinity(0, then)
+            os.write(ready_w, b"x")
+            os.read(release_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        yield pid
+    finally:
+        os.write(release_w, b"x")
+        assert os.waitpid(pid, 0)[1] == 0
+        for fd in (ready_r, ready_w, release_r, release_w):
+            os.close(fd)
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
 def test_no_spin_where_the_peer_can_only_run_on_our_only_cpu() -> None:
     cpu = min(os.sched_getaffinity(0))
     other = max(os.sched_getaffinity(0))
     for peer_cpu, spins in ((cpu, False), (other, True)):
-        ready_r, ready_w = os.pipe()
-        release_r, release_w = os.pipe()
-        pid = fork_child()
-        if pid == 0:
-            try:
-                os.sched_setaffinity(0, {peer_cpu})
-                os.write(ready_w, b"x")
-                os.read(release_r, 1)
-            finally:
-                os._exit(0)
-        result: list[int] = []
+        with _peer(peer_cpu) as pid:
 
-        def check() -> None:
-            os.sched_setaffinity(0, {cpu})  # this thread only
-            result.append(budget(Spin(50e-6, pid)))
+            def check() -> int:
+                os.sched_setaffinity(0, {cpu})  # this thread only
+                return budget(Spin(50e-6, pid))
 
-        try:
-            assert os.read(ready_r, 1) == b"x"
-            t = threading.Thread(target=check)
-            t.start()
-            t.join()
-        finally:
-            os.write(release_w, b"x")
-            assert os.waitpid(pid, 0)[1] == 0
-            for fd in (ready_r, ready_w, release_r, release_w):
-                os.close(fd)
-        assert (result[0] > 0) == spins, (peer_cpu, result)
+            result = in_thread(check)
+        assert (result > 0) == spins, (peer_cpu, result)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
@@ -262,47 +270,26 @@ def test_a_miss_with_the_peer_on_our_cpu_parks_the_spin_there() -> None:
     moved to another CPU, it spins again.  A miss with the peer elsewhere
     only counts towards a rest."""
     cpus = sorted(os.sched_getaffinity(0))
-    ready_r, ready_w = os.pipe()
-    release_r, release_w = os.pipe()
-    pid = fork_child()
-    if pid == 0:
-        try:
-            os.sched_setaffinity(0, {cpus[0]})
-            # Free to run anywhere (else the affinity rule alone stops the
-            # spin), but it goes on where it is until it blocks.
-            os.sched_setaffinity(0, set(cpus))
-            os.write(ready_w, b"x")
-            os.read(release_r, 1)
-        finally:
-            os._exit(0)
-    out: list[Any] = []
+    # (free to run anywhere, else the affinity rule alone stops the spin)
+    with _peer(cpus[0], then=set(cpus)) as pid:
 
-    def check() -> None:
-        with open(f"/proc/{pid}/stat") as f:  # where the peer last ran (field 39)
-            here = int(f.read().rpartition(")")[2].split()[36])
-        there = next(c for c in cpus if c != here)
-        os.sched_setaffinity(0, {here})
-        s = Spin(50e-6, pid)
-        assert budget(s) > 0
-        lib.ch_spin_record(s.p, 1, 0, 0)  # ran out, the peer on our CPU
-        out.append(budget(s))
-        out.append(s.p.misses)
-        os.sched_setaffinity(0, {there})
-        out.append(budget(s))  # moved: spins again
-        lib.ch_spin_record(s.p, 1, 0, 0)  # ran out, the peer elsewhere
-        out.append(budget(s) > 0)
-        out.append(s.p.misses)
+        def check() -> list[Any]:
+            with open(f"/proc/{pid}/stat") as f:  # where the peer last ran (field 39)
+                here = int(f.read().rpartition(")")[2].split()[36])
+            there = next(c for c in cpus if c != here)
+            os.sched_setaffinity(0, {here})
+            s = Spin(50e-6, pid)
+            out: list[Any] = [budget(s)]
+            lib.ch_spin_record(s.p, 1, 0, 0)  # ran out, the peer on our CPU
+            out += [budget(s), s.p.misses]
+            os.sched_setaffinity(0, {there})
+            out.append(budget(s))  # moved: spins again
+            lib.ch_spin_record(s.p, 1, 0, 0)  # ran out, the peer elsewhere
+            out += [budget(s) > 0, s.p.misses]
+            return out
 
-    try:
-        assert os.read(ready_r, 1) == b"x"
-        t = threading.Thread(target=check)
-        t.start()
-        t.join()
-    finally:
-        os.write(release_w, b"x")
-        assert os.waitpid(pid, 0)[1] == 0
-        for fd in (ready_r, ready_w, release_r, release_w):
-            os.close(fd)
-    assert out[0] == 0 and out[1] == 0  # parked, not counted as a miss
-    assert out[2] > 0
-    assert out[3] is True and out[4] == 1
+        out = in_thread(check)
+    assert out[0] > 0
+    assert out[1] == 0 and out[2] == 0  # parked, not counted as a miss
+    assert out[3] > 0
+    assert out[4] is True and out[5] == 1
