@@ -398,7 +398,7 @@ def worker_handshake(
     :data:`WORKER_TIMEOUT`; None: no limit) in all.
 
     Checks, in order: the listener's uid (``SO_PEERCRED``) is
-    ``expect_uid`` (default: this process's effective uid); it is in this
+    ``expect_uid`` (default: this process's effective uid, or root); it is in this
     PID namespace; the master's hello: its pid is the listener's, its wire
     version, clusterhub version (``version``, default
     ``clusterhub.__version__``) and ``serializer`` name equal ours, and it
@@ -425,10 +425,13 @@ def worker_handshake(
     try:
         cred = peer_cred(sock)
         conn = _Conn(sock, f"master (pid {cred.pid})", t)
-        expected = os.geteuid() if expect_uid is None else expect_uid
-        if cred.uid != expected:
-            whose = " (its own)" if expect_uid is None else ""
-            conn.refuse(f"the master runs as uid {cred.uid}; the connecting process expects uid {expected}{whose}")
+        # By default our own uid, or root: a server that drops privileges
+        # (gunicorn's user=) keeps its master as root, and root could do
+        # anything to us anyway, so trusting it opens nothing.
+        expected = {os.geteuid(), 0} if expect_uid is None else {expect_uid}
+        if cred.uid not in expected:
+            whose = "its own or root" if expect_uid is None else str(expect_uid)
+            conn.refuse(f"the master runs as uid {cred.uid}; the connecting process expects uid {whose}")
         problem = _pidns_problem(cred.pid, "master")
         if problem:
             conn.refuse(problem)

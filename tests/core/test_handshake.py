@@ -920,10 +920,12 @@ def test_another_uid_is_refused(fork: Callable[..., Child]) -> None:
 
 
 def test_another_uid_in_allowed_uids(fork: Callable[..., Child]) -> None:
+    """(Also: by default the connecting side trusts a root master, as a
+    worker of gunicorn with ``user=`` needs.)"""
     _need_root()
     addr = abstract()
     with A.listen(addr) as lst:
-        c = fork(_join_as_nobody, addr, {"expect_uid": 0})
+        c = fork(_join_as_nobody, addr, {})
         acc, _ = serve(lst, allowed_uids=[NOBODY])
         assert isinstance(acc, H.Accepted) and acc.uid == NOBODY and acc.pid == c.pid
         assert c.get()[0] == "joined"
@@ -939,6 +941,28 @@ def test_another_uid_and_a_path_address(fork: Callable[..., Child], sockdir: str
         kind, text, cause = c.get()
         assert (kind, cause) == ("connect", "PermissionError") and "permission denied" in text
         assert c.join() == 0
+
+
+def _serve_as_nobody(ctl: Ctl, addr: str) -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    with A.listen(addr) as lst:
+        ctl.put("listening")
+        err, _ = serve(lst)
+        ctl.put(type(err).__name__, str(err))
+
+
+def test_by_default_the_worker_trusts_only_its_uid_and_root(fork: Callable[..., Child]) -> None:
+    _need_root()
+    addr = abstract()
+    c = fork(_serve_as_nobody, addr)
+    assert c.get() == ("listening",)
+    sock = A.connect(addr, 10)
+    with sock, pytest.raises(H.HandshakeError, match=f"the master runs as uid {NOBODY}; .* expects uid its own or root"):
+        H.worker_handshake(sock, serializer="pickle")
+    assert c.get()[0] == "HandshakeError"  # (it refuses root too: not in its allowed_uids)
+    assert c.join() == 0
 
 
 def test_the_worker_checks_the_masters_uid(fork: Callable[..., Child]) -> None:
