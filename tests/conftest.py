@@ -53,6 +53,25 @@ PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The versions of the real servers tests/integration starts (when installed)."""
+    import importlib.metadata
+    import shutil
+    import subprocess
+
+    found = []
+    for dist in ("gunicorn", "uvicorn", "hypercorn", "celery", "kombu", "billiard", "filelock", "redis"):
+        try:
+            found.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    for prog, flag in (("redis-server", "--version"), ("wrk", "--version")):
+        if shutil.which(prog):
+            out = subprocess.run([prog, flag], capture_output=True, text=True).stdout or ""
+            found.append(" ".join(out.split()[:3]) or prog)
+    return [f"servers: {', '.join(found) or 'none installed (the integration extra)'}"]
+
+
 class Reports:
     """A pipe any process of the test (master, worker, grandchild) can write
     small pickled reports into; the test process reads them with a bound.
