@@ -17,6 +17,7 @@ from .forks import hubs as hub_registry
 from .handshake import send_ready, worker_handshake
 from .hub import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUE, DEFAULT_SPIN, Hub
 from .locks import Locks
+from .redis.url import is_redis
 from .workers import Processes
 
 # This process's connected hubs by address (a fork child starts afresh: the
@@ -34,6 +35,7 @@ def connect(
     serializer: Union[str, protocol.Serializer, None] = None,
     exit_on_master_death: bool = False,
     spin: float = DEFAULT_SPIN,
+    lease: Optional[float] = None,
 ) -> Hub:
     """Join the master listening at ``address`` (``Hub(address=...)``): this
     process's worker-side hub.
@@ -45,13 +47,19 @@ def connect(
 
     ``setup(hub)`` runs before the master learns of this worker, so the
     handlers it registers see every message; it cannot send yet.
-    ``spin``: as ``Hub(spin=...)``.  ``serializer``: None for pickle, which must match the master's, as
-    ``authkey`` must (the check runs both ways).  Nothing listening, a
+    ``spin``: as ``Hub(spin=...)``.  A ``redis://`` address joins the
+    hub of that name on the Redis server (``lease``: as ``Hub(lease=...)``;
+    default: the master's).  ``serializer``: None for pickle, which must
+    match the master's, as ``authkey`` must (the check runs both ways).  Nothing listening, a
     refused handshake or ``timeout`` raise :class:`HubError` subclasses
     (``ConnectError``, ``HandshakeError``, ``ConnectTimeout``).
     """
     timeout = check_timeout(timeout)
     spin = check_spin(spin)
+    if is_redis(address):
+        return _connect_redis(address, timeout, authkey, lease)
+    if lease is not None:
+        raise ValueError("lease= is for a hub on a Redis server (a 'redis://...' address)")
     if setup is not None and not callable(setup):
         raise TypeError("setup must be callable as setup(hub)")
     addr = parse_address(address)
@@ -105,6 +113,20 @@ def _worker_side(locks_fd: int, worker_id: int, serializer: Union[str, protocol.
     hub._dispatcher.start()
     hub_registry.add(hub)
     return hub, procs
+
+
+def _connect_redis(address: str, timeout: Optional[float], authkey: Optional[bytes], lease: Optional[float]) -> Hub:
+    from .redis.hub import RedisHub, connect_redis
+    from .redis.url import parse
+
+    key = (os.getpid(), parse(address).text)
+    with _lock:
+        known = _hubs.get(key)
+        if known is not None and not known[0]._closed:
+            return known[0]
+        hub: RedisHub = connect_redis(address, timeout=timeout, authkey=authkey, lease=lease)
+        _hubs[key] = (hub, None)  # type: ignore[assignment]
+        return hub
 
 
 def _left(deadline: Optional[float]) -> Optional[float]:

@@ -28,6 +28,7 @@ from .errors import (
 from .forks import hubs as _hubs
 from .locks import HeldLock, Lock, Locks
 from .process import Worker
+from .redis.url import is_redis
 from .requests import Callback, Future, Pending, gather
 from .router import Router
 from .transport import Endpoint, Transport
@@ -80,6 +81,10 @@ class Hub:
         the spin is adapted to the recent reply times, and skipped where it
         cannot pay (the peer pinned to our only CPU, or spins that kept
         running out).  Forked workers inherit it.
+    :param lease: for a hub on a Redis server (``address="redis://host:port/db?name=N"``)
+        only: how long, in seconds, a process that stopped renewing its lease
+        still counts as alive (default 5): a dead worker, or a dead holder's
+        lock, is noticed after that long.  See the README's "Beyond one machine".
     :param batch_dispatcher: run the hub's dispatcher threads (one per
         process) under Linux's ``SCHED_BATCH`` policy when they would run
         under the ordinary one, so that a message's arrival does not preempt
@@ -88,6 +93,14 @@ class Hub:
         creating thread's policy: handlers then preempt CPU-bound threads as
         soon as a message arrives.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Hub":
+        # A Redis address makes the Redis engine's hub (a subclass).
+        if cls is Hub and is_redis(kwargs.get("address")):
+            from .redis.hub import RedisHub
+
+            return object.__new__(RedisHub)
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -102,7 +115,11 @@ class Hub:
         address: Optional[str] = None,
         authkey: Optional[bytes] = None,
         allowed_uids: Optional[Iterable[int]] = None,
+        lease: Optional[float] = None,
     ) -> None:
+        if lease is not None:
+            raise ValueError("lease= is for a hub on a Redis server (address='redis://...'); "
+                             "a local hub notices a death at once")
         check_int("max_message_size", max_message_size, 1, _bindings.FRAME_MAX_LIMIT)
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")

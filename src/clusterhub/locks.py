@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 import threading
 import weakref
 from typing import Any, Callable, NamedTuple, Optional, Union
@@ -95,12 +96,17 @@ def _check_acquire_timeout(timeout: Optional[float]) -> Optional[float]:
 _FOREVER = float(_bindings.LOCK_FOREVER_S)  # s (31 years): longer means no limit (also in C)
 
 
-class HeldLock(NamedTuple):
-    """One entry of ``Hub.held_locks()``."""
-
+class _HeldLockFields(NamedTuple):
     key: bytes
     pid: int
     worker_id: Optional[int]
+
+
+class HeldLock(_HeldLockFields):
+    """One entry of ``Hub.held_locks()``: ``(key, pid, worker_id)``, and
+    ``host``, the holder's host name (beside the tuple's three fields)."""
+
+    host: str = socket.gethostname()  # (a Redis hub's rows set their own)
 
 
 class Locks:
@@ -205,6 +211,11 @@ class Lock(LockBase):
         self._timeout = timeout
         self._key_type = key_type
         self._arec: Optional[weakref.WeakKeyDictionary[asyncio.Task[Any], bool]] = None
+
+    # Over Redis (see redis/locks.py) these tell the latest acquire's fencing
+    # token and whether its holding was lost; locally there is neither.
+    fencing_token: Optional[int] = None
+    lost: bool = False
 
     def __repr__(self) -> str:
         return f"<clusterhub.Lock {self.key!r}>"

@@ -1,0 +1,347 @@
+"""One process's link to the Redis server: its client, its lease (renewed
+by a thread of its own), and what it holds.
+
+The lease is a key with a TTL (``lease`` seconds) that this process renews
+every ``lease / 10``; while it exists the process is alive for everyone
+else, and so are the locks it holds (they have no TTL of their own).  When a
+renewal finds the lease gone (the process was paused longer than the lease,
+or the link was cut that long) or the server's ``run_id`` changed (a
+restart), every lock this process held is ``lost``: someone else may have
+it now.  The process then takes a new lease under the same id and goes on.
+
+Client settings: no retries inside redis-py (a script retried after an
+unknown outcome could release twice; our callers decide), and a socket
+timeout above the longest blocking slice, so that a blocked wait is never
+cut short by the client, while a cut link is still noticed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import weakref
+from typing import Any, Callable, Optional, TypeVar
+
+import redis
+import redis.asyncio
+import redis.asyncio.retry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ..errors import AddressInUse, ConnectError, ConnectTimeout, HubError
+from . import scripts
+from .url import RedisURL
+
+log = logging.getLogger("clusterhub")
+T = TypeVar("T")
+
+DEFAULT_LEASE = 5.0
+HOST = socket.gethostname()
+
+
+def translate(e: BaseException, url: RedisURL) -> HubError:
+    """A redis-py error as ours (the password is never in the text)."""
+    if isinstance(e, redis.AuthenticationError):  # (a ConnectionError: first)
+        return ConnectError(f"the Redis server at {url.text} refused our credentials: {e}")
+    if isinstance(e, redis.TimeoutError):
+        return ConnectTimeout(f"the Redis server at {url.text} did not answer in time: {e}")
+    if isinstance(e, redis.ConnectionError):
+        return ConnectError(f"the Redis server at {url.text} is unreachable: {e}")
+    return HubError(f"the Redis server at {url.text} failed: {e}")
+
+
+def text(b: Any) -> str:
+    """A reply's bytes as text."""
+    return b.decode() if isinstance(b, bytes) else str(b)
+
+
+class Holding:
+    """One acquisition of a key by this process: what the handle reports and
+    what the renewer marks ``lost``."""
+
+    __slots__ = ("key", "acq", "token", "recovered", "lost")
+
+    def __init__(self, key: bytes, acq: bytes, token: int, recovered: bool) -> None:
+        self.key = key
+        self.acq = acq
+        self.token = token
+        self.recovered = recovered
+        self.lost = False
+
+
+class Link:
+    """The server connection of one process of a Redis hub."""
+
+    def __init__(self, url: RedisURL, lease: Optional[float], *, master: bool,
+                 connect_timeout: Optional[float] = 5.0) -> None:
+        # lease None (a worker not told): the master's, read when joining.
+        self.url = url
+        self._set_lease(DEFAULT_LEASE if lease is None else lease)
+        self._lease_given = lease is not None
+        self.prefix = f"{{ch:{url.name}}}:".encode()
+        self.is_master = master
+        self.client = redis.Redis(**url.kwargs, socket_timeout=self.lease + 5.0, socket_connect_timeout=connect_timeout,
+                                  retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        self.pool = self.client.connection_pool
+        self._acquire = self.client.register_script(scripts.ACQUIRE)
+        self._release = self.client.register_script(scripts.RELEASE)
+        self._pass_on = self.client.register_script(scripts.PASS_ON)
+        self._renew = self.client.register_script(scripts.RENEW)
+        self.held: dict[bytes, Holding] = {}  # acq -> holding, of every thread and task here
+        self.held_lock = threading.Lock()
+        # Releases whose reply never came (the link failed): the renewer
+        # retries them, or the lock would stay held for as long as we live.
+        # (Compare-and-delete by acquisition id: retrying is harmless.)
+        self.unreleased: list[dict[str, Any]] = []
+        self._renew_lock = threading.Lock()  # renew() from the renewer and from an acquire
+        self._acq_ids = itertools.count(1)
+        self._stop = threading.Event()
+        self.proc_id = 0
+        self.worker_id: Optional[int] = None
+        self.run_id = ""
+        self._warned = False
+        self._thread: Optional[threading.Thread] = None
+        self._aio: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # loop -> client
+        self.connect_timeout = connect_timeout
+
+    def aio(self, loop: Any) -> Any:
+        """This loop's asyncio client (same settings), and its scripts."""
+        got = self._aio.get(loop)
+        if got is None:
+            c = redis.asyncio.Redis(**self.url.kwargs, socket_timeout=self.lease + 5.0,
+                                    socket_connect_timeout=self.connect_timeout,
+                                    retry=redis.asyncio.retry.Retry(NoBackoff(), 0))
+            got = self._aio[loop] = (c, c.register_script(scripts.ACQUIRE), c.register_script(scripts.PASS_ON),
+                                     c.register_script(scripts.RELEASE))
+        return got
+
+    def _set_lease(self, lease: float) -> None:
+        self.lease = lease
+        self.lease_ms = max(1, int(lease * 1000))
+
+    # ---- keys -------------------------------------------------------------------------
+
+    def key(self, *parts: bytes) -> bytes:
+        return self.prefix + b":".join(parts)
+
+    def lease_key(self, proc_id: int) -> bytes:
+        return self.prefix + b"proc:" + str(proc_id).encode()
+
+    # ---- calls ------------------------------------------------------------------------
+
+    def call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """``fn(*args, **kw)`` with redis-py's errors as ours."""
+        try:
+            return fn(*args, **kw)
+        except redis.RedisError as e:
+            raise translate(e, self.url) from e
+
+    # ---- joining ----------------------------------------------------------------------
+
+    def join(self) -> None:
+        """Take an id and a lease (and, for the master, the name)."""
+        c = self.client
+        self.run_id = self.call(c.info, "server")["run_id"]
+        if not self.is_master and not self._lease_given:
+            ms = self.call(c.get, self.key(b"lease"))
+            if ms:
+                self._set_lease(int(ms) / 1000)
+                # (the socket timeout stays above the longest blocking slice, a lease)
+                self.pool.connection_kwargs["socket_timeout"] = self.lease + 5.0
+                self.pool.disconnect()
+        self.proc_id = int(self.call(c.incr, self.key(b"ids")))
+        if not self.is_master:
+            self.worker_id = self.proc_id
+        # The master takes the name before it writes anything else: a second
+        # master leaves the hub's lease setting and its members alone.
+        if self.is_master and not self.call(c.set, self.key(b"master"), self.proc_id, nx=True, px=self.lease_ms):
+            other = self.call(c.get, self.key(b"master"))
+            info = self.call(c.get, self.lease_key(int(other))) if other else None
+            who = " (pid {} on {})".format(*text(info).split()[:2]) if info else ""
+            raise AddressInUse(f"{self.url.text}: a master is already running for this name{who}")
+        if self.is_master:
+            self.call(c.set, self.key(b"lease"), self.lease_ms)
+        self._register()
+        if not self.is_master:
+            self.call(self.client.rpush, self.key(b"events"), f"joined {self.proc_id} {os.getpid()} {HOST}")
+        self._thread = threading.Thread(target=self._renewer, name=f"clusterhub-lease-{self.proc_id}", daemon=True)
+        self._thread.start()
+
+    def _register(self) -> None:
+        wid = "-" if self.worker_id is None else str(self.worker_id)
+        info = f"{os.getpid()} {HOST} {wid}"
+        self.call(self.client.set, self.lease_key(self.proc_id), info, px=self.lease_ms)
+        self.call(self.client.hset, self.key(b"procs"), str(self.proc_id), info)
+
+    # ---- the lease --------------------------------------------------------------------
+
+    def _renewer(self) -> None:
+        every = self.lease / 10
+        while not self._stop.wait(every):
+            try:
+                self.renew()
+                self.retry_releases()
+                if self._warned:
+                    log.warning("clusterhub: the Redis server at %s answers again", self.url.text)
+                    self._warned = False
+            except HubError as e:
+                if not self._warned:
+                    log.warning("clusterhub: cannot renew the lease of process %d: %s", self.proc_id, e)
+                    self._warned = True
+            except Exception:  # never let the renewer die silently
+                log.exception("clusterhub: lease renewal of process %d failed", self.proc_id)
+
+    def renew(self) -> None:
+        """Renew the lease; when it was gone or the server restarted, mark
+        every held lock lost and take a new lease."""
+        with self._renew_lock:
+            self._renew_locked()
+
+    def _renew_locked(self) -> None:
+        lk = self.lease_key(self.proc_id)
+        ok = self.call(self._renew, keys=[lk, self.key(b"master") if self.is_master else lk],
+                       args=[self.lease_ms, self.proc_id, int(self.is_master)])
+        run_id = self.call(self.client.info, "server")["run_id"]
+        if ok and run_id == self.run_id:
+            return
+        why = "the server restarted" if run_id != self.run_id else "our lease ran out"
+        self.run_id = run_id
+        n = self.lose_all()
+        log.warning("clusterhub: process %d: %s; %d held lock(s) lost", self.proc_id, why, n)
+        self._register()
+        if self.is_master:
+            self.call(self.client.set, self.key(b"master"), self.proc_id, nx=True, px=self.lease_ms)
+
+    def retry_releases(self) -> None:
+        while self.unreleased:
+            self.call(self._release, **self.unreleased[0])
+            del self.unreleased[0]
+
+    def lose_all(self) -> int:
+        with self.held_lock:
+            for h in self.held.values():
+                h.lost = True
+            return len(self.held)
+
+    # ---- locks ------------------------------------------------------------------------
+
+    def new_acq(self) -> bytes:
+        return f"{self.proc_id}:{os.getpid()}:{next(self._acq_ids)}".encode()
+
+    def acquire_args(self, key: bytes, acq: bytes, woken: bool) -> dict[str, Any]:
+        return {"keys": [self.lock_key(key), self.key(b"fence")],
+                "args": [self.proc_id, acq, self.prefix + b"proc:", int(woken)]}
+
+    def try_acquire(self, key: bytes, acq: bytes, woken: bool) -> tuple[Optional[Holding], int]:
+        """One attempt: (the holding, 0) when taken; (None, ms left of the
+        holder's lease) when a live process holds it; (None, -1) when our
+        own lease was gone (the caller renews it, see :meth:`renew`, and
+        tries again)."""
+        return self.acquired(key, acq, self.call(self._acquire, **self.acquire_args(key, acq, woken)))
+
+    def acquired(self, key: bytes, acq: bytes, r: Any) -> tuple[Optional[Holding], int]:
+        """The outcome of the acquire script (see :meth:`try_acquire`)."""
+        if r[0] == -1:
+            return None, -1
+        if r[0] == 1:
+            h = Holding(key, acq, int(r[1]), bool(r[2]))
+            with self.held_lock:
+                self.held[acq] = h
+            return h, 0
+        return None, int(r[1])
+
+    def release_args(self, h: Holding) -> dict[str, Any]:
+        with self.held_lock:
+            self.held.pop(h.acq, None)
+        return {"keys": [self.lock_key(h.key), self.wake_key(h.key)], "args": [h.acq, 2 * self.lease_ms]}
+
+    def release(self, h: Holding) -> bool:
+        """Release; False when it was not ours any more (lost).  When no
+        reply came (the link failed), the renewer tries again until one does."""
+        args = self.release_args(h)
+        try:
+            ok = self.call(self._release, **args)
+        except HubError:
+            self.unreleased.append(args)
+            raise
+        return self.released(h, ok)
+
+    @staticmethod
+    def released(h: Holding, ok: Any) -> bool:
+        if not ok:
+            h.lost = True
+        return bool(ok)
+
+    def pass_on_args(self, key: bytes) -> dict[str, Any]:
+        return {"keys": [self.lock_key(key), self.wake_key(key)], "args": [2 * self.lease_ms]}
+
+    def lock_key(self, key: bytes) -> bytes:
+        return self.prefix + b"lock:" + key
+
+    def wake_key(self, key: bytes) -> bytes:
+        return self.prefix + b"wake:" + key
+
+    def wait_wake(self, key: bytes, seconds: float) -> bool:
+        """Block until a release's wake-up (True) or ``seconds`` (False)."""
+        r = self.call(self.client.blpop, [self.wake_key(key)], timeout=max(0.001, round(seconds, 3)))
+        return r is not None
+
+    def pass_on(self, key: bytes) -> None:
+        """A wake-up we took and will not use goes to the next waiter."""
+        self.call(self._pass_on, **self.pass_on_args(key))
+
+    def locked(self, key: bytes) -> bool:
+        owner = self.call(self.client.hget, self.lock_key(key), "owner")
+        return owner is not None and self.call(self.client.pttl, self.lease_key(int(owner))) > 0
+
+    def held_locks(self) -> list[tuple[bytes, int, Optional[int], str]]:
+        """(key, pid, worker id, host) of every key held by a live process."""
+        c = self.client
+        out = []
+        pat = self.prefix.replace(b"[", b"\\[").replace(b"]", b"\\]") + b"lock:*"
+        skip = len(self.prefix) + len(b"lock:")
+        for name in self.call(lambda: list(c.scan_iter(match=pat, count=500))):
+            owner = self.call(c.hget, name, "owner")
+            info = self.call(c.get, self.lease_key(int(owner))) if owner else None
+            if info:
+                pid, host, wid = text(info).split(" ")
+                out.append((name[skip:], int(pid), None if wid == "-" else int(wid), host))
+        return out
+
+    # ---- the end ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop renewing and give up the lease (and the name, for the master)."""
+        try:
+            self.leave()
+        finally:
+            self.disconnect()
+
+    def leave(self) -> None:
+        """Stop renewing, finish pending releases, give up the lease (and
+        the name); the "left" event wakes the master's watcher."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        try:
+            self.retry_releases()
+            c = self.client
+            c.delete(self.lease_key(self.proc_id))
+            c.hdel(self.key(b"procs"), str(self.proc_id))
+            if self.is_master and c.get(self.key(b"master")) == str(self.proc_id).encode():
+                c.delete(self.key(b"master"))
+            c.rpush(self.key(b"events"), f"left {self.proc_id}")
+            c.pexpire(self.key(b"events"), 10 * self.lease_ms)
+        except (redis.RedisError, HubError) as e:
+            log.warning("clusterhub: leaving %s: %s (the lease runs out by itself)", self.url.text, e)
+
+    def disconnect(self) -> None:
+        self.pool.disconnect()
+
+    def abandon(self) -> None:
+        """In a child forked by other code: touch nothing of the parent's."""
+        self._stop.set()
+        self.pool.reset()

@@ -1,0 +1,344 @@
+"""Lock handles of a Redis hub: the same surface as the local ``Lock``
+(``with``, ``async with``, ``acquire``/``release``, ``recovered``,
+``locked()``, ``threading.Condition``), plus ``fencing_token`` and ``lost``.
+
+A contended acquire blocks outside Lua, in ``BLPOP`` on the key's wake-up
+list, for at most the holder's remaining lease (plus 2 ms): a release wakes
+it at once, and a holder that died is noticed when its lease runs out,
+without polling in between.  A wake-up taken by a waiter that then gives up
+(timeout, cancel, Ctrl-C, an error) is passed on.
+
+The owner of a holding is the thread, or for ``async with`` the task.  Over
+Redis a thread that exits holding a lock keeps it until its process's lease
+ends (the local engine frees it at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from typing import Any, Optional, Union
+
+from ..errors import HubClosedError, HubError, LockError, LockTimeout
+from ..locks import _check_acquire_timeout, _check_timeout, encode_key
+from .link import Holding, Link, translate
+
+Key = Union[str, bytes]
+_CACHE_MAX = 4096
+_MARGIN = 0.002  # s past the holder's lease before trying again
+_OMITTED: Any = object()
+
+
+class RedisLocks:
+    """This process's locks of a Redis hub."""
+
+    def __init__(self, link: Link) -> None:
+        self.link: Optional[Link] = link
+        self.owned: dict[tuple[Any, bytes], Holding] = {}  # (thread ident or task, key) -> holding
+        self._handles: dict[Key, RedisLock] = {}
+        self._lock = threading.Lock()
+        self.waiting = 0  # acquires in progress (threads and tasks)
+
+    def lock(self, key: Key, timeout: Optional[float]) -> "RedisLock":
+        h = self._handles.get(key) if isinstance(key, (str, bytes)) else None
+        if h is not None and h._timeout == timeout and key.__class__ is h._key_type:
+            return h
+        h = RedisLock(self, encode_key(key), _check_timeout(timeout), key.__class__)
+        if timeout is None:
+            if len(self._handles) >= _CACHE_MAX:
+                self._handles.clear()
+            self._handles[key] = h
+        return h
+
+    def check(self) -> Link:
+        if self.link is None:
+            raise HubClosedError("this hub is closed")
+        return self.link
+
+    def held(self) -> list[tuple[bytes, int, Optional[int], str]]:
+        return self.check().held_locks()
+
+    def retire(self) -> None:
+        """Refuse all further use; LockError while something here holds a lock."""
+        if self.link is None:
+            return
+        with self._lock:
+            if self.owned or self.waiting:
+                raise LockError("cannot close the hub while a thread or task of this process holds or waits for "
+                                "one of its locks")
+            self.link = None
+
+    def abandon(self) -> None:
+        self.link = None
+
+    def close(self) -> None:
+        self.retire()
+        self._handles.clear()
+
+
+class RedisLock:
+    """A handle on one global lock of a Redis hub (see the module's doc)."""
+
+    def __init__(self, locks: RedisLocks, key: bytes, timeout: Optional[float], key_type: type) -> None:
+        self.key = key
+        self._locks = locks
+        self._timeout = timeout
+        self._key_type = key_type
+        self._latest = threading.local()  # .h: this thread's latest holding (or None after a failed acquire)
+        self._alatest: "weakref.WeakKeyDictionary[asyncio.Task[Any], Optional[Holding]]" = weakref.WeakKeyDictionary()
+
+    def __repr__(self) -> str:
+        return f"<clusterhub.Lock {self.key!r} (redis)>"
+
+    # ---- what the latest acquire of the calling thread or task says --------------------
+
+    def _latest_holding(self) -> Optional[Holding]:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:
+            task = None
+        if task is not None and task in self._alatest:
+            return self._alatest[task]
+        return getattr(self._latest, "h", None)
+
+    @property
+    def recovered(self) -> bool:
+        """Whether the calling thread's (or task's) latest acquire took the
+        lock from a holder whose lease ran out while it held it."""
+        h = self._latest_holding()
+        return h is not None and h.recovered
+
+    @property
+    def fencing_token(self) -> Optional[int]:
+        """The latest acquire's fencing token: larger than every token given
+        for this key before (None before any acquire, or after a failed one)."""
+        h = self._latest_holding()
+        return None if h is None else h.token
+
+    @property
+    def lost(self) -> bool:
+        """Whether the latest acquire's holding was lost: this process's
+        lease ran out while it held the lock, or the server lost its data."""
+        h = self._latest_holding()
+        return h is not None and h.lost
+
+    def locked(self) -> bool:
+        """Whether a live process holds the lock now (a snapshot)."""
+        return self._locks.check().locked(self.key)
+
+    # ---- threads ------------------------------------------------------------------------
+
+    def acquire(self, blocking_or_timeout: Any = _OMITTED, timeout: Any = _OMITTED, *,
+                blocking: Any = _OMITTED) -> bool:
+        """Acquire for the calling thread; False when not in time.  LockError
+        when it holds the lock already.  The forms of the local handle:
+        ``acquire()`` (the handle's timeout), ``acquire(t)``,
+        ``acquire(timeout=t)``, and threading's ``acquire(blocking, timeout)``."""
+        t = _parse_acquire(blocking_or_timeout, timeout, blocking, self._timeout)
+        owner = threading.get_ident()
+        link = self._begin(owner)
+        try:
+            h = self._acquire(link, t)
+            self._latest.h = h
+            if h is None:
+                return False
+            self._own(owner, h)
+            return True
+        finally:
+            self._end()
+
+    def release(self) -> None:
+        """Release what the calling thread holds; LockError when it holds
+        nothing here, or when the holding was lost (someone else may have it)."""
+        self._release(threading.get_ident())
+
+    def __enter__(self) -> "RedisLock":
+        if not self.acquire():
+            raise LockTimeout(f"lock {self.key!r} not acquired within {self._timeout} s")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    # threading.Condition(lk)
+    def _is_owned(self) -> bool:
+        return (threading.get_ident(), self.key) in self._locks.owned
+
+    def _release_save(self) -> None:
+        self.release()
+
+    def _acquire_restore(self, state: None) -> None:
+        self.acquire(timeout=None)
+
+    def _begin(self, owner: Any) -> Link:
+        """The link, for an acquire that then ends with :meth:`_end`."""
+        locks = self._locks
+        with locks._lock:
+            link = locks.check()
+            if (owner, self.key) in locks.owned:
+                raise LockError(f"lock {self.key!r} is already held by this {_whom(owner)}")
+            locks.waiting += 1
+        return link
+
+    def _end(self) -> None:
+        with self._locks._lock:
+            self._locks.waiting -= 1
+
+    def _own(self, owner: Any, h: Holding) -> None:
+        self._locks.owned[(owner, self.key)] = h
+
+    def _acquire(self, link: Link, timeout: Optional[float]) -> Optional[Holding]:
+        acq = link.new_acq()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        woken = False
+        try:
+            while True:
+                h, left_ms = link.try_acquire(self.key, acq, woken)
+                if h is not None:
+                    return h
+                if left_ms < 0:  # our lease was gone: renew it (what we held is lost), try again
+                    link.renew()
+                    continue
+                wait = min(left_ms / 1000 + _MARGIN, link.lease)  # (the socket timeout is above a lease)
+                if deadline is not None:
+                    rem = deadline - time.monotonic()
+                    if rem <= 0:
+                        return None
+                    wait = min(wait, rem)
+                woken = link.wait_wake(self.key, wait) or woken
+        except BaseException:
+            _give_up(link, self.key, acq)
+            raise
+
+    def _release(self, owner: Any) -> None:
+        link = self._locks.link
+        h = self._locks.owned.pop((owner, self.key), None)
+        if h is None:
+            raise LockError(f"lock {self.key!r} is not held by this {_whom(owner)}")
+        if link is None:
+            raise HubClosedError("this hub is closed")
+        if not link.release(h) or h.lost:
+            raise _lost(self.key)
+
+    # ---- asyncio -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> "RedisLock":
+        await self.acquire_async(self._timeout)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.release_async_wait()
+
+    async def acquire_async(self, timeout: Optional[float] = None) -> None:
+        """Acquire for the current task without blocking the loop (LockTimeout
+        when not in time; LockError when the task holds it already)."""
+        task = asyncio.current_task()
+        timeout = _check_timeout(timeout)
+        link = self._begin(task)
+        try:
+            await self._acquire_async(link, task, timeout)
+        finally:
+            self._end()
+
+    async def _acquire_async(self, link: Link, task: Any, timeout: Optional[float]) -> None:
+        client, acquire, pass_on, _ = link.aio(asyncio.get_running_loop())
+        acq = link.new_acq()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        woken = False
+        if task is not None:
+            self._alatest[task] = None
+        try:
+            while True:
+                h, left_ms = link.acquired(self.key, acq, await acquire(**link.acquire_args(self.key, acq, woken)))
+                if h is not None:
+                    break
+                if left_ms < 0:  # our lease was gone: renew it (what we held is lost), try again
+                    await asyncio.get_running_loop().run_in_executor(None, link.renew)
+                    continue
+                wait = min(left_ms / 1000 + _MARGIN, link.lease)  # (the socket timeout is above a lease)
+                if deadline is not None:
+                    rem = deadline - time.monotonic()
+                    if rem <= 0:
+                        raise LockTimeout(f"lock {self.key!r} not acquired within {timeout} s")
+                    wait = min(wait, rem)
+                woken = await client.blpop([link.wake_key(self.key)], timeout=max(0.001, round(wait, 3))) is not None
+        except LockTimeout:
+            raise
+        except BaseException as e:
+            _give_up(link, self.key, acq)  # (a few ms on the loop, only on this rare path)
+            if isinstance(e, Exception) and not isinstance(e, HubError):
+                raise translate(e, link.url) from e
+            raise
+        if task is not None:
+            self._alatest[task] = h
+        self._own(task, h)
+
+    def release_async(self) -> None:
+        """Release what the current task holds (blocks the loop for one round
+        trip; ``async with`` does not)."""
+        self._release(asyncio.current_task())
+
+    async def release_async_wait(self) -> None:
+        task = asyncio.current_task()
+        link = self._locks.link
+        h = self._locks.owned.pop((task, self.key), None)
+        if h is None:
+            raise LockError(f"lock {self.key!r} is not held by this task")
+        if link is None:
+            raise HubClosedError("this hub is closed")
+        _, _, _, release = link.aio(asyncio.get_running_loop())
+        args = link.release_args(h)
+        try:
+            ok = await release(**args)
+        except BaseException as e:  # (cancelled too: whether it ran is unknown)
+            link.unreleased.append(args)  # the renewer finishes it
+            if isinstance(e, Exception):
+                raise translate(e, link.url) from e
+            raise
+        if not link.released(h, ok) or h.lost:
+            raise _lost(self.key)
+
+
+def _parse_acquire(first: Any, timeout: Any, blocking: Any, default: Optional[float]) -> Optional[float]:
+    """The timeout an ``acquire(...)`` call means (see csrc/lockhandle.h,
+    the local handle's rules): None for no limit, 0 for a try."""
+    if first is not _OMITTED:
+        if isinstance(first, bool):
+            if blocking is not _OMITTED:
+                raise TypeError("acquire() got blocking twice")
+            blocking = first
+        elif timeout is not _OMITTED:
+            raise TypeError("acquire(blocking, timeout): blocking must be a bool")
+        else:
+            timeout = first
+    if blocking is not _OMITTED and not blocking:
+        if timeout is not _OMITTED and timeout != -1:
+            raise ValueError("can't specify a timeout for a non-blocking call")
+        return 0.0
+    if timeout is _OMITTED:
+        return default
+    return _check_acquire_timeout(timeout)
+
+
+def _lost(key: bytes) -> LockError:
+    # (raised also when the server still had it as ours: the release went
+    # through, but what it protected may have been changed meanwhile)
+    return LockError(f"lock {key!r} was lost (this process's lease ran out, or the server lost it): another "
+                     "process may have held it meanwhile")
+
+
+def _whom(owner: Any) -> str:
+    return "thread" if isinstance(owner, int) else "task"
+
+
+def _give_up(link: Link, key: bytes, acq: bytes) -> None:
+    """An acquire ended by an exception: if the server took the lock for us
+    before the reply was lost, let go of it; pass on a wake-up we may have
+    taken.  Best effort (the server may be the problem)."""
+    try:
+        link.release(Holding(key, acq, 0, False))
+        link.pass_on(key)
+    except HubError:
+        pass
