@@ -72,6 +72,100 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"servers: {', '.join(found) or 'none installed (the integration extra)'}"]
 
 
+class RedisServer:
+    """A real ``redis-server`` (Debian's package) of the tests: its own
+    directory, a free TCP port on 127.0.0.1 and a Unix socket, no persistence;
+    stopped by pid.  ``kill()`` and ``start()`` again keep the port and socket."""
+
+    def __init__(self, directory: Path, password: str | None = None) -> None:
+        self.dir = directory
+        self.sock = directory / "redis.sock"
+        self.password = password
+        self.port = _free_port()
+        self.pid = 0
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        import subprocess
+
+        # Daemonized, so that it is no child of the test process (which checks
+        # that no process of its own outlives a test).
+        pidfile = self.dir / "redis.pid"
+        pidfile.unlink(missing_ok=True)
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--unixsocket", str(self.sock),
+                "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--dir", str(self.dir),
+                "--daemonize", "yes", "--pidfile", str(pidfile), "--logfile", str(self.dir / "redis.log")]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        subprocess.run(argv, check=True, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while not (pidfile.exists() and pidfile.read_text().strip() and self._answers()):
+            assert time.monotonic() < deadline, f"redis-server did not answer within {timeout} s"
+            time.sleep(0.01)
+        self.pid = int(pidfile.read_text())
+        return self
+
+    def _answers(self) -> bool:
+        import socket
+
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(1)
+                s.connect(str(self.sock))
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+        except OSError:
+            return False
+
+    def url(self, name: str, unix: bool = False) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        if unix:
+            return f"redis+unix://{auth}{self.sock}?name={name}"
+        return f"redis://{auth}127.0.0.1:{self.port}/0?name={name}"
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` (SIGKILL), and wait until the server is gone."""
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+            assert wait_pid_gone(self.pid, 10), f"redis-server {self.pid} still runs"
+            self.pid = 0
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def need_redis() -> None:
+    """Skip unless redis-server and redis-py are here (fail instead under
+    CLUSTERHUB_REDIS=1, as CI sets it)."""
+    import importlib.util
+    import shutil
+
+    missing = [what for what, ok in (("redis-server (apt install redis-server)", shutil.which("redis-server")),
+                                     ("redis-py (pip install '.[test]')", importlib.util.find_spec("redis")))
+               if not ok]
+    if missing:
+        if os.environ.get("CLUSTERHUB_REDIS") == "1":
+            pytest.fail(f"missing, and CLUSTERHUB_REDIS=1: {', '.join(missing)}")
+        pytest.skip(f"missing: {', '.join(missing)}")
+
+
+@pytest.fixture(scope="session")
+def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the whole session (tests that do not restart it)."""
+    need_redis()
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
 class Reports:
     """A pipe any process of the test (master, worker, grandchild) can write
     small pickled reports into; the test process reads them with a bound.
@@ -256,7 +350,7 @@ def make_hub(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., cluster
     yield make
     if os.getpid() != me:  # a forked child came back into pytest: a bug
         os._exit(99)
-    leaked = {repr(h): len(h._pending) for h in hubs if not h._closed and len(h._pending)}
+    leaked = {repr(h): len(h._pending) for h in hubs if not h._closed and len(getattr(h, "_pending", ()))}
     for h in hubs:
         h.close(timeout=2.0)
     left = children_of(me)

@@ -3,7 +3,10 @@ the same calls whatever the transport.
 
 A test takes the ``cluster`` fixture (tests/conformance/conftest.py), which
 is parameterised by transport; today there is one, ``"forked"`` (workers
-forked by ``hub.fork`` over socketpairs).  What a test may rely on:
+forked by ``hub.fork`` over socketpairs), ``"connected"`` (fork children
+that join by address) and ``"redis"`` (fork children that join a master on a
+real redis-server; the lock tests only, see ``OverRedis``).  What a test may
+rely on:
 
 - ``cluster.hub`` is the master hub, in the test process (made by
   ``make_hub``: closed after the test, which fails if a worker outlived it, a
@@ -45,14 +48,16 @@ import contextlib
 import functools
 import itertools
 import os
+import signal
 import threading
+import time
 from typing import Any, Callable, ClassVar, Optional
 
 import clusterhub
 from clusterhub import WorkerDied
 from clusterhub.process import exit_process, run_target
 
-from conftest import kill_and_reap, run_forked, waitpid_bounded
+from conftest import kill_and_reap, run_forked, wait_blocked, waitpid_bounded
 
 READY = "conformance:ready"  # worker -> master: my handlers are registered
 END = "conformance:end"  # master -> a served worker: return
@@ -145,6 +150,10 @@ class Cluster:
 
     def teardown(self) -> None:
         """After the test (the master hub is closed after this, by make_hub)."""
+
+    def wait_blocked(self, pid: int) -> None:
+        """Until the main thread of ``pid`` is blocked waiting for a lock."""
+        wait_blocked(pid)
 
     def spawn_master(self, body: Callable[..., Any], *args: Any, **hub_kwargs: Any) -> int:
         """Run ``body(cluster, *args)`` in a new process with a master hub of its
@@ -256,4 +265,87 @@ class Connected(Cluster):
                 kill_and_reap([pid])
 
 
-TRANSPORTS: dict[str, type[Cluster]] = {"forked": Forked, "connected": Connected}
+class OverRedis(Cluster):
+    """Plain fork children of the test process that join a master on a real
+    redis-server (``clusterhub.connect("redis://...")``).  Locks only: messages
+    over Redis are part 2 (issue 21); ``SUPPORTS`` names the test modules that
+    run.  Deaths are seen when a lease runs out (``LEASE``, short here)."""
+
+    transport = "redis"
+    SUPPORTS = ("test_locks",)
+    LEASE = 0.5
+    server_url: ClassVar[Callable[[str], str]]  # set by the fixture: name -> address
+
+    def __init__(self, hub: clusterhub.Hub) -> None:  # (no message handlers: see above)
+        self.hub = hub
+        self._lock = threading.Lock()
+        self._ready = {}
+        self._pids: list[int] = []
+        self._exited: dict[int, clusterhub.Worker] = {}  # by pid: a short worker may be gone when looked for
+        hub.on_exit(lambda w: self._exited.setdefault(w.pid or 0, w))
+
+    @classmethod
+    def master_hub(cls, make: Callable[..., clusterhub.Hub], **hub_kwargs: Any) -> clusterhub.Hub:
+        name = f"conformance-{os.getpid()}-{next(_addresses)}"
+        return make(address=cls.server_url(name), lease=cls.LEASE, **hub_kwargs)
+
+    def _start(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> clusterhub.Worker:
+        address = self.hub.address
+        assert address is not None
+
+        def worker() -> None:
+            for hub in list(clusterhub.hub._hubs):  # (inert here: this child joins by address)
+                hub._abandon()
+            hub = clusterhub.connect(address, timeout=10)
+            code = run_target(fn, (hub, *args), {})
+            with contextlib.suppress(clusterhub.LockError):  # (still holding: its lease runs out instead)
+                hub.close()
+            exit_process(code)
+
+        pid = run_forked(worker)
+        self._pids.append(pid)
+        # The master learns of a worker from the hub's event list; wait for it (bounded).
+        deadline = time.monotonic() + 15
+        while True:
+            found = [w for w in self.hub.workers.values() if w.pid == pid] or [self._exited.get(pid)]
+            if found[0] is not None:
+                return found[0]
+            assert time.monotonic() < deadline, f"worker pid {pid} did not join within 15 s"
+            time.sleep(0.005)
+
+    def kill(self, w: clusterhub.Worker) -> None:
+        assert w.pid is not None
+        os.kill(w.pid, signal.SIGKILL)
+
+    def exit_code(self, w: clusterhub.Worker) -> Optional[int]:
+        assert w.pid is not None
+        code = waitpid_bounded(w.pid, 10)
+        self._pids.remove(w.pid)
+        return code
+
+    def wait_blocked(self, pid: int) -> None:
+        """Until the process's main thread sits in a blocking socket wait
+        (its BLPOP, or the script call before it)."""
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                with open(f"/proc/{pid}/syscall") as f:
+                    nr = f.read().split(maxsplit=1)[0]
+            except (OSError, IndexError):
+                nr = ""
+            if nr in _SOCKET_WAITS:
+                return
+            assert time.monotonic() < deadline, f"pid {pid} not blocked on its socket within 5 s"
+            time.sleep(0.002)
+
+    def teardown(self) -> None:
+        self.hub.close(timeout=2.0)
+        for pid in self._pids:
+            if waitpid_bounded(pid, 10) is None:
+                kill_and_reap([pid])
+
+
+# poll, ppoll, recvfrom, read (x86_64 / aarch64 numbers; what a blocked socket read shows)
+_SOCKET_WAITS = {"x86_64": {"7", "271", "45", "0"}, "aarch64": {"73", "207", "63"}}.get(os.uname().machine, set())
+
+TRANSPORTS: dict[str, type[Cluster]] = {"forked": Forked, "connected": Connected, "redis": OverRedis}

@@ -24,7 +24,7 @@ import pytest
 
 from clusterhub import LockTimeout
 
-from conftest import in_thread, mine, wait_blocked
+from conftest import in_thread, mine
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -143,8 +143,8 @@ def test_killed_waiter_harms_no_one(cluster, reports):
     a = cluster.start(wait_forever)
     b = cluster.start(wait_and_report)
     assert reports.get_n(2) == [("waiting",), ("waiting",)]
-    wait_blocked(a.pid)
-    wait_blocked(b.pid)
+    cluster.wait_blocked(a.pid)
+    cluster.wait_blocked(b.pid)
     cluster.kill(a)
     cluster.join(a, -signal.SIGKILL)
     lk.release()
