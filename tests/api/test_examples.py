@@ -121,3 +121,25 @@ def test_demo_runs():
     out = proc.stdout
     for needle in ("request", "broadcast", "WorkerDied", "recovered=True"):
         assert needle in out, out
+
+
+# The servers' recipes (README, "Servers: ...") are excerpts of the examples
+# that tests/integration runs with the real servers: every code line of a
+# recipe is a line of its example.
+RECIPES = {
+    "**gunicorn**": "gunicorn_conf.py",
+    "**uvicorn `--workers N`": "uvicorn_main.py",
+    "**Celery**": "celery_tasks.py",
+}
+
+
+@pytest.mark.parametrize("lead", sorted(RECIPES))
+def test_readme_server_recipes_are_the_examples(lead):
+    section = _readme_section("Processes the hub did not fork")
+    start = section.index(lead)
+    block = re.search(r"^```python\n(.*?)^```$", section[start:], re.S | re.M)
+    assert block, f"no python block after {lead}"
+    example = {line.split("#")[0].strip() for line in (EXAMPLES / RECIPES[lead]).read_text().splitlines()}
+    missing = [line for line in block.group(1).splitlines()
+               if line.split("#")[0].strip() and line.split("#")[0].strip() not in example]
+    assert not missing, f"README lines not in examples/{RECIPES[lead]}: {missing}"
