@@ -74,67 +74,121 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 class RedisServer:
     """A real ``redis-server`` (Debian's package) of the tests: its own
-    directory, a free TCP port on 127.0.0.1 and a Unix socket, no persistence;
-    stopped by pid.  ``kill()`` and ``start()`` again keep the port and socket."""
+    directory, a free TCP port (``bind``, default 127.0.0.1) and a Unix
+    socket, no persistence (``--save '' --appendonly no``; ``extra`` adds
+    options).  ``kill()`` SIGKILLs it (its data is gone), ``restart()``
+    starts it again on the same port and socket.  ``daemon``: daemonized, so
+    that it is no child of the test process (``make_hub`` checks that no
+    child outlives a test); stopped by pid either way.  Waiting for it to
+    answer polls PING with a bound (an outside server sends us no event)."""
 
-    def __init__(self, directory: Path, password: str | None = None) -> None:
-        self.dir = directory
-        self.sock = directory / "redis.sock"
+    def __init__(self, workdir: Path, password: str | None = None, extra: tuple[str, ...] = (),
+                 bind: str = "127.0.0.1", daemon: bool = False) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.sock = str(self.dir / "redis.sock")
         self.password = password
-        self.port = _free_port()
-        self.pid = 0
+        self.bind = bind
+        self.extra = extra
+        self.daemon = daemon
+        self.proc: Any = None  # (a subprocess.Popen, when not a daemon)
+        self._pid = 0
+        self.starts = 0
+        self.start()
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    # ---- addresses ------------------------------------------------------------------
+
+    def _auth(self) -> str:
+        return f":{self.password}@" if self.password else ""
+
+    def url(self, name: str = "t", host: str = "127.0.0.1") -> str:
+        return f"redis://{self._auth()}{host}:{self.port}/0?name={name}"
+
+    def unix_url(self, name: str = "t") -> str:
+        return f"redis+unix://{self._auth()}{self.sock}?db=0&name={name}"
+
+    def client(self, **kw: Any) -> Any:
+        """A plain redis-py client of this server (to look at its keys)."""
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, **kw)
+
+    # ---- life ---------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
         import subprocess
 
-        # Daemonized, so that it is no child of the test process (which checks
-        # that no process of its own outlives a test).
-        pidfile = self.dir / "redis.pid"
-        pidfile.unlink(missing_ok=True)
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--unixsocket", str(self.sock),
-                "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--dir", str(self.dir),
-                "--daemonize", "yes", "--pidfile", str(pidfile), "--logfile", str(self.dir / "redis.log")]
+        import redis
+
+        argv = ["redis-server", "--port", str(self.port), "--bind", *self.bind.split(),
+                "--unixsocket", self.sock, "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
+                "--dir", str(self.dir), *self.extra]
         if self.password:
             argv += ["--requirepass", self.password]
-        subprocess.run(argv, check=True, timeout=timeout)
+        self.starts += 1
+        logfile = self.dir / f"redis-{self.starts}.log"
+        pidfile = self.dir / "redis.pid"
+        if self.daemon:
+            pidfile.unlink(missing_ok=True)
+            subprocess.run([*argv, "--daemonize", "yes", "--pidfile", str(pidfile), "--logfile", str(logfile)],
+                           check=True, timeout=timeout)
+        else:
+            with open(logfile, "wb") as log:
+                self.proc = subprocess.Popen([*argv, "--daemonize", "no"], stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+            self._pid = self.proc.pid
         deadline = time.monotonic() + timeout
-        while not (pidfile.exists() and pidfile.read_text().strip() and self._answers()):
-            assert time.monotonic() < deadline, f"redis-server did not answer within {timeout} s"
-            time.sleep(0.01)
-        self.pid = int(pidfile.read_text())
-        return self
-
-    def _answers(self) -> bool:
-        import socket
-
+        c = self.client(socket_timeout=1.0, socket_connect_timeout=1.0)
         try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(1)
-                s.connect(str(self.sock))
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
-        except OSError:
-            return False
+            while True:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {self.log()[-2000:]}")
+                try:
+                    if c.ping():
+                        break
+                except redis.RedisError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not answer PING within {timeout} s: {self.log()[-2000:]}")
+                time.sleep(0.01)
+        finally:
+            c.close()
+        if self.daemon:
+            self._pid = int(pidfile.read_text())
 
-    def url(self, name: str, unix: bool = False) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        if unix:
-            return f"redis+unix://{auth}{self.sock}?name={name}"
-        return f"redis://{auth}127.0.0.1:{self.port}/0?name={name}"
+    def log(self) -> str:
+        return (self.dir / f"redis-{self.starts}.log").read_text(errors="replace")
+
+    @property
+    def pid(self) -> int:
+        return self._pid
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` (SIGKILL), and wait until the server is gone."""
-        if self.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
-            assert wait_pid_gone(self.pid, 10), f"redis-server {self.pid} still runs"
-            self.pid = 0
+        """Send ``sig`` (SIGKILL: without persistence its data is gone) and
+        wait until it is gone (reaped, when it is our child)."""
+        if not self._pid or pid_gone(self._pid):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, sig)
+        if self.proc is not None:
+            self.proc.wait(10)
+        else:
+            assert wait_pid_gone(self._pid, 10), f"redis-server {self._pid} still runs"
+
+    def restart(self) -> None:
+        """Kill if running, then start again on the same port and socket."""
+        self.kill()
+        self.start()
 
     def stop(self) -> None:
-        self.kill(signal.SIGTERM)
+        try:
+            self.kill(signal.SIGTERM)
+        except Exception:
+            self.kill()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -142,26 +196,32 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def need_redis() -> None:
-    """Skip unless redis-server and redis-py are here (fail instead under
-    CLUSTERHUB_REDIS=1, as CI sets it)."""
-    import importlib.util
+def require_redis(server: bool = True) -> None:
+    """Skip without redis-py, or without redis-server when ``server`` (fail
+    instead under CLUSTERHUB_REDIS=1, as CI sets it)."""
+    import importlib
     import shutil
 
-    missing = [what for what, ok in (("redis-server (apt install redis-server)", shutil.which("redis-server")),
-                                     ("redis-py (pip install '.[test]')", importlib.util.find_spec("redis")))
-               if not ok]
-    if missing:
-        if os.environ.get("CLUSTERHUB_REDIS") == "1":
-            pytest.fail(f"missing, and CLUSTERHUB_REDIS=1: {', '.join(missing)}")
-        pytest.skip(f"missing: {', '.join(missing)}")
+    why = None
+    if server and shutil.which("redis-server") is None:
+        why = "redis-server is not installed (Debian: apt-get install redis-server)"
+    else:
+        try:
+            importlib.import_module("redis")
+        except ImportError as e:
+            why = f"the redis package is not installed (pip install '.[test]'): {e}"
+    if why is None:
+        return
+    if os.environ.get("CLUSTERHUB_REDIS") == "1":
+        pytest.fail(f"{why}; required here (CLUSTERHUB_REDIS=1)")
+    pytest.skip(why)
 
 
 @pytest.fixture(scope="session")
 def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One redis-server for the whole session (tests that do not restart it)."""
-    need_redis()
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    require_redis()
+    server = RedisServer(tmp_path_factory.mktemp("redis"), daemon=True)
     yield server
     server.stop()
 

@@ -14,7 +14,6 @@ import importlib
 import importlib.metadata
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port  # noqa: F401  (free_port: for the tests here)
 
 EXAMPLES = ROOT / "examples"
 REQUIRED = os.environ.get("CLUSTERHUB_INTEGRATION") == "1"
@@ -49,12 +48,6 @@ def require(module: str, dist: Optional[str] = None) -> ModuleType:
 def address() -> str:
     """A fresh abstract address for one test's hub."""
     return f"@clusterhub-it-{uuid.uuid4().hex[:12]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:

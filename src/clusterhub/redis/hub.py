@@ -71,8 +71,10 @@ class RedisHub(Hub):
         self._rlocks = RedisLocks(self._link)
         self._workers: dict[int, RemoteWorker] = {}
         self._gone: set[int] = set()  # ids seen leaving (a late "joined" event changes nothing)
+        self._settling = 0  # exits whose on_exit callbacks are running
         self._run_id = ""  # the server's, as the watcher last saw it
         self._grace_until = 0.0  # (monotonic) after a server restart: the workers take new leases meanwhile
+        self._longest = 0.0  # the longest lease seen left to a worker (s)
         self._exit_callbacks: list[Callable[[Worker], Any]] = []
         self._changed = threading.Condition()
         self._stop = threading.Event()
@@ -143,9 +145,14 @@ class RedisHub(Hub):
         return callback
 
     def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every worker has exited (its lease ended, or it left)
+        and the ``on_exit`` callbacks of those exits have run; True when all
+        did.  Called from an ``on_exit`` callback, it waits for the exits only."""
         self._check_master("join")
+        inside = threading.current_thread() is self._watcher  # (where the callbacks run)
         with self._changed:
-            return self._changed.wait_for(lambda: not self._workers, check_timeout(timeout))
+            return self._changed.wait_for(lambda: not self._workers and (inside or not self._settling),
+                                          check_timeout(timeout))
 
     def _watch(self) -> None:
         link = self._link
@@ -210,9 +217,11 @@ class RedisHub(Hub):
         if info["run_id"] != self._run_id:
             if self._run_id:
                 # The server restarted and lost every lease: a live worker
-                # takes a new one at its next renewal, a lease/10 from now.
-                self._grace_until = now + link.lease
+                # takes a new one at its next renewal, within a tenth of its
+                # lease (which may be longer than ours).
+                self._grace_until = now + link.lease + self._longest / 10
             self._run_id = info["run_id"]
+        self._longest = max([self._longest, *(t / 1000 for t in ttls)])
         if now < self._grace_until:
             return max(0.001, self._grace_until - now)
         for wid, ttl in zip(wids, ttls):
@@ -225,21 +234,25 @@ class RedisHub(Hub):
         with self._changed:
             left = self._workers.pop(wid, None)
             self._gone.add(wid)
-        if left is None:
-            return
+            if left is None:
+                return
+            self._settling += 1  # (join() waits for its on_exit callbacks too)
         try:
-            self._link.call(self._link.client.hdel, self._link.key(b"procs"), str(wid))
-        except HubError:
-            pass  # (the next master's scan finds its lease gone)
-        left.set_exited(None)
-        for cb in list(self._exit_callbacks):
+            left.set_exited(None)
             try:
-                cb(left)
-            except Exception:
-                log.exception("clusterhub: on_exit callback %r failed", cb)
-        left.settled.set()
-        with self._changed:
-            self._changed.notify_all()
+                self._link.call(self._link.client.hdel, self._link.key(b"procs"), str(wid))
+            except HubError:
+                pass  # (the next master's scan finds its lease gone)
+            for cb in list(self._exit_callbacks):
+                try:
+                    cb(left)
+                except Exception:
+                    log.exception("clusterhub: on_exit callback %r failed", cb)
+            left.settled.set()
+        finally:
+            with self._changed:
+                self._settling -= 1
+                self._changed.notify_all()
 
     # ---- the end ---------------------------------------------------------------------
 

@@ -7,7 +7,10 @@ else, and so are the locks it holds (they have no TTL of their own).  When a
 renewal finds the lease gone (the process was paused longer than the lease,
 or the link was cut that long) or the server's ``run_id`` changed (a
 restart), every lock this process held is ``lost``: someone else may have
-it now.  The process then takes a new lease under the same id and goes on.
+it now.  The process then takes a new lease under the same id and goes on;
+an acquire that finds the lease gone first does the same (the script takes
+nothing under a lease nobody renews).  A release whose reply never came (the
+link failed) is retried by the renewer until one does.
 
 Client settings: no retries inside redis-py (a script retried after an
 unknown outcome could release twice; our callers decide), and a socket
@@ -17,15 +20,19 @@ cut short by the client, while a cut link is still noticed.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
 import socket
 import threading
 import weakref
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, AsyncGenerator, Callable, Optional, TypeVar
 
-import redis
+try:
+    import redis
+except ImportError as e:  # (a local hub does not need it)
+    raise ImportError(f"a Redis address needs redis-py: pip install 'clusterhub[redis]' ({e})") from e
 import redis.asyncio
 import redis.asyncio.retry
 from redis.backoff import NoBackoff
@@ -51,6 +58,16 @@ def translate(e: BaseException, url: RedisURL) -> HubError:
     if isinstance(e, redis.ConnectionError):
         return ConnectError(f"the Redis server at {url.text} is unreachable: {e}")
     return HubError(f"the Redis server at {url.text} failed: {e}")
+
+
+async def _closed_with_loop(client: Any) -> AsyncGenerator[None, None]:
+    """An async generator that closes ``client`` when its loop shuts down
+    its async generators (each loop's client would otherwise keep its
+    connection, and the loop itself, for as long as the hub lives)."""
+    try:
+        yield
+    finally:
+        await client.aclose()
 
 
 def text(b: Any) -> str:
@@ -83,6 +100,7 @@ class Link:
         self._lease_given = lease is not None
         self.prefix = f"{{ch:{url.name}}}:".encode()
         self.is_master = master
+        self.deposed = False  # (a master whose name another master took while its lease was out)
         self.client = redis.Redis(**url.kwargs, socket_timeout=self.lease + 5.0, socket_connect_timeout=connect_timeout,
                                   retry=Retry(NoBackoff(), 0), health_check_interval=0)
         self.pool = self.client.connection_pool
@@ -108,14 +126,21 @@ class Link:
         self.connect_timeout = connect_timeout
 
     def aio(self, loop: Any) -> Any:
-        """This loop's asyncio client (same settings), and its scripts."""
+        """This loop's asyncio client (same settings), and its scripts
+        (called on the loop).  The client is closed when the loop shuts down
+        its async generators (as ``asyncio.run`` does); that of a loop closed
+        without doing so is dropped at the next new loop's first call."""
         got = self._aio.get(loop)
         if got is None:
+            for old in [lp for lp in self._aio if lp.is_closed()]:
+                del self._aio[old]
             c = redis.asyncio.Redis(**self.url.kwargs, socket_timeout=self.lease + 5.0,
                                     socket_connect_timeout=self.connect_timeout,
                                     retry=redis.asyncio.retry.Retry(NoBackoff(), 0))
+            closer = _closed_with_loop(c)
             got = self._aio[loop] = (c, c.register_script(scripts.ACQUIRE), c.register_script(scripts.PASS_ON),
-                                     c.register_script(scripts.RELEASE))
+                                     c.register_script(scripts.RELEASE), closer)
+            asyncio.ensure_future(closer.asend(None), loop=loop)  # (started: the loop knows it now)
         return got
 
     def _set_lease(self, lease: float) -> None:
@@ -202,18 +227,29 @@ class Link:
 
     def _renew_locked(self) -> None:
         lk = self.lease_key(self.proc_id)
-        ok = self.call(self._renew, keys=[lk, self.key(b"master") if self.is_master else lk],
-                       args=[self.lease_ms, self.proc_id, int(self.is_master)])
+        named = self.is_master and not self.deposed
+        ok = self.call(self._renew, keys=[lk, self.key(b"master") if named else lk],
+                       args=[self.lease_ms, self.proc_id, int(named)])
         run_id = self.call(self.client.info, "server")["run_id"]
         if ok and run_id == self.run_id:
+            if ok == 2:  # (the lease was renewed: what we hold is still ours)
+                self._retake_name()
             return
         why = "the server restarted" if run_id != self.run_id else "our lease ran out"
         self.run_id = run_id
         n = self.lose_all()
         log.warning("clusterhub: process %d: %s; %d held lock(s) lost", self.proc_id, why, n)
         self._register()
-        if self.is_master:
-            self.call(self.client.set, self.key(b"master"), self.proc_id, nx=True, px=self.lease_ms)
+        if named:
+            self._retake_name()
+
+    def _retake_name(self) -> None:
+        """The master's name lapsed: take it again, unless another master
+        has it now (then stop renewing it, saying so once)."""
+        if not self.call(self.client.set, self.key(b"master"), self.proc_id, nx=True, px=self.lease_ms):
+            self.deposed = True
+            log.warning("clusterhub: process %d: another master runs for %s now (this one's lease ran out); "
+                        "this one's locks work on, but it no longer renews the name", self.proc_id, self.url.text)
 
     def retry_releases(self) -> None:
         while self.unreleased:
@@ -312,13 +348,6 @@ class Link:
         return out
 
     # ---- the end ----------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Stop renewing and give up the lease (and the name, for the master)."""
-        try:
-            self.leave()
-        finally:
-            self.disconnect()
 
     def leave(self) -> None:
         """Stop renewing, finish pending releases, give up the lease (and

@@ -243,7 +243,7 @@ class RedisLock:
             self._end()
 
     async def _acquire_async(self, link: Link, task: Any, timeout: Optional[float]) -> None:
-        client, acquire, pass_on, _ = link.aio(asyncio.get_running_loop())
+        client, acquire, pass_on, _ = link.aio(asyncio.get_running_loop())[:4]
         acq = link.new_acq()
         deadline = None if timeout is None else time.monotonic() + timeout
         woken = False
@@ -288,7 +288,7 @@ class RedisLock:
             raise LockError(f"lock {self.key!r} is not held by this task")
         if link is None:
             raise HubClosedError("this hub is closed")
-        _, _, _, release = link.aio(asyncio.get_running_loop())
+        _, _, _, release = link.aio(asyncio.get_running_loop())[:4]
         args = link.release_args(h)
         try:
             ok = await release(**args)

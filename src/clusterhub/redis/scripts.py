@@ -85,11 +85,12 @@ return 1
 
 # Renew a lease.  KEYS: our lease, the master key (or our lease again).
 # ARGV: lease (ms), our id, whether we are the master.
-# -> 1 renewed; 0 the lease was gone (expired, or the server lost it).
+# -> 1 renewed; 0 the lease was gone (expired, or the server lost it);
+#    2 renewed, but the name is not ours (any more): the locks are still ours.
 RENEW = """
 if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 0 then return 0 end
 if ARGV[3] == '1' then
-  if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+  if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 2 end
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
 end
 return 1

@@ -1,0 +1,160 @@
+"""Redis addresses: parsing errors, lease= rules, a second master on a name,
+and the password kept out of repr, hub.address, logs and error texts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import pytest
+
+import clusterhub
+from clusterhub import AddressInUse, ConnectError, HubError
+
+from .conftest import LEASE, MP, Procs, RedisServer, Reports, close_quietly, connect, require_redis, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+PASSWORD = "pw-S3cret-9f27"
+
+
+@pytest.mark.parametrize("address, says", [
+    ("redis://", "needs a host"),
+    ("redis:///0?name=x", "needs a host"),
+    ("redis://h:port/0?name=x", "bad port"),
+    ("redis://h:99999/0?name=x", "bad port"),
+    ("redis://h/0?name=two words", "name="),
+    ("redis://h/0?name=", "name="),
+    ("redis://h/0?name=" + "n" * 65, "name="),
+    ("redis://h/0?name=x&colour=red", "unknown parameter"),
+    ("redis://h/zero?name=x", "must be a number"),
+    ("redis://h/1?db=2&name=x", "database once"),
+    ("redis+unix://host/tmp/r.sock?name=x", "socket path"),
+    ("redis+unix://?name=x", "socket path"),
+])
+def test_bad_addresses(address: str, says: str) -> None:
+    require_redis(server=False)  # (the Redis engine's module imports redis-py)
+    for make in (lambda: clusterhub.Hub(address=address), lambda: clusterhub.connect(address, timeout=1)):
+        with pytest.raises(ValueError, match=says):
+            make()
+
+
+def test_lease_rules(redis_server: RedisServer) -> None:
+    with pytest.raises(ValueError, match="Redis"):
+        clusterhub.Hub(lease=1.0)
+    with pytest.raises(ValueError, match="Redis"):
+        clusterhub.connect("@clusterhub-no-such-hub", timeout=1, lease=1.0)
+    for bad, exc in ((0, ValueError), (0.05, ValueError), (-1, ValueError), (4000, ValueError), ("1", TypeError),
+                     (True, TypeError)):
+        with pytest.raises(exc):
+            clusterhub.Hub(address=redis_server.url("rules"), lease=bad)
+        with pytest.raises(exc):
+            clusterhub.connect(redis_server.url("rules"), timeout=1, lease=bad)
+    hub = clusterhub.Hub(address=redis_server.url("rules"), lease=None)  # the default
+    try:
+        assert hub._link.lease == clusterhub.redis.link.DEFAULT_LEASE  # type: ignore[attr-defined]
+    finally:
+        hub.close()
+
+
+def test_second_master_on_a_name(redis_server: RedisServer, master: clusterhub.Hub, procs: Procs,
+                                 reports: Reports) -> None:
+    """A second master for the same name: AddressInUse naming the first,
+    which it leaves alone (its lease setting, its workers); the name is free
+    again once the first closes."""
+    seen: list[int] = []
+    master.on_exit(lambda w: seen.append(w.id))
+    url = redis_server.url("t")
+    with pytest.raises(AddressInUse) as e:
+        clusterhub.Hub(address=url, lease=7.0)
+    assert isinstance(e.value, HubError) and "already" in str(e.value)
+    assert redis_server.client().get(b"{ch:t}:lease") == b"%d" % int(LEASE * 1000)
+
+    def worker() -> None:
+        hub = connect(url)
+        reports.put("lease", hub._link.lease)  # type: ignore[attr-defined]
+        hub.close()
+
+    pid = procs.start(worker)
+    assert reports.get() == ("lease", LEASE)  # (the master's, not the refused one's)
+    procs.join(pid)
+    time.sleep(2 * LEASE)  # (a phantom worker would have "exited" by now)
+    assert master.workers == {} and len(seen) == 1
+    master.close()
+    second = clusterhub.Hub(address=url, lease=LEASE)
+    second.close()
+
+
+def test_the_password_stays_out_of_texts(redis_servers: Callable[..., RedisServer], procs: Procs,
+                                         reports: Reports, caplog: pytest.LogCaptureFixture) -> None:
+    """With a password-protected server: never in repr(hub), hub.address,
+    log records (all levels, redis-py's too) or exception texts, through
+    a restart that makes every renewal and the watcher fail and log."""
+    caplog.set_level(logging.DEBUG)
+    server = redis_servers(password=PASSWORD)
+    url = server.url("pw")
+    assert PASSWORD in url
+    hub = clusterhub.Hub(address=url, lease=LEASE)
+    texts: list[str] = [repr(hub), str(hub.address), repr(hub.lock("k")), str(hub._link.client)]  # type: ignore[attr-defined]
+    assert hub.address == f"redis://127.0.0.1:{server.port}/0?name=pw"
+    worker = connect(server.unix_url("pw"))
+    texts += [repr(worker), str(worker.address)]
+    with hub.lock("k") as held:
+        texts.append(repr(held))
+        texts += [repr(r) for r in hub.held_locks()]
+
+    def errors(call: Callable[[], Any]) -> None:
+        with pytest.raises(HubError) as e:
+            call()
+        chain: BaseException | None = e.value
+        while chain is not None:
+            texts.extend([str(chain), repr(chain)])
+            chain = chain.__cause__ or chain.__context__
+
+    # wrong password, no password
+    errors(lambda: clusterhub.connect(url.replace(PASSWORD, "wrong-one"), timeout=5))
+    errors(lambda: clusterhub.connect(url.replace(f":{PASSWORD}@", ""), timeout=5))
+    with pytest.raises(ConnectError, match="credentials"):
+        clusterhub.connect(url.replace(PASSWORD, "wrong-one"), timeout=5)
+
+    # the server gone: every renewal and the watcher fail (and log), calls raise
+    server.kill()
+    errors(lambda: hub.lock("k").acquire(timeout=1))
+    errors(hub.held_locks)
+    errors(lambda: worker.lock("k").locked())
+    wait_until(lambda: any("renew" in r.getMessage() for r in caplog.records), 5, "a failed renewal logged")
+    server.restart()
+    wait_until(lambda: any("answers again" in r.getMessage() for r in caplog.records), 5, "the server back")
+    with hub.lock("k"):
+        pass
+    close_quietly(worker)
+    close_quietly(hub)
+    texts += [r.getMessage() for r in caplog.records]
+    texts += [str(r.exc_info[1]) for r in caplog.records if r.exc_info]
+    assert len(caplog.records) > 3
+    leaked = [t for t in texts if PASSWORD in t]
+    assert not leaked, leaked
+    assert not any(PASSWORD in t for t in caplog.text.splitlines())
+
+
+def test_unix_socket_and_tcp_are_one_hub(redis_server: RedisServer, master: clusterhub.Hub, procs: Procs,
+                                         reports: Reports) -> None:
+    """A worker through the Unix socket is a worker of the TCP master."""
+    url = redis_server.unix_url("t")
+    done = MP.Event()
+
+    def worker() -> None:
+        hub = connect(url)
+        reports.put("joined", hub.worker_id, hub.address)
+        assert done.wait(20)
+        hub.close()
+
+    pid = procs.start(worker)
+    _, wid, address = reports.get()
+    assert address == f"redis+unix://{redis_server.sock}?db=0&name=t"
+    w = wait_until(lambda: master.workers.get(wid), 5, "the worker joined")
+    assert w.pid == pid
+    done.set()
+    procs.join(pid)
+    assert master.join(timeout=5)

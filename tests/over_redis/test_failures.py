@@ -1,0 +1,530 @@
+"""Failures over Redis: a holder SIGKILLed or SIGSTOPped past its lease,
+Ctrl-C in a blocked acquire, a wake-up taken by a waiter that then gives up,
+the server killed and restarted.
+
+Sleeping past a lease is what some of these tests are about; everything else
+is sequenced with pipes and events, or polls the server's state with a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+
+import clusterhub
+from clusterhub import ConnectError, HubError, LockError
+
+from .conftest import (
+    LEASE,
+    MP,
+    Procs,
+    RedisServer,
+    Reports,
+    connect,
+    wait_blocked_clients,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+MARGIN = 0.5  # s past a lease within which a death must have been noticed
+
+
+def wait_joined(master: clusterhub.Hub, wid: int) -> clusterhub.Worker:
+    return wait_until(lambda: master.workers.get(wid), 5, f"worker {wid} in hub.workers")
+
+
+# ---- dead and paused holders ------------------------------------------------------------
+
+
+def test_holder_sigkilled(redis_server: RedisServer, master: clusterhub.Hub, procs: Procs,
+                          reports: Reports) -> None:
+    """A holder SIGKILLed: a waiting process gets the key within the lease
+    plus a margin, recovered, with a higher token; the master's on_exit
+    fires for it and hub.workers drops it within the same bound; join()."""
+    exited: list[tuple[int, float]] = []
+    noticed = threading.Event()
+
+    @master.on_exit
+    def _(w: clusterhub.Worker) -> None:
+        exited.append((w.id, time.monotonic()))
+        noticed.set()
+
+    url = redis_server.url("t")
+
+    def holder() -> None:
+        hub = connect(url)
+        lk = hub.lock("k")
+        assert lk.acquire()
+        reports.put("held", hub.worker_id, lk.fencing_token)
+        threading.Event().wait(60)
+
+    def waiter() -> None:
+        hub = connect(url)
+        lk = hub.lock("k")
+        reports.put("waiting", hub.worker_id)
+        ok = lk.acquire(timeout=20)
+        reports.put("got", ok, time.monotonic(), lk.recovered, lk.fencing_token)
+        lk.release()
+        hub.close()
+
+    h = procs.start(holder)
+    _, hid, token = reports.get()
+    w = wait_joined(master, hid)
+    assert w.pid == h and w.host == socket.gethostname() and w.is_alive()
+    assert [(r.key, r.pid, r.worker_id) for r in master.held_locks()] == [(b"k", h, hid)]
+    procs.start(waiter)
+    _, wid = reports.get()
+    wait_joined(master, wid)
+    wait_blocked_clients(redis_server, 2)  # the waiter, and the master's watcher
+
+    t_kill = time.monotonic()
+    os.kill(h, signal.SIGKILL)
+    procs.join(h, -signal.SIGKILL)
+    _, ok, t_got, recovered, new_token = reports.get(timeout=LEASE + 5)
+    assert ok and recovered and new_token > token
+    assert t_got - t_kill < LEASE + MARGIN, f"recovered {t_got - t_kill:.3f} s after the kill"
+    assert noticed.wait(LEASE + 5)
+    assert exited[0][0] == hid and exited[0][1] - t_kill < LEASE + MARGIN
+    assert hid not in master.workers and not w.is_alive()
+    assert master.join(timeout=5)  # (the waiter left cleanly: at once)
+    assert [x[0] for x in exited] == [hid, wid]
+
+
+def test_holder_paused_past_its_lease(redis_server: RedisServer, master: clusterhub.Hub, procs: Procs,
+                                      reports: Reports) -> None:
+    """A holder SIGSTOPped past its lease: another process acquires with a
+    higher token (recovered); after SIGCONT the paused one sees ``lost`` on
+    both its keys (also the one nobody took meanwhile), its release() raises
+    LockError for both, and it works again (a new acquire, not lost)."""
+    resumed = MP.Event()
+    url = redis_server.url("t")
+
+    def holder() -> None:
+        hub = connect(url)
+        lk, other = hub.lock("k"), hub.lock("untouched")
+        assert lk.acquire() and other.acquire()
+        reports.put("held", lk.fencing_token)
+        assert resumed.wait(30)
+        t0 = time.monotonic()
+        while not (lk.lost and other.lost) and time.monotonic() - t0 < 5:
+            time.sleep(0.005)  # (``lost`` is set by the renewer, which has no event to wait on)
+        errors = []
+        for h in (lk, other):
+            try:
+                h.release()
+                errors.append(None)
+            except LockError as e:
+                errors.append(type(e).__name__)
+        reports.put("after", lk.lost, other.lost, round(time.monotonic() - t0, 3), errors, other.locked())
+        ok = lk.acquire(timeout=10)
+        reports.put("again", ok, lk.fencing_token, lk.lost, lk.recovered)
+        lk.release()
+        hub.close()
+
+    pid = procs.start(holder)
+    _, token = reports.get()
+    lk = master.lock("k")
+    t_stop = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    assert lk.acquire(timeout=LEASE + 5)
+    assert time.monotonic() - t_stop < LEASE + MARGIN
+    assert lk.recovered and lk.fencing_token > token and not lk.lost
+    # the paused process's other key stays unreleased while it is paused...
+    time.sleep(max(0.0, t_stop + LEASE + 0.2 - time.monotonic()))  # (past its lease: the subject)
+    assert not master.lock("untouched").locked()  # ...but nobody's: its holder's lease is gone
+    os.kill(pid, signal.SIGCONT)
+    resumed.set()
+    _, lost, other_lost, took, errors, other_locked = reports.get(timeout=10)
+    assert lost and other_lost and took < 1.0
+    assert errors == ["LockError", "LockError"]
+    assert not other_locked
+    assert [(r.key, r.pid) for r in master.held_locks()] == [(b"k", os.getpid())]
+    mine = lk.fencing_token
+    lk.release()
+    _, ok, again, again_lost, again_recovered = reports.get(timeout=10)
+    assert ok and again > mine and not again_lost and not again_recovered
+    procs.join(pid)
+
+
+# ---- Ctrl-C, and wake-ups taken by waiters that give up ---------------------------------
+
+
+def test_ctrl_c_interrupts_a_blocked_acquire(redis_server: RedisServer, procs: Procs, reports: Reports,
+                                             worker_hubs: Any) -> None:
+    """SIGINT to a process blocked in acquire(): KeyboardInterrupt at once,
+    nothing held, no wake-up lost or left for good; the process can acquire
+    again, and the holder's release goes straight to the next waiter."""
+    url = redis_server.url("ctrlc")
+    hub = worker_hubs(url, lease=LEASE)
+    lk = hub.lock("k")
+    assert lk.acquire()
+    again = MP.Event()
+
+    def waiter() -> None:
+        h = connect(url, lease=LEASE)
+        w = h.lock("k")
+        reports.put("waiting")
+        try:
+            w.acquire(timeout=30)
+            reports.put("acquired?!")
+        except KeyboardInterrupt:
+            reports.put("interrupted", time.monotonic(), [r.pid for r in h.held_locks()])
+        assert again.wait(20)
+        ok = w.acquire(timeout=10)
+        reports.put("again", ok, time.monotonic())
+        w.release()
+        h.close()
+
+    pid = procs.start(waiter)
+    assert reports.get() == ("waiting",)
+    wait_blocked_clients(redis_server, 1)
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGINT)
+    what, t_int, holders = reports.get()
+    assert what == "interrupted" and holders == [os.getpid()]
+    assert t_int - t0 < 0.2, f"Ctrl-C took {t_int - t0:.3f} s"
+    assert [r.pid for r in hub.held_locks()] == [os.getpid()]
+    r = redis_server.client()
+    wake = b"{ch:ctrlc}:wake:k"
+    assert r.llen(wake) == 0  # (the interrupted waiter took nothing)
+    again.set()
+    wait_blocked_clients(redis_server, 1)
+    t_rel = time.monotonic()
+    lk.release()
+    _, ok, t_got = reports.get()
+    assert ok and t_got - t_rel < 0.1
+    procs.join(pid)
+    # what a release leaves for waiters that are gone expires (2 leases)
+    assert r.llen(wake) <= 1 and r.pttl(wake) in (-2, *range(1, int(2000 * LEASE) + 1))
+    assert r.keys(b"{ch:ctrlc}:lock:*") == []
+    r.close()
+
+
+def _woken_then(action: Callable[[], None]) -> Callable[[clusterhub.Hub], None]:
+    """Make ``hub``'s waits run ``action`` right after BLPOP returned a
+    wake-up (before the waiter tries the key)."""
+
+    def patch(hub: clusterhub.Hub) -> None:
+        link = hub._link  # type: ignore[attr-defined]
+        real = link.wait_wake
+
+        def wait_wake(key: bytes, seconds: float) -> bool:
+            got = real(key, seconds)
+            if got:
+                action()
+            return bool(got)
+
+        link.wait_wake = wait_wake
+
+    return patch
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "ctrl-c-after-a-barger", "timeout-after-a-barger", "cancelled"])
+def test_a_wakeup_taken_by_a_waiter_that_gives_up_is_passed_on(how: str, redis_server: RedisServer, procs: Procs,
+                                                               reports: Reports, worker_hubs: Any) -> None:
+    """Two waiting processes, A blocked first (so the release's wake-up goes
+    to A), then B.  Right after A took the wake-up it gives up: Ctrl-C
+    (a real SIGINT), Ctrl-C after a barging acquire took the key back, its
+    timeout passing while a barger holds the key, or (asyncio) its task
+    cancelled.  B must get the key at once after the release that follows:
+    with a 3 s lease a lost wake-up would cost B seconds."""
+    url = redis_server.url("pass")
+    lease = 3.0
+    holder = worker_hubs(url, lease=lease)
+    lk = holder.lock("k")
+    assert lk.acquire()
+    barged = MP.Event()
+
+    def sigint_self() -> None:
+        reports.put("woken")
+        if how == "ctrl-c-after-a-barger":
+            assert barged.wait(10)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # (KeyboardInterrupt ends this at once)
+
+    def outlive_deadline() -> None:
+        reports.put("woken")
+        assert barged.wait(10)
+        time.sleep(max(0.0, t_deadline.value - time.monotonic()) + 0.05)
+
+    t_deadline = MP.RawValue("d", 0.0)
+
+    def waiter_a() -> None:
+        h = connect(url, lease=lease)
+        w = h.lock("k")
+        if how == "cancelled":
+
+            async def main() -> None:
+                client = h._link.aio(asyncio.get_running_loop())[0]  # type: ignore[attr-defined]
+                real = client.blpop
+
+                async def blpop(*a: Any, **kw: Any) -> Any:
+                    got = await real(*a, **kw)
+                    if got is not None:
+                        reports.put("woken")
+                        asyncio.current_task().cancel()  # type: ignore[union-attr]
+                        await asyncio.sleep(5)
+                    return got
+
+                client.blpop = blpop
+                reports.put("waiting")
+                try:
+                    await w.acquire_async(timeout=30)
+                    reports.put("acquired?!")
+                except asyncio.CancelledError:
+                    reports.put("gave up", "cancelled")
+
+            asyncio.run(main())
+        else:
+            _woken_then(outlive_deadline if how == "timeout-after-a-barger" else sigint_self)(h)
+            reports.put("waiting")
+            try:
+                t_deadline.value = time.monotonic() + 2.0
+                ok = w.acquire(timeout=2.0)
+                reports.put("gave up", f"acquire returned {ok}")
+            except KeyboardInterrupt:
+                reports.put("gave up", "interrupted")
+        h.close()
+
+    def waiter_b() -> None:
+        h = connect(url, lease=lease)
+        w = h.lock("k")
+        reports.put("waiting")
+        ok = w.acquire(timeout=30)
+        reports.put("got", ok, time.monotonic())
+        w.release()
+        h.close()
+
+    a = procs.start(waiter_a)
+    assert reports.get() == ("waiting",)
+    wait_blocked_clients(redis_server, 1)
+    b = procs.start(waiter_b)
+    assert reports.get() == ("waiting",)
+    wait_blocked_clients(redis_server, 2)
+
+    t_rel = time.monotonic()
+    lk.release()
+    assert reports.get() == ("woken",)  # A took the release's wake-up
+    if how in ("ctrl-c-after-a-barger", "timeout-after-a-barger"):
+        assert lk.acquire(timeout=0)  # the releaser takes the key back before A tries it
+        barged.set()
+        gave_up = reports.get(timeout=10)
+        assert gave_up == ("gave up", "interrupted" if how == "ctrl-c-after-a-barger" else "acquire returned False")
+        wait_blocked_clients(redis_server, 1)  # B still waits
+        t_rel = time.monotonic()
+        lk.release()
+        _, ok, t_got = reports.get(timeout=10)
+    else:  # (A passes the wake-up on before it reports: either report may come first)
+        got = {r[0]: r[1:] for r in reports.get_n(2, timeout=10)}
+        assert got["gave up"] == ("cancelled" if how == "cancelled" else "interrupted",)
+        ok, t_got = got["got"]
+    assert ok and t_got - t_rel < 0.1, f"B got the key {t_got - t_rel:.3f} s after the release ({how})"
+    procs.join(a)
+    procs.join(b)
+
+
+# ---- the server killed and restarted ----------------------------------------------------
+
+
+def test_server_killed_and_restarted(redis_server: RedisServer, master: clusterhub.Hub, procs: Procs,
+                                     reports: Reports, caplog: pytest.LogCaptureFixture) -> None:
+    """While the server is down, calls raise ConnectError (a HubError); once
+    it is back they work: every lock held before is lost (release raises
+    LockError), tokens keep increasing (the counter is re-seeded from the
+    server's clock), a key taken right after the restart is exclusive, and
+    the live worker is not reported dead."""
+    url = redis_server.url("t")
+    checked, go, leave = MP.Event(), MP.Event(), MP.Event()
+    exited: list[int] = []
+    master.on_exit(lambda w: exited.append(w.id))
+
+    def worker() -> None:
+        hub = connect(url, lease=10.0)  # (renewed every 1 s: the master must give it time after a restart)
+        lk = hub.lock("w")
+        assert lk.acquire()
+        reports.put("held", hub.worker_id, lk.fencing_token)
+        assert checked.wait(30)
+        t0 = time.monotonic()
+        while not lk.lost and time.monotonic() - t0 < 5:
+            time.sleep(0.005)  # (set by the renewer: no event to wait on)
+        try:
+            lk.release()
+            err = None
+        except LockError as e:
+            err = type(e).__name__
+        reports.put("after", lk.lost, err)
+        assert go.wait(30)
+        z = hub.lock("z")
+        ok = z.acquire(timeout=0.5)  # the master took "z" right after the restart
+        reports.put("z", ok)
+        assert leave.wait(30)
+        hub.close()
+
+    pid = procs.start(worker)
+    _, wid, wtoken = reports.get()
+    wait_joined(master, wid)
+    lm = master.lock("m")
+    assert lm.acquire()
+    mtoken = lm.fencing_token
+
+    redis_server.kill()
+    for call in (lambda: master.lock("x").acquire(timeout=1), master.held_locks, lambda: master.lock("x").locked()):
+        with pytest.raises(ConnectError) as e:
+            call()
+        assert isinstance(e.value, HubError)
+    redis_server.restart()
+    t_back = time.monotonic()
+
+    with master.lock("z") as z:  # right away (before the renewer noticed the restart, often)
+        assert z.fencing_token > max(wtoken, mtoken) and not z.recovered
+        go_after = time.monotonic()
+        checked.set()
+        _, lost, err = reports.get(timeout=10)
+        assert lost and err == "LockError"
+        go.set()
+        assert reports.get(timeout=10) == ("z", False), "the worker took a key the master held"
+        assert time.monotonic() - go_after < 5
+    wait_until(lambda: lm.lost, 5, "the master's lock lost")
+    with pytest.raises(LockError):
+        lm.release()
+    with lm as held:
+        assert held.fencing_token > z.fencing_token and not held.lost
+    time.sleep(max(0.0, t_back + 2 * LEASE - time.monotonic()))  # (past the leases the restart took: the subject)
+    assert exited == [] and wid in master.workers  # (alive all along)
+    leave.set()
+    procs.join(pid)
+    assert master.join(timeout=5) and exited == [wid]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "clusterhub"]
+    assert any("restarted" in m for m in warnings), warnings
+
+
+def test_a_key_taken_right_after_a_restart_is_exclusive(redis_server: RedisServer, procs: Procs, reports: Reports,
+                                                       worker_hubs: Any) -> None:
+    """Right after a restart, before the renewers (every 0.5 s: lease 5 s)
+    took new leases: a key taken then is not free for another process, as it
+    would be if taken under a lease the server no longer has."""
+    url = redis_server.url("fresh")
+    hub = worker_hubs(url, lease=5.0)
+    go = MP.Event()
+
+    def other() -> None:
+        h = connect(url, lease=5.0)
+        reports.put("ready")
+        assert go.wait(30)
+        w = h.lock("z")
+        ok = w.acquire(timeout=0.2)
+        reports.put("z", ok, w.recovered)
+        if ok:
+            w.release()
+        h.close()
+
+    pid = procs.start(other)
+    assert reports.get() == ("ready",)
+    redis_server.restart()
+    with hub.lock("z") as z:
+        assert not z.recovered and not z.lost
+        go.set()
+        assert reports.get(timeout=10) == ("z", False, False), "another process took a held key"
+    procs.join(pid)
+
+
+def test_release_during_an_outage_completes_later(redis_servers: Callable[..., RedisServer], procs: Procs,
+                                                  reports: Reports, worker_hubs: Any) -> None:
+    """With a persistent server: a release whose reply never came (the
+    server was down) is finished by the renewer once the server is back, so
+    the key is free for the others (not held for as long as we live)."""
+    server = redis_servers(extra=("--appendonly", "yes", "--appendfsync", "always"))
+    url = server.url("aof")
+    hub = worker_hubs(url, lease=LEASE)
+    lk = hub.lock("p")
+    assert lk.acquire()
+    server.kill()
+    with pytest.raises(ConnectError):
+        lk.release()
+    server.restart()
+    assert server.client().get(b"{ch:aof}:fence") is not None  # (the data persisted)
+
+    def taker() -> None:
+        h = connect(url, lease=LEASE)
+        w = h.lock("p")
+        t0 = time.monotonic()
+        ok = w.acquire(timeout=5 * LEASE)
+        reports.put("got", ok, time.monotonic() - t0, w.recovered)
+        w.release()
+        h.close()
+
+    pid = procs.start(taker)
+    _, ok, took, recovered = reports.get(timeout=15)
+    assert ok and not recovered and took < LEASE
+    procs.join(pid)
+    assert lk.acquire(timeout=5)
+    lk.release()
+
+
+def test_close_quietly_while_server_down(redis_server: RedisServer, worker_hubs: Any) -> None:
+    """close() with the server gone returns (the lease runs out by itself)."""
+    hub = worker_hubs(redis_server.url("down"), lease=LEASE)
+    redis_server.kill()
+    t0 = time.monotonic()
+    hub.close()
+    assert time.monotonic() - t0 < 2
+
+
+def test_a_master_paused_past_its_lease_and_replaced(redis_server: RedisServer, procs: Procs, reports: Reports,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A master paused past its lease loses the name to a new master; when
+    it resumes, its own locks still work (a new holding is not lost at its
+    next renewal), and it says so once rather than at every renewal."""
+    url = redis_server.url("twice")
+    resumed = MP.Event()
+
+    def old_master() -> None:
+        import logging
+
+        records: list[str] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(record.getMessage())
+
+        logging.getLogger("clusterhub").addHandler(Keep())
+        hub = clusterhub.Hub(address=url, lease=LEASE)
+        reports.put("master")
+        assert resumed.wait(30)
+        lk = hub.lock("k")
+        assert lk.acquire(timeout=10)
+        time.sleep(5 * LEASE / 10)  # (five renewals: the subject)
+        reports.put("after", lk.lost, hub.is_master, len(records))
+        lk.release()
+        hub.close()
+
+    pid = procs.start(old_master)
+    assert reports.get() == ("master",)
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    new = wait_until(lambda: _try_master(url), LEASE + 5, "the name free again")
+    assert time.monotonic() - t0 < LEASE + MARGIN
+    try:
+        os.kill(pid, signal.SIGCONT)
+        resumed.set()
+        _, lost, is_master, n_logged = reports.get(timeout=10)
+        assert not lost
+        assert n_logged <= 3
+        procs.join(pid)
+    finally:
+        new.close()
+
+
+def _try_master(url: str) -> Any:
+    try:
+        return clusterhub.Hub(address=url, lease=LEASE)
+    except clusterhub.AddressInUse:
+        return None
