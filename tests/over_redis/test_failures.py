@@ -528,3 +528,24 @@ def _try_master(url: str) -> Any:
         return clusterhub.Hub(address=url, lease=LEASE)
     except clusterhub.AddressInUse:
         return None
+
+
+def test_lost_by_our_own_clock_while_the_server_cannot_answer(redis_server: RedisServer) -> None:
+    """A holder cut off from the server (here: the server is stopped) longer
+    than its lease reads ``lost`` before the server can tell it so, and its
+    release then raises LockError, even though nobody took the key."""
+    lease = 0.5
+    hub = clusterhub.Hub(address=redis_server.url("own-clock"), lease=lease)
+    lk = hub.lock("k")
+    assert lk.acquire(timeout=5)
+    assert not lk.lost
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        time.sleep(lease * 1.6)  # (time is the subject: the lease runs out unrenewed)
+        assert lk.lost
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    with pytest.raises(LockError, match="lost"):
+        lk.release()
+    assert lk.lost
+    hub.close()

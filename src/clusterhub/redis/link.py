@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import weakref
 from typing import Any, AsyncGenerator, Callable, Optional, TypeVar
 
@@ -95,8 +96,16 @@ class Link:
     def __init__(self, url: RedisURL, lease: Optional[float], *, master: bool,
                  connect_timeout: Optional[float] = 5.0) -> None:
         # lease None (a worker not told): the master's, read when joining.
+        # connect_timeout None: a lease and then some (never the kernel's
+        # minutes of SYN retries, which would stall the renewer).
         self.url = url
         self._set_lease(DEFAULT_LEASE if lease is None else lease)
+        if connect_timeout is None:
+            connect_timeout = self.lease + 5.0
+        # When our lease runs out at the latest, by our clock: the time a
+        # renewal that succeeded was sent, plus the lease.  Past it, what we
+        # hold counts as lost even before the server can say so.
+        self.valid_until = 0.0
         self._lease_given = lease is not None
         self.prefix = f"{{ch:{url.name}}}:".encode()
         self.is_master = master
@@ -198,7 +207,9 @@ class Link:
     def _register(self) -> None:
         wid = "-" if self.worker_id is None else str(self.worker_id)
         info = f"{os.getpid()} {HOST} {wid}"
+        sent = time.monotonic()
         self.call(self.client.set, self.lease_key(self.proc_id), info, px=self.lease_ms)
+        self.valid_until = sent + self.lease
         self.call(self.client.hset, self.key(b"procs"), str(self.proc_id), info)
 
     # ---- the lease --------------------------------------------------------------------
@@ -228,10 +239,12 @@ class Link:
     def _renew_locked(self) -> None:
         lk = self.lease_key(self.proc_id)
         named = self.is_master and not self.deposed
+        sent = time.monotonic()
         ok = self.call(self._renew, keys=[lk, self.key(b"master") if named else lk],
                        args=[self.lease_ms, self.proc_id, int(named)])
         run_id = self.call(self.client.info, "server")["run_id"]
         if ok and run_id == self.run_id:
+            self.valid_until = sent + self.lease
             if ok == 2:  # (the lease was renewed: what we hold is still ours)
                 self._retake_name()
             return

@@ -120,9 +120,18 @@ class RedisLock:
     @property
     def lost(self) -> bool:
         """Whether the latest acquire's holding was lost: this process's
-        lease ran out while it held the lock, or the server lost its data."""
+        lease ran out while it held the lock (known from our own clock when
+        renewals have not succeeded for a lease, even while the server is
+        unreachable), or the server lost its data."""
         h = self._latest_holding()
-        return h is not None and h.lost
+        if h is None:
+            return False
+        if h.lost:
+            return True
+        # Still held, but our lease may have run out while the server could
+        # not tell us (a cut link): by our own clock it is lost then.
+        link = self._locks.link
+        return link is not None and h.acq in link.held and time.monotonic() > link.valid_until
 
     def locked(self) -> bool:
         """Whether a live process holds the lock now (a snapshot)."""
@@ -219,7 +228,9 @@ class RedisLock:
             raise LockError(f"lock {self.key!r} is not held by this {_whom(owner)}")
         if link is None:
             raise HubClosedError("this hub is closed")
-        if not link.release(h) or h.lost:
+        expired = time.monotonic() > link.valid_until  # (before the call: see Link.valid_until)
+        if not link.release(h) or h.lost or expired:
+            h.lost = True
             raise _lost(self.key)
 
     # ---- asyncio -----------------------------------------------------------------------
@@ -289,6 +300,7 @@ class RedisLock:
         if link is None:
             raise HubClosedError("this hub is closed")
         _, _, _, release = link.aio(asyncio.get_running_loop())[:4]
+        expired = time.monotonic() > link.valid_until
         args = link.release_args(h)
         try:
             ok = await release(**args)
@@ -297,7 +309,8 @@ class RedisLock:
             if isinstance(e, Exception):
                 raise translate(e, link.url) from e
             raise
-        if not link.released(h, ok) or h.lost:
+        if not link.released(h, ok) or h.lost or expired:
+            h.lost = True
             raise _lost(self.key)
 
 
