@@ -53,6 +53,7 @@ import pytest
 from clusterhub.bench.host import UNPINNED, Batch, Sample, Unavailable
 from clusterhub.bench.jobs import Job, Target
 
+from . import _redis
 from ._peers import optional
 
 APP_DIR = Path(__file__).resolve().parent / "http"
@@ -120,30 +121,6 @@ def _exited(proc: subprocess.Popen[bytes], log: Path) -> Callable[[], Optional[s
         return f"exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}"
 
     return why
-
-
-@contextlib.contextmanager
-def _redis_server(tmp: Path) -> Iterator[str]:
-    """A redis-server on a Unix socket in ``tmp`` (no TCP port, no persistence)."""
-    sock, log = tmp / "redis.sock", tmp / "redis.log"
-    argv = ["redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-            "--save", "", "--appendonly", "no", "--dir", str(tmp), "--logfile", str(log)]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        client = redis.Redis(unix_socket_path=str(sock))
-
-        def answers() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                return False
-
-        _wait_until(answers, STARTUP_TIMEOUT, "redis-server", _exited(proc, log))
-        client.close()
-        yield str(sock)
-    finally:
-        _stop(proc)
 
 
 def _free_port() -> int:
@@ -314,7 +291,7 @@ def served(kind: str) -> Callable[..., Any]:
             counter = Counter(tmp / "counter")
             env = {"CLUSTERHUB_BENCH_ADDRESS": f"@clusterhub-bench-http-{uuid.uuid4().hex[:12]}"}
             if kind == "redis":
-                env["CLUSTERHUB_BENCH_REDIS"] = stack.enter_context(_redis_server(tmp))
+                env["CLUSTERHUB_BENCH_REDIS"] = _redis.server().path  # (the run's server: benchmarks/_redis.py)
             port = stack.enter_context(_gunicorn(kind, tmp, env))
 
             def batch(seconds: int) -> Sample:

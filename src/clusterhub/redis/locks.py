@@ -29,6 +29,11 @@ Key = Union[str, bytes]
 _CACHE_MAX = 4096
 _MARGIN = 0.002  # s past the holder's lease before trying again
 _OMITTED: Any = object()
+# A holder whose lease has less than this left (ms) has missed most of its
+# renewals (they come every lease/10): the waiter sleeps on its own clock to
+# the lease's end rather than in BLPOP, whose timeout Redis only checks on
+# its 100 ms tick (a dead holder's lock would pass on up to 100 ms late).
+_NEAR_END_MS = 150
 
 
 class RedisLocks:
@@ -216,7 +221,10 @@ class RedisLock:
                     if rem <= 0:
                         return None
                     wait = min(wait, rem)
-                woken = link.wait_wake(self.key, wait) or woken
+                if left_ms < _NEAR_END_MS:  # (see _NEAR_END_MS)
+                    time.sleep(wait)
+                else:
+                    woken = link.wait_wake(self.key, wait) or woken
         except BaseException:
             _give_up(link, self.key, acq)
             raise
@@ -274,7 +282,11 @@ class RedisLock:
                     if rem <= 0:
                         raise LockTimeout(f"lock {self.key!r} not acquired within {timeout} s")
                     wait = min(wait, rem)
-                woken = await client.blpop([link.wake_key(self.key)], timeout=max(0.001, round(wait, 3))) is not None
+                if left_ms < _NEAR_END_MS:
+                    await asyncio.sleep(wait)
+                else:
+                    got = await client.blpop([link.wake_key(self.key)], timeout=max(0.001, round(wait, 3)))
+                    woken = got is not None or woken
         except LockTimeout:
             raise
         except BaseException as e:
