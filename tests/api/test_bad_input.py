@@ -686,3 +686,5 @@ def test_every_row_of_the_document_has_a_test() -> None:
                 assert f"def {ref.split('::')[1]}(" in errors, f"{ref} is missing"
             else:
                 assert f"def {ref}(" in ours, f"{ref} is missing from test_bad_input.py"
+        for path, name in re.findall(r"`(tests/[\w/]+\.py)::(test_\w+)`", row.split("|")[-2]):
+            assert f"def {name}(" in (ROOT / path).read_text(), f"{path}::{name} is missing"
