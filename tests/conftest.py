@@ -72,6 +72,19 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"servers: {', '.join(found) or 'none installed (the integration extra)'}"]
 
 
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.005) -> Any:
+    """Poll ``cond`` until truthy, for state that sends no event (an outside
+    server's, a lease's); fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
 class RedisServer:
     """A real ``redis-server`` (Debian's package) of the tests: its own
     directory, a free TCP port (``bind``, default 127.0.0.1) and a Unix

@@ -23,7 +23,7 @@ import pytest
 import clusterhub
 from clusterhub import MasterDied
 
-from conftest import Reports, join_ok
+from conftest import Reports, fork_child, join_ok
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -258,7 +258,7 @@ def test_master_death_fails_the_await(reports: Reports, attached: bool) -> None:
     await raises MasterDied (the worker outlives it: exit_on_master_death
     off)."""
     r, wfd = os.pipe()
-    pid = os.fork()
+    pid = fork_child()
     if pid == 0:  # the master, in a process of its own
         try:
             hub = clusterhub.Hub(exit_on_master_death=False)

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
+import conftest
 from conftest import ROOT, free_port  # noqa: F401  (free_port: for the tests here)
 
 EXAMPLES = ROOT / "examples"
@@ -51,16 +51,9 @@ def address() -> str:
 
 
 def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``cond`` until truthy (for an outside server's state, which sends
-    us no event); fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    """conftest.wait_until, polling less often: the conditions here ask a
+    server over HTTP (and every request counts towards gunicorn's max_requests)."""
+    return conftest.wait_until(cond, timeout, what, interval)
 
 
 class Server:

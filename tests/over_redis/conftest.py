@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -21,7 +20,17 @@ import pytest
 
 import clusterhub
 
-from conftest import MP, RedisServer, Reports, kill_and_reap, pid_gone, require_redis, run_forked, waitpid_bounded
+from conftest import (
+    MP,
+    RedisServer,
+    Reports,
+    kill_and_reap,
+    pid_gone,
+    require_redis,
+    run_forked,
+    wait_until,
+    waitpid_bounded,
+)
 
 LEASE = 1.0  # the tests' default lease (s): death noticed within about this
 
@@ -119,19 +128,6 @@ def connect(url: str, lease: Optional[float] = None) -> clusterhub.Hub:
 def close_quietly(hub: clusterhub.Hub) -> None:
     with contextlib.suppress(clusterhub.HubError):
         hub.close(timeout=2.0)
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.005) -> Any:
-    """Poll ``cond`` (state that sends no event: a server's, a lease's) until
-    truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def blocked_clients(server: RedisServer) -> int:
