@@ -56,12 +56,12 @@ def connect(
     """
     timeout = check_timeout(timeout)
     spin = check_spin(spin)
-    if is_redis(address):
-        return _connect_redis(address, timeout, authkey, lease)
-    if lease is not None:
-        raise ValueError("lease= is for a hub on a Redis server (a 'redis://...' address)")
     if setup is not None and not callable(setup):
         raise TypeError("setup must be callable as setup(hub)")
+    if is_redis(address):
+        return _connect_redis(address, timeout, authkey, lease, setup)
+    if lease is not None:
+        raise ValueError("lease= is for a hub on a Redis server (a 'redis://...' address)")
     addr = parse_address(address)
     spec = "pickle" if serializer is None else serializer
     protocol.serializer_functions(spec)  # (checks it)
@@ -115,7 +115,11 @@ def _worker_side(locks_fd: int, worker_id: int, serializer: Union[str, protocol.
     return hub, procs
 
 
-def _connect_redis(address: str, timeout: Optional[float], authkey: Optional[bytes], lease: Optional[float]) -> Hub:
+def _connect_redis(address: str, timeout: Optional[float], authkey: Optional[bytes], lease: Optional[float],
+                   setup: Optional[Callable[[Hub], Any]]) -> Hub:
+    """``connect()`` of a Redis address (part 1: locks and processes; the
+    message options, ``serializer``, ``exit_on_master_death`` and ``spin``,
+    have nothing to act on yet)."""
     from .redis.hub import RedisHub, connect_redis
     from .redis.url import parse
 
@@ -125,6 +129,12 @@ def _connect_redis(address: str, timeout: Optional[float], authkey: Optional[byt
         if known is not None and not known[0]._closed:
             return known[0]
         hub: RedisHub = connect_redis(address, timeout=timeout, authkey=authkey, lease=lease)
+        try:
+            if setup is not None:
+                setup(hub)
+        except BaseException:
+            hub.close()
+            raise
         _hubs[key] = (hub, None)  # type: ignore[assignment]
         return hub
 

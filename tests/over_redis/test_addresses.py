@@ -158,3 +158,21 @@ def test_unix_socket_and_tcp_are_one_hub(redis_server: RedisServer, master: clus
     done.set()
     procs.join(pid)
     assert master.join(timeout=5)
+
+
+def test_connect_runs_setup(redis_server: RedisServer) -> None:
+    """connect(setup=...) calls setup(hub) with the new hub; a setup that
+    raises leaves no hub behind (its lease is given up at once)."""
+    url = redis_server.url("setup")
+    seen = []
+    hub = clusterhub.connect(url, timeout=10, setup=seen.append)
+    assert seen == [hub] and hub.is_worker
+    hub.close()
+
+    def bad(h: clusterhub.Hub) -> None:
+        h.on("x", lambda data, sender: None)  # (messages over Redis: not yet, issue 21)
+
+    with pytest.raises(clusterhub.HubError, match="issue 21"):
+        clusterhub.connect(url, timeout=10, setup=bad)
+    leases = [k for k in redis_server.client().keys(b"{ch:setup}:proc:*")]
+    assert leases == []
