@@ -176,3 +176,21 @@ def test_connect_runs_setup(redis_server: RedisServer) -> None:
         clusterhub.connect(url, timeout=10, setup=bad)
     leases = [k for k in redis_server.client().keys(b"{ch:setup}:proc:*")]
     assert leases == []
+
+
+def test_hub_parameters_are_checked(redis_server: RedisServer) -> None:
+    """A Redis hub takes Hub's parameters and checks them as Hub does: an
+    unknown keyword is a TypeError (never silently ignored), allowed_uids
+    (a local hub's) a ValueError; nothing is written to the server."""
+    url = redis_server.url("params")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        clusterhub.Hub(address=url, leas=2.0)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="allowed_uids is for a local hub"):
+        clusterhub.Hub(address=url, allowed_uids=[0])
+    with pytest.raises(TypeError, match="spin must be a number"):
+        clusterhub.Hub(address=url, spin="50us")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown serializer"):
+        clusterhub.Hub(address=url, serializer="xml")
+    assert redis_server.client().keys(b"{ch:params}:*") == []
+    with clusterhub.Hub(address=url, serializer="json", lock_slots=8, max_queue=0) as hub:
+        assert hub.is_master

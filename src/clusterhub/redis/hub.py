@@ -17,10 +17,10 @@ import threading
 import time
 from typing import Any, Callable, NoReturn, Optional, Union
 
-from .. import forks
-from ..checks import check_timeout
+from .. import forks, protocol
+from ..checks import check_bool, check_int, check_spin, check_timeout
 from ..errors import HubClosedError, HubError, NotMasterError
-from ..hub import E, Hub
+from ..hub import DEFAULT_LOCK_SLOTS, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUE, DEFAULT_SPIN, E, Hub
 from ..locks import HeldLock
 from ..process import Worker
 from .link import DEFAULT_LEASE, HOST, Link, text
@@ -55,8 +55,33 @@ def check_lease(lease: float) -> float:
 class RedisHub(Hub):
     """A hub whose processes meet on a Redis server (see the module doc)."""
 
-    def __init__(self, *, address: str, lease: Optional[float] = None, authkey: Optional[bytes] = None,
-                 serializer: Any = "pickle", exit_on_master_death: bool = True, **_local: Any) -> None:
+    def __init__(
+        self,
+        *,
+        serializer: Any = "pickle",
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        lock_slots: int = DEFAULT_LOCK_SLOTS,
+        exit_on_master_death: bool = True,
+        batch_dispatcher: bool = True,
+        spin: float = DEFAULT_SPIN,
+        address: str,
+        authkey: Optional[bytes] = None,
+        allowed_uids: Optional[Any] = None,
+        lease: Optional[float] = None,
+    ) -> None:
+        # Hub's own parameters, checked as Hub checks them; those of messages
+        # have nothing to act on until part 2, lock_slots none over Redis.
+        protocol.serializer_functions(serializer)
+        check_int("max_message_size", max_message_size, 1, None)
+        check_int("max_queue", max_queue, 0, None)
+        check_int("lock_slots", lock_slots, 1, None)
+        check_bool("exit_on_master_death", exit_on_master_death)
+        check_bool("batch_dispatcher", batch_dispatcher)
+        check_spin(spin)
+        if allowed_uids is not None:
+            raise ValueError("allowed_uids is for a local hub: over Redis, the server's own authentication "
+                             "decides who may connect")
         self._setup(parse(address), check_lease(DEFAULT_LEASE if lease is None else lease), authkey, master=True,
                     timeout=5.0)
 
