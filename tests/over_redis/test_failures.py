@@ -103,7 +103,8 @@ def test_holder_paused_past_its_lease(redis_server: RedisServer, master: cluster
     """A holder SIGSTOPped past its lease: another process acquires with a
     higher token (recovered); after SIGCONT the paused one sees ``lost`` on
     both its keys (also the one nobody took meanwhile), its release() raises
-    LockError for both, and it works again (a new acquire, not lost)."""
+    LockError for both, and it works again (a new acquire, not lost).  The
+    master reports it exited meanwhile, and lists it again once it is back."""
     resumed = MP.Event()
     url = redis_server.url("t")
 
@@ -111,7 +112,7 @@ def test_holder_paused_past_its_lease(redis_server: RedisServer, master: cluster
         hub = connect(url)
         lk, other = hub.lock("k"), hub.lock("untouched")
         assert lk.acquire() and other.acquire()
-        reports.put("held", lk.fencing_token)
+        reports.put("held", lk.fencing_token, hub.worker_id)
         assert resumed.wait(30)
         t0 = time.monotonic()
         while not (lk.lost and other.lost) and time.monotonic() - t0 < 5:
@@ -130,7 +131,8 @@ def test_holder_paused_past_its_lease(redis_server: RedisServer, master: cluster
         hub.close()
 
     pid = procs.start(holder)
-    _, token = reports.get()
+    _, token, wid = reports.get()
+    wait_until(lambda: wid in master.workers, 5, "the master to list the worker")
     lk = master.lock("k")
     t_stop = time.monotonic()
     os.kill(pid, signal.SIGSTOP)
@@ -140,6 +142,7 @@ def test_holder_paused_past_its_lease(redis_server: RedisServer, master: cluster
     # the paused process's other key stays unreleased while it is paused...
     time.sleep(max(0.0, t_stop + LEASE + 0.2 - time.monotonic()))  # (past its lease: the subject)
     assert not master.lock("untouched").locked()  # ...but nobody's: its holder's lease is gone
+    wait_until(lambda: wid not in master.workers, 5, "the master to see the paused worker's lease run out")
     os.kill(pid, signal.SIGCONT)
     resumed.set()
     _, lost, other_lost, took, errors, other_locked = reports.get(timeout=10)
@@ -147,6 +150,8 @@ def test_holder_paused_past_its_lease(redis_server: RedisServer, master: cluster
     assert errors == ["LockError", "LockError"]
     assert not other_locked
     assert [(r.key, r.pid) for r in master.held_locks()] == [(b"k", os.getpid())]
+    # back with a new lease: the master lists it again
+    wait_until(lambda: wid in master.workers and master.workers[wid].pid == pid, 5, "the worker listed again")
     mine = lk.fencing_token
     lk.release()
     _, ok, again, again_lost, again_recovered = reports.get(timeout=10)

@@ -215,8 +215,23 @@ class RedisHub(Hub):
     def _event(self, ev: list[str]) -> None:
         if ev[0] == "joined" and len(ev) == 4:
             self._joined(int(ev[1]), int(ev[2]), ev[3])
+        elif ev[0] == "rejoined" and len(ev) == 4:
+            self._rejoined(int(ev[1]), int(ev[2]), ev[3])
         elif ev[0] == "left" and len(ev) == 2:
             self._exited(int(ev[1]))
+
+    def _rejoined(self, wid: int, pid: int, host: str) -> None:
+        """A worker whose lease ran out (paused, or cut off) took a new one:
+        if it was reported exited, it is listed again (a new ``Worker`` for
+        the same id; the old one keeps its exit)."""
+        with self._changed:
+            if wid in self._workers:
+                return
+        if self._link.call(self._link.client.pttl, self._link.lease_key(wid)) <= 0:
+            return  # (gone again: a stale event)
+        with self._changed:
+            self._gone.discard(wid)
+        self._joined(wid, pid, host)
 
     def _joined(self, wid: int, pid: int, host: str) -> None:
         with self._changed:

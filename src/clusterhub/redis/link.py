@@ -270,6 +270,8 @@ class Link:
         n = self.lose_all()
         log.warning("clusterhub: process %d: %s; %d held lock(s) lost", self.proc_id, why, n)
         self._register()
+        if not self.is_master:  # (a master that saw us gone lists us again)
+            self.call(self.client.rpush, self.key(b"events"), f"rejoined {self.proc_id} {os.getpid()} {HOST}")
         if named:
             self._retake_name()
 
