@@ -24,6 +24,7 @@ import asyncio
 import itertools
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -130,10 +131,14 @@ class Link:
         self.client = redis.Redis(**url.kwargs, socket_timeout=self.lease + 5.0, socket_connect_timeout=connect_timeout,
                                   retry=Retry(NoBackoff(), 0), health_check_interval=0)
         self.pool = self.client.connection_pool
-        self._acquire = _Script(self.client, scripts.ACQUIRE)
-        self._release = _Script(self.client, scripts.RELEASE)
-        self._pass_on = _Script(self.client, scripts.PASS_ON)
         self._renew = _Script(self.client, scripts.RENEW)
+        self._script_sha = {text: self.client.register_script(text).sha
+                            for text in (scripts.ACQUIRE, scripts.RELEASE, scripts.GIVE_UP)}
+        # The lock calls go over a connection of the calling thread's own
+        # (no pool to lock, no per-call bookkeeping: about half the client's
+        # CPU of a pooled call); see :meth:`lock_call`.
+        self._own = threading.local()
+        self._own_conns: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.held: dict[bytes, Holding] = {}  # acq -> holding, of every thread and task here
         self.held_lock = threading.Lock()
         # Releases whose reply never came (the link failed): the renewer
@@ -164,7 +169,7 @@ class Link:
                                     socket_connect_timeout=self.connect_timeout,
                                     retry=redis.asyncio.retry.Retry(NoBackoff(), 0))
             closer = _closed_with_loop(c)
-            got = self._aio[loop] = (c, c.register_script(scripts.ACQUIRE), c.register_script(scripts.PASS_ON),
+            got = self._aio[loop] = (c, c.register_script(scripts.ACQUIRE), c.register_script(scripts.GIVE_UP),
                                      c.register_script(scripts.RELEASE), closer)
             asyncio.ensure_future(closer.asend(None), loop=loop)  # (started: the loop knows it now)
         return got
@@ -189,6 +194,55 @@ class Link:
             return fn(*args, **kw)
         except redis.RedisError as e:
             raise translate(e, self.url) from e
+
+    def _conn(self) -> Any:
+        """The calling thread's own connection (made in this process: a
+        forked child does not use its parent's)."""
+        got = getattr(self._own, "c", None)
+        if got is None or got[0] != os.getpid():
+            conn = self.pool.make_connection()
+            self._own_conns.add(conn)
+            got = self._own.c = (os.getpid(), conn)
+        return got[1]
+
+    def lock_call(self, *command: Any, then: Optional[tuple[Any, ...]] = None) -> Any:
+        """One command over the thread's own connection (an EVALSHA of a
+        script not loaded yet is loaded and sent again), with redis-py's
+        errors as ours; with ``then``, a second command sent right behind it
+        (one round trip), and the pair of replies.  Anything that leaves a
+        reply unread (an error, a timeout, Ctrl-C) drops the connection: the
+        next call connects anew, and the server forgets a blocked command of
+        ours at once."""
+        conn = self._conn()
+        sock = getattr(conn, "_sock", None)
+        if sock is not None and select.select([sock], [], [], 0)[0]:
+            conn.disconnect()  # (between calls a socket has nothing to read: the server closed it, it restarted)
+        try:
+            for attempt in (1, 2):
+                packed = conn.pack_command(*command)
+                if then is not None:
+                    packed += conn.pack_command(*then)
+                conn.send_packed_command(packed, check_health=False)
+                try:
+                    first = conn.read_response()
+                except redis.exceptions.NoScriptError:
+                    if attempt == 2:
+                        raise
+                    if then is not None:
+                        conn.disconnect()  # (the command behind would block: the server drops it with us)
+                    self.call(self.client.script_load, next(t for t, h in self._script_sha.items()
+                                                            if h == command[1]))
+                    continue
+                return first if then is None else (first, conn.read_response())
+        except BaseException as e:
+            conn.disconnect()
+            if isinstance(e, redis.RedisError):
+                raise translate(e, self.url) from e
+            raise
+
+    def script(self, text: str, keys: list[Any], args: list[Any]) -> Any:
+        """A lock script over the thread's own connection."""
+        return self.lock_call("EVALSHA", self._script_sha[text], len(keys), *keys, *args)
 
     # ---- joining ----------------------------------------------------------------------
 
@@ -285,7 +339,7 @@ class Link:
 
     def retry_releases(self) -> None:
         while self.unreleased:
-            self.call(self._release, **self.unreleased[0])
+            self.script(scripts.RELEASE, **self.unreleased[0])
             del self.unreleased[0]
 
     def lose_all(self) -> int:
@@ -299,39 +353,65 @@ class Link:
     def new_acq(self) -> bytes:
         return f"{self.proc_id}:{os.getpid()}:{next(self._acq_ids)}".encode()
 
-    def acquire_args(self, key: bytes, acq: bytes, woken: bool) -> dict[str, Any]:
-        return {"keys": [self.lock_key(key), self.key(b"fence")],
-                "args": [self.proc_id, acq, self.prefix + b"proc:", int(woken)]}
+    def acquire_args(self, key: bytes, acq: bytes, queue: bool = True, slice_ms: int = 0) -> dict[str, Any]:
+        return {"keys": [self.lock_key(key), self.key(b"fence"), self.queue_key(key)],
+                "args": [self.proc_id, acq, self.prefix + b"proc:", int(queue), self.wake_key(acq), slice_ms]}
 
-    def try_acquire(self, key: bytes, acq: bytes, woken: bool) -> tuple[Optional[Holding], int]:
+    def try_acquire(self, key: bytes, acq: bytes, queue: bool = True) -> tuple[Optional[Holding], int]:
         """One attempt: (the holding, 0) when taken; (None, ms left of the
-        holder's lease) when a live process holds it; (None, -1) when our
-        own lease was gone (the caller renews it, see :meth:`renew`, and
-        tries again)."""
-        return self.acquired(key, acq, self.call(self._acquire, **self.acquire_args(key, acq, woken)))
+        holder's lease) when a live process holds it (queued when ``queue``:
+        see :meth:`wait_handed`); (None, -1) when our own lease was gone (the
+        caller renews it, see :meth:`renew`, and tries again)."""
+        return self.acquired(key, acq, self.script(scripts.ACQUIRE, **self.acquire_args(key, acq, queue)))
+
+    def acquire_or_wait(self, key: bytes, acq: bytes, seconds: float) -> tuple[Optional[Holding], int, bool]:
+        """An attempt with a wait of up to ``seconds`` right behind it, in
+        one round trip: (the holding, 0, _) when taken or handed to us in
+        that time; else (None, ms left of the holder's lease or -1, as
+        :meth:`try_acquire`, whether that is still current).  The wait is
+        skipped when the holder's lease ends sooner (the caller goes on in
+        slices of what is left): only then is the figure current."""
+        slice_ms = max(1, int(seconds * 1000))
+        args = self.acquire_args(key, acq, True, slice_ms)
+        r, got = self.lock_call("EVALSHA", self._script_sha[scripts.ACQUIRE], len(args["keys"]), *args["keys"],
+                                *args["args"], then=("BLPOP", self.wake_key(acq), slice_ms / 1000))
+        h, left_ms = self.acquired(key, acq, r)
+        if h is not None or got is None:
+            return h, left_ms, False
+        if got[1] == b"x":
+            return None, left_ms, True
+        return self.handed(key, acq, got), 0, False
 
     def acquired(self, key: bytes, acq: bytes, r: Any) -> tuple[Optional[Holding], int]:
         """The outcome of the acquire script (see :meth:`try_acquire`)."""
         if r[0] == -1:
             return None, -1
         if r[0] == 1:
-            h = Holding(key, acq, int(r[1]), bool(r[2]))
-            with self.held_lock:
-                self.held[acq] = h
-            return h, 0
+            return self.holding(key, acq, int(r[1]), bool(r[2])), 0
         return None, int(r[1])
+
+    def holding(self, key: bytes, acq: bytes, token: int, recovered: bool) -> Holding:
+        h = Holding(key, acq, token, recovered)
+        with self.held_lock:
+            self.held[acq] = h
+        return h
+
+    def handed(self, key: bytes, acq: bytes, got: Any) -> Optional[Holding]:
+        """The holding a ``BLPOP`` on our wake-up key returned (None: it timed out)."""
+        return None if got is None else self.holding(key, acq, int(got[1]), False)
 
     def release_args(self, h: Holding) -> dict[str, Any]:
         with self.held_lock:
             self.held.pop(h.acq, None)
-        return {"keys": [self.lock_key(h.key), self.wake_key(h.key)], "args": [h.acq, 2 * self.lease_ms]}
+        return self.give_up_args(h.key, h.acq)
 
     def release(self, h: Holding) -> bool:
-        """Release; False when it was not ours any more (lost).  When no
-        reply came (the link failed), the renewer tries again until one does."""
+        """Release (handing the key to the first live waiter); False when it
+        was not ours any more (lost).  When no reply came (the link failed),
+        the renewer tries again until one does."""
         args = self.release_args(h)
         try:
-            ok = self.call(self._release, **args)
+            ok = self.script(scripts.RELEASE, **args)
         except HubError:
             self.unreleased.append(args)
             raise
@@ -343,23 +423,28 @@ class Link:
             h.lost = True
         return bool(ok)
 
-    def pass_on_args(self, key: bytes) -> dict[str, Any]:
-        return {"keys": [self.lock_key(key), self.wake_key(key)], "args": [2 * self.lease_ms]}
+    def give_up_args(self, key: bytes, acq: bytes) -> dict[str, Any]:
+        return {"keys": [self.lock_key(key), self.key(b"fence"), self.queue_key(key)],
+                "args": [acq, self.prefix + b"proc:", self.prefix + b"wake:", 2 * self.lease_ms]}
+
+    def give_up(self, key: bytes, acq: bytes) -> None:
+        """An acquire that ends without the key: out of the queue, and what
+        was handed to it (or taken for it, the reply lost) goes to the next."""
+        self.script(scripts.GIVE_UP, **self.give_up_args(key, acq))
 
     def lock_key(self, key: bytes) -> bytes:
         return self.prefix + b"lock:" + key
 
-    def wake_key(self, key: bytes) -> bytes:
-        return self.prefix + b"wake:" + key
+    def queue_key(self, key: bytes) -> bytes:
+        return self.prefix + b"queue:" + key
 
-    def wait_wake(self, key: bytes, seconds: float) -> bool:
-        """Block until a release's wake-up (True) or ``seconds`` (False)."""
-        r = self.call(self.client.blpop, [self.wake_key(key)], timeout=max(0.001, round(seconds, 3)))
-        return r is not None
+    def wake_key(self, acq: bytes) -> bytes:
+        return self.prefix + b"wake:" + acq
 
-    def pass_on(self, key: bytes) -> None:
-        """A wake-up we took and will not use goes to the next waiter."""
-        self.call(self._pass_on, **self.pass_on_args(key))
+    def wait_handed(self, key: bytes, acq: bytes, seconds: float) -> Optional[Holding]:
+        """Block until a release hands us the key (the holding) or ``seconds`` (None)."""
+        got = self.lock_call("BLPOP", self.wake_key(acq), max(0.001, round(seconds, 3)))
+        return self.handed(key, acq, got)
 
     def locked(self, key: bytes) -> bool:
         owner = self.call(self.client.hget, self.lock_key(key), "owner")
@@ -401,6 +486,8 @@ class Link:
 
     def disconnect(self) -> None:
         self.pool.disconnect()
+        for conn in list(self._own_conns):
+            conn.disconnect()
 
     def abandon(self) -> None:
         """In a child forked by other code: touch nothing of the parent's."""

@@ -2,11 +2,12 @@
 (``with``, ``async with``, ``acquire``/``release``, ``recovered``,
 ``locked()``, ``threading.Condition``), plus ``fencing_token`` and ``lost``.
 
-A contended acquire blocks outside Lua, in ``BLPOP`` on the key's wake-up
-list, for at most the holder's remaining lease (plus 2 ms): a release wakes
-it at once, and a holder that died is noticed when its lease runs out,
-without polling in between.  A wake-up taken by a waiter that then gives up
-(timeout, cancel, Ctrl-C, an error) is passed on.
+A contended acquire queues on the key and blocks outside Lua, in ``BLPOP``
+on its own wake-up list, for at most the holder's remaining lease (plus
+2 ms): a release hands it the key at once (first come, first served), and a
+holder that died is noticed when its lease runs out, without polling in
+between.  A waiter that gives up (timeout, cancel, Ctrl-C, an error) leaves
+the queue, and passes on the key if it was handed over meanwhile.
 
 The owner of a holding is the thread, or for ``async with`` the task.  Over
 Redis a thread that exits holding a lock keeps it until its process's lease
@@ -34,6 +35,10 @@ _OMITTED: Any = object()
 # the lease's end rather than in BLPOP, whose timeout Redis only checks on
 # its 100 ms tick (a dead holder's lock would pass on up to 100 ms late).
 _NEAR_END_MS = 150
+# The wait sent with the first attempt, as a share of the lease: a live
+# holder renews every lease/10, so its lease has more left than that (the
+# wait is skipped otherwise; a dead holder is then noticed in exact slices).
+_FIRST_SLICE = 0.8
 
 
 class RedisLocks:
@@ -206,12 +211,24 @@ class RedisLock:
     def _acquire(self, link: Link, timeout: Optional[float]) -> Optional[Holding]:
         acq = link.new_acq()
         deadline = None if timeout is None else time.monotonic() + timeout
-        woken = False
         try:
-            while True:
-                h, left_ms = link.try_acquire(self.key, acq, woken)
+            if timeout == 0:  # a try: not queued
+                h, left_ms = link.try_acquire(self.key, acq, queue=False)
+                if left_ms >= 0:  # (-1: our lease was gone; renewed below)
+                    return h
+                fresh = True
+            else:  # the first attempt and a wait in one round trip
+                first = _FIRST_SLICE * link.lease
+                h, left_ms, fresh = link.acquire_or_wait(self.key, acq, first if timeout is None
+                                                         else min(first, timeout))
                 if h is not None:
                     return h
+            while True:
+                if not fresh:
+                    h, left_ms = link.try_acquire(self.key, acq)
+                    if h is not None:
+                        return h
+                fresh = False
                 if left_ms < 0:  # our lease was gone: renew it (what we held is lost), try again
                     link.renew()
                     continue
@@ -219,12 +236,15 @@ class RedisLock:
                 if deadline is not None:
                     rem = deadline - time.monotonic()
                     if rem <= 0:
+                        link.give_up(self.key, acq)
                         return None
                     wait = min(wait, rem)
                 if left_ms < _NEAR_END_MS:  # (see _NEAR_END_MS)
                     time.sleep(wait)
                 else:
-                    woken = link.wait_wake(self.key, wait) or woken
+                    h = link.wait_handed(self.key, acq, wait)
+                    if h is not None:
+                        return h
         except BaseException:
             _give_up(link, self.key, acq)
             raise
@@ -262,15 +282,14 @@ class RedisLock:
             self._end()
 
     async def _acquire_async(self, link: Link, task: Any, timeout: Optional[float]) -> None:
-        client, acquire, pass_on, _ = link.aio(asyncio.get_running_loop())[:4]
+        client, acquire, give_up, _ = link.aio(asyncio.get_running_loop())[:4]
         acq = link.new_acq()
         deadline = None if timeout is None else time.monotonic() + timeout
-        woken = False
         if task is not None:
             self._alatest[task] = None
         try:
             while True:
-                h, left_ms = link.acquired(self.key, acq, await acquire(**link.acquire_args(self.key, acq, woken)))
+                h, left_ms = link.acquired(self.key, acq, await acquire(**link.acquire_args(self.key, acq)))
                 if h is not None:
                     break
                 if left_ms < 0:  # our lease was gone: renew it (what we held is lost), try again
@@ -280,13 +299,16 @@ class RedisLock:
                 if deadline is not None:
                     rem = deadline - time.monotonic()
                     if rem <= 0:
+                        await give_up(**link.give_up_args(self.key, acq))
                         raise LockTimeout(f"lock {self.key!r} not acquired within {timeout} s")
                     wait = min(wait, rem)
                 if left_ms < _NEAR_END_MS:
                     await asyncio.sleep(wait)
                 else:
-                    got = await client.blpop([link.wake_key(self.key)], timeout=max(0.001, round(wait, 3)))
-                    woken = got is not None or woken
+                    h = link.handed(self.key, acq, await client.blpop([link.wake_key(acq)],
+                                                                      timeout=max(0.001, round(wait, 3))))
+                    if h is not None:
+                        break
         except LockTimeout:
             raise
         except BaseException as e:
@@ -359,11 +381,10 @@ def _whom(owner: Any) -> str:
 
 
 def _give_up(link: Link, key: bytes, acq: bytes) -> None:
-    """An acquire ended by an exception: if the server took the lock for us
-    before the reply was lost, let go of it; pass on a wake-up we may have
-    taken.  Best effort (the server may be the problem)."""
+    """An acquire ended by an exception: leave the queue, and if the server
+    handed or gave us the key before the reply was lost, pass it on.  Best
+    effort (the server may be the problem; our lease then ends it)."""
     try:
-        link.release(Holding(key, acq, 0, False))
-        link.pass_on(key)
+        link.give_up(key, acq)
     except HubError:
         pass

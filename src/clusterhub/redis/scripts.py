@@ -7,12 +7,16 @@ that prefix.
 - ``P:proc:<id>``: a process's lease, a string ``"<pid> <host> <worker id or
   ->"`` with a TTL of the lease, renewed by its owner.
 - ``P:lock:<key>``: a held lock, a hash: ``owner`` (the holder's process
-  id), ``acq`` (this acquisition's id, unique), ``token`` (its fencing
-  token), ``w`` (set when someone waited during this holding).  No TTL: the
-  holder's lease is its liveness, so a long holding costs nothing to renew.
-- ``P:wake:<key>``: a list with at most one element, the wake-up a release
-  leaves for a blocked waiter (``BLPOP``), with a TTL so that one nobody
-  took goes away.
+  id), ``acq`` (this acquisition's id, unique: ``<process id>:<pid>:<n>``),
+  ``token`` (its fencing token).  No TTL: the holder's lease is its
+  liveness, so a long holding costs nothing to renew.
+- ``P:queue:<key>``: the acquisition ids waiting for the key, first come
+  first.  A release hands the key to the first whose process is alive: it
+  becomes the holder in the same script, so a woken waiter never finds the
+  key taken again (no wake-up wasted on a lost race, no starving waiter).
+- ``P:wake:<acq>``: the list a waiter blocks on (``BLPOP``); a hand-off
+  pushes the new fencing token there, with a TTL so that one nobody took
+  goes away.
 - ``P:fence``: the hub-wide counter fencing tokens come from; when the server
   lost it (a restart without persistence) it is re-seeded from the server's
   clock in microseconds, above any token it gave before (fewer than a
@@ -21,65 +25,97 @@ that prefix.
 
 from __future__ import annotations
 
-# KEYS: lock, fence.  ARGV: our process id, this acquisition's id, the lease
-# key prefix (P:proc:), whether this acquirer was woken (then others may wait
-# too: mark the holding so that its release wakes the next).
-# -> {1, token, recovered} when taken (also when a retry finds it ours),
-#    {0, ms left of the holder's lease} when held by a live process,
+# The next fencing token (KEYS[2] is the counter in every script using it).
+_TOKEN = """
+local function next_token()
+  local token = redis.call('INCR', KEYS[2])
+  if token == 1 then
+    local t = redis.call('TIME')
+    token = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    redis.call('SET', KEYS[2], token)
+  end
+  return token
+end
+"""
+
+# Hand the key to the first live waiter, or free it.  KEYS: lock, fence,
+# queue.  ARGV[2]: the lease key prefix (P:proc:), ARGV[3]: the wake-up key
+# prefix (P:wake:), ARGV[4]: the wake-up's TTL (ms).
+_HAND_ON = """
+local function hand_on()
+  while true do
+    local acq = redis.call('LPOP', KEYS[3])
+    if not acq then
+      redis.call('DEL', KEYS[1])
+      return
+    end
+    local owner = string.match(acq, '^(%d+):')
+    if owner and redis.call('EXISTS', ARGV[2] .. owner) == 1 then
+      local token = next_token()
+      redis.call('HSET', KEYS[1], 'owner', owner, 'acq', acq, 'token', token)
+      redis.call('RPUSH', ARGV[3] .. acq, token)
+      redis.call('PEXPIRE', ARGV[3] .. acq, ARGV[4])
+      return
+    end
+  end
+end
+"""
+
+# KEYS: lock, fence, queue.  ARGV: our process id, this acquisition's id,
+# the lease key prefix (P:proc:), whether to queue when the key is held (not
+# for a try without waiting), our wake-up key (P:wake:<acq>), and the slice
+# (ms) of a BLPOP sent right behind this call, or 0 for none.
+# -> {1, token, recovered} when taken (also when it was handed to us),
+#    {0, ms left of the holder's lease} when held by a live process (queued
+#    then: a release hands the key to us, pushing the token to P:wake:<acq>),
 #    {-1} when our own lease is gone (we were paused past it, or the server
 #    lost it): nothing is taken under a lease nobody renews; the caller renews
 #    (marking what it held lost) and tries again.
-ACQUIRE = """
-if redis.call('EXISTS', ARGV[3] .. ARGV[1]) == 0 then return {-1} end
+# A BLPOP sent right behind blocks only when the holder's lease outlasts its
+# slice; otherwise the script leaves it an 'x' to return at once.
+ACQUIRE = _TOKEN + """
+local wake, slice = ARGV[5], tonumber(ARGV[6])
+local function reply(r, blocks)
+  if slice > 0 and not blocks and redis.call('LLEN', wake) == 0 then redis.call('RPUSH', wake, 'x') end
+  return r
+end
+if redis.call('EXISTS', ARGV[3] .. ARGV[1]) == 0 then return reply({-1}) end
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'acq', 'token')
 local recovered = 0
 if cur[1] then
-  if cur[2] == ARGV[2] then return {1, tonumber(cur[3]), 0} end
+  if cur[2] == ARGV[2] then
+    if slice == 0 then redis.call('DEL', wake) end
+    return reply({1, tonumber(cur[3]), 0})
+  end
   local left = redis.call('PTTL', ARGV[3] .. cur[1])
   if left > 0 then
-    redis.call('HSET', KEYS[1], 'w', '1')
-    return {0, left}
+    if ARGV[4] == '1' and not redis.call('LPOS', KEYS[3], ARGV[2]) then redis.call('RPUSH', KEYS[3], ARGV[2]) end
+    return reply({0, left}, left >= slice)
   end
   recovered = 1
-  redis.call('DEL', KEYS[1])
 end
-local token = redis.call('INCR', KEYS[2])
-if token == 1 then
-  local t = redis.call('TIME')
-  token = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  redis.call('SET', KEYS[2], token)
-end
+redis.call('LREM', KEYS[3], 1, ARGV[2])
+local token = next_token()
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'acq', ARGV[2], 'token', token)
-if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'w', '1') end
-return {1, token, recovered}
+return reply({1, token, recovered})
 """
 
-# KEYS: lock, wake.  ARGV: the acquisition's id, the wake-up's TTL (ms).
-# -> 1 released; 0 not ours (lost: taken over after our lease ran out, or the
-# server lost it).
-RELEASE = """
-local h = redis.call('HMGET', KEYS[1], 'acq', 'w')
-if h[1] ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-if h[2] then
-  if redis.call('LLEN', KEYS[2]) == 0 then redis.call('RPUSH', KEYS[2], '1') end
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-end
+# KEYS: lock, fence, queue.  ARGV: the acquisition's id, then as _HAND_ON.
+# -> 1 released (handed on); 0 not ours (lost: taken over after our lease
+# ran out, or the server lost it).
+RELEASE = _TOKEN + _HAND_ON + """
+if redis.call('HGET', KEYS[1], 'acq') ~= ARGV[1] then return 0 end
+hand_on()
 return 1
 """
 
-# A waiter that took a wake-up and then gave up passes it on: at once if the
-# lock is free (and no wake-up waits already), else to the release of
-# whoever took it meanwhile (marked as waited for: its holding may have begun
-# without a waiter's mark, and the waiters still blocked are not retrying).
-# KEYS: lock, wake.  ARGV: TTL (ms).
-PASS_ON = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'w', '1')
-elseif redis.call('LLEN', KEYS[2]) == 0 then
-  redis.call('RPUSH', KEYS[2], '1')
-  redis.call('PEXPIRE', KEYS[2], ARGV[1])
-end
+# A waiter that gives up (timeout, cancel, Ctrl-C, an error): out of the
+# queue; if the key was handed to it meanwhile (or taken, the reply lost), on
+# to the next; a token left for it goes.  Arguments as RELEASE's.  -> 1
+GIVE_UP = _TOKEN + _HAND_ON + """
+redis.call('LREM', KEYS[3], 1, ARGV[1])
+redis.call('DEL', ARGV[3] .. ARGV[1])
+if redis.call('HGET', KEYS[1], 'acq') == ARGV[1] then hand_on() end
 return 1
 """
 
