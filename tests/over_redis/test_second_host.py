@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -22,7 +23,7 @@ import pytest
 import clusterhub
 from clusterhub import LockError
 
-from .conftest import LEASE, MP, Procs, RedisServer, Reports, close_quietly
+from .conftest import LEASE, MP, Procs, RedisServer, Reports, close_quietly, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -159,3 +160,72 @@ def test_a_worker_on_a_second_host_cut_off_past_its_lease(redis_servers: Callabl
         close_quietly(master)
     print(f"the cut-off worker saw its lock lost {took} s after the link came back")
 
+
+
+def test_a_waiter_that_gives_up_while_cut_off_is_not_handed_the_key(redis_servers: Callable[..., RedisServer],
+                                                                    net: Net, procs: Procs,
+                                                                    reports: Reports) -> None:
+    """The worker in the namespace waits for a key the master holds, and is
+    interrupted (Ctrl-C) while its link is cut, for less than its lease: it
+    cannot leave the key's queue then.  Once the link is back, the release
+    that hands it the key must not leave the key with it (its process lives
+    on, renewing its lease): its renewer finishes the giving up, and the
+    next waiter gets the key within a few renewals, not recovered."""
+    server = redis_servers(bind=f"127.0.0.1 {net.host_ip}", extra=("--protected-mode", "no"))
+    master = clusterhub.Hub(address=server.url("giveup"), lease=LEASE)
+    r = server.client()
+    queue = b"{ch:giveup}:queue:k"
+    try:
+        done = MP.Event()
+        url = server.url("giveup", host=net.host_ip)
+        remote_lease = 8.0  # (longer than the cut and TCP's retransmissions after it)
+
+        def remote() -> None:
+            net.enter()
+            hub = clusterhub.connect(url, timeout=2, lease=remote_lease)
+            lk = hub.lock("k")
+            reports.put("waiting")
+            try:
+                lk.acquire(timeout=30)
+                reports.put("acquired?!")
+            except KeyboardInterrupt:
+                reports.put("gave up")
+            assert done.wait(30)
+            hub.close()
+
+        lk = master.lock("k")
+        assert lk.acquire()
+        pid = procs.start(remote)
+        assert reports.get(timeout=15) == ("waiting",)
+        wait_until(lambda: r.llen(queue) == 1, 5, "the remote waiter queued")
+        net.cut()
+        try:
+            os.kill(pid, signal.SIGINT)
+            assert reports.get(timeout=15) == ("gave up",)
+            assert r.llen(queue) == 1  # (it could not leave the queue)
+        finally:
+            net.restore()
+        got: list[tuple[bool, float, bool]] = []
+
+        def local_waiter() -> None:
+            w = master.lock("k")
+            ok = w.acquire(timeout=20)
+            got.append((ok, time.monotonic(), w.recovered))
+            if ok:
+                w.release()
+
+        t = threading.Thread(target=local_waiter)
+        t.start()
+        wait_until(lambda: r.llen(queue) == 2, 5, "the local waiter queued behind")
+        t_rel = time.monotonic()
+        lk.release()  # (hands the key to the remote's acquisition first)
+        t.join(20)
+        assert got and got[0][0] and not got[0][2], got
+        took = got[0][1] - t_rel
+        assert took < remote_lease / 2, f"the next waiter got the key {took:.2f} s after the release"
+        done.set()
+        procs.join(pid, timeout=15)
+    finally:
+        r.close()
+        close_quietly(master)
+    print(f"the key left with the waiter that gave up went on {took:.2f} s after the release")

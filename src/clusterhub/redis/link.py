@@ -9,8 +9,10 @@ or the link was cut that long) or the server's ``run_id`` changed (a
 restart), every lock this process held is ``lost``: someone else may have
 it now.  The process then takes a new lease under the same id and goes on;
 an acquire that finds the lease gone first does the same (the script takes
-nothing under a lease nobody renews).  A release whose reply never came (the
-link failed) is retried by the renewer until one does.
+nothing under a lease nobody renews).  A release or a waiter's giving up
+whose reply never came (the link failed) is retried by the renewer until one
+does: a key must not stay held, or be handed to a waiter that left, for as
+long as this process lives.
 
 Client settings: no retries inside redis-py (a script retried after an
 unknown outcome could release twice; our callers decide), and a socket
@@ -141,10 +143,11 @@ class Link:
         self._own_conns: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.held: dict[bytes, Holding] = {}  # acq -> holding, of every thread and task here
         self.held_lock = threading.Lock()
-        # Releases whose reply never came (the link failed): the renewer
-        # retries them, or the lock would stay held for as long as we live.
-        # (Compare-and-delete by acquisition id: retrying is harmless.)
-        self.unreleased: list[dict[str, Any]] = []
+        # Releases and give-ups whose reply never came (the link failed):
+        # the renewer retries them, or a key would stay held (or be handed to
+        # a waiter that left) for as long as we live.  (Both act by
+        # acquisition id: retrying is harmless.)  (script, its arguments)
+        self.unfinished: list[tuple[str, dict[str, Any]]] = []
         self._renew_lock = threading.Lock()  # renew() from the renewer and from an acquire
         self._acq_ids = itertools.count(1)
         self._stop = threading.Event()
@@ -290,7 +293,7 @@ class Link:
         while not self._stop.wait(every):
             try:
                 self.renew()
-                self.retry_releases()
+                self.retry_unfinished()
                 if self._warned:
                     log.warning("clusterhub: the Redis server at %s answers again", self.url.text)
                     self._warned = False
@@ -337,10 +340,11 @@ class Link:
             log.warning("clusterhub: process %d: another master runs for %s now (this one's lease ran out); "
                         "this one's locks work on, but it no longer renews the name", self.proc_id, self.url.text)
 
-    def retry_releases(self) -> None:
-        while self.unreleased:
-            self.script(scripts.RELEASE, **self.unreleased[0])
-            del self.unreleased[0]
+    def retry_unfinished(self) -> None:
+        while self.unfinished:
+            text, args = self.unfinished[0]
+            self.script(text, **args)
+            del self.unfinished[0]
 
     def lose_all(self) -> int:
         with self.held_lock:
@@ -413,7 +417,7 @@ class Link:
         try:
             ok = self.script(scripts.RELEASE, **args)
         except HubError:
-            self.unreleased.append(args)
+            self.unfinished.append((scripts.RELEASE, args))
             raise
         return self.released(h, ok)
 
@@ -429,8 +433,14 @@ class Link:
 
     def give_up(self, key: bytes, acq: bytes) -> None:
         """An acquire that ends without the key: out of the queue, and what
-        was handed to it (or taken for it, the reply lost) goes to the next."""
-        self.script(scripts.GIVE_UP, **self.give_up_args(key, acq))
+        was handed to it (or taken for it, the reply lost) goes to the next.
+        When no reply came, the renewer tries again until one does."""
+        args = self.give_up_args(key, acq)
+        try:
+            self.script(scripts.GIVE_UP, **args)
+        except HubError:
+            self.unfinished.append((scripts.GIVE_UP, args))
+            raise
 
     def lock_key(self, key: bytes) -> bytes:
         return self.prefix + b"lock:" + key
@@ -473,7 +483,7 @@ class Link:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
         try:
-            self.retry_releases()
+            self.retry_unfinished()
             c = self.client
             c.delete(self.lease_key(self.proc_id))
             c.hdel(self.key(b"procs"), str(self.proc_id))

@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 
 from ..errors import HubClosedError, HubError, LockError, LockTimeout
 from ..locks import _check_acquire_timeout, _check_timeout, encode_key
+from . import scripts
 from .link import Holding, Link, translate
 
 Key = Union[str, bytes]
@@ -339,7 +340,7 @@ class RedisLock:
         try:
             ok = await release(**args)
         except BaseException as e:  # (cancelled too: whether it ran is unknown)
-            link.unreleased.append(args)  # the renewer finishes it
+            link.unfinished.append((scripts.RELEASE, args))  # the renewer finishes it
             if isinstance(e, Exception):
                 raise translate(e, link.url) from e
             raise
@@ -382,8 +383,8 @@ def _whom(owner: Any) -> str:
 
 def _give_up(link: Link, key: bytes, acq: bytes) -> None:
     """An acquire ended by an exception: leave the queue, and if the server
-    handed or gave us the key before the reply was lost, pass it on.  Best
-    effort (the server may be the problem; our lease then ends it)."""
+    handed or gave us the key before the reply was lost, pass it on.  When
+    the server cannot answer now, the renewer tries again until it does."""
     try:
         link.give_up(key, acq)
     except HubError:
