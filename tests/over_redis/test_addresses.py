@@ -8,6 +8,8 @@ import time
 from typing import Any, Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import clusterhub
 from clusterhub import AddressInUse, ConnectError, HubError
@@ -194,3 +196,16 @@ def test_hub_parameters_are_checked(redis_server: RedisServer) -> None:
     assert redis_server.client().keys(b"{ch:params}:*") == []
     with clusterhub.Hub(address=url, serializer="json", lock_slots=8, max_queue=0) as hub:
         assert hub.is_master
+
+
+@given(st.sampled_from(["EVALSHA", "BLPOP"]),
+       st.lists(st.one_of(st.binary(max_size=40), st.text(max_size=20), st.integers(),
+                          st.floats(allow_nan=False, allow_infinity=False)), max_size=12))
+def test_lock_calls_pack_commands_as_redis_py_does(name: str, args: list[Any]) -> None:
+    """The lock calls' own RESP packing (on their hot path) gives redis-py's
+    bytes for every argument type they use."""
+    redis = pytest.importorskip("redis")
+    from clusterhub.redis.link import _pack
+
+    conn = redis.Connection()  # (not connected: packing only)
+    assert _pack((name, *args)) == b"".join(conn.pack_command(name, *args))

@@ -96,6 +96,17 @@ class _Script:
             return self._script(keys=keys, args=args)
 
 
+def _pack(command: tuple[Any, ...]) -> bytes:
+    """A command in RESP (bytes, str or numbers), as redis-py packs it but
+    in half the time: it is on every lock call's path."""
+    out = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        if arg.__class__ is not bytes:
+            arg = str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(out)
+
+
 class Holding:
     """One acquisition of a key by this process: what the handle reports and
     what the renewer marks ``lost``."""
@@ -222,10 +233,8 @@ class Link:
             conn.disconnect()  # (between calls a socket has nothing to read: the server closed it, it restarted)
         try:
             for attempt in (1, 2):
-                packed = conn.pack_command(*command)
-                if then is not None:
-                    packed += conn.pack_command(*then)
-                conn.send_packed_command(packed, check_health=False)
+                packed = _pack(command) if then is None else _pack(command) + _pack(then)
+                conn.send_packed_command([packed], check_health=False)
                 try:
                     first = conn.read_response()
                 except redis.exceptions.NoScriptError:
