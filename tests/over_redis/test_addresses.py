@@ -209,3 +209,16 @@ def test_lock_calls_pack_commands_as_redis_py_does(name: str, args: list[Any]) -
 
     conn = redis.Connection()  # (not connected: packing only)
     assert _pack((name, *args)) == b"".join(conn.pack_command(name, *args))
+
+
+def test_a_server_too_old_for_the_scripts_is_refused() -> None:
+    """The version check that join() makes on INFO's redis_version."""
+    pytest.importorskip("redis")
+    from clusterhub.redis.link import check_version
+    from clusterhub.redis.url import parse
+
+    url = parse("redis://127.0.0.1:1/0?name=v")
+    for fine in ("6.0.6", "6.2.14", "7.0.15", "10.0.0", "unknown"):
+        check_version(fine, url)
+    with pytest.raises(ConnectError, match=r"version 6\.0\.5; clusterhub needs 6\.0\.6 or later"):
+        check_version("6.0.5", url)

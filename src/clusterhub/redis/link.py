@@ -74,6 +74,21 @@ async def _closed_with_loop(client: Any) -> AsyncGenerator[None, None]:
         await client.aclose()
 
 
+MIN_VERSION = (6, 0, 6)  # LPOS
+
+
+def check_version(version: str, url: RedisURL) -> None:
+    """ConnectError when the server (INFO's ``redis_version``) is older
+    than the scripts need; a version we cannot read is let through."""
+    try:
+        got = tuple(int(x) for x in version.split(".")[:3])
+    except ValueError:
+        return
+    if got < MIN_VERSION:
+        need = ".".join(map(str, MIN_VERSION))
+        raise ConnectError(f"the Redis server at {url.text} is version {version}; clusterhub needs {need} or later")
+
+
 def text(b: Any) -> str:
     """A reply's bytes as text."""
     return b.decode() if isinstance(b, bytes) else str(b)
@@ -261,7 +276,9 @@ class Link:
     def join(self) -> None:
         """Take an id and a lease (and, for the master, the name)."""
         c = self.client
-        self.run_id = self.call(c.info, "server")["run_id"]
+        server = self.call(c.info, "server")
+        check_version(str(server.get("redis_version", "")), self.url)
+        self.run_id = server["run_id"]
         if not self.is_master and not self._lease_given:
             ms = self.call(c.get, self.key(b"lease"))
             if ms:
