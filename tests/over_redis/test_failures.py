@@ -553,3 +553,71 @@ def test_lost_by_our_own_clock_while_the_server_cannot_answer(redis_server: Redi
         lk.release()
     assert lk.lost
     hub.close()
+
+
+def _in_syscall(pid: int, numbers: tuple[int, ...]) -> bool:
+    """Whether the process's main thread is blocked in one of these system
+    calls (``/proc/<pid>/syscall``, x86_64 numbers)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            first = f.read().split()[0]
+    except (OSError, IndexError):
+        return False
+    return first.isdigit() and int(first) in numbers
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="reads x86_64 system call numbers")
+def test_ctrl_c_during_a_release_does_not_keep_the_key(redis_server: RedisServer, procs: Procs,
+                                                       reports: Reports) -> None:
+    """A holder interrupted (a real SIGINT) while its release waits for the
+    server's reply (here: the server is stopped) lives on: its renewer
+    finishes the release once the server answers, and the waiting process
+    gets the key within a few renewals, not recovered (the holder's lease
+    never ran out)."""
+    url = redis_server.url("relint")
+    go, done = MP.Event(), MP.Event()
+
+    def holder() -> None:
+        hub = connect(url, lease=3.0)  # (renewed every 0.3 s)
+        lk = hub.lock("k")
+        assert lk.acquire()
+        reports.put("held")
+        assert go.wait(20)
+        try:
+            lk.release()
+            reports.put("released?!")
+        except KeyboardInterrupt:
+            reports.put("interrupted")
+        assert done.wait(20)
+        hub.close()
+
+    def waiter() -> None:
+        hub = connect(url, lease=3.0)
+        lk = hub.lock("k")
+        reports.put("waiting")
+        ok = lk.acquire(timeout=20)
+        reports.put("got", ok, time.monotonic(), lk.recovered)
+        if ok:
+            lk.release()
+        hub.close()
+
+    h = procs.start(holder)
+    assert reports.get() == ("held",)
+    procs.start(waiter)
+    assert reports.get() == ("waiting",)
+    wait_blocked_clients(redis_server, 1)
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        go.set()
+        # the holder's main thread waits for the release's reply (poll, or recvfrom)
+        wait_until(lambda: _in_syscall(h, (7, 45)), 5, "the holder waiting for its release's reply")
+        os.kill(h, signal.SIGINT)
+        assert reports.get(timeout=10) == ("interrupted",)
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    t_back = time.monotonic()
+    _, ok, t_got, recovered = reports.get(timeout=10)
+    assert ok and not recovered
+    assert t_got - t_back < 1.5, f"the waiter got the key {t_got - t_back:.2f} s after the server came back"
+    done.set()
+    procs.join(h)

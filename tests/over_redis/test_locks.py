@@ -536,3 +536,35 @@ def test_asyncio_each_loop_closes_its_connection(redis_server: RedisServer, work
         asyncio.run(once())
     assert r.info("clients")["connected_clients"] <= before
     r.close()
+
+
+def test_an_acquire_arriving_after_its_giving_up_takes_nothing(redis_server: RedisServer,
+                                                              master: clusterhub.Hub) -> None:
+    """An acquisition that gave up by an exception (a command of it may
+    still be on its way: a cut link's socket retransmits for minutes) is
+    refused when that command arrives: it neither queues nor takes the key
+    for nobody.  One that gave up in order (a timeout) leaves no such mark."""
+    link = master._link  # type: ignore[attr-defined]
+    r = redis_server.client()
+    try:
+        held = master.lock("busy")
+        assert held.acquire()
+        for key, busy in ((b"free", False), (b"busy", True)):
+            acq = link.new_acq()
+            link.give_up(key, acq, unanswered=True)
+            assert r.pttl(link.prefix + b"gone:" + acq) > 60_000
+            assert link.try_acquire(key, acq) == (None, 0)
+            assert link.acquire_or_wait(key, acq, 0.5)[0] is None
+            assert r.llen(link.queue_key(key)) == 0
+            assert r.hget(link.lock_key(key), "acq") == (held_acq(link, key) if busy else None)
+        acq = link.new_acq()
+        link.give_up(b"free", acq)
+        assert r.exists(link.prefix + b"gone:" + acq) == 0
+        held.release()
+    finally:
+        r.close()
+
+
+def held_acq(link: Any, key: bytes) -> Any:
+    (h,) = [h for h in link.held.values() if h.key == key]
+    return h.acq

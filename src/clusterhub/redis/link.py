@@ -23,6 +23,7 @@ cut short by the client, while a cut link is still noticed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -50,6 +51,11 @@ log = logging.getLogger("clusterhub")
 T = TypeVar("T")
 
 DEFAULT_LEASE = 5.0
+# How long an acquisition that gave up with a command unanswered stays
+# refused: an ACQUIRE sent before the link failed can still reach the server
+# after the giving up (TCP retransmits a dropped socket's data for up to
+# about 15 minutes), and must not queue or take the key for nobody.
+TOMBSTONE_MS = 20 * 60 * 1000
 HOST = socket.gethostname()
 
 
@@ -224,15 +230,20 @@ class Link:
         except redis.RedisError as e:
             raise translate(e, self.url) from e
 
-    def _conn(self) -> Any:
+    def _conn(self) -> tuple[Any, bool]:
         """The calling thread's own connection (made in this process: a
-        forked child does not use its parent's)."""
+        forked child does not use its parent's), and whether it is that one:
+        a call made while the thread's connection is in the middle of one (a
+        signal handler, a finalizer run by the garbage collector) gets a
+        connection of its own for the call."""
         got = getattr(self._own, "c", None)
         if got is None or got[0] != os.getpid():
             conn = self.pool.make_connection()
             self._own_conns.add(conn)
-            got = self._own.c = (os.getpid(), conn)
-        return got[1]
+            got = self._own.c = [os.getpid(), conn, False]
+        if got[2]:
+            return self.pool.make_connection(), False
+        return got[1], True
 
     def lock_call(self, *command: Any, then: Optional[tuple[Any, ...]] = None) -> Any:
         """One command over the thread's own connection (an EVALSHA of a
@@ -242,11 +253,16 @@ class Link:
         reply unread (an error, a timeout, Ctrl-C) drops the connection: the
         next call connects anew, and the server forgets a blocked command of
         ours at once."""
-        conn = self._conn()
-        sock = getattr(conn, "_sock", None)
-        if sock is not None and select.select([sock], [], [], 0)[0]:
-            conn.disconnect()  # (between calls a socket has nothing to read: the server closed it, it restarted)
+        conn, own = self._conn()
+        if own:
+            self._own.c[2] = True
         try:
+            sock = getattr(conn, "_sock", None)
+            if sock is not None:
+                poll = select.poll()
+                poll.register(sock, select.POLLIN)
+                if poll.poll(0):
+                    conn.disconnect()  # (between calls a socket has nothing to read: the server closed it)
             for attempt in (1, 2):
                 packed = _pack(command) if then is None else _pack(command) + _pack(then)
                 conn.send_packed_command([packed], check_health=False)
@@ -266,6 +282,11 @@ class Link:
             if isinstance(e, redis.RedisError):
                 raise translate(e, self.url) from e
             raise
+        finally:
+            if own:
+                self._own.c[2] = False
+            else:
+                conn.disconnect()
 
     def script(self, text: str, keys: list[Any], args: list[Any]) -> Any:
         """A lock script over the thread's own connection."""
@@ -367,10 +388,24 @@ class Link:
                         "this one's locks work on, but it no longer renews the name", self.proc_id, self.url.text)
 
     def retry_unfinished(self) -> None:
-        while self.unfinished:
-            text, args = self.unfinished[0]
-            self.script(text, **args)
-            del self.unfinished[0]
+        for entry in list(self.unfinished):
+            self.script(entry[0], **entry[1])
+            self.finished(entry)
+
+    def finished(self, entry: tuple[str, dict[str, Any]]) -> None:
+        """``entry`` of :attr:`unfinished` had its reply."""
+        with contextlib.suppress(ValueError):
+            self.unfinished.remove(entry)
+
+    def until_answered(self, text: str, args: dict[str, Any]) -> Any:
+        """A release or a giving up: registered as unfinished before it is
+        sent, so that whatever stops it (the link, Ctrl-C) the renewer
+        finishes it; done when its reply came."""
+        entry = (text, args)
+        self.unfinished.append(entry)
+        r = self.script(text, **args)
+        self.finished(entry)
+        return r
 
     def lose_all(self) -> int:
         with self.held_lock:
@@ -385,7 +420,8 @@ class Link:
 
     def acquire_args(self, key: bytes, acq: bytes, queue: bool = True, slice_ms: int = 0) -> dict[str, Any]:
         return {"keys": [self.lock_key(key), self.key(b"fence"), self.queue_key(key)],
-                "args": [self.proc_id, acq, self.prefix + b"proc:", int(queue), self.wake_key(acq), slice_ms]}
+                "args": [self.proc_id, acq, self.prefix + b"proc:", int(queue), self.wake_key(acq), slice_ms,
+                         self.prefix + b"gone:" + acq]}
 
     def try_acquire(self, key: bytes, acq: bytes, queue: bool = True) -> tuple[Optional[Holding], int]:
         """One attempt: (the holding, 0) when taken; (None, ms left of the
@@ -437,15 +473,9 @@ class Link:
 
     def release(self, h: Holding) -> bool:
         """Release (handing the key to the first live waiter); False when it
-        was not ours any more (lost).  When no reply came (the link failed),
-        the renewer tries again until one does."""
-        args = self.release_args(h)
-        try:
-            ok = self.script(scripts.RELEASE, **args)
-        except HubError:
-            self.unfinished.append((scripts.RELEASE, args))
-            raise
-        return self.released(h, ok)
+        was not ours any more (lost).  When no reply came (the link failed,
+        Ctrl-C), the renewer tries again until one does."""
+        return self.released(h, self.until_answered(scripts.RELEASE, self.release_args(h)))
 
     @staticmethod
     def released(h: Holding, ok: Any) -> bool:
@@ -453,20 +483,18 @@ class Link:
             h.lost = True
         return bool(ok)
 
-    def give_up_args(self, key: bytes, acq: bytes) -> dict[str, Any]:
+    def give_up_args(self, key: bytes, acq: bytes, unanswered: bool = False) -> dict[str, Any]:
         return {"keys": [self.lock_key(key), self.key(b"fence"), self.queue_key(key)],
-                "args": [acq, self.prefix + b"proc:", self.prefix + b"wake:", 2 * self.lease_ms]}
+                "args": [acq, self.prefix + b"proc:", self.prefix + b"wake:", 2 * self.lease_ms,
+                         TOMBSTONE_MS if unanswered else 0, self.prefix + b"gone:" + acq]}
 
-    def give_up(self, key: bytes, acq: bytes) -> None:
+    def give_up(self, key: bytes, acq: bytes, unanswered: bool = False) -> None:
         """An acquire that ends without the key: out of the queue, and what
         was handed to it (or taken for it, the reply lost) goes to the next.
-        When no reply came, the renewer tries again until one does."""
-        args = self.give_up_args(key, acq)
-        try:
-            self.script(scripts.GIVE_UP, **args)
-        except HubError:
-            self.unfinished.append((scripts.GIVE_UP, args))
-            raise
+        ``unanswered``: a command of it may still be on its way (it ended by
+        an exception); it is refused when it comes.  When no reply came, the
+        renewer tries again until one does."""
+        self.until_answered(scripts.GIVE_UP, self.give_up_args(key, acq, unanswered))
 
     def lock_key(self, key: bytes) -> bytes:
         return self.prefix + b"lock:" + key

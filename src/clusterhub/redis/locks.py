@@ -226,7 +226,7 @@ class RedisLock:
                     return h
             while True:
                 if not fresh:
-                    h, left_ms = link.try_acquire(self.key, acq)
+                    h, left_ms = link.try_acquire(self.key, acq, queue=timeout != 0)
                     if h is not None:
                         return h
                 fresh = False
@@ -313,7 +313,7 @@ class RedisLock:
         except LockTimeout:
             raise
         except BaseException as e:
-            _give_up(link, self.key, acq)  # (a few ms on the loop, only on this rare path)
+            _give_up_soon(link, give_up, self.key, acq)
             if isinstance(e, Exception) and not isinstance(e, HubError):
                 raise translate(e, link.url) from e
             raise
@@ -381,11 +381,34 @@ def _whom(owner: Any) -> str:
     return "thread" if isinstance(owner, int) else "task"
 
 
+_giving_up: "set[asyncio.Task[None]]" = set()  # (a task the loop only holds weakly)
+
+
+def _give_up_soon(link: Link, give_up: Any, key: bytes, acq: bytes) -> None:
+    """:func:`_give_up` for a task, without blocking its loop: a task of its
+    own sends it; the renewer finishes it if that does not (a link down, the
+    loop closing)."""
+    args = link.give_up_args(key, acq, unanswered=True)
+    entry = (scripts.GIVE_UP, args)
+    link.unfinished.append(entry)
+
+    async def send() -> None:
+        try:
+            await give_up(**args)
+        except Exception:
+            return
+        link.finished(entry)
+
+    t = asyncio.get_running_loop().create_task(send())
+    _giving_up.add(t)
+    t.add_done_callback(_giving_up.discard)
+
+
 def _give_up(link: Link, key: bytes, acq: bytes) -> None:
     """An acquire ended by an exception: leave the queue, and if the server
     handed or gave us the key before the reply was lost, pass it on.  When
     the server cannot answer now, the renewer tries again until it does."""
     try:
-        link.give_up(key, acq)
+        link.give_up(key, acq, unanswered=True)
     except HubError:
         pass

@@ -63,22 +63,28 @@ end
 
 # KEYS: lock, fence, queue.  ARGV: our process id, this acquisition's id,
 # the lease key prefix (P:proc:), whether to queue when the key is held (not
-# for a try without waiting), our wake-up key (P:wake:<acq>), and the slice
-# (ms) of a BLPOP sent right behind this call, or 0 for none.
+# for a try without waiting), our wake-up key (P:wake:<acq>), the slice (ms)
+# of a BLPOP sent right behind this call or 0 for none, and the key that
+# marks this acquisition given up (P:gone:<acq>: see GIVE_UP).
 # -> {1, token, recovered} when taken (also when it was handed to us),
 #    {0, ms left of the holder's lease} when held by a live process (queued
 #    then: a release hands the key to us, pushing the token to P:wake:<acq>),
 #    {-1} when our own lease is gone (we were paused past it, or the server
 #    lost it): nothing is taken under a lease nobody renews; the caller renews
-#    (marking what it held lost) and tries again.
+#    (marking what it held lost) and tries again,
+#    {0, 0} for an acquisition given up (nobody reads it).
 # A BLPOP sent right behind blocks only when the holder's lease outlasts its
 # slice; otherwise the script leaves it an 'x' to return at once.
 ACQUIRE = _TOKEN + """
 local wake, slice = ARGV[5], tonumber(ARGV[6])
 local function reply(r, blocks)
-  if slice > 0 and not blocks and redis.call('LLEN', wake) == 0 then redis.call('RPUSH', wake, 'x') end
+  if slice > 0 and not blocks and redis.call('LLEN', wake) == 0 then
+    redis.call('RPUSH', wake, 'x')
+    redis.call('PEXPIRE', wake, slice)
+  end
   return r
 end
+if redis.call('EXISTS', ARGV[7]) == 1 then return {0, 0} end
 if redis.call('EXISTS', ARGV[3] .. ARGV[1]) == 0 then return reply({-1}) end
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'acq', 'token')
 local recovered = 0
@@ -111,8 +117,12 @@ return 1
 
 # A waiter that gives up (timeout, cancel, Ctrl-C, an error): out of the
 # queue; if the key was handed to it meanwhile (or taken, the reply lost), on
-# to the next; a token left for it goes.  Arguments as RELEASE's.  -> 1
+# to the next; a token left for it goes.  Arguments as RELEASE's, then the
+# time (ms) the acquisition stays refused (0: not at all; an ACQUIRE of it may
+# still be on its way when it ended by an exception) and its mark (P:gone:<acq>).
+# -> 1
 GIVE_UP = _TOKEN + _HAND_ON + """
+if ARGV[5] ~= '0' then redis.call('SET', ARGV[6], '1', 'PX', ARGV[5]) end
 redis.call('LREM', KEYS[3], 1, ARGV[1])
 redis.call('DEL', ARGV[3] .. ARGV[1])
 if redis.call('HGET', KEYS[1], 'acq') == ARGV[1] then hand_on() end
