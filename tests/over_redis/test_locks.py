@@ -189,6 +189,21 @@ def test_acquire_timeouts(redis_server: RedisServer, master: clusterhub.Hub, pro
     assert ok is False and took < 0.1
     ok, took = timed(lk.acquire, True, 0.1)
     assert ok is False and 0.1 <= took < 0.4
+    # short timeouts end on time too (Redis checks a BLPOP's timeout only
+    # on its 100 ms tick: the last part of a wait is slept on our own clock)
+    for t in (0.01, 0.05, 0.3):
+        ok, took = timed(lk.acquire, timeout=t)
+        assert ok is False and t <= took < t + 0.06, f"acquire(timeout={t}) took {took:.3f} s"
+
+    async def short(t: float) -> float:
+        t0 = time.monotonic()
+        with pytest.raises(LockTimeout):
+            await master.lock("k").acquire_async(t)
+        return time.monotonic() - t0
+
+    for t in (0.01, 0.05, 0.3):
+        took = asyncio.run(short(t))
+        assert t <= took < t + 0.06, f"acquire_async({t}) took {took:.3f} s"
     with pytest.raises(ValueError):
         lk.acquire(False, 1.0)
     with pytest.raises(ValueError):

@@ -31,11 +31,16 @@ Key = Union[str, bytes]
 _CACHE_MAX = 4096
 _MARGIN = 0.002  # s past the holder's lease before trying again
 _OMITTED: Any = object()
-# A holder whose lease has less than this left (ms) has missed most of its
-# renewals (they come every lease/10): the waiter sleeps on its own clock to
-# the lease's end rather than in BLPOP, whose timeout Redis only checks on
-# its 100 ms tick (a dead holder's lock would pass on up to 100 ms late).
+# A wait shorter than this (ms: the holder's lease near its end, which a
+# live holder would have renewed, or the caller's deadline near) is slept on
+# our own clock rather than in BLPOP, whose timeout Redis only checks on its
+# 100 ms tick: a dead holder's key would pass on, or acquire(timeout=0.01)
+# return, up to 100 ms late.  A key handed to us meanwhile is ours at the
+# next try.
 _NEAR_END_MS = 150
+# A BLPOP that would end at the caller's deadline ends this much (s) before
+# it instead (it may end up to a tick late); the rest is slept.
+_TICK = 0.1
 # The wait sent with the first attempt, as a share of the lease: a live
 # holder renews every lease/10, so its lease has more left than that (the
 # wait is skipped otherwise; a dead holder is then noticed in exact slices).
@@ -218,10 +223,16 @@ class RedisLock:
                 if left_ms >= 0:  # (-1: our lease was gone; renewed below)
                     return h
                 fresh = True
+            elif timeout is not None and timeout * 1000 < _NEAR_END_MS:  # (a short wait: see _NEAR_END_MS)
+                h, left_ms = link.try_acquire(self.key, acq)
+                if h is not None:
+                    return h
+                fresh = True
             else:  # the first attempt and a wait in one round trip
                 first = _FIRST_SLICE * link.lease
-                h, left_ms, fresh = link.acquire_or_wait(self.key, acq, first if timeout is None
-                                                         else min(first, timeout))
+                if timeout is not None and timeout < first:
+                    first = timeout - _TICK  # (see _TICK)
+                h, left_ms, fresh = link.acquire_or_wait(self.key, acq, first)
                 if h is not None:
                     return h
             while True:
@@ -240,12 +251,14 @@ class RedisLock:
                         link.give_up(self.key, acq)
                         return None
                     wait = min(wait, rem)
-                if left_ms < _NEAR_END_MS:  # (see _NEAR_END_MS)
+                if wait * 1000 < _NEAR_END_MS:
                     time.sleep(wait)
-                else:
-                    h = link.wait_handed(self.key, acq, wait)
-                    if h is not None:
-                        return h
+                    continue
+                if deadline is not None and wait == rem:
+                    wait -= _TICK  # (see _TICK)
+                h = link.wait_handed(self.key, acq, wait)
+                if h is not None:
+                    return h
         except BaseException:
             _give_up(link, self.key, acq)
             raise
@@ -303,9 +316,11 @@ class RedisLock:
                         await give_up(**link.give_up_args(self.key, acq))
                         raise LockTimeout(f"lock {self.key!r} not acquired within {timeout} s")
                     wait = min(wait, rem)
-                if left_ms < _NEAR_END_MS:
+                if wait * 1000 < _NEAR_END_MS:
                     await asyncio.sleep(wait)
                 else:
+                    if deadline is not None and wait == rem:
+                        wait -= _TICK  # (see _TICK)
                     h = link.handed(self.key, acq, await client.blpop([link.wake_key(acq)],
                                                                       timeout=max(0.001, round(wait, 3))))
                     if h is not None:
