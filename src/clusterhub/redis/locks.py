@@ -164,6 +164,7 @@ class RedisLock:
         t = _parse_acquire(blocking_or_timeout, timeout, blocking, self._timeout)
         owner = threading.get_ident()
         link = self._begin(owner)
+        h = None
         try:
             h = self._acquire(link, t)
             self._latest.h = h
@@ -171,6 +172,13 @@ class RedisLock:
                 return False
             self._own(owner, h)
             return True
+        except BaseException:
+            # (Ctrl-C after the key came but before it was recorded as this
+            # thread's: nobody could release it)
+            if h is not None and self._locks.owned.get((owner, self.key)) is not h:
+                link.release_args(h)  # (forgets the holding)
+                _give_up(link, self.key, h.acq)
+            raise
         finally:
             self._end()
 
