@@ -17,6 +17,8 @@ that prefix.
 - ``P:wake:<acq>``: the list a waiter blocks on (``BLPOP``); a hand-off
   pushes the new fencing token there, with a TTL so that one nobody took
   goes away.
+- ``P:gone:<acq>``: an acquisition that gave up by an exception (a command
+  of it may still be on its way), for 20 minutes: ACQUIRE refuses it.
 - ``P:fence``: the hub-wide counter fencing tokens come from; when the server
   lost it (a restart without persistence) it is re-seeded from the server's
   clock in microseconds, above any token it gave before (fewer than a
