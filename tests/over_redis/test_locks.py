@@ -569,7 +569,7 @@ def test_an_acquire_arriving_after_its_giving_up_takes_nothing(redis_server: Red
             link.give_up(key, acq, unanswered=True)
             assert r.pttl(link.prefix + b"gone:" + acq) > 60_000
             assert link.try_acquire(key, acq) == (None, 0)
-            assert link.acquire_or_wait(key, acq, 0.5)[0] is None
+            assert link.acquire_or_wait(key, acq, 0.05)[0] is None
             assert r.llen(link.queue_key(key)) == 0
             assert r.hget(link.lock_key(key), "acq") == (held_acq(link, key) if busy else None)
         acq = link.new_acq()

@@ -288,9 +288,9 @@ class Link:
             else:
                 conn.disconnect()
 
-    def script(self, text: str, keys: list[Any], args: list[Any]) -> Any:
-        """A lock script over the thread's own connection."""
-        return self.lock_call("EVALSHA", self._script_sha[text], len(keys), *keys, *args)
+    def script(self, text: str, keys: list[Any], args: list[Any], then: Optional[tuple[Any, ...]] = None) -> Any:
+        """A lock script over the thread's own connection (``then``: see :meth:`lock_call`)."""
+        return self.lock_call("EVALSHA", self._script_sha[text], len(keys), *keys, *args, then=then)
 
     # ---- joining ----------------------------------------------------------------------
 
@@ -421,7 +421,7 @@ class Link:
     def acquire_args(self, key: bytes, acq: bytes, queue: bool = True, slice_ms: int = 0) -> dict[str, Any]:
         return {"keys": [self.lock_key(key), self.key(b"fence"), self.queue_key(key)],
                 "args": [self.proc_id, acq, self.prefix + b"proc:", int(queue), self.wake_key(acq), slice_ms,
-                         self.prefix + b"gone:" + acq]}
+                         self.gone_key(acq)]}
 
     def try_acquire(self, key: bytes, acq: bytes, queue: bool = True) -> tuple[Optional[Holding], int]:
         """One attempt: (the holding, 0) when taken; (None, ms left of the
@@ -438,9 +438,8 @@ class Link:
         skipped when the holder's lease ends sooner (the caller goes on in
         slices of what is left): only then is the figure current."""
         slice_ms = max(1, int(seconds * 1000))
-        args = self.acquire_args(key, acq, True, slice_ms)
-        r, got = self.lock_call("EVALSHA", self._script_sha[scripts.ACQUIRE], len(args["keys"]), *args["keys"],
-                                *args["args"], then=("BLPOP", self.wake_key(acq), slice_ms / 1000))
+        r, got = self.script(scripts.ACQUIRE, **self.acquire_args(key, acq, True, slice_ms),
+                             then=("BLPOP", self.wake_key(acq), slice_ms / 1000))
         h, left_ms = self.acquired(key, acq, r)
         if h is not None or got is None:
             return h, left_ms, False
@@ -466,10 +465,15 @@ class Link:
         """The holding a ``BLPOP`` on our wake-up key returned (None: it timed out)."""
         return None if got is None else self.holding(key, acq, int(got[1]), False)
 
-    def release_args(self, h: Holding) -> dict[str, Any]:
+    def forget(self, h: Holding) -> None:
+        """``h`` is no longer held here (released, or about to be)."""
         with self.held_lock:
             self.held.pop(h.acq, None)
-        return self.give_up_args(h.key, h.acq)
+
+    def release_args(self, h: Holding) -> dict[str, Any]:
+        self.forget(h)
+        return {"keys": [self.lock_key(h.key), self.key(b"fence"), self.queue_key(h.key)],
+                "args": [h.acq, self.prefix + b"proc:", self.prefix + b"wake:", 2 * self.lease_ms]}
 
     def release(self, h: Holding) -> bool:
         """Release (handing the key to the first live waiter); False when it
@@ -486,7 +490,7 @@ class Link:
     def give_up_args(self, key: bytes, acq: bytes, unanswered: bool = False) -> dict[str, Any]:
         return {"keys": [self.lock_key(key), self.key(b"fence"), self.queue_key(key)],
                 "args": [acq, self.prefix + b"proc:", self.prefix + b"wake:", 2 * self.lease_ms,
-                         TOMBSTONE_MS if unanswered else 0, self.prefix + b"gone:" + acq]}
+                         TOMBSTONE_MS if unanswered else 0, self.gone_key(acq)]}
 
     def give_up(self, key: bytes, acq: bytes, unanswered: bool = False) -> None:
         """An acquire that ends without the key: out of the queue, and what
@@ -504,6 +508,9 @@ class Link:
 
     def wake_key(self, acq: bytes) -> bytes:
         return self.prefix + b"wake:" + acq
+
+    def gone_key(self, acq: bytes) -> bytes:
+        return self.prefix + b"gone:" + acq
 
     def wait_handed(self, key: bytes, acq: bytes, seconds: float) -> Optional[Holding]:
         """Block until a release hands us the key (the holding) or ``seconds`` (None)."""

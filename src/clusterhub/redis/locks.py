@@ -176,7 +176,7 @@ class RedisLock:
             # (Ctrl-C after the key came but before it was recorded as this
             # thread's: nobody could release it)
             if h is not None and self._locks.owned.get((owner, self.key)) is not h:
-                link.release_args(h)  # (forgets the holding)
+                link.forget(h)
                 _give_up(link, self.key, h.acq)
             raise
         finally:
@@ -226,16 +226,8 @@ class RedisLock:
         acq = link.new_acq()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            if timeout == 0:  # a try: not queued
-                h, left_ms = link.try_acquire(self.key, acq, queue=False)
-                if left_ms >= 0:  # (-1: our lease was gone; renewed below)
-                    return h
-                fresh = True
-            elif timeout is not None and timeout * 1000 < _NEAR_END_MS:  # (a short wait: see _NEAR_END_MS)
-                h, left_ms = link.try_acquire(self.key, acq)
-                if h is not None:
-                    return h
-                fresh = True
+            if timeout is not None and timeout * 1000 < _NEAR_END_MS:
+                fresh = False  # a try, or a short wait (see _NEAR_END_MS): no wait sent with the attempt
             else:  # the first attempt and a wait in one round trip
                 first = _FIRST_SLICE * link.lease
                 if timeout is not None and timeout < first:
@@ -256,7 +248,8 @@ class RedisLock:
                 if deadline is not None:
                     rem = deadline - time.monotonic()
                     if rem <= 0:
-                        link.give_up(self.key, acq)
+                        if timeout != 0:  # (a try was not queued)
+                            link.give_up(self.key, acq)
                         return None
                     wait = min(wait, rem)
                 if wait * 1000 < _NEAR_END_MS:
@@ -359,14 +352,13 @@ class RedisLock:
             raise HubClosedError("this hub is closed")
         _, _, _, release = link.aio(asyncio.get_running_loop())[:4]
         expired = time.monotonic() > link.valid_until
-        args = link.release_args(h)
+        entry = (scripts.RELEASE, link.release_args(h))
+        link.unfinished.append(entry)  # (the renewer finishes it if this does not: see Link.until_answered)
         try:
-            ok = await release(**args)
-        except BaseException as e:  # (cancelled too: whether it ran is unknown)
-            link.unfinished.append((scripts.RELEASE, args))  # the renewer finishes it
-            if isinstance(e, Exception):
-                raise translate(e, link.url) from e
-            raise
+            ok = await release(**entry[1])
+        except Exception as e:
+            raise translate(e, link.url) from e
+        link.finished(entry)
         if not link.released(h, ok) or h.lost or expired:
             h.lost = True
             raise _lost(self.key)
