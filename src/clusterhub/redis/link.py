@@ -398,14 +398,15 @@ class Link:
             self.unfinished.remove(entry)
 
     def until_answered(self, text: str, args: dict[str, Any]) -> Any:
-        """A release or a giving up: registered as unfinished before it is
-        sent, so that whatever stops it (the link, Ctrl-C) the renewer
-        finishes it; done when its reply came."""
-        entry = (text, args)
-        self.unfinished.append(entry)
-        r = self.script(text, **args)
-        self.finished(entry)
-        return r
+        """A release or a giving up, which the renewer finishes when anything
+        stops it before its reply came (the link, Ctrl-C).  (Registered only
+        then: a retry racing a release still on its way would make that
+        release's own reply say "not ours", and the holding read lost.)"""
+        try:
+            return self.script(text, **args)
+        except BaseException:
+            self.unfinished.append((text, args))
+            raise
 
     def lose_all(self) -> int:
         with self.held_lock:

@@ -322,8 +322,7 @@ class RedisLock:
                 else:
                     if deadline is not None and wait == rem:
                         wait -= _TICK  # (see _TICK)
-                    h = link.handed(self.key, acq, await client.blpop([link.wake_key(acq)],
-                                                                      timeout=max(0.001, round(wait, 3))))
+                    h = link.handed(self.key, acq, await _blpop(client, link.wake_key(acq), wait))
                     if h is not None:
                         break
         except LockTimeout:
@@ -352,13 +351,14 @@ class RedisLock:
             raise HubClosedError("this hub is closed")
         _, _, _, release = link.aio(asyncio.get_running_loop())[:4]
         expired = time.monotonic() > link.valid_until
-        entry = (scripts.RELEASE, link.release_args(h))
-        link.unfinished.append(entry)  # (the renewer finishes it if this does not: see Link.until_answered)
+        args = link.release_args(h)
         try:
-            ok = await release(**entry[1])
-        except Exception as e:
-            raise translate(e, link.url) from e
-        link.finished(entry)
+            ok = await release(**args)
+        except BaseException as e:  # (cancelled too: whether it ran is unknown; see Link.until_answered)
+            link.unfinished.append((scripts.RELEASE, args))
+            if isinstance(e, Exception):
+                raise translate(e, link.url) from e
+            raise
         if not link.released(h, ok) or h.lost or expired:
             h.lost = True
             raise _lost(self.key)
@@ -396,6 +396,26 @@ def _whom(owner: Any) -> str:
     return "thread" if isinstance(owner, int) else "task"
 
 
+async def _blpop(client: Any, key: bytes, seconds: float) -> Any:
+    """``BLPOP key`` in a task of its own, so that cancelling the waiting task
+    takes effect at once: redis-py sends with ``asyncio.wait_for``, which on
+    Python 3.11 swallows a cancellation that arrives just as the send
+    completed, and the BLPOP would then block for its whole slice (the
+    waiter leaves the queue either way; a BLPOP left behind finds nothing:
+    GIVE_UP empties its list)."""
+    t = asyncio.ensure_future(client.blpop([key], timeout=max(0.001, round(seconds, 3))))
+    try:
+        return await asyncio.shield(t)
+    except asyncio.CancelledError:
+        t.cancel()
+        # (redis-py drops the connection, and with it the blocked BLPOP, in
+        # a few turns of the loop; not longer than this when it swallowed
+        # that cancellation too)
+        await asyncio.wait({t}, timeout=_DROP_WAIT)
+        raise
+
+
+_DROP_WAIT = 0.05  # s
 _giving_up: "set[asyncio.Task[None]]" = set()  # (a task the loop only holds weakly)
 
 
