@@ -5,7 +5,7 @@ A test takes the ``cluster`` fixture (tests/conformance/conftest.py), which
 is parameterised by transport; today there is one, ``"forked"`` (workers
 forked by ``hub.fork`` over socketpairs), ``"connected"`` (fork children
 that join by address) and ``"redis"`` (fork children that join a master on a
-real redis-server; the lock tests only, see ``OverRedis``).  What a test may
+real redis-server; see ``OverRedis`` for the modules it runs).  What a test may
 rely on:
 
 - ``cluster.hub`` is the master hub, in the test process (made by
@@ -267,36 +267,43 @@ class Connected(Cluster):
 
 class OverRedis(Cluster):
     """Plain fork children of the test process that join a master on a real
-    redis-server (``clusterhub.connect("redis://...")``).  Locks only: messages
-    over Redis are part 2 (issue 21); ``SUPPORTS`` names the test modules that
-    run.  Deaths are seen when a lease runs out (``LEASE``, short here)."""
+    redis-server (``clusterhub.connect("redis://...")``), with an authkey
+    (so entries are authenticated, and the serializer is pickle as for the
+    other transports).  ``SUPPORTS`` names the test modules that run.
+    Deaths are seen when a lease runs out (``LEASE``, short here)."""
 
     transport = "redis"
-    SUPPORTS = ("test_locks",)
+    SUPPORTS = ("test_locks", "test_messages", "test_requests", "test_processes")
     LEASE = 0.5
+    AUTHKEY = b"conformance"
     server_url: ClassVar[Callable[[str], str]]  # set by the fixture: name -> address
 
-    def __init__(self, hub: clusterhub.Hub) -> None:  # (no message handlers: see above)
-        self.hub = hub
-        self._lock = threading.Lock()
-        self._ready = {}
+    def __init__(self, hub: clusterhub.Hub) -> None:
+        super().__init__(hub)
         self._pids: list[int] = []
-        self._exited: dict[int, clusterhub.Worker] = {}  # by pid: a short worker may be gone when looked for
-        hub.on_exit(lambda w: self._exited.setdefault(w.pid or 0, w))
+        self._joined: dict[int, "concurrent.futures.Future[clusterhub.Worker]"] = {}
+        hub.on(JOINED, self._on_joined)
+
+    _on_joined = Connected._on_joined
 
     @classmethod
     def master_hub(cls, make: Callable[..., clusterhub.Hub], **hub_kwargs: Any) -> clusterhub.Hub:
         name = f"conformance-{os.getpid()}-{next(_addresses)}"
+        hub_kwargs.setdefault("authkey", cls.AUTHKEY)
         return make(address=cls.server_url(name), lease=cls.LEASE, **hub_kwargs)
 
     def _start(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> clusterhub.Worker:
         address = self.hub.address
         assert address is not None
+        authkey = self.hub._authkey
+        exit_on_death = self.hub._exit_on_master_death
 
         def worker() -> None:
             for hub in list(clusterhub.hub._hubs):  # (inert here: this child joins by address)
                 hub._abandon()
-            hub = clusterhub.connect(address, timeout=10)
+            # (as a forked worker of this master would: connect's own default is False)
+            hub = clusterhub.connect(address, timeout=10, authkey=authkey, exit_on_master_death=exit_on_death)
+            hub.send_to_master(JOINED, os.getpid())
             code = run_target(fn, (hub, *args), {})
             with contextlib.suppress(clusterhub.LockError):  # (still holding: its lease runs out instead)
                 hub.close()
@@ -304,14 +311,9 @@ class OverRedis(Cluster):
 
         pid = run_forked(worker)
         self._pids.append(pid)
-        # The master learns of a worker from the hub's event list; wait for it (bounded).
-        deadline = time.monotonic() + 15
-        while True:
-            found = [w for w in self.hub.workers.values() if w.pid == pid] or [self._exited.get(pid)]
-            if found[0] is not None:
-                return found[0]
-            assert time.monotonic() < deadline, f"worker pid {pid} did not join within 15 s"
-            time.sleep(0.005)
+        with self._lock:
+            fut = self._joined.setdefault(pid, concurrent.futures.Future())
+        return fut.result(timeout=15)
 
     def kill(self, w: clusterhub.Worker) -> None:
         assert w.pid is not None

@@ -1,6 +1,5 @@
 """The ``cluster`` fixture: one master hub and its workers, once per transport
-in ``cluster.TRANSPORTS`` that runs the test's module (``OverRedis`` runs the
-lock tests only: messages over Redis are issue 21)."""
+in ``cluster.TRANSPORTS`` that runs the test's module (``OverRedis.SUPPORTS``)."""
 
 from __future__ import annotations
 

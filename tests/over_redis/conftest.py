@@ -131,10 +131,11 @@ def close_quietly(hub: clusterhub.Hub) -> None:
 
 
 def blocked_clients(server: RedisServer) -> int:
-    """How many clients of the server are blocked (in BLPOP, here)."""
+    """How many clients of the server are blocked in BLPOP (lock waits: an
+    inbox reader waits in BRPOP)."""
     c = server.client()
     try:
-        return sum(1 for cl in c.client_list() if "b" in cl["flags"])
+        return sum(1 for cl in c.client_list() if "b" in cl["flags"] and cl["cmd"] == "blpop")
     finally:
         c.close()
 

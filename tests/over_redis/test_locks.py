@@ -305,13 +305,6 @@ def test_lock_errors(redis_server: RedisServer, master: clusterhub.Hub, procs: P
     master.lock("é" * 127).release()
 
 
-def test_messaging_is_part_two(master: clusterhub.Hub) -> None:
-    with pytest.raises(HubError):
-        master.send_to_workers("x")
-    with pytest.raises(HubError):
-        master.fork(print)
-
-
 # ---- waiting -------------------------------------------------------------------------
 
 

@@ -1,47 +1,84 @@
 """``RedisHub``: the ``Hub`` that ``Hub(address="redis://...")`` and
 ``connect("redis://...")`` make.
 
-Part 1 of the Redis engine: global locks, and the processes of the hub (who
-is alive, by lease).  The master watches the others' leases on a thread of
-its own: it blocks on the hub's event list (joins and clean exits are pushed
+The processes of the hub (who is alive, by lease), its global locks
+(locks.py) and its messages (messages.py), with the public API's semantics
+of ``hub.Hub``.  The master watches the others' leases on a thread of its
+own: it blocks on the hub's event list (joins and clean exits are pushed
 there) for at most the time until the earliest lease among the workers would
 run out, so a death is seen within the lease plus a few milliseconds, and an
-idle hub wakes at most once per lease.
+idle hub wakes at most once per lease.  A worker learns of its master's death
+from its own lease renewals (every tenth of a lease).
+
+A worker's exit reaches the master's ``on_exit`` callbacks through the
+master's own inbox, behind everything the worker sent: handlers see its
+messages first, as with a local hub.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import random
+import signal
 import threading
 import time
-from typing import Any, Callable, NoReturn, Optional, Union
+import warnings
+from typing import Any, Callable, Optional, Union
 
 from .. import forks, protocol
 from ..checks import check_bool, check_int, check_spin, check_timeout
-from ..errors import HubClosedError, HubError, NotMasterError
-from ..hub import DEFAULT_LOCK_SLOTS, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUE, DEFAULT_SPIN, E, Hub
+from ..dispatch import Dispatcher
+from ..errors import HubClosedError, HubError, MasterDied, NotMasterError, NoWorkersError, SendTimeout, WorkerDied
+from ..hub import _HANDLER_GRACE, DEFAULT_LOCK_SLOTS, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUE, DEFAULT_SPIN, E, Hub
 from ..locks import HeldLock
-from ..process import Worker
+from ..process import ExitWatcher, Worker, exit_process, flush_stdio, reap, run_target
+from ..requests import Callback, Future, Pending, gather
+from ..workers import WorkerRef
 from .link import DEFAULT_LEASE, HOST, Link, text
 from .locks import RedisLock, RedisLocks
+from .messages import Mail
 from .url import RedisURL, parse
 
 log = logging.getLogger("clusterhub")
+_fork_lock = threading.Lock()
 
-_PART2 = "messages over Redis are not implemented yet (issue 21); this Redis hub has locks and processes"
+
+def _master_died() -> MasterDied:
+    return MasterDied("the master has died")
+
+
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    t = check_timeout(timeout)
+    return None if t is None else time.monotonic() + t
+
+
+def serializer_for(serializer: Any, authkey: Optional[bytes]) -> Any:
+    """``serializer=None``: pickle when the hub has an authkey (every entry
+    is authenticated before it is unpickled), JSON without one (anyone who
+    can write to the server could inject an entry)."""
+    if serializer is None:
+        return "pickle" if authkey is not None else "json"
+    return serializer
 
 
 class RemoteWorker(Worker):
-    """A worker of a Redis hub, maybe on another host (``host``)."""
+    """A worker of a Redis hub, maybe on another host (``host``): a worker
+    elsewhere is signalled through the server (it signals itself)."""
 
     host: str
+    forked = False  # (started by this master's fork(): its pidfd reports its exit)
+    signal_through: Optional[Callable[[int, int], None]] = None  # (worker id, signal)
 
     def _signal(self, sig: int) -> None:
-        if self.host != HOST:
-            raise HubError(f"worker {self.id} runs on {self.host}: signalling it through the server comes with "
-                           "messages over Redis (issue 21)")
-        super()._signal(sig)
+        if self.host == HOST or self.signal_through is None:
+            super()._signal(sig)
+        elif self.is_alive():
+            try:
+                self.signal_through(self.id, sig)
+            except HubError as e:
+                log.warning("clusterhub: cannot signal worker %d through the server: %s", self.id, e)
 
 
 def check_lease(lease: float) -> float:
@@ -58,7 +95,7 @@ class RedisHub(Hub):
     def __init__(
         self,
         *,
-        serializer: Any = "pickle",
+        serializer: Any = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_queue: int = DEFAULT_MAX_QUEUE,
         lock_slots: int = DEFAULT_LOCK_SLOTS,
@@ -70,45 +107,73 @@ class RedisHub(Hub):
         allowed_uids: Optional[Any] = None,
         lease: Optional[float] = None,
     ) -> None:
-        # Hub's own parameters, checked as Hub checks them; those of messages
-        # have nothing to act on until part 2, lock_slots none over Redis.
-        protocol.serializer_functions(serializer)
-        check_int("max_message_size", max_message_size, 1, None)
-        check_int("max_queue", max_queue, 0, None)
+        # Hub's own parameters, checked as Hub checks them (lock_slots and
+        # spin have nothing to act on over Redis).
         check_int("lock_slots", lock_slots, 1, None)
-        check_bool("exit_on_master_death", exit_on_master_death)
-        check_bool("batch_dispatcher", batch_dispatcher)
         check_spin(spin)
         if allowed_uids is not None:
             raise ValueError("allowed_uids is for a local hub: over Redis, the server's own authentication "
                              "decides who may connect")
         self._setup(parse(address), check_lease(DEFAULT_LEASE if lease is None else lease), authkey, master=True,
-                    timeout=5.0)
+                    timeout=5.0, serializer=serializer, max_message_size=max_message_size, max_queue=max_queue,
+                    exit_on_master_death=exit_on_master_death, batch_dispatcher=batch_dispatcher)
+        self._start_reading()
 
     def _setup(self, url: RedisURL, lease: Optional[float], authkey: Optional[bytes], *, master: bool,
-               timeout: Optional[float]) -> None:
+               timeout: Optional[float], serializer: Any = None, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+               max_queue: int = DEFAULT_MAX_QUEUE, exit_on_master_death: bool = True,
+               batch_dispatcher: bool = True) -> None:
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
+        self._dumps, self._loads = protocol.serializer_functions(serializer_for(serializer, authkey))
+        check_int("max_message_size", max_message_size, 1, None)
+        check_int("max_queue", max_queue, 0, None)
+        check_bool("exit_on_master_death", exit_on_master_death)
+        check_bool("batch_dispatcher", batch_dispatcher)
         self._closed = False
         self._url = url
         self._address = url.text
+        self._authkey = authkey
+        self._max_len = max_message_size
+        self._max_queue = max_queue
+        self._exit_on_master_death = exit_on_master_death
         self._link = Link(url, lease, master=master, connect_timeout=timeout)
         self._rlocks = RedisLocks(self._link)
         self._workers: dict[int, RemoteWorker] = {}
         self._gone: set[int] = set()  # ids seen leaving (a late "joined" event changes nothing)
-        self._settling = 0  # exits whose on_exit callbacks are running
+        self._stubs: dict[int, Worker] = {}  # (a worker: other workers, as broadcast senders)
+        self._settling = 0  # exits whose on_exit callbacks have not run yet
         self._run_id = ""  # the server's, as the watcher last saw it
         self._grace_until = 0.0  # (monotonic) after a server restart: the workers take new leases meanwhile
         self._longest = 0.0  # the longest lease seen left to a worker (s)
+        self._left: dict[int, RemoteWorker] = {}  # exited, on_exit callbacks not yet scheduled
         self._exit_callbacks: list[Callable[[Worker], Any]] = []
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
+        self._exits = ExitWatcher(f"clusterhub-exits-{url.name}", self._child_exited)  # (forked workers)
+        self._dispatcher = Dispatcher(f"{'master' if master else 'worker'}-{os.getpid()}", batch_dispatcher)
+        self._pending = Pending(self._dispatcher, None)  # type: ignore[arg-type]
+        self._mail = self._new_mail()
         self._link.join()
+        if not master:
+            self._link.on_master = self._master_seen
+            m = self._link.call(self._link.client.get, self._link.key(b"master"))
+            self._mail.master_id = int(m) if m else 0
         forks.hubs.add(self)
         if master:
             self._watcher = threading.Thread(target=self._watch, name=f"clusterhub-members-{url.name}", daemon=True)
             self._watcher.start()
+
+    def _new_mail(self) -> Mail:
+        return Mail(self._link, self._dispatcher, self._pending, self._dumps, self._loads, self._authkey,
+                    self._max_len, self._max_queue, self._sender, self._control)
+
+    def _start_reading(self) -> None:
+        """Start dispatching and reading the inbox (a connecting worker:
+        after its setup registered its handlers)."""
+        self._dispatcher.start()
+        self._mail.start()
 
     def __repr__(self) -> str:
         role = "master" if self.is_master else f"worker {self.worker_id}"
@@ -144,6 +209,22 @@ class RedisHub(Hub):
         if not self.is_master:
             raise NotMasterError(f"{what} is for the master only")
 
+    def _worker(self, worker: WorkerRef) -> RemoteWorker:
+        """The live worker a Worker or id stands for."""
+        if isinstance(worker, Worker):
+            wid = worker.id
+        elif isinstance(worker, int) and not isinstance(worker, bool):
+            wid = worker
+        else:
+            raise TypeError(f"worker must be a Worker or an id, not {type(worker).__name__}")
+        with self._changed:
+            w = self._workers.get(wid)
+            if w is None:
+                if wid in self._gone:
+                    raise WorkerDied(f"worker {wid} has exited")
+                raise ValueError(f"no worker with id {wid}")
+        return w
+
     # ---- locks -----------------------------------------------------------------------
 
     def lock(self, key: Union[str, bytes], timeout: Optional[float] = None) -> RedisLock:  # type: ignore[override]
@@ -160,7 +241,248 @@ class RedisHub(Hub):
             rows.append(row)
         return rows
 
+    # ---- messages --------------------------------------------------------------------
+
+    def send_to_master(self, name: str, data: Any = None, *, timeout: Optional[float] = None) -> None:
+        self._check()
+        deadline = _deadline(timeout)
+        if self.is_master:
+            protocol.encode_name(name)
+            self._dispatcher.post((name, data, None, None))
+            return
+        entry = self._mail.entry(protocol.MSG, 0, protocol.encode_name(name), self._dumps(data))
+        self._mail.send("M", entry, _master_died, deadline, timeout=timeout)
+
+    def send_to_worker(self, worker: WorkerRef, name: str, data: Any = None, *,
+                       timeout: Optional[float] = None) -> None:
+        self._check_master("send_to_worker")
+        deadline = _deadline(timeout)
+        w = self._worker(worker)
+        entry = self._mail.entry(protocol.MSG, 0, protocol.encode_name(name), self._dumps(data))
+        self._mail.send(w.id, entry, self._died(w.id), deadline, timeout=timeout)
+
+    def send_to_workers(self, name: str, data: Any = None, *, timeout: Optional[float] = None) -> None:
+        self._check()
+        deadline = _deadline(timeout)
+        kind = protocol.MSG if self.is_master else protocol.BCAST
+        entry = self._mail.entry(kind, 0, protocol.encode_name(name), self._dumps(data))
+        unreached = self._mail.broadcast(entry, deadline, timeout)
+        if unreached:
+            with self._changed:
+                ws = [self._workers.get(i) or Worker(i, hub_key=self._hub_key) for i in unreached]
+            raise SendTimeout(f"the queues of {len(ws)} worker(s) stayed full for {timeout} s", ws)
+
+    def send_to_random_worker(self, name: str, data: Any = None, *,
+                              timeout: Optional[float] = None) -> Optional[Worker]:
+        self._check_master("send_to_random_worker")
+        deadline = _deadline(timeout)
+        entry = self._mail.entry(protocol.MSG, 0, protocol.encode_name(name), self._dumps(data))
+        with self._changed:
+            live = list(self._workers.values())
+        random.shuffle(live)
+        for w in live:
+            try:
+                self._mail.send(w.id, entry, self._died(w.id), deadline, timeout=timeout)
+                return w
+            except WorkerDied:
+                continue
+        return None
+
+    def request_master(self, name: str, data: Any = None, *, timeout: Optional[float] = None,
+                       callback: Optional[Callback] = None) -> Future[Any]:
+        self._check()
+        if self.is_master:
+            return self._pending.local(name, data, timeout, callback)
+        mail = self._mail
+        return mail.request("M", mail.peer(mail.master_id), name, self._dumps(data), timeout, callback,
+                            _master_died)
+
+    def request_worker(self, worker: WorkerRef, name: str, data: Any = None, *,
+                       timeout: Optional[float] = None, callback: Optional[Callback] = None) -> Future[Any]:
+        self._check_master("request_worker")
+        w = self._worker(worker)
+        return self._mail.request(w.id, self._mail.peer(w.id), name, self._dumps(data), timeout, callback,
+                                  self._died(w.id))
+
+    def request_random_worker(self, name: str, data: Any = None, *, timeout: Optional[float] = None,
+                              callback: Optional[Callback] = None) -> Future[Any]:
+        self._check_master("request_random_worker")
+        body = self._dumps(data)
+        with self._changed:
+            live = list(self._workers.values())
+        if not live:
+            return self._pending.failed(NoWorkersError("no live worker"), callback)
+        w = random.choice(live)
+        return self._mail.request(w.id, self._mail.peer(w.id), name, body, timeout, callback, self._died(w.id))
+
+    def request_workers(self, name: str, data: Any = None, *, timeout: Optional[float] = None,
+                        callback: Optional[Callback] = None) -> Future[dict[int, Any]]:
+        self._check_master("request_workers")
+        body = self._dumps(data)
+        protocol.encode_name(name)
+        check_timeout(timeout)
+        agg = self._pending.failed(None, callback)  # (checks the callback)
+        with self._changed:
+            live = sorted(self._workers.values(), key=lambda w: w.id)
+        parts = [(w.id, self._mail.request(w.id, self._mail.peer(w.id), name, body, timeout, None,
+                                           self._died(w.id))) for w in live]
+        return gather(parts, agg)
+
+    def _died(self, wid: int) -> Callable[[], WorkerDied]:
+        return lambda: WorkerDied(f"worker {wid} has exited")
+
+    @property
+    def _hub_key(self) -> Any:
+        return ("redis", self._url.text)
+
+    def _sender(self, kind: int, origin: int) -> Optional[Worker]:
+        """A message's ``sender``: in the master the worker ``origin``; in a
+        worker None (the master), or a stand-in for the broadcasting worker."""
+        if self.is_master:
+            with self._changed:
+                w = self._workers.get(origin)
+            if w is None:  # (its first message came before its "joined" event)
+                info = self._link.call(self._link.client.hget, self._link.key(b"procs"), str(origin))
+                if info:
+                    pid, host, _ = text(info).split(" ")
+                    self._joined(origin, int(pid), host)
+                with self._changed:
+                    w = self._workers.get(origin)
+            return w if w is not None else Worker(origin, hub_key=self._hub_key)
+        if kind != protocol.BCAST:
+            return None
+        stub = self._stubs.get(origin)
+        if stub is None:
+            stub = self._stubs[origin] = Worker(origin, hub_key=self._hub_key)
+        return stub
+
+    def _control(self, name: str, origin: int, body: memoryview) -> None:
+        """A control entry: "exit" (the watcher's, in the master: after
+        everything the worker sent), "signal" (from the master)."""
+        if name == "exit" and origin == self._link.proc_id:
+            wid = int(bytes(body))
+            with self._changed:
+                w = self._left.pop(wid, None)
+            if w is not None:
+                self._dispatcher.post((None, self._settle, w, None))
+        elif name == "signal" and not self.is_master and origin == self._mail.master_id:
+            os.kill(os.getpid(), int(bytes(body)))
+        else:
+            log.warning("clusterhub: a control entry %r from process %d: ignored", name, origin)
+
+    def _signal_through(self, wid: int, sig: int) -> None:
+        self._mail.control(wid, "signal", str(int(sig)).encode())
+
+    def _master_seen(self, mid: int) -> None:
+        """(A worker's renewer) the live master's id, 0 for none."""
+        old = self._mail.master_id
+        if mid == old:
+            return
+        if old:
+            self._pending.fail_peer(self._mail.peer(old), _master_died)
+            if self._exit_on_master_death:
+                log.error("clusterhub: worker %s: the master has died; exiting", self.worker_id)
+                exit_process(1)
+        if mid:
+            self._mail.master_id = mid
+
+    _forked = False  # (a worker this hub's master forked)
+
+    # ---- asyncio ---------------------------------------------------------------------
+
+    def attach(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        self._check()
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        elif not isinstance(loop, asyncio.AbstractEventLoop):
+            raise TypeError(f"loop must be an asyncio event loop, not {type(loop).__name__}")
+        self._dispatcher.attach(loop)
+
+    def detach(self) -> None:
+        self._check()
+        self._dispatcher.detach()
+
     # ---- processes -------------------------------------------------------------------
+
+    def fork(self, target: Callable[..., Any], *args: Any, **kwargs: Any) -> Worker:
+        """Start a worker process running ``target(*args, **kwargs)``; it
+        joins the hub through the server (see ``Hub.fork``)."""
+        self._check_master("fork")
+        if not callable(target):
+            raise TypeError(f"target must be callable, not {type(target).__name__}")
+        link = self._link
+        wid = int(link.call(link.client.incr, link.key(b"ids")))
+        flush_stdio()
+        with _fork_lock, self._exits.lock:
+            forks.forking(self)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    pid = os.fork()
+            finally:
+                forks.forking(None)
+            if pid == 0:
+                try:
+                    self._run_child(wid, target, args, kwargs)
+                finally:
+                    os._exit(1)
+            # The worker's lease and membership now, so that it can be sent
+            # to at once (the child takes them over when it joins).
+            info = f"{pid} {HOST} {wid}"
+            try:
+                pipe = link.client.pipeline(transaction=False)
+                pipe.set(link.lease_key(wid), info, px=link.lease_ms)
+                pipe.hset(link.key(b"procs"), str(wid), info)
+                link.call(pipe.execute)
+            except HubError:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise
+            self._joined(wid, pid, HOST)
+            w = self._workers[wid]
+            w.forked = True
+            self._exits.watch(w, os.pidfd_open(pid))
+        return w
+
+    def _run_child(self, wid: int, target: Callable[..., Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> None:
+        """In a forked child: this hub becomes worker ``wid``'s, runs
+        ``target`` and exits (never returns)."""
+        old = self._link
+        old.abandon()
+        self._rlocks.abandon()
+        self._exits.abandon()
+        self._stop = threading.Event()
+        self._watcher = None
+        self._workers, self._gone, self._left, self._stubs = {}, set(), {}, {}
+        self._exit_callbacks = []
+        self._changed = threading.Condition()
+        self._forked = True
+        self._link = Link(old.url, old.lease, master=False, connect_timeout=old.connect_timeout)
+        self._rlocks = RedisLocks(self._link)
+        self._dispatcher.reinit_after_fork(f"worker-{os.getpid()}")
+        self._pending = Pending(self._dispatcher, None)  # type: ignore[arg-type]
+        self._mail = self._new_mail()
+        code = 1
+        try:
+            self._link.join(wid)
+            self._link.on_master = self._master_seen
+            self._mail.master_id = old.proc_id
+            self._start_reading()
+            code = run_target(target, args, kwargs)
+        finally:
+            try:
+                self.close()
+            except BaseException:
+                log.exception("clusterhub: worker %d: closing its hub failed", wid)
+            exit_process(code)
+
+    def _child_exited(self, w: Worker, code: Optional[int]) -> None:
+        """(The exit watcher) a forked worker exited."""
+        if w.pid is not None:
+            got = reap(w.pid)
+            code = got if code is None else code
+        self._exited(w.id, code)
 
     def on_exit(self, callback: E) -> E:
         self._check_master("on_exit")
@@ -172,9 +494,11 @@ class RedisHub(Hub):
     def join(self, timeout: Optional[float] = None) -> bool:
         """Wait until every worker has exited (its lease ended, or it left)
         and the ``on_exit`` callbacks of those exits have run; True when all
-        did.  Called from an ``on_exit`` callback, it waits for the exits only."""
+        did.  Called from a handler or an ``on_exit`` callback, it waits for
+        the exits only."""
         self._check_master("join")
-        inside = threading.current_thread() is self._watcher  # (where the callbacks run)
+        d = self._dispatcher
+        inside = threading.get_ident() in (d.ident, d.handler_ident, getattr(self._watcher, "ident", None))
         with self._changed:
             return self._changed.wait_for(lambda: not self._workers and (inside or not self._settling),
                                           check_timeout(timeout))
@@ -218,7 +542,10 @@ class RedisHub(Hub):
         elif ev[0] == "rejoined" and len(ev) == 4:
             self._rejoined(int(ev[1]), int(ev[2]), ev[3])
         elif ev[0] == "left" and len(ev) == 2:
-            self._exited(int(ev[1]))
+            with self._changed:
+                w = self._workers.get(int(ev[1]))
+            if w is None or not w.forked:  # (a forked one's exit, with its code, comes from its pidfd)
+                self._exited(int(ev[1]))
 
     def _rejoined(self, wid: int, pid: int, host: str) -> None:
         """A worker whose lease ran out (paused, or cut off) took a new one:
@@ -237,17 +564,18 @@ class RedisHub(Hub):
         with self._changed:
             if wid in self._workers or wid in self._gone:
                 return
-            w = RemoteWorker(wid, pid, hub_key=("redis", self._url.text))
+            w = RemoteWorker(wid, pid, hub_key=self._hub_key)
             w.host = host
             w.connected = True
+            w.signal_through = self._signal_through
             self._workers[wid] = w
 
     def _check_leases(self) -> float:
         """Workers whose lease is gone have exited; how long until the
         earliest remaining lease would run out (at most a lease)."""
         link = self._link
-        with self._changed:
-            wids = list(self._workers)
+        with self._changed:  # (a forked worker's exit comes from its pidfd, with its code)
+            wids = [wid for wid, w in self._workers.items() if not w.forked]
         pipe = link.client.pipeline(transaction=False)
         pipe.info("server")
         for wid in wids:
@@ -270,25 +598,37 @@ class RedisHub(Hub):
         live = [t / 1000 + 0.003 for t in ttls if t > 0]
         return float(min([link.lease, *live]))
 
-    def _exited(self, wid: int) -> None:
+    def _exited(self, wid: int, code: Optional[int] = None) -> None:
+        """Worker ``wid`` exited: its requests fail now; its ``on_exit``
+        callbacks run on the dispatcher behind what it sent (a control entry
+        through our own inbox, which is behind its entries)."""
         with self._changed:
             left = self._workers.pop(wid, None)
             self._gone.add(wid)
             if left is None:
                 return
             self._settling += 1  # (join() waits for its on_exit callbacks too)
+            self._left[wid] = left
+        left.set_exited(code)
+        self._pending.fail_peer(self._mail.peer(wid), self._died(wid))
         try:
-            left.set_exited(None)
-            try:
-                self._link.call(self._link.client.hdel, self._link.key(b"procs"), str(wid))
-            except HubError:
-                pass  # (the next master's scan finds its lease gone)
+            self._link.call(self._link.client.hdel, self._link.key(b"procs"), str(wid))
+            self._mail.control(self._link.proc_id, "exit", str(wid).encode())
+        except HubError:
+            with self._changed:  # (the server is away: settle it here)
+                gone = self._left.pop(wid, None)
+            if gone is not None:
+                self._dispatcher.post((None, self._settle, gone, None))
+
+    def _settle(self, w: Worker) -> None:
+        """(On the dispatcher) run the on_exit callbacks of ``w``'s exit."""
+        try:
             for cb in list(self._exit_callbacks):
                 try:
-                    cb(left)
+                    cb(w)
                 except Exception:
                     log.exception("clusterhub: on_exit callback %r failed", cb)
-            left.settled.set()
+            w.settled.set()
         finally:
             with self._changed:
                 self._settling -= 1
@@ -298,45 +638,58 @@ class RedisHub(Hub):
 
     def close(self, timeout: float = 5.0) -> None:
         """Leave the hub: give up the lease (and the name, for the master).
-        Raises LockError (and stays open) while a thread or task of this
-        process holds one of its locks.  Idempotent."""
+        In the master, workers it forked get SIGTERM, then SIGKILL after
+        ``timeout`` seconds.  Raises LockError (and stays open) while a
+        thread or task of this process holds one of its locks.  Idempotent."""
         if self._closed:
             return
         check_timeout(timeout)
         self._rlocks.retire()
+        self._stop_forked(timeout)
         self._closed = True
         self._stop.set()
+        self._exits.stop()
         try:
             self._link.leave()  # (its "left" event wakes the watcher: stop it before disconnecting)
             if self._watcher is not None:
                 self._watcher.join(timeout)
+            self._mail.stop(timeout)
+            if not self._dispatcher.stop(_HANDLER_GRACE):
+                log.warning("%r closed while a handler was still running %.1f s later: abandoned",
+                            self, _HANDLER_GRACE)
+            self._pending.fail_all(lambda: HubClosedError("the hub was closed"))
         finally:
             self._link.disconnect()
         forks.hubs.discard(self)
+
+    def _stop_forked(self, timeout: float) -> None:
+        with self._changed:
+            forked = [w for w in self._workers.values() if w.forked]
+        for w in forked:
+            w.terminate()
+        deadline = time.monotonic() + timeout
+        for w in forked:
+            if not w.join(max(0.0, deadline - time.monotonic())):
+                w.kill()
+                w.join(1.0)
 
     def _abandon(self) -> None:
         self._closed = True
         self._stop.set()
         self._link.abandon()
         self._rlocks.abandon()
-
-    # ---- messages: part 2 ----------------------------------------------------------------
-
-    def _no_messages(self, *args: Any, **kwargs: Any) -> NoReturn:
-        self._check()
-        raise HubError(_PART2)
-
-    fork = on = once = off = send_to_master = send_to_worker = send_to_workers = _no_messages
-    send_to_random_worker = request_master = request_worker = request_random_worker = _no_messages
-    request_workers = attach = detach = _no_messages
+        self._mail.abandon()
+        self._exits.abandon()
+        self._dispatcher.abandon()
 
 
 def connect_redis(address: str, *, timeout: Optional[float], lease: Optional[float] = None,
-                  authkey: Optional[bytes] = None) -> RedisHub:
+                  authkey: Optional[bytes] = None, serializer: Any = None,
+                  exit_on_master_death: bool = False) -> RedisHub:
     """A worker-side Redis hub (what ``clusterhub.connect`` makes for a
-    Redis address); ``lease`` None: the master's."""
+    Redis address); ``lease`` None: the master's.  It reads its inbox once
+    ``_start_reading()`` is called (after the caller's setup)."""
     hub = object.__new__(RedisHub)
     hub._setup(parse(address), None if lease is None else check_lease(lease), authkey, master=False,
-               timeout=timeout)
+               timeout=timeout, serializer=serializer, exit_on_master_death=exit_on_master_death)
     return hub
-

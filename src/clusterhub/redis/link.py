@@ -167,7 +167,8 @@ class Link:
         self.pool = self.client.connection_pool
         self._renew = _Script(self.client, scripts.RENEW)
         self._script_sha = {text: self.client.register_script(text).sha
-                            for text in (scripts.ACQUIRE, scripts.RELEASE, scripts.GIVE_UP)}
+                            for text in (scripts.ACQUIRE, scripts.RELEASE, scripts.GIVE_UP,
+                                         scripts.SEND, scripts.BROADCAST, scripts.TAKE)}
         # The lock calls go over a connection of the calling thread's own
         # (no pool to lock, no per-call bookkeeping: about half the client's
         # CPU of a pooled call); see :meth:`lock_call`.
@@ -190,6 +191,9 @@ class Link:
         self._thread: Optional[threading.Thread] = None
         self._aio: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # loop -> client
         self.connect_timeout = connect_timeout
+        # Told by the renewer the id of the live master (0: none), for a
+        # worker to notice its master's death (see messages.py).
+        self.on_master: Optional[Callable[[int], None]] = None
 
     def aio(self, loop: Any) -> Any:
         """This loop's asyncio client (same settings), and its scripts
@@ -294,8 +298,9 @@ class Link:
 
     # ---- joining ----------------------------------------------------------------------
 
-    def join(self) -> None:
-        """Take an id and a lease (and, for the master, the name)."""
+    def join(self, proc_id: int = 0) -> None:
+        """Take an id (``proc_id``: the one a forking master took for us)
+        and a lease (and, for the master, the name)."""
         c = self.client
         server = self.call(c.info, "server")
         check_version(str(server.get("redis_version", "")), self.url)
@@ -307,7 +312,7 @@ class Link:
                 # (the socket timeout stays above the longest blocking slice, a lease)
                 self.pool.connection_kwargs["socket_timeout"] = self.lease + 5.0
                 self.pool.disconnect()
-        self.proc_id = int(self.call(c.incr, self.key(b"ids")))
+        self.proc_id = proc_id or int(self.call(c.incr, self.key(b"ids")))
         if not self.is_master:
             self.worker_id = self.proc_id
         # The master takes the name before it writes anything else: a second
@@ -361,9 +366,13 @@ class Link:
         lk = self.lease_key(self.proc_id)
         named = self.is_master and not self.deposed
         sent = time.monotonic()
-        ok = self.call(self._renew, keys=[lk, self.key(b"master") if named else lk],
-                       args=[self.lease_ms, self.proc_id, int(named)])
+        me = str(self.proc_id).encode()
+        ok, master = self.call(self._renew, keys=[lk, self.key(b"master"), self.key(b"inbox:" + me),
+                                                  self.key(b"queued:" + me), self.key(b"blocked:" + me)],
+                               args=[self.lease_ms, self.proc_id, int(named), self.prefix + b"proc:"])
         run_id = self.call(self.client.info, "server")["run_id"]
+        if self.on_master is not None:
+            self.on_master(int(master))
         if ok and run_id == self.run_id:
             self.valid_until = sent + self.lease
             if ok == 2:  # (the lease was renewed: what we hold is still ours)

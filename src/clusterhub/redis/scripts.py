@@ -131,15 +131,133 @@ if redis.call('HGET', KEYS[1], 'acq') == ARGV[1] then hand_on() end
 return 1
 """
 
-# Renew a lease.  KEYS: our lease, the master key (or our lease again).
-# ARGV: lease (ms), our id, whether we are the master.
-# -> 1 renewed; 0 the lease was gone (expired, or the server lost it);
-#    2 renewed, but the name is not ours (any more): the locks are still ours.
+# Renew a lease, and the TTL of our inbox with it.  KEYS: our lease, the
+# master key (or our lease again), our inbox, its byte count, its blocked
+# senders.  ARGV: lease (ms), our id, whether we are the master.
+# -> {status, the id of the master if its lease is live, else 0}; status 1
+#    renewed; 0 the lease was gone (expired, or the server lost it); 2
+#    renewed, but the name is not ours (any more): the locks are still ours.
 RENEW = """
-if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 0 then return 0 end
+local function master()
+  local m = redis.call('GET', KEYS[2])
+  if m and redis.call('PTTL', ARGV[4] .. m) > 0 then return tonumber(m) end
+  return 0
+end
+if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 0 then return {0, master()} end
+for i = 3, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
 if ARGV[3] == '1' then
-  if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 2 end
+  if redis.call('GET', KEYS[2]) ~= ARGV[2] then return {2, master()} end
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
 end
-return 1
+return {1, master()}
+"""
+
+# ---- messages -----------------------------------------------------------------------
+#
+# - ``P:inbox:<id>``: a process's inbox, a list of entries (an envelope as
+#   protocol.py describes it, behind an HMAC when the hub has an authkey),
+#   with the TTL of the process's lease: a dead process's inbox goes with
+#   its lease.  Senders push at the head, its reader takes entries off the
+#   tail as it reads them (BRPOP: INFO commandstats tells inbox reads from
+#   lock waits, which are BLPOPs).
+# - ``P:queued:<id>``: the bytes waiting in that inbox (same TTL).
+# - ``P:blocked:<id>``: senders waiting for room in it, a sorted set of
+#   their wake-up lists (``P:room:<process>:<thread>``) scored by their
+#   bound (max_queue): the reader pushes to those whose bound the inbox is
+#   back under.
+
+# Put one entry in a live inbox, unless it holds more than ``mq`` bytes (0:
+# no bound); then register ``room`` to be told when it has room again.
+_DELIVER = """
+local function deliver(P, t, ttl, mq, room, entry)
+  local qk = P .. 'queued:' .. t
+  if mq > 0 then
+    local q = tonumber(redis.call('GET', qk) or '0')
+    if q > mq then
+      local bk = P .. 'blocked:' .. t
+      redis.call('ZADD', bk, mq, room)
+      redis.call('PEXPIRE', bk, ttl)
+      return 0
+    end
+  end
+  local ib = P .. 'inbox:' .. t
+  redis.call('LPUSH', ib, entry)
+  redis.call('PEXPIRE', ib, ttl)
+  redis.call('INCRBY', qk, #entry)
+  redis.call('PEXPIRE', qk, ttl)
+  return 1
+end
+"""
+
+# Send one entry.  ARGV: P, the receiver's id ('M': the master), the bound
+# (bytes; 0: none), our wake-up list for room, the entry.
+# -> {1, receiver} delivered; {0, receiver} its inbox is full (we are told
+#    of room on our list); {-1, receiver or 0} it is not alive.
+SEND = _DELIVER + """
+local P, t = ARGV[1], ARGV[2]
+if t == 'M' then
+  t = redis.call('GET', P .. 'master')
+  if not t then return {-1, 0} end
+end
+local ttl = redis.call('PTTL', P .. 'proc:' .. t)
+if ttl <= 0 then return {-1, tonumber(t)} end
+return {deliver(P, t, ttl, tonumber(ARGV[3]), ARGV[4], ARGV[5]), tonumber(t)}
+"""
+
+# A broadcast, fanned out here: one entry to every live process but the
+# master and the sender, or to those listed after the entry.  ARGV: P, the
+# sender's id, then as SEND's from the bound on.
+# -> the ids whose inbox was full (each tells us of room).
+BROADCAST = _DELIVER + """
+local P = ARGV[1]
+local targets
+if #ARGV > 5 then
+  targets = {}
+  for i = 6, #ARGV do targets[#targets + 1] = ARGV[i] end
+else
+  targets = redis.call('HKEYS', P .. 'procs')
+end
+local master = redis.call('GET', P .. 'master')
+local full = {}
+for _, t in ipairs(targets) do
+  if t ~= ARGV[2] and t ~= master then
+    local ttl = redis.call('PTTL', P .. 'proc:' .. t)
+    if ttl > 0 and deliver(P, t, ttl, tonumber(ARGV[3]), ARGV[4], ARGV[5]) == 0 then
+      full[#full + 1] = tonumber(t)
+    end
+  end
+end
+return full
+"""
+
+# The reader's turn: take up to ARGV[4] entries off our inbox, count them
+# (and ARGV[3] bytes the reader took with BRPOP) out of its byte count, and
+# wake the senders whose bound it is under now.  ARGV: P, our id, those
+# bytes, the most to take, the TTL (ms) of a wake-up.
+# -> the entries.
+TAKE = """
+local P, me = ARGV[1], ARGV[2]
+local ib = P .. 'inbox:' .. me
+local got = redis.call('LRANGE', ib, -tonumber(ARGV[4]), -1)
+local items = {}
+for i = #got, 1, -1 do items[#items + 1] = got[i] end
+if #items > 0 then redis.call('LTRIM', ib, 0, -#items - 1) end
+local size = tonumber(ARGV[3])
+for _, it in ipairs(items) do size = size + #it end
+if size > 0 then
+  local qk = P .. 'queued:' .. me
+  local q = redis.call('DECRBY', qk, size)
+  if q <= 0 then
+    redis.call('DEL', qk)
+    q = 0
+  end
+  local bk = P .. 'blocked:' .. me
+  local rooms = redis.call('ZRANGEBYSCORE', bk, q, '+inf')
+  for _, r in ipairs(rooms) do
+    redis.call('RPUSH', r, 'r')
+    redis.call('PEXPIRE', r, ARGV[5])
+  end
+  if #rooms > 0 then redis.call('ZREMRANGEBYSCORE', bk, q, '+inf') end
+end
+return items
 """
