@@ -24,6 +24,7 @@ import clusterhub
 from clusterhub import LockError
 
 from .conftest import LEASE, MP, Procs, RedisServer, Reports, close_quietly, wait_until
+from conftest import waitpid_bounded
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -229,3 +230,61 @@ def test_a_waiter_that_gives_up_while_cut_off_is_not_handed_the_key(redis_server
         r.close()
         close_quietly(master)
     print(f"the key left with the waiter that gave up went on {took:.2f} s after the release")
+
+
+CLONE_NEWUTS = 0x04000000
+
+
+def other_host_name(name: str) -> None:
+    """Give the calling process (a fork child) a UTS namespace of its own,
+    named ``name``: a host of its own as ``socket.gethostname()`` sees it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWUTS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUTS)")
+    b = name.encode()
+    if libc.sethostname(b, len(b)) != 0:
+        raise OSError(ctypes.get_errno(), "sethostname")
+
+
+def test_messages_with_a_worker_on_a_second_host(redis_servers: Callable[..., RedisServer], net: Net,
+                                                  procs: Procs, reports: Reports) -> None:
+    """A worker in the namespace, under a host name of its own, exchanges
+    requests and broadcasts with the master over TCP; the master lists it
+    with that host and its pid there, and ``terminate()`` reaches it
+    through the server (it signals itself): it dies of SIGTERM, and the
+    master sees it exit within the lease plus a margin."""
+    server = redis_servers(bind=f"127.0.0.1 {net.host_ip}", extra=("--protected-mode", "no"))
+    master = clusterhub.Hub(address=server.url("msgs"), lease=LEASE, authkey=b"k")
+    try:
+        exited = threading.Event()
+        master.on_exit(lambda w: exited.set())
+        master.on("add", lambda d, s: d[0] + d[1])
+        url = server.url("msgs", host=net.host_ip)
+
+        def remote() -> None:
+            net.enter()
+            other_host_name("second-host")
+            hub = clusterhub.connect(url, timeout=10, authkey=b"k")
+            got = threading.Event()
+            hub.on("bc", lambda d, s: got.set())
+            hub.on("pid", lambda d, s: os.getpid())
+            assert hub.request_master("add", (2, 3)).result(10) == 5
+            reports.put("joined", hub.worker_id)
+            assert got.wait(10)
+            reports.put("broadcast")
+            threading.Event().wait()
+
+        pid = procs.start(remote)
+        _, wid = reports.get(timeout=15)
+        w = wait_until(lambda: master.workers.get(wid), 5, "the remote worker listed")
+        assert w.host == "second-host" and w.pid == pid  # (one pid namespace here)
+        master.send_to_workers("bc", None)
+        assert reports.get(timeout=10) == ("broadcast",)
+        assert master.request_worker(w, "pid").result(10) == pid
+        w.terminate()
+        t0 = time.monotonic()
+        got = waitpid_bounded(pid, 10)
+        assert got == -signal.SIGTERM, got
+        assert exited.wait(LEASE + 5) and time.monotonic() - t0 < LEASE + MARGIN
+    finally:
+        close_quietly(master)

@@ -36,7 +36,7 @@ from ..locks import HeldLock
 from ..process import ExitWatcher, Worker, exit_process, flush_stdio, reap, run_target
 from ..requests import Callback, Future, Pending, gather
 from ..workers import WorkerRef
-from .link import DEFAULT_LEASE, HOST, Link, text
+from .link import DEFAULT_LEASE, Link, host, text
 from .locks import RedisLock, RedisLocks
 from .messages import Mail
 from .url import RedisURL, parse
@@ -72,7 +72,7 @@ class RemoteWorker(Worker):
     signal_through: Optional[Callable[[int, int], None]] = None  # (worker id, signal)
 
     def _signal(self, sig: int) -> None:
-        if self.host == HOST or self.signal_through is None:
+        if self.host == host() or self.signal_through is None:
             super()._signal(sig)
         elif self.is_alive():
             try:
@@ -147,6 +147,7 @@ class RedisHub(Hub):
         self._grace_until = 0.0  # (monotonic) after a server restart: the workers take new leases meanwhile
         self._longest = 0.0  # the longest lease seen left to a worker (s)
         self._left: dict[int, RemoteWorker] = {}  # exited, on_exit callbacks not yet scheduled
+        self._former: dict[int, RemoteWorker] = {}  # exited (the latest few thousand)
         self._exit_callbacks: list[Callable[[Worker], Any]] = []
         self._changed = threading.Condition()
         self._stop = threading.Event()
@@ -235,9 +236,9 @@ class RedisHub(Hub):
     def held_locks(self) -> list[HeldLock]:
         self._check()
         rows = []
-        for key, pid, wid, host in self._rlocks.held():
+        for key, pid, wid, where in self._rlocks.held():
             row = HeldLock(key, pid, wid)
-            row.host = host
+            row.host = where
             rows.append(row)
         return rows
 
@@ -340,14 +341,14 @@ class RedisHub(Hub):
         worker None (the master), or a stand-in for the broadcasting worker."""
         if self.is_master:
             with self._changed:
-                w = self._workers.get(origin)
+                w = self._workers.get(origin) or self._former.get(origin)
             if w is None:  # (its first message came before its "joined" event)
                 info = self._link.call(self._link.client.hget, self._link.key(b"procs"), str(origin))
                 if info:
-                    pid, host, _ = text(info).split(" ")
-                    self._joined(origin, int(pid), host)
+                    pid, where, _ = text(info).split(" ")
+                    self._joined(origin, int(pid), where)
                 with self._changed:
-                    w = self._workers.get(origin)
+                    w = self._workers.get(origin) or self._former.get(origin)
             return w if w is not None else Worker(origin, hub_key=self._hub_key)
         if kind != protocol.BCAST:
             return None
@@ -428,7 +429,8 @@ class RedisHub(Hub):
                     os._exit(1)
             # The worker's lease and membership now, so that it can be sent
             # to at once (the child takes them over when it joins).
-            info = f"{pid} {HOST} {wid}"
+            here = host()
+            info = f"{pid} {here} {wid}"
             try:
                 pipe = link.client.pipeline(transaction=False)
                 pipe.set(link.lease_key(wid), info, px=link.lease_ms)
@@ -438,7 +440,7 @@ class RedisHub(Hub):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 raise
-            self._joined(wid, pid, HOST)
+            self._joined(wid, pid, here)
             w = self._workers[wid]
             w.forked = True
             self._exits.watch(w, os.pidfd_open(pid))
@@ -454,7 +456,7 @@ class RedisHub(Hub):
         self._exits.abandon()
         self._stop = threading.Event()
         self._watcher = None
-        self._workers, self._gone, self._left, self._stubs = {}, set(), {}, {}
+        self._workers, self._gone, self._left, self._former, self._stubs = {}, set(), {}, {}, {}
         self._exit_callbacks = []
         self._changed = threading.Condition()
         self._forked = True
@@ -609,6 +611,9 @@ class RedisHub(Hub):
                 return
             self._settling += 1  # (join() waits for its on_exit callbacks too)
             self._left[wid] = left
+            self._former[wid] = left  # (a message of it may still be read: its sender)
+            if len(self._former) > 4096:
+                del self._former[next(iter(self._former))]
         left.set_exited(code)
         self._pending.fail_peer(self._mail.peer(wid), self._died(wid))
         try:

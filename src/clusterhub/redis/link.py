@@ -56,7 +56,12 @@ DEFAULT_LEASE = 5.0
 # after the giving up (TCP retransmits a dropped socket's data for up to
 # about 15 minutes), and must not queue or take the key for nobody.
 TOMBSTONE_MS = 20 * 60 * 1000
-HOST = socket.gethostname()
+
+
+def host() -> str:
+    """This machine's name, as the others see this process's (read each
+    time: a forked child may be in another UTS namespace)."""
+    return socket.gethostname()
 
 
 def translate(e: BaseException, url: RedisURL) -> HubError:
@@ -326,13 +331,13 @@ class Link:
             self.call(c.set, self.key(b"lease"), self.lease_ms)
         self._register()
         if not self.is_master:
-            self.call(self.client.rpush, self.key(b"events"), f"joined {self.proc_id} {os.getpid()} {HOST}")
+            self.call(self.client.rpush, self.key(b"events"), f"joined {self.proc_id} {os.getpid()} {host()}")
         self._thread = threading.Thread(target=self._renewer, name=f"clusterhub-lease-{self.proc_id}", daemon=True)
         self._thread.start()
 
     def _register(self) -> None:
         wid = "-" if self.worker_id is None else str(self.worker_id)
-        info = f"{os.getpid()} {HOST} {wid}"
+        info = f"{os.getpid()} {host()} {wid}"
         sent = time.monotonic()
         self.call(self.client.set, self.lease_key(self.proc_id), info, px=self.lease_ms)
         self.valid_until = sent + self.lease
@@ -384,7 +389,7 @@ class Link:
         log.warning("clusterhub: process %d: %s; %d held lock(s) lost", self.proc_id, why, n)
         self._register()
         if not self.is_master:  # (a master that saw us gone lists us again)
-            self.call(self.client.rpush, self.key(b"events"), f"rejoined {self.proc_id} {os.getpid()} {HOST}")
+            self.call(self.client.rpush, self.key(b"events"), f"rejoined {self.proc_id} {os.getpid()} {host()}")
         if named:
             self._retake_name()
 
@@ -557,7 +562,8 @@ class Link:
             self.retry_unfinished()
             c = self.client
             c.delete(self.lease_key(self.proc_id))
-            c.hdel(self.key(b"procs"), str(self.proc_id))
+            if self.is_master:  # (a worker's entry: the master's to remove, once it saw it go)
+                c.hdel(self.key(b"procs"), str(self.proc_id))
             if self.is_master and c.get(self.key(b"master")) == str(self.proc_id).encode():
                 c.delete(self.key(b"master"))
             c.rpush(self.key(b"events"), f"left {self.proc_id}")

@@ -112,7 +112,7 @@ class Mail:
         (``bounded``) wait for room, until ``deadline`` (SendTimeout, nothing
         sent); ``dead()`` is raised when the process is not alive."""
         link = self.link
-        mq = self.max_queue if bounded else 0
+        mq = self.max_queue if bounded else -1
         while True:
             status, tid = link.script(scripts.SEND, [], [link.prefix, target, mq, self._room(), entry])
             if status == 1:

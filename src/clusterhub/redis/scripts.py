@@ -166,12 +166,12 @@ return {1, master()}
 #   bound (max_queue): the reader pushes to those whose bound the inbox is
 #   back under.
 
-# Put one entry in a live inbox, unless it holds more than ``mq`` bytes (0:
+# Put one entry in a live inbox, unless it holds more than ``mq`` bytes (-1:
 # no bound); then register ``room`` to be told when it has room again.
 _DELIVER = """
 local function deliver(P, t, ttl, mq, room, entry)
   local qk = P .. 'queued:' .. t
-  if mq > 0 then
+  if mq >= 0 then
     local q = tonumber(redis.call('GET', qk) or '0')
     if q > mq then
       local bk = P .. 'blocked:' .. t
@@ -190,7 +190,7 @@ end
 """
 
 # Send one entry.  ARGV: P, the receiver's id ('M': the master), the bound
-# (bytes; 0: none), our wake-up list for room, the entry.
+# (bytes; -1: none), our wake-up list for room, the entry.
 # -> {1, receiver} delivered; {0, receiver} its inbox is full (we are told
 #    of room on our list); {-1, receiver or 0} it is not alive.
 SEND = _DELIVER + """

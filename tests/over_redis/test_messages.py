@@ -1,0 +1,493 @@
+"""Messages over Redis, where they differ from a local hub or where only a
+server can fail: inboxes bounded and removed with their lease, deaths seen
+by lease (SIGKILL, SIGSTOP, the master), entries authenticated before they
+are deserialized, the serializer's default, fork() through the server,
+asyncio, and a server restart mid-traffic.  (The semantics shared with the
+local hub run in the conformance suite, transport "redis".)
+
+Sleeping past a lease is what some of these tests are about; everything
+else is sequenced with pipes and events, or polls the server with a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import clusterhub
+from clusterhub import HubError, MasterDied, SendTimeout, WorkerDied
+from clusterhub.redis.hub import connect_redis
+
+from .conftest import LEASE, MP, Procs, RedisServer, Reports, close_quietly, connect, wait_until
+from conftest import wait_pid_gone
+
+pytestmark = pytest.mark.timeout(60)
+
+MARGIN = 0.5  # s past a lease within which a death must have been noticed
+KEY = b"k"
+
+
+def joined(master: clusterhub.Hub, reports: Reports) -> clusterhub.Worker:
+    """The worker that reported ("joined", id) first, as the master lists it."""
+    tag, wid = reports.get(timeout=15)
+    assert tag == "joined"
+    return wait_until(lambda: master.workers.get(wid), 5, f"worker {wid} listed")
+
+
+def inbox_keys(server: RedisServer, name: str, wid: int) -> list[bytes]:
+    r = server.client()
+    try:
+        return [k for k in (f"{{ch:{name}}}:inbox:{wid}".encode(), f"{{ch:{name}}}:queued:{wid}".encode())
+                if r.exists(k)]
+    finally:
+        r.close()
+
+
+# ---- fork() through the server ---------------------------------------------------------
+
+
+def test_fork_on_a_redis_hub(redis_server: RedisServer) -> None:
+    """A forked worker joins through the server at once (the master can
+    send to it before it has run a line), answers and asks, exits with its
+    code; the master's on_exit runs after every message it sent."""
+    master = clusterhub.Hub(address=redis_server.url("fork"), lease=LEASE, authkey=b"s")
+    try:
+        got: list[int] = []
+        seen_at_exit: list[int] = []
+        master.on("n", lambda n, sender: got.append(n))
+        master.on("add", lambda d, sender: d[0] + d[1])
+        master.on_exit(lambda w: seen_at_exit.append(len(got)))
+        ready = threading.Event()
+        master.on("ready", lambda d, s: ready.set())
+        go = MP.Event()
+
+        def child() -> None:
+            master.on("twice", lambda d, sender: 2 * d)
+            master.send_to_master("ready")
+            assert go.wait(20)
+            assert master.request_master("add", (2, 3)).result(10) == 5
+            for i in range(500):
+                master.send_to_master("n", i)
+            raise SystemExit(3)
+
+        master.on("twice", lambda d, sender: 2 * d)  # (inherited: answers from the first instant)
+        w = master.fork(child)
+        assert master.request_worker(w, "twice", 21).result(10) == 42
+        assert ready.wait(10)
+        assert getattr(w, "host", None) and w.pid != os.getpid()
+        go.set()
+        assert w.join(20)
+        assert w.exitcode == 3
+        assert master.join(10)
+        assert got == list(range(500)) and seen_at_exit == [500]
+    finally:
+        master.close()
+
+
+# ---- deaths ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigstop"])
+def test_a_dead_or_paused_worker_fails_pending_requests(how: str, redis_server: RedisServer,
+                                                        master: clusterhub.Hub, procs: Procs,
+                                                        reports: Reports) -> None:
+    """A worker with a request pending, SIGKILLed or SIGSTOPped past its
+    lease: the request fails with WorkerDied within the lease plus a margin,
+    on_exit runs, sending to it raises WorkerDied, and its inbox is gone
+    from the server with its lease."""
+    url = redis_server.url("t")
+    exited = threading.Event()
+    master.on_exit(lambda w: exited.set())
+
+    def worker() -> None:
+        hub = connect(url)
+        hub.on("hang", lambda d, s: threading.Event().wait())
+        reports.put("joined", hub.worker_id)
+        threading.Event().wait()
+
+    pid = procs.start(worker)
+    w = joined(master, reports)
+    fut = master.request_worker(w, "hang")
+    os.kill(pid, signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
+    t0 = time.monotonic()
+    if how == "sigkill":
+        assert wait_pid_gone(pid, 5)
+        master.send_to_worker(w, "x", "left in its inbox")  # (its lease still runs)
+        assert len(inbox_keys(redis_server, "t", w.id)) == 2
+    with pytest.raises(WorkerDied):
+        fut.result(LEASE + 5)
+    assert time.monotonic() - t0 < LEASE + MARGIN
+    assert exited.wait(5) and not w.is_alive()
+    with pytest.raises(WorkerDied):
+        master.send_to_worker(w, "x")
+    assert inbox_keys(redis_server, "t", w.id) == []
+
+
+def test_master_death_and_a_new_master(redis_server: RedisServer, procs: Procs, reports: Reports) -> None:
+    """The master SIGKILLed with a worker's request pending: it fails with
+    MasterDied within the lease plus a margin (a new request too, while no
+    master lives).  A new master takes the name once the lease ran out; the
+    worker's requests reach it, and worker ids continue."""
+    url = redis_server.url("m")
+
+    def old_master() -> None:
+        hub = clusterhub.Hub(address=url, lease=LEASE)
+        hub.on("hang", lambda d, s: threading.Event().wait())
+        reports.put("master")
+        threading.Event().wait()
+
+    pid = procs.start(old_master)
+    assert reports.get(timeout=15) == ("master",)
+    worker = connect(url)
+    try:
+        first_id = worker.worker_id
+        fut = worker.request_master("hang")
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(MasterDied):
+            fut.result(LEASE + 5)
+        assert time.monotonic() - t0 < LEASE + MARGIN
+        with pytest.raises(MasterDied):
+            worker.request_master("hang").result(5)
+        new = clusterhub.Hub(address=url, lease=LEASE)
+        try:
+            new.on("who", lambda d, s: ("new", s.id))
+            assert worker.request_master("who").result(5) == ["new", first_id]  # (JSON: no authkey)
+
+            def other() -> None:
+                hub = connect(url)
+                reports.put("joined", hub.worker_id)
+                hub.close()
+
+            procs.join(procs.start(other))
+            _, other_id = reports.get(timeout=10)
+            assert first_id is not None and other_id > first_id
+        finally:
+            new.close()
+    finally:
+        close_quietly(worker)
+
+
+# ---- bounds and memory -------------------------------------------------------------------
+
+
+def test_a_reader_that_does_not_read_bounds_its_inbox(redis_server: RedisServer, procs: Procs,
+                                                      reports: Reports) -> None:
+    """A worker that does not read (SIGSTOPped): the master's sends fill its
+    inbox on the server to max_queue, then block; with timeout= they raise
+    SendTimeout (nothing sent), and the server holds no more than max_queue
+    plus one message.  Once the worker reads again the blocked sender goes
+    on, and every message arrives, in order.  A sender blocked on a reader
+    that dies gets WorkerDied."""
+    url = redis_server.url("slow")
+    mq, size = 64 * 1024, 10_000
+    master = clusterhub.Hub(address=url, lease=LEASE, max_queue=mq, authkey=b"s")
+    r = redis_server.client()
+    pad = b"x" * size
+
+    def fill(w: clusterhub.Worker) -> int:
+        """Send until SendTimeout; how many went."""
+        with pytest.raises(SendTimeout):
+            for i in range(1000):
+                master.send_to_worker(w, "n", (i, pad), timeout=0.3)
+        # (A stopped reader's BRPOP may have taken one entry off, still counted.)
+        counted = int(r.get(f"{{ch:slow}}:queued:{w.id}") or 0)
+        held = sum(len(e) for e in r.lrange(f"{{ch:slow}}:inbox:{w.id}", 0, -1))
+        assert mq < counted <= mq + size + 200 and counted - size - 200 <= held <= counted, (counted, held)
+        return i
+
+    def worker() -> None:
+        hub = clusterhub.connect(url, timeout=10, authkey=b"s")
+        seen: list[int] = []
+        done = threading.Event()
+        hub.on("n", lambda d, s: (seen.append(d[0]), d[0] == -1 and done.set()))
+        reports.put("joined", hub.worker_id)
+        assert done.wait(30)
+        reports.put("seen", seen)
+        hub.close()
+
+    try:
+        pid = procs.start(worker)
+        w = joined(master, reports)
+        os.kill(pid, signal.SIGSTOP)
+        sent = fill(w)
+        blocked_done = threading.Event()
+
+        def blocked_send() -> None:
+            master.send_to_worker(w, "n", (sent, pad))  # (the one that timed out, again: it waits)
+            master.send_to_worker(w, "n", (-1, b""))
+            blocked_done.set()
+
+        t = threading.Thread(target=blocked_send)
+        t.start()
+        assert not blocked_done.wait(0.3)  # (still full: it waits)
+        os.kill(pid, signal.SIGCONT)
+        assert blocked_done.wait(20)
+        t.join(5)
+        assert reports.get(timeout=20) == ("seen", [*range(sent + 1), -1])
+        procs.join(pid)
+
+        # A reader that dies while a sender waits for room: WorkerDied.
+        pid = procs.start(worker)
+        w = joined(master, reports)
+        os.kill(pid, signal.SIGSTOP)
+        fill(w)
+        result: list[BaseException] = []
+
+        def waiting_send() -> None:
+            try:
+                master.send_to_worker(w, "n", (0, pad))
+            except BaseException as e:
+                result.append(e)
+
+        t = threading.Thread(target=waiting_send)
+        t.start()
+        os.kill(pid, signal.SIGKILL)
+        t.join(2 * LEASE + 5)
+        assert not t.is_alive() and isinstance(result[0], WorkerDied), result
+    finally:
+        master.close()
+
+
+def test_entries_are_removed_as_they_are_read(redis_server: RedisServer, procs: Procs, reports: Reports) -> None:
+    """After requests, broadcasts and one-way messages, nothing waits in any
+    inbox, and no byte count is left over."""
+    url = redis_server.url("flat")
+    master = clusterhub.Hub(address=url, lease=LEASE)
+    try:
+        master.on("echo", lambda d, s: d)
+        count = threading.Event()
+        got: list[Any] = []
+        master.on("one", lambda d, s: (got.append(d), len(got) == 600 and count.set()))
+
+        def worker() -> None:
+            hub = connect(url)
+            bc = threading.Event()
+            seen: list[int] = []
+            hub.on("bc", lambda d, s: (seen.append(d), len(seen) == 200 and bc.set()))
+            reports.put("joined", hub.worker_id)
+            for i in range(300):
+                assert hub.request_master("echo", i).result(10) == i
+                hub.send_to_master("one", i)
+            assert bc.wait(20)
+            reports.put("done")
+            hub.close()
+
+        pids = [procs.start(worker) for _ in range(2)]
+        ws = [joined(master, reports) for _ in pids]
+        for i in range(200):
+            master.send_to_workers("bc", i)
+        assert [reports.get(timeout=30) for _ in pids] == [("done",), ("done",)]
+        assert count.wait(10)
+        for pid in pids:
+            procs.join(pid)
+        r = redis_server.client()
+        left = [k for k in r.keys(b"{ch:flat}:*") if b":inbox:" in k or b":queued:" in k]
+        ours = [k for k in left if k.endswith(b":%d" % master.worker_id)] if master.worker_id else left
+        assert all(r.llen(k) == 0 for k in left if b":inbox:" in k), left
+        assert not [k for k in left if b":queued:" in k], left
+        assert ws and ours == ours
+    finally:
+        master.close()
+
+
+# ---- authentication and serializers ------------------------------------------------------
+
+
+class _Marker:
+    """Unpickling it makes a directory: proof that a forged entry ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (os.mkdir, (self.path,))
+
+
+def test_a_forged_entry_is_dropped_before_it_is_unpickled(redis_server: RedisServer, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """With an authkey, an entry written into the master's inbox by anyone
+    without the key (a forged or missing HMAC) is dropped and logged; its
+    pickle never runs; the hub goes on serving."""
+    url = redis_server.url("auth")
+    master = clusterhub.Hub(address=url, lease=LEASE, authkey=b"secret")
+    worker = clusterhub.connect(url, timeout=10, authkey=b"secret")
+    try:
+        seen = threading.Event()
+        master.on("x", lambda d, s: seen.set())
+        master.on("echo", lambda d, s: d)
+        marker = tmp_path / "ran"
+        from clusterhub import protocol
+
+        frame = protocol.encode(protocol.MSG, worker.worker_id or 0, 0, b"x", pickle.dumps(_Marker(str(marker))))
+        r = redis_server.client()
+        inbox = f"{{ch:auth}}:inbox:{master._link.proc_id}"  # type: ignore[attr-defined]
+        with caplog.at_level(logging.ERROR, logger="clusterhub"):
+            r.lpush(inbox, b"\0" * 32 + frame)  # a wrong HMAC
+            r.lpush(inbox, frame)  # none at all
+            assert worker.request_master("echo", (1, 2)).result(10) == (1, 2)  # (pickle: a tuple stays one)
+        assert not marker.exists() and not seen.is_set()
+        assert sum("HMAC" in m for m in caplog.messages) == 2, caplog.messages
+        wrong = connect_redis(url, timeout=10, authkey=b"wrong")  # (connect() would return `worker`)
+        wrong._start_reading()
+        try:
+            with caplog.at_level(logging.ERROR, logger="clusterhub"):
+                wrong.send_to_master("x", 1)
+                assert worker.request_master("echo", 2).result(10) == 2
+            assert not seen.is_set()
+        finally:
+            wrong.close()
+    finally:
+        worker.close()
+        master.close()
+
+
+def test_serializer_default_is_json_without_an_authkey(redis_server: RedisServer) -> None:
+    """Without an authkey the data is JSON (a tuple arrives as a list; an
+    object JSON refuses raises at the sender, nothing sent); serializer=
+    chooses explicitly."""
+    url = redis_server.url("json")
+    master = clusterhub.Hub(address=url, lease=LEASE)
+    worker = connect(url)
+    try:
+        master.on("echo", lambda d, s: d)
+        assert worker.request_master("echo", (1, "a")).result(10) == [1, "a"]
+        with pytest.raises(TypeError):
+            worker.send_to_master("echo", {1, 2})
+        assert worker.request_master("echo", {"ok": True}).result(10) == {"ok": True}
+    finally:
+        worker.close()
+        master.close()
+    url = redis_server.url("explicit")
+    master = clusterhub.Hub(address=url, lease=LEASE, serializer="pickle")
+    worker = clusterhub.connect(url, timeout=10, serializer="pickle")
+    try:
+        master.on("echo", lambda d, s: d)
+        assert worker.request_master("echo", (1, "a")).result(10) == (1, "a")
+    finally:
+        worker.close()
+        master.close()
+
+
+# ---- asyncio ------------------------------------------------------------------------------
+
+
+def test_asyncio_requests_and_async_handlers(redis_server: RedisServer, procs: Procs, reports: Reports) -> None:
+    """A worker awaits requests on its loop while a ticker keeps running
+    (the loop is never blocked for long); the master answers with an
+    ``async def`` handler on its attached loop."""
+    url = redis_server.url("aio")
+
+    def worker() -> None:
+        async def main() -> None:
+            hub = connect(url)
+            hub.attach()
+            gaps: list[float] = []
+            stop = False
+
+            async def ticker() -> None:
+                last = time.monotonic()
+                while not stop:
+                    await asyncio.sleep(0.005)
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+
+            tick = asyncio.create_task(ticker())
+            results = [await hub.request_master("double", i) for i in range(100)]
+            slow = hub.request_master("slow", 0)
+            await asyncio.sleep(0.2)  # (the ticker runs while the reply is pending)
+            results.append(await slow)
+            stop = True
+            await tick
+            reports.put("results", results, max(gaps))
+            hub.close()
+
+        asyncio.run(main())
+
+    async def master_main() -> None:
+        hub = clusterhub.Hub(address=url, lease=LEASE)
+        hub.attach()
+
+        @hub.on("double")
+        async def double(d: int, sender: Any) -> int:
+            await asyncio.sleep(0)
+            return 2 * d
+
+        @hub.on("slow")
+        async def slow(d: int, sender: Any) -> str:
+            await asyncio.sleep(0.3)
+            return "slow"
+
+        pid = procs.start(worker)
+        loop = asyncio.get_running_loop()
+        tag, results, gap = await loop.run_in_executor(None, lambda: reports.get(timeout=30))
+        assert results == [2 * i for i in range(100)] + ["slow"]
+        assert gap < 0.15, gap
+        await loop.run_in_executor(None, procs.join, pid)
+        hub.close()
+
+    asyncio.run(master_main())
+
+
+# ---- the server restarted mid-traffic ------------------------------------------------------
+
+
+def test_server_restart_mid_traffic(redis_server: RedisServer, procs: Procs, reports: Reports) -> None:
+    """A worker sends numbered messages while the server is killed and
+    started again (no persistence): sends raise HubError while it is down;
+    the master receives no message twice and none out of order, and
+    messages flow again once the leases are back."""
+    url = redis_server.url("restart")
+    master = clusterhub.Hub(address=url, lease=LEASE)
+    try:
+        got: list[int] = []
+        after = threading.Event()
+        restarted_at = [0]
+
+        def on_n(n: int, s: Any) -> None:
+            got.append(n)
+            if restarted_at[0] and n > restarted_at[0] + 50:
+                after.set()
+
+        master.on("n", on_n)
+        stop = MP.Event()
+
+        def worker() -> None:
+            hub = connect(url, lease=LEASE)
+            reports.put("joined", hub.worker_id)
+            n, errors, last_err = 0, 0, None
+            while not stop.is_set():
+                try:
+                    hub.send_to_master("n", n)
+                except (HubError, WorkerDied, MasterDied) as e:
+                    errors += 1
+                    last_err = type(e).__name__
+                    stop.wait(0.02)
+                n += 1
+            reports.put("sent", n, errors, last_err)
+            hub.close()
+
+        pid = procs.start(worker)
+        joined(master, reports)
+        wait_until(lambda: len(got) > 100, 10, "traffic")
+        redis_server.restart()
+        restarted_at[0] = got[-1] if got else 0
+        assert after.wait(LEASE * 3 + 10), "messages did not flow again after the restart"
+        stop.set()
+        _, n, errors, last_err = reports.get(timeout=20)
+        procs.join(pid)
+        assert errors > 0 and last_err in ("ConnectError", "MasterDied", "HubError"), (errors, last_err)
+        assert got == sorted(set(got)), "a message came twice or out of order"
+        assert got[-1] > restarted_at[0]
+    finally:
+        close_quietly(master)
