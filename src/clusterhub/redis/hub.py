@@ -547,7 +547,7 @@ class RedisHub(Hub):
             with self._changed:
                 w = self._workers.get(int(ev[1]))
             if w is None or not w.forked:  # (a forked one's exit, with its code, comes from its pidfd)
-                self._exited(int(ev[1]))
+                self._exited(int(ev[1]), 0)  # (it left cleanly: exitcode 0, where a lost lease gives None)
 
     def _rejoined(self, wid: int, pid: int, host: str) -> None:
         """A worker whose lease ran out (paused, or cut off) took a new one:

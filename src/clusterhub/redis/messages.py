@@ -21,11 +21,13 @@ handlers run as for a local hub.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any, Callable, Optional
 
 import redis
@@ -62,6 +64,70 @@ class Peer:
         pass
 
 
+class Outbox:
+    """Sends made from a thread that runs an asyncio loop (a request's, a
+    reply's), done in order on a thread of their own: a server round trip,
+    or a server that does not answer, must not stall the loop.  A plain
+    send made while some are pending waits for them (``drain``), so that
+    one thread's messages keep their order."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._queue: deque[Callable[[], None]] = deque()
+        self._cond = threading.Condition()
+        self._busy = 0  # queued or running
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+
+    def put(self, fn: Callable[[], None]) -> None:
+        with self._cond:
+            self._queue.append(fn)
+            self._busy += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def drain(self) -> None:
+        if self._busy and threading.current_thread() is not self._thread:
+            with self._cond:
+                self._cond.wait_for(lambda: not self._busy)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._stopping)
+                if not self._queue:
+                    return
+                fn = self._queue.popleft()
+            try:
+                fn()
+            except Exception:
+                log.exception("clusterhub: a deferred send failed")
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
+
+    def stop(self, timeout: float) -> None:
+        """Finish what is queued (up to ``timeout``), then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+
+
+def _on_a_loop() -> bool:
+    """The calling thread runs an asyncio loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class Mail:
     """One process's messages over its hub's Redis link: sending, and the
     reader thread of its inbox.  ``route_sender(kind, origin)`` gives a
@@ -85,6 +151,7 @@ class Mail:
         self.master_id = 0  # (a worker) the master its last send reached
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self.outbox = Outbox(f"clusterhub-outbox-{link.proc_id}")
 
     # ---- entries ----------------------------------------------------------------------
 
@@ -113,6 +180,7 @@ class Mail:
         sent); ``dead()`` is raised when the process is not alive."""
         link = self.link
         mq = self.max_queue if bounded else -1
+        self.outbox.drain()
         while True:
             status, tid = link.script(scripts.SEND, [], [link.prefix, target, mq, self._room(), entry])
             if status == 1:
@@ -128,6 +196,7 @@ class Mail:
         by ``deadline`` (None: it waits for room as long as it takes)."""
         link = self.link
         targets: list[int] = []
+        self.outbox.drain()
         while True:
             full = link.script(scripts.BROADCAST, [],
                                [link.prefix, link.proc_id, self.max_queue, self._room(), entry, *targets])
@@ -163,20 +232,38 @@ class Mail:
         fut, rid = self.pending.open(self.pending._local_hook, peer, timeout, callback)
         try:
             entry = self.entry(protocol.REQ, rid, nb, body)
-            tid = self.send(target, entry, dead)
-        except PeerDied as e:
-            self.pending.fail(rid, e)
-            return fut
         except BaseException:
             self.pending.discard(rid)
             raise
-        if tid != peer.proc_id:  # (the master changed: its replies come from the new one)
-            fut._channel = self.peer(tid)
+
+        def send() -> None:
+            try:
+                tid = self.send(target, entry, dead)
+            except HubError as e:  # (PeerDied, or the server failed)
+                self.pending.fail(rid, e)
+                return
+            if tid != peer.proc_id:  # (the master changed: its replies come from the new one)
+                fut._channel = self.peer(tid)
+
+        if _on_a_loop():
+            self.outbox.put(send)
+            return fut
+        try:
+            send()
+        except BaseException:
+            self.pending.discard(rid)
+            raise
         return fut
 
     def reply(self, origin: int, rid: int, ok: bool, value: Any) -> None:
         """Answer request ``rid`` of process ``origin`` (an inbox item's
         ``reply``); dropped when it has gone."""
+        if _on_a_loop():
+            self.outbox.put(functools.partial(self._reply, origin, rid, ok, value))
+        else:
+            self._reply(origin, rid, ok, value)
+
+    def _reply(self, origin: int, rid: int, ok: bool, value: Any) -> None:
         if ok:
             try:
                 kind, body = protocol.RES, self.dumps(value)
@@ -204,7 +291,9 @@ class Mail:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the reader (an empty entry wakes it from its BRPOP)."""
+        """Finish the deferred sends, stop the reader (an empty entry wakes
+        it from its BRPOP)."""
+        self.outbox.stop(timeout)
         self._stop.set()
         t = self._thread
         if t is None or t is threading.current_thread():
@@ -331,6 +420,7 @@ class Mail:
         self.send(target, entry, lambda: PeerDied(f"process {target} is gone"), bounded=False)
 
     def abandon(self) -> None:
-        """In a fork child: the reader thread is not there."""
+        """In a fork child: the reader and outbox threads are not there."""
         self._stop.set()
         self._thread = None
+        self.outbox = Outbox(self.outbox.name)
