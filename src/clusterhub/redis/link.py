@@ -88,14 +88,19 @@ async def _closed_with_loop(client: Any) -> AsyncGenerator[None, None]:
 MIN_VERSION = (6, 0, 6)  # LPOS
 
 
+def version_of(version: str) -> tuple[int, ...]:
+    """INFO's ``redis_version`` as numbers; () when it cannot be read."""
+    try:
+        return tuple(int(x) for x in version.split(".")[:3])
+    except ValueError:
+        return ()
+
+
 def check_version(version: str, url: RedisURL) -> None:
     """ConnectError when the server (INFO's ``redis_version``) is older
     than the scripts need; a version we cannot read is let through."""
-    try:
-        got = tuple(int(x) for x in version.split(".")[:3])
-    except ValueError:
-        return
-    if got < MIN_VERSION:
+    got = version_of(version)
+    if got and got < MIN_VERSION:
         need = ".".join(map(str, MIN_VERSION))
         raise ConnectError(f"the Redis server at {url.text} is version {version}; clusterhub needs {need} or later")
 
@@ -192,6 +197,7 @@ class Link:
         self.proc_id = 0
         self.worker_id: Optional[int] = None
         self.run_id = ""
+        self.version: tuple[int, ...] = ()  # the server's, as of joining
         self._warned = False
         self._thread: Optional[threading.Thread] = None
         self._aio: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # loop -> client
@@ -309,6 +315,7 @@ class Link:
         c = self.client
         server = self.call(c.info, "server")
         check_version(str(server.get("redis_version", "")), self.url)
+        self.version = version_of(str(server.get("redis_version", "")))
         self.run_id = server["run_id"]
         if not self.is_master and not self._lease_given:
             ms = self.call(c.get, self.key(b"lease"))

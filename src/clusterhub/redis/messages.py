@@ -22,9 +22,12 @@ handlers run as for a local hub.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import logging
+import os
+import select
 import threading
 import time
 from collections import deque
@@ -45,23 +48,29 @@ log = logging.getLogger("clusterhub")
 
 CTL = 0x40  # a control entry (not a C envelope kind): "exit" (the master's own), "signal"
 TAKE_MAX = 256  # entries taken per turn
+SETTLE_AT = 64 * 1024  # bytes taken before the reader counts them out of its inbox's count
 _ENV = protocol.HEADER.size
 _unpack_envelope = protocol.HEADER.unpack_from
 _MAC = 32  # HMAC-SHA256
 
 
 class Peer:
-    """A process as the requests sent to it see it (their ``_channel``)."""
+    """A process as the requests sent to it see it (their ``_channel``):
+    ``leader`` and ``poke`` are those of the inbox their replies come to."""
 
-    __slots__ = ("proc_id", "leader", "closed")
+    __slots__ = ("proc_id", "closed", "_mail")
 
-    def __init__(self, proc_id: int) -> None:
+    def __init__(self, proc_id: int, mail: "Mail") -> None:
         self.proc_id = proc_id
-        self.leader = None  # (no thread reads a channel for it: the reader thread completes)
         self.closed = False
+        self._mail = mail
+
+    @property
+    def leader(self) -> Optional[int]:
+        return self._mail.leader
 
     def poke(self) -> None:
-        pass
+        self._mail._poke()
 
 
 class Outbox:
@@ -150,8 +159,18 @@ class Mail:
         self.peers: dict[int, Peer] = {}
         self.master_id = 0  # (a worker) the master its last send reached
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
         self.outbox = Outbox(f"clusterhub-outbox-{link.proc_id}")
+        # Reading (see below): the inbox's connection and its state.
+        self.reader = threading.Lock()
+        self._leader: Optional[int] = None  # (the thread reading for its reply)
+        self._conn: Any = None
+        self._fd = -1
+        self._inbox = b""  # (our id is known once the link joined: see start)
+        self._asked = self._settling = self._batch = self._nudged = False
+        self._carry = 0  # bytes taken by blocking pops, not yet counted out
+        self._warned = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        pending._remote_hook = self.wait_reply
 
     # ---- entries ----------------------------------------------------------------------
 
@@ -167,7 +186,7 @@ class Mail:
     def peer(self, proc_id: int) -> Peer:
         p = self.peers.get(proc_id)
         if p is None:
-            p = self.peers[proc_id] = Peer(proc_id)
+            p = self.peers[proc_id] = Peer(proc_id, self)
         return p
 
     # ---- sending ----------------------------------------------------------------------
@@ -229,7 +248,7 @@ class Mail:
         check_timeout(timeout)
         if callback is not None:
             check_callback(callback)
-        fut, rid = self.pending.open(self.pending._local_hook, peer, timeout, callback)
+        fut, rid = self.pending.open(self.wait_reply, peer, timeout, callback)
         try:
             entry = self.entry(protocol.REQ, rid, nb, body)
         except BaseException:
@@ -283,76 +302,210 @@ class Mail:
             log.warning("clusterhub: the reply to request %d of process %d is lost: %s", rid, origin, e)
 
     # ---- reading ----------------------------------------------------------------------
+    #
+    # One connection reads the inbox, with one blocking pop outstanding on it
+    # at a time, and whoever holds ``reader`` reads it: the dispatcher, when
+    # the socket is readable (its epoll, one-shot: re-armed when the reader
+    # lets go), or a thread waiting for a reply, which then reads its reply
+    # itself (no hand-off from another thread: a wake-up across threads
+    # costs as much as the server's work here) and routes what else came.
 
     def start(self) -> None:
+        """Start reading (from the dispatcher's epoll; the dispatcher runs)."""
         self._stop.clear()
-        self._thread = threading.Thread(target=self._read, name=f"clusterhub-inbox-{self.link.proc_id}",
-                                        daemon=True)
-        self._thread.start()
+        self._inbox = self.inbox_key()
+        self.outbox.name = f"clusterhub-outbox-{self.link.proc_id}"
+        self.dispatcher.call_soon(self._reconnect)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Finish the deferred sends, stop the reader (an empty entry wakes
-        it from its BRPOP)."""
+        """Finish the deferred sends; stop reading."""
         self.outbox.stop(timeout)
         self._stop.set()
-        t = self._thread
-        if t is None or t is threading.current_thread():
-            return
-        try:
-            self.link.client.lpush(self.inbox_key(), b"")
-        except redis.RedisError:
-            pass  # (its slice ends by itself)
-        t.join(timeout)
+        self._poke()
+        with self.reader:
+            self._drop()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def inbox_key(self, proc_id: Optional[int] = None) -> bytes:
         return self.link.key(b"inbox:%d" % (self.link.proc_id if proc_id is None else proc_id))
 
-    def _read(self) -> None:
+    def _reconnect(self) -> None:
+        """(On the dispatcher) connect the inbox's connection and watch it;
+        while the server cannot be reached, try again every half lease (at
+        most a second)."""
+        if self._stop.is_set() or self._conn is not None:
+            return
         link = self.link
-        sha = link._script_sha[scripts.TAKE]
-        conn = None
-        carry = 0  # bytes the last BRPOP took, not yet counted out
-        warned = False
-        while not self._stop.is_set():
-            try:
-                if conn is None:
-                    conn = link.pool.make_connection()
-                take = _pack(("EVALSHA", sha, 0, link.prefix, link.proc_id, carry, TAKE_MAX,
-                              2 * link.lease_ms))
-                wait = _pack(("BRPOP", self.inbox_key(), max(1, round(link.lease, 3))))
-                conn.send_packed_command([take + wait], check_health=False)  # type: ignore[no-untyped-call]
+        try:
+            conn: Any = link.pool.make_connection()
+            conn.connect()
+        except redis.RedisError as e:
+            if not self._warned:
+                log.warning("clusterhub: process %d cannot read its inbox: %s", link.proc_id,
+                            translate(e, link.url))
+                self._warned = True
+            self.dispatcher.call_later(min(1.0, link.lease / 2), self._reconnect)
+            return
+        if self._warned:
+            log.warning("clusterhub: process %d reads its inbox again", link.proc_id)
+            self._warned = False
+        with self.reader:
+            self._conn = conn
+            self._fd = conn._sock.fileno()
+            self._ask()
+            self.dispatcher.register(self._fd, select.EPOLLIN | select.EPOLLONESHOT, self._on_readable)
+
+    def _drop(self) -> None:
+        """(Holding ``reader``) forget the connection (it failed, or we stop)."""
+        conn, self._conn = self._conn, None
+        if self._fd >= 0:
+            self.dispatcher.unregister(self._fd)
+            self._fd = -1
+        self._asked = self._settling = False
+        self._carry = 0
+        self._nudged = True  # (count out first when connected again: a nudge may have been lost with it)
+        if conn is not None:
+            conn.disconnect()
+
+    def _failed(self, e: BaseException) -> None:
+        """(Holding ``reader``) the connection failed: drop it, and connect
+        again from the dispatcher."""
+        self._drop()
+        if not self._stop.is_set():
+            if not self._warned:
+                log.warning("clusterhub: process %d cannot read its inbox: %s", self.link.proc_id,
+                            translate(e, self.link.url) if isinstance(e, redis.RedisError) else e)
+                self._warned = True
+            self.dispatcher.call_later(min(1.0, self.link.lease / 2), self._reconnect)
+
+    def _arm(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                self.dispatcher.epoll.modify(self._fd, select.EPOLLIN | select.EPOLLONESHOT)
+
+    def _ask(self) -> None:
+        """(Holding ``reader``) make sure a blocking pop is outstanding.
+
+        Redis 7 pops a batch in one blocking call (BLMPOP); the bytes taken
+        are counted out of the inbox's byte count (TAKE, with nothing to
+        take) once they add up to SETTLE_AT, and when the reader comes to a
+        nudge (an empty entry: a sender waits for room, see scripts.py).
+        Older servers: TAKE (a batch, counted out), then BRPOP."""
+        if self._asked or self._conn is None:
+            return
+        link = self.link
+        batch = link.version >= (7, 0)
+        settle = not batch or self._nudged or self._carry >= SETTLE_AT
+        out = b""
+        if settle:
+            out = _pack(("EVALSHA", link._script_sha[scripts.TAKE], 0, link.prefix, link.proc_id, self._carry,
+                         0 if batch else TAKE_MAX, 2 * link.lease_ms))
+        slice_s = max(1, round(link.lease, 3))
+        if batch:
+            out += _pack(("BLMPOP", slice_s, 1, self._inbox, "RIGHT", "COUNT", TAKE_MAX))
+        else:
+            out += _pack(("BRPOP", self._inbox, slice_s))
+        self._conn.send_packed_command([out], check_health=False)
+        self._asked, self._settling, self._batch = True, settle, batch
+        if settle:
+            self._nudged = False
+
+    def _read_ready(self) -> bool:
+        """(Holding ``reader``) read and route every reply that has come,
+        asking for more after each pop; whether anything was read."""
+        conn = self._conn
+        read = False
+        while conn is not None and self._asked and conn.can_read(0):
+            if self._settling:
+                self._settling = False
                 try:
                     items = conn.read_response()
-                    carry = 0
+                    self._carry = 0
                 except redis.exceptions.NoScriptError:
                     items = []
-                    link.client.script_load(scripts.TAKE)
+                    self.link.client.script_load(scripts.TAKE)
                 if items:
                     self.route(items)
-                got = conn.read_response()
-                if got is not None:
-                    carry += len(got[1])
-                    self.route([got[1]])
-                if warned:
-                    log.warning("clusterhub: process %d reads its inbox again", link.proc_id)
-                    warned = False
-            except redis.RedisError as e:
-                if conn is not None:
-                    conn.disconnect()  # type: ignore[no-untyped-call]
-                    conn = None
-                carry = 0
-                if self._stop.is_set():
+                read = True
+                continue
+            got = conn.read_response()
+            self._asked = False
+            read = True
+            if got is None and self._carry:  # (idle: count out what was taken)
+                self._nudged = True
+            if got is not None:
+                items = got[1] if self._batch else [got[1]]
+                self._carry += sum(map(len, items))
+                if b"" in items:  # (a nudge: a sender waits for room)
+                    self._nudged = True
+                self.route(items)
+            if self._stop.is_set():
+                return read
+            self._ask()
+        return read
+
+    def _on_readable(self, _ev: int) -> None:
+        """(The dispatcher's epoll) the inbox's socket is readable."""
+        if not self.reader.acquire(False):
+            return  # (a waiting requester reads it; it re-arms when it lets go)
+        try:
+            self._read_ready()
+        except (redis.RedisError, OSError) as e:
+            self._failed(e)
+        finally:
+            self.reader.release()
+            self._arm()
+
+    @property
+    def leader(self) -> Optional[int]:
+        return self._leader
+
+    def _poke(self) -> None:
+        """Wake a requester reading the inbox (its request ended otherwise)."""
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def wait_reply(self, fut: Future[Any], timeout: Optional[float]) -> Optional[float]:
+        """``Future.result()``'s hook: read the inbox ourselves until ``fut``
+        is done (or ``timeout``), unless someone else reads it (then the
+        base class waits, and the reader completes it).  On the dispatcher
+        thread, serve it (a handler waiting for its request)."""
+        if threading.get_ident() == self.dispatcher.ident:
+            return self.pending._wait_local(fut, timeout)
+        if fut.done() or not self.reader.acquire(False):
+            return timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._leader = threading.get_ident()
+        try:
+            p = select.poll()
+            conn = self._conn
+            if conn is None or conn._sock is None:
+                return timeout
+            p.register(conn._sock, select.POLLIN)
+            p.register(self._wake_r, select.POLLIN)
+            while not fut.done() and not self._stop.is_set():
+                try:
+                    if self._read_ready():
+                        continue
+                    if self._conn is not conn:
+                        break
+                    ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+                    if deadline is not None and ms <= 1 and time.monotonic() >= deadline:
+                        break
+                    for fd, _ev in p.poll(ms):
+                        if fd == self._wake_r:
+                            with contextlib.suppress(BlockingIOError):
+                                os.read(self._wake_r, 64)
+                except (redis.RedisError, OSError) as e:
+                    self._failed(e)
                     break
-                if not warned:
-                    log.warning("clusterhub: process %d cannot read its inbox: %s", link.proc_id,
-                                translate(e, link.url))
-                    warned = True
-                self._stop.wait(min(1.0, link.lease / 2))
-            except Exception:
-                log.exception("clusterhub: the inbox reader of process %d failed", link.proc_id)
-                self._stop.wait(min(1.0, link.lease / 2))
-        if conn is not None:
-            conn.disconnect()  # type: ignore[no-untyped-call]
+        finally:
+            self._leader = None
+            self.reader.release()
+            self._arm()
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def route(self, entries: list[bytes]) -> None:
         """Route what came: replies to the pending table, messages and
@@ -392,6 +545,9 @@ class Mail:
                 log.error("clusterhub: a malformed entry (its name is not UTF-8): dropped")
                 continue
             if kind == CTL:
+                if items:  # (what came before it is handled before it)
+                    self._post(items)
+                    items = []
                 try:
                     self.on_control(name, origin, buf[at:])
                 except Exception:
@@ -410,8 +566,11 @@ class Mail:
             reply = functools.partial(self.reply, origin, rid) if kind == protocol.REQ else None
             items.append((name, data, self.route_sender(kind, origin), reply))
         if items:
-            self.dispatcher.inbox.extend(items[:-1])
-            self.dispatcher.post(items[-1])
+            self._post(items)
+
+    def _post(self, items: list[Any]) -> None:
+        self.dispatcher.inbox.extend(items[:-1])
+        self.dispatcher.post(items[-1])
 
     def control(self, target: int, name: str, body: bytes) -> None:
         """Put a control entry in ``target``'s inbox (unbounded; PeerDied
@@ -420,7 +579,11 @@ class Mail:
         self.send(target, entry, lambda: PeerDied(f"process {target} is gone"), bounded=False)
 
     def abandon(self) -> None:
-        """In a fork child: the reader and outbox threads are not there."""
+        """In a fork child: the outbox thread is not there, the connection
+        is the parent's."""
         self._stop.set()
-        self._thread = None
+        self._conn = None
         self.outbox = Outbox(self.outbox.name)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)

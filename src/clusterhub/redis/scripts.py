@@ -166,9 +166,22 @@ return {1, master()}
 #   bound (max_queue): the reader pushes to those whose bound the inbox is
 #   back under.
 
+# A reader counts what it took out of its inbox's byte count now and then
+# (see messages.py); while a sender waits for room, an empty entry in the
+# inbox (once: P:nudge:<id> marks it there) tells the reader to do it when
+# it gets there, having taken everything before it.
+_NUDGE = """
+local function nudge(P, t, ttl)
+  if redis.call('SET', P .. 'nudge:' .. t, '1', 'NX', 'PX', ttl) then
+    redis.call('LPUSH', P .. 'inbox:' .. t, '')
+    redis.call('PEXPIRE', P .. 'inbox:' .. t, ttl)
+  end
+end
+"""
+
 # Put one entry in a live inbox, unless it holds more than ``mq`` bytes (-1:
 # no bound); then register ``room`` to be told when it has room again.
-_DELIVER = """
+_DELIVER = _NUDGE + """
 local function deliver(P, t, ttl, mq, room, entry)
   local qk = P .. 'queued:' .. t
   if mq >= 0 then
@@ -177,6 +190,7 @@ local function deliver(P, t, ttl, mq, room, entry)
       local bk = P .. 'blocked:' .. t
       redis.call('ZADD', bk, mq, room)
       redis.call('PEXPIRE', bk, ttl)
+      nudge(P, t, ttl)
       return 0
     end
   end
@@ -230,34 +244,42 @@ end
 return full
 """
 
-# The reader's turn: take up to ARGV[4] entries off our inbox, count them
-# (and ARGV[3] bytes the reader took with BRPOP) out of its byte count, and
-# wake the senders whose bound it is under now.  ARGV: P, our id, those
-# bytes, the most to take, the TTL (ms) of a wake-up.
+# The reader's turn: take up to ARGV[4] entries off our inbox (0: none, on a
+# server that has BLMPOP), count them (and ARGV[3] bytes the reader took by
+# blocking pops) out of its byte count (an empty inbox holds nothing: the
+# count restarts, whatever a reader that lost its connection did not count
+# out), and wake the senders whose bound it is under now; to those still
+# waiting, another nudge.  ARGV: P, our id, those bytes, the most to take,
+# the TTL (ms) of a wake-up.
 # -> the entries.
-TAKE = """
+TAKE = _NUDGE + """
 local P, me = ARGV[1], ARGV[2]
 local ib = P .. 'inbox:' .. me
-local got = redis.call('LRANGE', ib, -tonumber(ARGV[4]), -1)
 local items = {}
-for i = #got, 1, -1 do items[#items + 1] = got[i] end
-if #items > 0 then redis.call('LTRIM', ib, 0, -#items - 1) end
+if ARGV[4] ~= '0' then
+  local got = redis.call('LRANGE', ib, -tonumber(ARGV[4]), -1)
+  for i = #got, 1, -1 do items[#items + 1] = got[i] end
+  if #items > 0 then redis.call('LTRIM', ib, 0, -#items - 1) end
+end
 local size = tonumber(ARGV[3])
 for _, it in ipairs(items) do size = size + #it end
-if size > 0 then
-  local qk = P .. 'queued:' .. me
-  local q = redis.call('DECRBY', qk, size)
-  if q <= 0 then
-    redis.call('DEL', qk)
-    q = 0
-  end
-  local bk = P .. 'blocked:' .. me
-  local rooms = redis.call('ZRANGEBYSCORE', bk, q, '+inf')
-  for _, r in ipairs(rooms) do
-    redis.call('RPUSH', r, 'r')
-    redis.call('PEXPIRE', r, ARGV[5])
-  end
-  if #rooms > 0 then redis.call('ZREMRANGEBYSCORE', bk, q, '+inf') end
+local qk = P .. 'queued:' .. me
+local q = redis.call('DECRBY', qk, size)
+if q <= 0 or redis.call('LLEN', ib) == 0 then
+  redis.call('DEL', qk)
+  q = 0
+end
+local bk = P .. 'blocked:' .. me
+local rooms = redis.call('ZRANGEBYSCORE', bk, q, '+inf')
+for _, r in ipairs(rooms) do
+  redis.call('RPUSH', r, 'r')
+  redis.call('PEXPIRE', r, ARGV[5])
+end
+if #rooms > 0 then redis.call('ZREMRANGEBYSCORE', bk, q, '+inf') end
+redis.call('DEL', P .. 'nudge:' .. me)
+if redis.call('ZCARD', bk) > 0 then
+  local ttl = redis.call('PTTL', P .. 'proc:' .. me)
+  if ttl > 0 then nudge(P, me, ttl) end
 end
 return items
 """
