@@ -213,17 +213,19 @@ class RedisHub(Hub):
     def _worker(self, worker: WorkerRef) -> RemoteWorker:
         """The live worker a Worker or id stands for."""
         if isinstance(worker, Worker):
+            if worker.hub_key != self._hub_key:
+                raise ValueError(f"{worker!r} is not a worker of this hub")
             wid = worker.id
         elif isinstance(worker, int) and not isinstance(worker, bool):
             wid = worker
         else:
-            raise TypeError(f"worker must be a Worker or an id, not {type(worker).__name__}")
+            raise TypeError(f"worker must be a Worker or an int id, not {type(worker).__name__}")
         with self._changed:
             w = self._workers.get(wid)
             if w is None:
                 if wid in self._gone:
                     raise WorkerDied(f"worker {wid} has exited")
-                raise ValueError(f"no worker with id {wid}")
+                raise ValueError(f"no worker {wid} in this hub")
         return w
 
     # ---- locks -----------------------------------------------------------------------

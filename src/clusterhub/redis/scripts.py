@@ -195,10 +195,9 @@ local function deliver(P, t, ttl, mq, room, entry)
     end
   end
   local ib = P .. 'inbox:' .. t
-  redis.call('LPUSH', ib, entry)
-  redis.call('PEXPIRE', ib, ttl)
-  redis.call('INCRBY', qk, #entry)
-  redis.call('PEXPIRE', qk, ttl)
+  -- (A key that existed has its TTL: set when it was made, renewed with the lease.)
+  if redis.call('LPUSH', ib, entry) == 1 then redis.call('PEXPIRE', ib, ttl) end
+  if redis.call('INCRBY', qk, #entry) == #entry then redis.call('PEXPIRE', qk, ttl) end
   return 1
 end
 """
