@@ -441,6 +441,70 @@ def test_asyncio_requests_and_async_handlers(redis_server: RedisServer, procs: P
     asyncio.run(master_main())
 
 
+def test_callbacks_may_wait_for_another_request(redis_server: RedisServer, procs: Procs,
+                                                reports: Reports) -> None:
+    """A request's callback (run where its reply was read: the dispatcher,
+    or a thread reading for its own reply) may itself wait for another
+    request's result: it is not run while the inbox is being read."""
+    url = redis_server.url("cb")
+    master = clusterhub.Hub(address=url, lease=LEASE)
+    try:
+        master.on("x", lambda d, s: d)
+        master.on("slow", lambda d, s: time.sleep(0.2) or d)
+
+        def worker() -> None:
+            hub = connect(url)
+            got: list[Any] = []
+            done = threading.Event()
+
+            def callback(err: Any, result: Any) -> None:
+                got.append(hub.request_master("x", result + 1).result(timeout=5))
+                done.set()
+
+            hub.request_master("x", 1, callback=callback)  # (read by the dispatcher)
+            assert done.wait(10)
+            done.clear()
+            hub.request_master("slow", 10, callback=callback)
+            assert hub.request_master("slow", 20).result(10) == 20  # (this thread reads both replies)
+            assert done.wait(10)
+            reports.put("got", got)
+            hub.close()
+
+        procs.join(procs.start(worker))
+        assert reports.get(timeout=5) == ("got", [2, 11])
+    finally:
+        master.close()
+
+
+def test_on_exit_comes_after_the_requests_a_loop_left_to_send(redis_server: RedisServer, procs: Procs,
+                                                                reports: Reports) -> None:
+    """A worker's requests made on its asyncio loop are sent by a thread of
+    the hub's; closing the hub sends them first, so the master handles all
+    of them before its on_exit runs."""
+    url = redis_server.url("loopexit")
+    master = clusterhub.Hub(address=url, lease=LEASE)
+    try:
+        handled: list[int] = []
+        at_exit: list[int] = []
+        master.on("n", lambda d, s: handled.append(d))
+        master.on_exit(lambda w: at_exit.append(len(handled)))
+
+        def worker() -> None:
+            async def main() -> None:
+                hub = connect(url)
+                for i in range(300):
+                    hub.request_master("n", i)  # (not awaited: still queued when close() comes)
+                hub.close()
+
+            asyncio.run(main())
+
+        procs.join(procs.start(worker))
+        assert master.join(10)
+        assert at_exit == [300] and handled == list(range(300))
+    finally:
+        master.close()
+
+
 # ---- the server restarted mid-traffic ------------------------------------------------------
 
 

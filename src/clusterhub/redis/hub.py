@@ -21,7 +21,6 @@ import asyncio
 import logging
 import os
 import random
-import signal
 import threading
 import time
 import warnings
@@ -156,11 +155,20 @@ class RedisHub(Hub):
         self._dispatcher = Dispatcher(f"{'master' if master else 'worker'}-{os.getpid()}", batch_dispatcher)
         self._pending = Pending(self._dispatcher, None)  # type: ignore[arg-type]
         self._mail = self._new_mail()
-        self._link.join()
-        if not master:
-            self._link.on_master = self._master_seen
-            m = self._link.call(self._link.client.get, self._link.key(b"master"))
-            self._mail.master_id = int(m) if m else 0
+        self._known_master = 0  # (a worker) the live master its renewer last saw
+        try:
+            self._link.join()
+            if not master:
+                m = self._link.call(self._link.client.get, self._link.key(b"master"))
+                self._mail.master_id = self._known_master = int(m) if m else 0
+                self._link.on_master = self._master_seen
+        except BaseException:  # (no hub: nothing of it stays open)
+            self._mail.abandon()
+            self._dispatcher.abandon()
+            self._link.abandon()
+            self._link.disconnect()
+            raise
+        self._link.on_tick = self._mail.check_stalled
         forks.hubs.add(self)
         if master:
             self._watcher = threading.Thread(target=self._watch, name=f"clusterhub-members-{url.name}", daemon=True)
@@ -377,10 +385,12 @@ class RedisHub(Hub):
         self._mail.control(wid, "signal", str(int(sig)).encode())
 
     def _master_seen(self, mid: int) -> None:
-        """(A worker's renewer) the live master's id, 0 for none."""
-        old = self._mail.master_id
+        """(A worker's renewer) the live master's id, 0 for none: when the
+        one it saw before is gone, what waits on it fails."""
+        old = self._known_master
         if mid == old:
             return
+        self._known_master = mid
         if old:
             self._pending.fail_peer(self._mail.peer(old), _master_died)
             if self._exit_on_master_death:
@@ -416,7 +426,9 @@ class RedisHub(Hub):
         link = self._link
         wid = int(link.call(link.client.incr, link.key(b"ids")))
         flush_stdio()
-        with _fork_lock, self._exits.lock:
+        # (_changed held across the fork: the watcher lists the new worker
+        # only as the forked one made below, whatever events the child sends)
+        with _fork_lock, self._exits.lock, self._changed:
             forks.forking(self)
             try:
                 with warnings.catch_warnings():
@@ -429,31 +441,33 @@ class RedisHub(Hub):
                     self._run_child(wid, target, args, kwargs)
                 finally:
                     os._exit(1)
-            # The worker's lease and membership now, so that it can be sent
-            # to at once (the child takes them over when it joins).
             here = host()
-            info = f"{pid} {here} {wid}"
-            try:
-                pipe = link.client.pipeline(transaction=False)
-                pipe.set(link.lease_key(wid), info, px=link.lease_ms)
-                pipe.hset(link.key(b"procs"), str(wid), info)
-                link.call(pipe.execute)
-            except HubError:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise
-            self._joined(wid, pid, here)
-            w = self._workers[wid]
-            w.forked = True
+            w = RemoteWorker(wid, pid, hub_key=self._hub_key)
+            w.host, w.forked, w.signal_through = here, True, self._signal_through
+            self._workers[wid] = w
             self._exits.watch(w, os.pidfd_open(pid))
+        # The worker's lease and membership now, so that it can be sent to at
+        # once (the child takes them over when it joins).
+        info = f"{pid} {here} {wid}"
+        try:
+            pipe = link.client.pipeline(transaction=False)
+            pipe.set(link.lease_key(wid), info, px=link.lease_ms)
+            pipe.hset(link.key(b"procs"), str(wid), info)
+            link.call(pipe.execute)
+        except HubError:
+            w.kill()  # (its exit is reported as any other)
+            raise
         return w
 
     def _run_child(self, wid: int, target: Callable[..., Any], args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> None:
         """In a forked child: this hub becomes worker ``wid``'s, runs
         ``target`` and exits (never returns)."""
+        global _fork_lock
+        _fork_lock = threading.Lock()  # (held by the parent's forking thread, which is us)
         old = self._link
         old.abandon()
+        self._mail.abandon()
         self._rlocks.abandon()
         self._exits.abandon()
         self._stop = threading.Event()
@@ -470,8 +484,9 @@ class RedisHub(Hub):
         code = 1
         try:
             self._link.join(wid)
+            self._mail.master_id = self._known_master = old.proc_id
             self._link.on_master = self._master_seen
-            self._mail.master_id = old.proc_id
+            self._link.on_tick = self._mail.check_stalled
             self._start_reading()
             code = run_target(target, args, kwargs)
         finally:
@@ -653,6 +668,7 @@ class RedisHub(Hub):
         check_timeout(timeout)
         self._rlocks.retire()
         self._stop_forked(timeout)
+        self._mail.outbox.stop(timeout)  # (what it sent goes before its leaving: on_exit comes after)
         self._closed = True
         self._stop.set()
         self._exits.stop()

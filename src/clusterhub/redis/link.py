@@ -205,6 +205,7 @@ class Link:
         # Told by the renewer the id of the live master (0: none), for a
         # worker to notice its master's death (see messages.py).
         self.on_master: Optional[Callable[[int], None]] = None
+        self.on_tick: Optional[Callable[[], None]] = None  # (after each renewal: see messages.py)
 
     def aio(self, loop: Any) -> Any:
         """This loop's asyncio client (same settings), and its scripts
@@ -358,6 +359,8 @@ class Link:
             try:
                 self.renew()
                 self.retry_unfinished()
+                if self.on_tick is not None:
+                    self.on_tick()
                 if self._warned:
                     log.warning("clusterhub: the Redis server at %s answers again", self.url.text)
                     self._warned = False

@@ -39,8 +39,9 @@ from .. import protocol
 from ..checks import check_callback, check_timeout
 from ..dispatch import Dispatcher
 from ..errors import HubError, MessageTooLarge, PeerDied, SendTimeout
+from ..process import Worker
 from ..remote import error_body, remote_error
-from ..requests import Callback, Future, Pending
+from ..requests import Callback, Done, Future, Pending, complete_all
 from . import scripts
 from .link import Link, _pack, translate
 
@@ -77,30 +78,36 @@ class Outbox:
     """Sends made from a thread that runs an asyncio loop (a request's, a
     reply's), done in order on a thread of their own: a server round trip,
     or a server that does not answer, must not stall the loop.  A plain
-    send made while some are pending waits for them (``drain``), so that
-    one thread's messages keep their order."""
+    send that thread makes while some of its own are pending waits for
+    them (``drain``), so that one thread's messages keep their order."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._queue: deque[Callable[[], None]] = deque()
+        self._queue: deque[tuple[int, Callable[[], None]]] = deque()
         self._cond = threading.Condition()
-        self._busy = 0  # queued or running
+        self._pending: dict[int, int] = {}  # thread -> its sends queued or running
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
 
     def put(self, fn: Callable[[], None]) -> None:
+        me = threading.get_ident()
         with self._cond:
-            self._queue.append(fn)
-            self._busy += 1
+            self._queue.append((me, fn))
+            self._pending[me] = self._pending.get(me, 0) + 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
             self._cond.notify_all()
 
-    def drain(self) -> None:
-        if self._busy and threading.current_thread() is not self._thread:
-            with self._cond:
-                self._cond.wait_for(lambda: not self._busy)
+    def drain(self, deadline: Optional[float] = None) -> bool:
+        """Wait until the calling thread's deferred sends went (False when
+        ``deadline`` came first)."""
+        me = threading.get_ident()
+        if not self._pending.get(me):
+            return True
+        with self._cond:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return self._cond.wait_for(lambda: not self._pending.get(me), left)
 
     def _run(self) -> None:
         while True:
@@ -108,14 +115,18 @@ class Outbox:
                 self._cond.wait_for(lambda: self._queue or self._stopping)
                 if not self._queue:
                     return
-                fn = self._queue.popleft()
+                who, fn = self._queue.popleft()
             try:
                 fn()
             except Exception:
                 log.exception("clusterhub: a deferred send failed")
             finally:
                 with self._cond:
-                    self._busy -= 1
+                    n = self._pending[who] - 1
+                    if n:
+                        self._pending[who] = n
+                    else:
+                        del self._pending[who]
                     self._cond.notify_all()
 
     def stop(self, timeout: float) -> None:
@@ -168,6 +179,10 @@ class Mail:
         self._inbox = b""  # (our id is known once the link joined: see start)
         self._asked = self._settling = self._batch = self._nudged = False
         self._carry = 0  # bytes taken by blocking pops, not yet counted out
+        self._asked_at = 0.0  # (monotonic) when the outstanding pop was sent
+        self._slice = max(1, round(link.lease, 3))  # (s) a blocking pop's
+        self._connecting = False
+        self._connect_lock = threading.Lock()
         self._warned = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         pending._remote_hook = self.wait_reply
@@ -199,7 +214,8 @@ class Mail:
         sent); ``dead()`` is raised when the process is not alive."""
         link = self.link
         mq = self.max_queue if bounded else -1
-        self.outbox.drain()
+        if not self.outbox.drain(deadline):
+            raise SendTimeout(f"this thread's earlier requests and replies were not sent within {timeout} s")
         while True:
             status, tid = link.script(scripts.SEND, [], [link.prefix, target, mq, self._room(), entry])
             if status == 1:
@@ -215,7 +231,8 @@ class Mail:
         by ``deadline`` (None: it waits for room as long as it takes)."""
         link = self.link
         targets: list[int] = []
-        self.outbox.drain()
+        if not self.outbox.drain(deadline):
+            raise SendTimeout(f"this thread's earlier requests and replies were not sent within {timeout} s")
         while True:
             full = link.script(scripts.BROADCAST, [],
                                [link.prefix, link.proc_id, self.max_queue, self._room(), entry, *targets])
@@ -315,7 +332,7 @@ class Mail:
         self._stop.clear()
         self._inbox = self.inbox_key()
         self.outbox.name = f"clusterhub-outbox-{self.link.proc_id}"
-        self.dispatcher.call_soon(self._reconnect)
+        self._connect()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Finish the deferred sends; stop reading."""
@@ -331,31 +348,53 @@ class Mail:
     def inbox_key(self, proc_id: Optional[int] = None) -> bytes:
         return self.link.key(b"inbox:%d" % (self.link.proc_id if proc_id is None else proc_id))
 
-    def _reconnect(self) -> None:
-        """(On the dispatcher) connect the inbox's connection and watch it;
-        while the server cannot be reached, try again every half lease (at
-        most a second)."""
-        if self._stop.is_set() or self._conn is not None:
+    def _connect(self) -> None:
+        """Connect the inbox's connection and watch it, on a thread of its
+        own (connecting may block up to the connect timeout): while the
+        server cannot be reached, again every half lease (at most a second)."""
+        if self._stop.is_set():
             return
+        with self._connect_lock:  # (not ``reader``: _failed calls this holding it)
+            if self._connecting:
+                return
+            self._connecting = True
+        threading.Thread(target=self._connect_loop, name=f"clusterhub-inbox-{self.link.proc_id}",
+                         daemon=True).start()
+
+    def _connect_loop(self) -> None:
         link = self.link
         try:
-            conn: Any = link.pool.make_connection()
-            conn.connect()
-        except redis.RedisError as e:
-            if not self._warned:
-                log.warning("clusterhub: process %d cannot read its inbox: %s", link.proc_id,
-                            translate(e, link.url))
-                self._warned = True
-            self.dispatcher.call_later(min(1.0, link.lease / 2), self._reconnect)
-            return
-        if self._warned:
-            log.warning("clusterhub: process %d reads its inbox again", link.proc_id)
-            self._warned = False
-        with self.reader:
-            self._conn = conn
-            self._fd = conn._sock.fileno()
-            self._ask()
-            self.dispatcher.register(self._fd, select.EPOLLIN | select.EPOLLONESHOT, self._on_readable)
+            while not self._stop.is_set():
+                try:
+                    conn: Any = link.pool.make_connection()
+                    conn.connect()
+                except redis.RedisError as e:
+                    if not self._warned:
+                        log.warning("clusterhub: process %d cannot read its inbox: %s", link.proc_id,
+                                    translate(e, link.url))
+                        self._warned = True
+                    self._stop.wait(min(1.0, link.lease / 2))
+                    continue
+                with self.reader:
+                    if self._stop.is_set():
+                        conn.disconnect()
+                        return
+                    self._conn = conn
+                    self._fd = conn._sock.fileno()
+                    try:
+                        self._ask()
+                    except (redis.RedisError, OSError) as e:
+                        self._drop()
+                        log.debug("clusterhub: the inbox's first read failed: %s", e)
+                        self._stop.wait(min(1.0, link.lease / 2))
+                        continue
+                    self.dispatcher.register(self._fd, select.EPOLLIN | select.EPOLLONESHOT, self._on_readable)
+                if self._warned:
+                    log.warning("clusterhub: process %d reads its inbox again", link.proc_id)
+                    self._warned = False
+                return
+        finally:
+            self._connecting = False
 
     def _drop(self) -> None:
         """(Holding ``reader``) forget the connection (it failed, or we stop)."""
@@ -371,14 +410,28 @@ class Mail:
 
     def _failed(self, e: BaseException) -> None:
         """(Holding ``reader``) the connection failed: drop it, and connect
-        again from the dispatcher."""
+        again."""
         self._drop()
         if not self._stop.is_set():
             if not self._warned:
                 log.warning("clusterhub: process %d cannot read its inbox: %s", self.link.proc_id,
                             translate(e, self.link.url) if isinstance(e, redis.RedisError) else e)
                 self._warned = True
-            self.dispatcher.call_later(min(1.0, self.link.lease / 2), self._reconnect)
+            self._connect()
+
+    def check_stalled(self) -> None:
+        """(The renewer, every tenth of a lease) a blocking pop that has not
+        answered a while after its slice ended means a connection lost
+        without a word (a host gone, a dropped route): connect anew."""
+        asked_at = self._asked_at
+        if not self._asked or time.monotonic() - asked_at < self._slice + max(1.0, self.link.lease):
+            return
+        if self.reader.acquire(False):
+            try:
+                if self._asked and self._asked_at == asked_at:
+                    self._failed(ConnectionError("its blocking read did not answer after its slice"))
+            finally:
+                self.reader.release()
 
     def _arm(self) -> None:
         if self._fd >= 0:
@@ -402,61 +455,74 @@ class Mail:
         if settle:
             out = _pack(("EVALSHA", link._script_sha[scripts.TAKE], 0, link.prefix, link.proc_id, self._carry,
                          0 if batch else TAKE_MAX, 2 * link.lease_ms))
-        slice_s = max(1, round(link.lease, 3))
+        slice_s = self._slice
         if batch:
             out += _pack(("BLMPOP", slice_s, 1, self._inbox, "RIGHT", "COUNT", TAKE_MAX))
         else:
             out += _pack(("BRPOP", self._inbox, slice_s))
+        self._asked_at = time.monotonic()
         self._conn.send_packed_command([out], check_health=False)
         self._asked, self._settling, self._batch = True, settle, batch
         if settle:
             self._nudged = False
 
-    def _read_ready(self) -> bool:
+    def _read_ready(self, done: list[Done]) -> bool:
         """(Holding ``reader``) read and route every reply that has come,
-        asking for more after each pop; whether anything was read."""
+        asking for more after each pop; whether anything was read.  The
+        requests it completes go to ``done``, for the caller to complete
+        once it let go of ``reader`` (their callbacks may wait for replies)."""
         conn = self._conn
         read = False
         while conn is not None and self._asked and conn.can_read(0):
             if self._settling:
                 self._settling = False
+                read = True
                 try:
                     items = conn.read_response()
                     self._carry = 0
-                except redis.exceptions.NoScriptError:
+                except redis.ResponseError as e:  # (the connection is fine: count out next time)
                     items = []
-                    self.link.client.script_load(scripts.TAKE)
+                    self._nudged = True
+                    if isinstance(e, redis.exceptions.NoScriptError):
+                        self.link.client.script_load(scripts.TAKE)
+                    else:
+                        log.warning("clusterhub: counting out the inbox of process %d failed: %s",
+                                    self.link.proc_id, e)
                 if items:
-                    self.route(items)
-                read = True
+                    self.route(items, done)
                 continue
             got = conn.read_response()
             self._asked = False
             read = True
             if got is None and self._carry:  # (idle: count out what was taken)
                 self._nudged = True
-            if got is not None:
-                items = got[1] if self._batch else [got[1]]
+            items = [] if got is None else got[1] if self._batch else [got[1]]
+            if items:
                 self._carry += sum(map(len, items))
                 if b"" in items:  # (a nudge: a sender waits for room)
                     self._nudged = True
-                self.route(items)
-            if self._stop.is_set():
-                return read
-            self._ask()
+            if not self._stop.is_set():
+                self._ask()  # (first: whatever routing does, reading goes on)
+            if items:
+                self.route(items, done)
         return read
 
     def _on_readable(self, _ev: int) -> None:
         """(The dispatcher's epoll) the inbox's socket is readable."""
         if not self.reader.acquire(False):
             return  # (a waiting requester reads it; it re-arms when it lets go)
+        done: list[Done] = []
         try:
-            self._read_ready()
+            self._read_ready(done)
         except (redis.RedisError, OSError) as e:
             self._failed(e)
+        except Exception:
+            log.exception("clusterhub: reading the inbox of process %d failed", self.link.proc_id)
         finally:
             self.reader.release()
             self._arm()
+        if done:
+            complete_all(done)
 
     @property
     def leader(self) -> Optional[int]:
@@ -477,6 +543,7 @@ class Mail:
         if fut.done() or not self.reader.acquire(False):
             return timeout
         deadline = None if timeout is None else time.monotonic() + timeout
+        done: list[Done] = []
         self._leader = threading.get_ident()
         try:
             p = select.poll()
@@ -487,7 +554,9 @@ class Mail:
             p.register(self._wake_r, select.POLLIN)
             while not fut.done() and not self._stop.is_set():
                 try:
-                    if self._read_ready():
+                    if self._read_ready(done):
+                        if done:  # (ours among them, maybe: complete them, then look)
+                            break
                         continue
                     if self._conn is not conn:
                         break
@@ -505,11 +574,17 @@ class Mail:
             self._leader = None
             self.reader.release()
             self._arm()
-        return None if deadline is None else max(0.0, deadline - time.monotonic())
+            if done:
+                complete_all(done)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if done and not fut.done() and (left is None or left > 0):
+            return self.wait_reply(fut, left)  # (it read others' replies: lead again)
+        return left
 
-    def route(self, entries: list[bytes]) -> None:
-        """Route what came: replies to the pending table, messages and
-        requests to the dispatcher, control entries to ``on_control``."""
+    def route(self, entries: list[bytes], done: list[Done]) -> None:
+        """Route what came: replies to the pending table (completed through
+        ``done``: see _read_ready), messages and requests to the dispatcher,
+        control entries to ``on_control``."""
         items: list[Any] = []
         loads, pending = self.loads, self.pending
         for raw in entries:
@@ -537,7 +612,7 @@ class Mail:
                         ok, value = False, HubError(f"cannot decode the reply: {e!r}")
                 else:
                     ok, value = False, remote_error(buf[at:])
-                pending.complete(peer, rid, ok, value)
+                pending.complete(peer, rid, ok, value, done)
                 continue
             try:
                 name = str(buf[_ENV:at], "utf-8")
@@ -564,7 +639,12 @@ class Mail:
                     self.reply(origin, rid, False, e)
                 continue
             reply = functools.partial(self.reply, origin, rid) if kind == protocol.REQ else None
-            items.append((name, data, self.route_sender(kind, origin), reply))
+            try:
+                sender = self.route_sender(kind, origin)
+            except Exception as e:  # (looking it up on the server failed: a stand-in)
+                log.debug("clusterhub: the sender of %r: %s", name, e)
+                sender = Worker(origin)
+            items.append((name, data, sender, reply))
         if items:
             self._post(items)
 
@@ -580,9 +660,13 @@ class Mail:
 
     def abandon(self) -> None:
         """In a fork child: the outbox thread is not there, the connection
-        is the parent's."""
+        is the parent's (closed here without a word to the server: redis-py
+        shuts a socket down only in the process that connected it)."""
         self._stop.set()
-        self._conn = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
         self.outbox = Outbox(self.outbox.name)
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
