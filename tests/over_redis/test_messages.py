@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -557,3 +558,90 @@ def test_server_restart_mid_traffic(redis_server: RedisServer, procs: Procs, rep
         assert got[-1] > restarted_at[0]
     finally:
         close_quietly(master)
+
+
+# ---- a connection lost without a word --------------------------------------------------
+
+
+class BlackHoleProxy:
+    """A TCP proxy (threads of the test process) in front of the server:
+    ``swallow()`` makes every connection open now a black hole (what is sent
+    on it is neither forwarded nor answered, and it stays open: a server
+    host gone without a reset, a route dropped), while new ones work."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self.server = server
+        self.gen = 0
+        self.ls = socket.socket()
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(64)
+        self.port = self.ls.getsockname()[1]
+        self.socks: list[socket.socket] = [self.ls]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", self.server.port))
+            self.socks += [c, u]
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pump, args=(a, b, self.gen), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket, gen: int) -> None:
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    return
+                if gen == self.gen:
+                    b.sendall(data)
+        except OSError:
+            pass
+
+    def swallow(self) -> None:
+        self.gen += 1
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+def test_an_inbox_connection_lost_without_a_word_is_made_anew(redis_server: RedisServer, procs: Procs,
+                                                                reports: Reports) -> None:
+    """Every connection of a worker becomes a black hole: its renewal times
+    out and it connects anew, but its inbox's blocking read would wait
+    forever; it is dropped once it stays unanswered past its slice, and the
+    worker reads its inbox again (a message sent after that arrives)."""
+    proxy = BlackHoleProxy(redis_server)
+    lease = 0.5
+    master = clusterhub.Hub(address=redis_server.url("hole"), lease=lease)
+    try:
+        got = MP.Event()
+
+        def worker() -> None:
+            hub = clusterhub.connect(f"redis://127.0.0.1:{proxy.port}/0?name=hole", timeout=10)
+            hub.on("m", lambda d, s: got.set())
+            hub.on("ping", lambda d, s: "pong")
+            reports.put("joined", hub.worker_id)
+            threading.Event().wait()
+
+        procs.start(worker)
+        w = joined(master, reports)
+        assert master.request_worker(w, "ping").result(10) == "pong"  # (its inbox is read, through the proxy)
+        proxy.swallow()
+        t0 = time.monotonic()
+        while not got.is_set() and time.monotonic() - t0 < 30:
+            try:
+                for w in master.workers.values():
+                    master.send_to_worker(w, "m", None, timeout=0.5)
+            except (WorkerDied, SendTimeout):
+                pass
+            got.wait(0.5)  # (the worker comes back by itself: nothing to wait on here but its message)
+        assert got.is_set(), "the worker never read its inbox again"
+        print(f"the worker read its inbox again {time.monotonic() - t0:.1f} s after its connections went dead")
+    finally:
+        master.close()
+        proxy.close()
