@@ -165,7 +165,6 @@ class RedisHub(Hub):
         except BaseException:  # (no hub: nothing of it stays open)
             self._mail.abandon()
             self._dispatcher.abandon()
-            self._link.abandon()
             self._link.disconnect()
             raise
         self._link.on_tick = self._mail.check_stalled
