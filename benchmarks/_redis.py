@@ -33,7 +33,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from clusterhub import Hub, connect
 from clusterhub.bench.host import process_cpu_ns
@@ -164,6 +164,20 @@ def stop_server() -> None:
 
 
 atexit.register(stop_server)  # (forked children leave with os._exit: only the pytest process gets here)
+
+
+def module_run(config: Any, summary: Any, name: str) -> Iterator[None]:
+    """A Redis benchmark module's run (the body of its module fixture):
+    ``summary`` (a plugin with ``conditions``) registered to print after the
+    conftest's summary; the server stopped after the module."""
+    pm = config.pluginmanager
+    if not pm.is_registered(summary):
+        pm.register(summary, name)
+    yield
+    srv = running()
+    if srv is not None:
+        summary.conditions = srv.describe()
+    stop_server()
 
 
 def unique(prefix: str) -> str:

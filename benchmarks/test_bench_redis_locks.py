@@ -83,7 +83,17 @@ from clusterhub.bench.host import (
 from clusterhub.bench.jobs import Job, Target, fmt_time
 from clusterhub.bench.locking import LockKind, recovery
 
-from ._redis import CASES, KINDS, MISSING, RedisKind, redis, redis_lock, running, server, stop_server, unique
+from ._redis import (
+    CASES,
+    KINDS,
+    MISSING,
+    RedisKind,
+    module_run,
+    redis,
+    redis_lock,
+    server,
+    unique,
+)
 
 LEASE = 1.0  # s: clusterhub's lease, and the dead-holder figure's TTL for the peers
 PROCS = 4  # contending processes
@@ -401,14 +411,7 @@ DEAD_HOLDER = _job(
 @pytest.fixture(scope="module", autouse=True)
 def _redis_run(request: pytest.FixtureRequest) -> Iterator[None]:
     """The pooled summary after the conftest's; the server stopped after the module."""
-    pm = request.config.pluginmanager
-    if not pm.is_registered(_SUMMARY):
-        pm.register(_SUMMARY, "redis-locks-pooled-summary")
-    yield
-    srv = running()
-    if srv is not None:
-        _SUMMARY.conditions = srv.describe()
-    stop_server()
+    yield from module_run(request.config, _SUMMARY, "redis-locks-pooled-summary")
 
 
 @pytest.mark.benchmark(group=UNCONTENDED.name)

@@ -93,7 +93,7 @@ from clusterhub.bench.host import (
 )
 from clusterhub.bench.jobs import Job, Target, fmt_time
 
-from ._redis import MISSING, redis, running, server, stop_server, unique
+from ._redis import MISSING, module_run, redis, server, unique
 
 AUTHKEY = b"k"  # (an authkey: pickle, every entry behind an HMAC)
 CASES = ("clusterhub", "redis-streams", "redis-pubsub")
@@ -795,14 +795,7 @@ def _memory_run(seconds: float) -> dict[str, Any]:
 @pytest.fixture(scope="module", autouse=True)
 def _redis_run(request: pytest.FixtureRequest) -> Iterator[None]:
     """The pooled summary after the conftest's; the server stopped after the module."""
-    pm = request.config.pluginmanager
-    if not pm.is_registered(_SUMMARY):
-        pm.register(_SUMMARY, "redis-messages-pooled-summary")
-    yield
-    srv = running()
-    if srv is not None:
-        _SUMMARY.conditions = srv.describe()
-    stop_server()
+    yield from module_run(request.config, _SUMMARY, "redis-messages-pooled-summary")
 
 
 @pytest.mark.benchmark(group=ROUND_TRIP.name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import traceback
+from typing import Any
 
 from . import protocol
 from .errors import NoHandlerError, RemoteError
@@ -46,6 +47,18 @@ def _drop_own_frames(te: traceback.TracebackException, seen: set[int]) -> None:
     for chained in (te.__cause__, te.__context__):
         if chained is not None and id(chained) not in seen:
             _drop_own_frames(chained, seen)
+
+
+def reply_body(dumps: Any, ok: bool, value: Any) -> tuple[int, bytes]:
+    """The kind and body of the reply that answers a request with ``value``
+    (a result when ``ok``, else an exception); a result the serializer
+    refuses answers it with that error."""
+    if ok:
+        try:
+            return protocol.RES, dumps(value)
+        except Exception as e:
+            value = e
+    return protocol.ERR, error_body(value)
 
 
 def remote_error(body: memoryview) -> RemoteError:

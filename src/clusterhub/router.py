@@ -20,7 +20,7 @@ from ._bindings import PeerGone
 from .dispatch import Dispatcher
 from .errors import HubError, MessageTooLarge, PeerDied, WorkerDied
 from .process import Worker
-from .remote import error_body, remote_error
+from .remote import error_body, remote_error, reply_body
 from .requests import Done, Pending, complete_all
 
 if TYPE_CHECKING:
@@ -247,13 +247,7 @@ class Router:
         """Answer request ``rid`` that came on ``ch`` (bound with functools.partial
         as an inbox item's ``reply(ok, value)``; the usual path is C's Reply,
         which falls back to this, see reply_context)."""
-        if ok:
-            try:
-                kind, body = protocol.RES, self.dumps(value)
-            except Exception as e:
-                ok, value = False, e
-        if not ok:
-            kind, body = protocol.ERR, error_body(value)
+        kind, body = reply_body(self.dumps, ok, value)
         self.reply_sent(ch, rid, ch.send_msg(kind, 0, rid, b"", 0, body, len(body)), len(body), wait)
 
     def reply_sent(self, ch: Channel, rid: int, left: int, size: int, wait: bool = True) -> None:

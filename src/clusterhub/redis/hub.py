@@ -17,7 +17,6 @@ messages first, as with a local hub.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import random
@@ -402,13 +401,7 @@ class RedisHub(Hub):
 
     # ---- asyncio ---------------------------------------------------------------------
 
-    def attach(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
-        self._check()
-        if loop is None:
-            loop = asyncio.get_running_loop()
-        elif not isinstance(loop, asyncio.AbstractEventLoop):
-            raise TypeError(f"loop must be an asyncio event loop, not {type(loop).__name__}")
-        self._dispatcher.attach(loop)
+    # (attach: Hub's)
 
     def detach(self) -> None:
         self._check()

@@ -40,7 +40,7 @@ from ..checks import check_callback, check_timeout
 from ..dispatch import Dispatcher
 from ..errors import HubError, MessageTooLarge, PeerDied, SendTimeout
 from ..process import Worker
-from ..remote import error_body, remote_error
+from ..remote import error_body, remote_error, reply_body
 from ..requests import Callback, Done, Future, Pending, complete_all
 from . import scripts
 from .link import Link, _pack, translate
@@ -300,13 +300,7 @@ class Mail:
             self._reply(origin, rid, ok, value)
 
     def _reply(self, origin: int, rid: int, ok: bool, value: Any) -> None:
-        if ok:
-            try:
-                kind, body = protocol.RES, self.dumps(value)
-            except Exception as e:
-                ok, value = False, e
-        if not ok:
-            kind, body = protocol.ERR, error_body(value)
+        kind, body = reply_body(self.dumps, ok, value)
         try:
             try:
                 entry = self.entry(kind, rid, b"", body)
