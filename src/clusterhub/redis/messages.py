@@ -1,5 +1,5 @@
-"""Messages over Redis: every process has an inbox on the server, and a
-thread that reads it.
+"""Messages over Redis: every process has an inbox on the server, which
+its dispatcher reads.
 
 An inbox is a list (``P:inbox:<process id>``, see scripts.py) of entries:
 the envelope of protocol.py (kind, origin, request id, name, data), the
@@ -12,11 +12,11 @@ and while the inbox holds more than the sender's ``max_queue`` bytes it
 registers the sender to be told of room instead, so memory on the server
 stays bounded by what readers keep up with.
 
-The reader takes entries off as it reads them (TAKE, pipelined with the
-BRPOP that waits for the next: one round trip per wake-up), so an inbox
-holds only what is not read yet; replies complete request futures on the
-reader's thread, messages and requests go to the dispatcher's inbox, where
-handlers run as for a local hub.
+The reader takes entries off as it reads them (one blocking pop per
+wake-up, a batch on Redis 7), so an inbox holds only what is not read yet;
+replies complete request futures, messages and requests go to the
+dispatcher's inbox, where handlers run as for a local hub.  Who reads: see
+"reading" in :class:`Mail`.
 """
 
 from __future__ import annotations
@@ -149,8 +149,8 @@ def _on_a_loop() -> bool:
 
 
 class Mail:
-    """One process's messages over its hub's Redis link: sending, and the
-    reader thread of its inbox.  ``route_sender(kind, origin)`` gives a
+    """One process's messages over its hub's Redis link: sending, and
+    reading its inbox.  ``route_sender(kind, origin)`` gives a
     message's ``sender``; ``on_control(name, origin, body)`` takes control
     entries."""
 
@@ -180,7 +180,7 @@ class Mail:
         self._asked = self._settling = self._batch = self._nudged = False
         self._carry = 0  # bytes taken by blocking pops, not yet counted out
         self._asked_at = 0.0  # (monotonic) when the outstanding pop was sent
-        self._slice = max(1, round(link.lease, 3))  # (s) a blocking pop's
+        self._slice = 1.0  # (s) a blocking pop's: a lease, at least a second (see start)
         self._connecting = False
         self._connect_lock = threading.Lock()
         self._warned = False
@@ -325,6 +325,7 @@ class Mail:
         """Start reading (from the dispatcher's epoll; the dispatcher runs)."""
         self._stop.clear()
         self._inbox = self.inbox_key()
+        self._slice = max(1, round(self.link.lease, 3))
         self.outbox.name = f"clusterhub-outbox-{self.link.proc_id}"
         self._connect()
 
