@@ -140,12 +140,9 @@ class Outbox:
 
 
 def _on_a_loop() -> bool:
-    """The calling thread runs an asyncio loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+    """The calling thread runs an asyncio loop (asked without the exception
+    ``get_running_loop`` raises when not: this is on every request's path)."""
+    return asyncio.events._get_running_loop() is not None
 
 
 class Mail:
@@ -183,6 +180,7 @@ class Mail:
         self._slice = 1.0  # (s) a blocking pop's: a lease, at least a second (see start)
         self._connecting = False
         self._connect_lock = threading.Lock()
+        self._pumping = 0  # (the dispatcher waits for a reply in a handler)
         self._warned = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         pending._remote_hook = self.wait_reply
@@ -461,11 +459,17 @@ class Mail:
         if settle:
             self._nudged = False
 
-    def _read_ready(self, done: list[Done]) -> bool:
-        """(Holding ``reader``) read and route every reply that has come,
-        asking for more after each pop; whether anything was read.  The
-        requests it completes go to ``done``, for the caller to complete
-        once it let go of ``reader`` (their callbacks may wait for replies)."""
+    def _read_ready(self, done: list[Done], eager: bool) -> bool:
+        """(Holding ``reader``) read and route every reply that has come;
+        whether anything was read.  The requests it completes go to
+        ``done``, for the caller to complete once it let go of ``reader``
+        (their callbacks may wait for replies).
+
+        The next pop is asked for at once when ``eager`` (a thread waits for
+        a reply) or nothing came for the handlers; else once the handlers
+        of what came have run (an item behind them): the server then works
+        on their replies first, and a process whose handlers lag leaves what
+        waits in its inbox on the server, where max_queue bounds it."""
         conn = self._conn
         read = False
         while conn is not None and self._asked and conn.can_read(0):
@@ -496,11 +500,32 @@ class Mail:
                 self._carry += sum(map(len, items))
                 if b"" in items:  # (a nudge: a sender waits for room)
                     self._nudged = True
-            if not self._stop.is_set():
-                self._ask()  # (first: whatever routing does, reading goes on)
-            if items:
-                self.route(items, done)
+            posted = False
+            try:
+                if items:
+                    posted = self.route(items, done)
+            finally:
+                if self._stop.is_set():
+                    pass
+                elif eager or not posted:
+                    self._ask()
+                else:
+                    self.dispatcher.post((None, self._ask_later, None, None))
         return read
+
+    def _ask_later(self, _sender: Any) -> None:
+        """(An inbox item, after the handlers of a batch) ask for the next;
+        a thread reading for its reply has it, if it holds ``reader``."""
+        if not self.reader.acquire(False):
+            return
+        try:
+            if not self._stop.is_set():
+                self._ask()
+        except (redis.RedisError, OSError) as e:
+            self._failed(e)
+        finally:
+            self.reader.release()
+            self._arm()
 
     def _on_readable(self, _ev: int) -> None:
         """(The dispatcher's epoll) the inbox's socket is readable."""
@@ -508,7 +533,7 @@ class Mail:
             return  # (a waiting requester reads it; it re-arms when it lets go)
         done: list[Done] = []
         try:
-            self._read_ready(done)
+            self._read_ready(done, self._pumping > 0)
         except (redis.RedisError, OSError) as e:
             self._failed(e)
         except Exception:
@@ -534,7 +559,14 @@ class Mail:
         base class waits, and the reader completes it).  On the dispatcher
         thread, serve it (a handler waiting for its request)."""
         if threading.get_ident() == self.dispatcher.ident:
-            return self.pending._wait_local(fut, timeout)
+            # (A handler waits: what comes is read at once, and the next
+            # pop asked for, the handler's own item behind it cannot.)
+            self._pumping += 1
+            try:
+                self._ask_later(None)
+                return self.pending._wait_local(fut, timeout)
+            finally:
+                self._pumping -= 1
         if fut.done() or not self.reader.acquire(False):
             return timeout
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -549,7 +581,9 @@ class Mail:
             p.register(self._wake_r, select.POLLIN)
             while not fut.done() and not self._stop.is_set():
                 try:
-                    if self._read_ready(done):
+                    if not self._asked:
+                        self._ask()
+                    if self._read_ready(done, True):
                         if done:  # (ours among them, maybe: complete them, then look)
                             break
                         continue
@@ -576,10 +610,11 @@ class Mail:
             return self.wait_reply(fut, left)  # (it read others' replies: lead again)
         return left
 
-    def route(self, entries: list[bytes], done: list[Done]) -> None:
+    def route(self, entries: list[bytes], done: list[Done]) -> bool:
         """Route what came: replies to the pending table (completed through
         ``done``: see _read_ready), messages and requests to the dispatcher,
-        control entries to ``on_control``."""
+        control entries to ``on_control``; whether the dispatcher got any."""
+        posted = False
         items: list[Any] = []
         loads, pending = self.loads, self.pending
         for raw in entries:
@@ -618,6 +653,7 @@ class Mail:
                 if items:  # (what came before it is handled before it)
                     self._post(items)
                     items = []
+                    posted = True
                 try:
                     self.on_control(name, origin, buf[at:])
                 except Exception:
@@ -642,6 +678,8 @@ class Mail:
             items.append((name, data, sender, reply))
         if items:
             self._post(items)
+            posted = True
+        return posted
 
     def _post(self, items: list[Any]) -> None:
         self.dispatcher.inbox.extend(items[:-1])
