@@ -531,9 +531,8 @@ class RedisHub(Hub):
             try:
                 got = link.call(c.blpop, [events], timeout=max(0.001, round(wait, 3)))
                 if got is not None:
-                    more = link.call(c.lpop, events, 1000) or []
-                    for ev in [got[1], *more]:
-                        self._event(text(ev).split(" "))
+                    self._event(text(got[1]).split(" "))
+                    self._take_events()
                 wait = self._check_leases()
                 if warned:
                     log.warning("clusterhub: the Redis server at %s answers again", link.url.text)
@@ -546,6 +545,12 @@ class RedisHub(Hub):
             except Exception:
                 log.exception("clusterhub: the worker watcher of %s failed", link.url.text)
                 self._stop.wait(min(1.0, link.lease / 2))
+
+    def _take_events(self) -> None:
+        """Handle the events waiting in the hub's list."""
+        link = self._link
+        for ev in link.call(link.client.lpop, link.key(b"events"), 1000) or []:
+            self._event(text(ev).split(" "))
 
     def _event(self, ev: list[str]) -> None:
         if ev[0] == "joined" and len(ev) == 4:
@@ -603,6 +608,8 @@ class RedisHub(Hub):
         self._longest = max([self._longest, *(t / 1000 for t in ttls)])
         if now < self._grace_until:
             return max(0.001, self._grace_until - now)
+        if any(ttl <= 0 for ttl in ttls):
+            self._take_events()  # (a clean leave's event comes before its lease goes)
         for wid, ttl in zip(wids, ttls):
             if ttl <= 0:
                 self._exited(wid)

@@ -571,13 +571,15 @@ class Link:
         try:
             self.retry_unfinished()
             c = self.client
+            # The event first: a watcher that finds the lease gone reads the
+            # events before it calls that an exit (a clean one, with code 0).
+            c.rpush(self.key(b"events"), f"left {self.proc_id}")
+            c.pexpire(self.key(b"events"), 10 * self.lease_ms)
             c.delete(self.lease_key(self.proc_id))
             if self.is_master:  # (a worker's entry: the master's to remove, once it saw it go)
                 c.hdel(self.key(b"procs"), str(self.proc_id))
             if self.is_master and c.get(self.key(b"master")) == str(self.proc_id).encode():
                 c.delete(self.key(b"master"))
-            c.rpush(self.key(b"events"), f"left {self.proc_id}")
-            c.pexpire(self.key(b"events"), 10 * self.lease_ms)
         except (redis.RedisError, HubError) as e:
             log.warning("clusterhub: leaving %s: %s (the lease runs out by itself)", self.url.text, e)
 

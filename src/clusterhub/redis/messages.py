@@ -181,6 +181,7 @@ class Mail:
         self._connecting = False
         self._connect_lock = threading.Lock()
         self._pumping = 0  # (the dispatcher waits for a reply in a handler)
+        self._want_ask = False  # (a pop is wanted: see _let_go)
         self._warned = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         pending._remote_hook = self.wait_reply
@@ -421,10 +422,13 @@ class Mail:
             return
         if self.reader.acquire(False):
             try:
-                if self._asked and self._asked_at == asked_at:
+                # (Data waiting: not lost, only unread: after a pause, say, SIGSTOP.)
+                if self._asked and self._asked_at == asked_at and not self._conn.can_read(0):
                     self._failed(ConnectionError("its blocking read did not answer after its slice"))
+            except (redis.RedisError, OSError) as e:
+                self._failed(e)
             finally:
-                self.reader.release()
+                self._let_go()
 
     def _arm(self) -> None:
         if self._fd >= 0:
@@ -514,18 +518,30 @@ class Mail:
         return read
 
     def _ask_later(self, _sender: Any) -> None:
-        """(An inbox item, after the handlers of a batch) ask for the next;
-        a thread reading for its reply has it, if it holds ``reader``."""
-        if not self.reader.acquire(False):
-            return
-        try:
-            if not self._stop.is_set():
-                self._ask()
-        except (redis.RedisError, OSError) as e:
-            self._failed(e)
-        finally:
-            self.reader.release()
-            self._arm()
+        """(An inbox item, after the handlers of a batch) ask for the next:
+        now if ``reader`` is free, else its holder does as it lets go."""
+        self._want_ask = True
+        if self.reader.acquire(False):
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Let go of ``reader`` (and watch the socket again), asking for the
+        next pop first if one is wanted and none is out.  (Wanted once more
+        after letting go: taken again, so that a want set meanwhile by a
+        thread that found ``reader`` held is never lost.)"""
+        while True:
+            try:
+                if self._want_ask:
+                    self._want_ask = False
+                    if not self._asked and not self._stop.is_set():
+                        self._ask()
+            except (redis.RedisError, OSError) as e:
+                self._failed(e)
+            finally:
+                self.reader.release()
+                self._arm()
+            if not self._want_ask or not self.reader.acquire(False):
+                return
 
     def _on_readable(self, _ev: int) -> None:
         """(The dispatcher's epoll) the inbox's socket is readable."""
@@ -539,8 +555,7 @@ class Mail:
         except Exception:
             log.exception("clusterhub: reading the inbox of process %d failed", self.link.proc_id)
         finally:
-            self.reader.release()
-            self._arm()
+            self._let_go()
         if done:
             complete_all(done)
 
@@ -601,8 +616,7 @@ class Mail:
                     break
         finally:
             self._leader = None
-            self.reader.release()
-            self._arm()
+            self._let_go()
             if done:
                 complete_all(done)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
