@@ -415,20 +415,30 @@ class Mail:
 
     def check_stalled(self) -> None:
         """(The renewer, every tenth of a lease) a blocking pop that has not
-        answered a while after its slice ended means a connection lost
-        without a word (a host gone, a dropped route): connect anew."""
+        answered long after its slice ended means a connection lost without
+        a word (a host gone, a dropped route): connect anew.  ("Long": as
+        long as any call of ours waits on a socket, a lease and 5 s more: a
+        connection dropped while its answer is on the way loses what that
+        pop took.)"""
         asked_at = self._asked_at
-        if not self._asked or time.monotonic() - asked_at < self._slice + max(1.0, self.link.lease):
+        if not self._asked or time.monotonic() - asked_at < self._slice + self.link.lease + 5.0:
             return
-        if self.reader.acquire(False):
-            try:
-                # (Data waiting: not lost, only unread: after a pause, say, SIGSTOP.)
-                if self._asked and self._asked_at == asked_at and not self._conn.can_read(0):
+        if not self.reader.acquire(False):
+            return
+        done: list[Done] = []
+        try:
+            if self._asked and self._asked_at == asked_at:
+                # (A reply waiting is not lost, only unread, after a pause, say
+                # SIGSTOP: read it here, since redis-py's own parser takes it off
+                # the socket to tell, where no epoll sees it any more.)
+                if not self._read_ready(done, True):
                     self._failed(ConnectionError("its blocking read did not answer after its slice"))
-            except (redis.RedisError, OSError) as e:
-                self._failed(e)
-            finally:
-                self._let_go()
+        except (redis.RedisError, OSError) as e:
+            self._failed(e)
+        finally:
+            self._let_go()
+        if done:
+            complete_all(done)
 
     def _arm(self) -> None:
         if self._fd >= 0:
