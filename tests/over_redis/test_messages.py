@@ -259,6 +259,50 @@ def test_a_reader_that_does_not_read_bounds_its_inbox(redis_server: RedisServer,
         master.close()
 
 
+def test_a_handler_that_lags_leaves_what_waits_on_the_server(redis_server: RedisServer, procs: Procs,
+                                                              reports: Reports) -> None:
+    """A worker whose handler is stuck reads no more of its inbox: the
+    master's sends fill it to max_queue on the server and then time out
+    (SendTimeout), instead of piling up in the worker's process; once the
+    handler returns, everything arrives, in order."""
+    url = redis_server.url("lag")
+    mq, size = 64 * 1024, 10_000
+    master = clusterhub.Hub(address=url, lease=LEASE, max_queue=mq, authkey=b"s")
+    try:
+        go = MP.Event()
+
+        def worker() -> None:
+            hub = clusterhub.connect(url, timeout=10, authkey=b"s")
+            seen: list[int] = []
+            done = threading.Event()
+
+            def on_n(d: Any, s: Any) -> None:
+                assert go.wait(30)  # (stuck until the test says)
+                seen.append(d[0])
+                if d[0] == -1:
+                    done.set()
+
+            hub.on("n", on_n)
+            reports.put("joined", hub.worker_id)
+            assert done.wait(30)
+            reports.put("seen", seen)
+            hub.close()
+
+        pid = procs.start(worker)
+        w = joined(master, reports)
+        sent = 0
+        with pytest.raises(SendTimeout):
+            for sent in range(1000):  # noqa: B007 (how many went: below)
+                master.send_to_worker(w, "n", (sent, b"x" * size), timeout=0.3)
+        assert sent < 20, f"{sent} messages of {size} bytes went to a worker whose handler was stuck"
+        go.set()
+        master.send_to_worker(w, "n", (-1, b""), timeout=10)
+        assert reports.get(timeout=20) == ("seen", [*range(sent), -1])
+        procs.join(pid)
+    finally:
+        master.close()
+
+
 def test_entries_are_removed_as_they_are_read(redis_server: RedisServer, procs: Procs, reports: Reports) -> None:
     """After requests, broadcasts and one-way messages, nothing waits in any
     inbox, and no byte count is left over."""
