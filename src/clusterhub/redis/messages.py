@@ -592,8 +592,17 @@ class Mail:
                 return self.pending._wait_local(fut, timeout)
             finally:
                 self._pumping -= 1
+        while True:  # (again after completing others' replies it read)
+            timeout, again = self._lead(fut, timeout)
+            if not again:
+                return timeout
+
+    def _lead(self, fut: Future[Any], timeout: Optional[float]) -> tuple[Optional[float], bool]:
+        """One turn of :meth:`wait_reply` off the dispatcher: (the timeout
+        left, whether to lead again: it completed others' replies, ours
+        pending)."""
         if fut.done() or not self.reader.acquire(False):
-            return timeout
+            return timeout, False
         deadline = None if timeout is None else time.monotonic() + timeout
         done: list[Done] = []
         self._leader = threading.get_ident()
@@ -601,7 +610,7 @@ class Mail:
             p = select.poll()
             conn = self._conn
             if conn is None or conn._sock is None:
-                return timeout
+                return timeout, False
             p.register(conn._sock, select.POLLIN)
             p.register(self._wake_r, select.POLLIN)
             while not fut.done() and not self._stop.is_set():
@@ -630,9 +639,7 @@ class Mail:
             if done:
                 complete_all(done)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if done and not fut.done() and (left is None or left > 0):
-            return self.wait_reply(fut, left)  # (it read others' replies: lead again)
-        return left
+        return left, bool(done) and not fut.done() and (left is None or left > 0)
 
     def route(self, entries: list[bytes], done: list[Done]) -> bool:
         """Route what came: replies to the pending table (completed through
