@@ -25,9 +25,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -178,6 +180,33 @@ def module_run(config: Any, summary: Any, name: str) -> Iterator[None]:
     if srv is not None:
         summary.conditions = srv.describe()
     stop_server()
+
+
+def quantile(sorted_xs: list[float], q: float) -> float:
+    return sorted_xs[min(len(sorted_xs) - 1, max(0, math.ceil(q * len(sorted_xs)) - 1))]
+
+
+def stats(xs: list[float]) -> dict[str, float]:
+    """median, p99 and max of ``xs`` (s)."""
+    s = sorted(xs)
+    return {"t": statistics.median(s), "p99_s": quantile(s, 0.99), "max_s": s[-1]}
+
+
+def pooled_lines(cases: dict[str, list[float]]) -> list[str]:
+    """One summary line per case of pooled samples: p50, p99, max, and
+    clusterhub's ratios to it."""
+    from clusterhub.bench.jobs import fmt_time
+
+    table = {c: {**stats(xs), "n": len(xs)} for c, xs in cases.items()}
+    ours = table.get("clusterhub")
+    lines = []
+    for c, s in table.items():
+        line = (f"  {c:<20} n={s['n']:<7} p50 {fmt_time(s['t']):>10}  p99 {fmt_time(s['p99_s']):>10}  "
+                f"max {fmt_time(s['max_s']):>10}")
+        if ours is not None and c != "clusterhub":
+            line += f"  clusterhub/{c}: p50 {ours['t'] / s['t']:.2f}, p99 {ours['p99_s'] / s['p99_s']:.2f}"
+        lines.append(line)
+    return lines
 
 
 def unique(prefix: str) -> str:

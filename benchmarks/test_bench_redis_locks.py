@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import mmap
 import multiprocessing as mp
 import os
@@ -80,7 +79,7 @@ from clusterhub.bench.host import (
     sleep_until,
     stop,
 )
-from clusterhub.bench.jobs import Job, Target, fmt_time
+from clusterhub.bench.jobs import Job, Target
 from clusterhub.bench.locking import LockKind, recovery
 
 from ._redis import (
@@ -89,9 +88,12 @@ from ._redis import (
     MISSING,
     RedisKind,
     module_run,
+    pooled_lines,
+    quantile,
     redis,
     redis_lock,
     server,
+    stats,
     unique,
 )
 
@@ -101,16 +103,6 @@ SETTLE = 0.005  # s a waiter is left blocked before the release, once its main t
 
 # group -> case -> every latency (s) of its batches, the warm-up batch left out
 _pooled: dict[str, dict[str, list[float]]] = {}
-
-
-def _quantile(sorted_xs: list[float], q: float) -> float:
-    return sorted_xs[min(len(sorted_xs) - 1, max(0, math.ceil(q * len(sorted_xs)) - 1))]
-
-
-def _stats(xs: list[float]) -> dict[str, float]:
-    """median, p99 and max of ``xs`` (s)."""
-    s = sorted(xs)
-    return {"t": statistics.median(s), "p99_s": _quantile(s, 0.99), "max_s": s[-1]}
 
 
 # ---- every case: hosted, the server's CPU and the pooled latencies ----------------
@@ -194,7 +186,7 @@ def _uncontended_host(conn: Any, setup: Callable[[], ContextManager[Callable[[],
                     pass
                 lat.append(clock() - t0)
             secs = [x / 1e9 for x in lat]
-            return {**_stats(secs), "mean_s": sum(secs) / n, "n": n, "lat": secs}
+            return {**stats(secs), "mean_s": sum(secs) / n, "n": n, "lat": secs}
 
         serve(conn, batch)
 
@@ -284,7 +276,7 @@ def _handoff_host(conn: Any, kind: RedisKind) -> None:
                     lat.append((t1 - t0) / 1e9)
             if not lat:
                 raise RuntimeError(f"no hand-off measured: every one of {n} releases came before the acquire")
-            return {**_stats(lat), "handoffs": len(lat), "early": early, "lat": lat}
+            return {**stats(lat), "handoffs": len(lat), "early": early, "lat": lat}
 
         serve(conn, batch)
     finally:
@@ -360,7 +352,7 @@ def _contended_host(conn: Any, kind: RedisKind) -> None:
         waits = sorted(w / 1e9 for _, _, ws in done for w in ws)
         return {"t": span / total, "acq_per_s": total / span, "switches_per_s": c[2] / span,
                 "min_share": min(shares), "shares": shares, "n": total,
-                "wait_p50_s": statistics.median(waits), "wait_p99_s": _quantile(waits, 0.99), "lat": waits}
+                "wait_p50_s": statistics.median(waits), "wait_p99_s": quantile(waits, 0.99), "lat": waits}
 
     try:
         for _ in range(PROCS):
@@ -472,14 +464,7 @@ class _PooledSummary:
             what = "time in acquire()" if job is CONTENDED else job.figure
             tr.write_line("")
             tr.write_line(f"{job.name}: {what}")
-            stats = {c: {**_stats(xs), "n": len(xs)} for c, xs in cases.items()}
-            for c, s in stats.items():
-                line = (f"  {c:<20} n={s['n']:<7} p50 {fmt_time(s['t']):>10}  p99 {fmt_time(s['p99_s']):>10}  "
-                        f"max {fmt_time(s['max_s']):>10}")
-                ours = stats.get("clusterhub")
-                if ours is not None and c != "clusterhub":
-                    line += (f"  clusterhub/{c}: p50 {ours['t'] / s['t']:.2f}, "
-                             f"p99 {ours['p99_s'] / s['p99_s']:.2f}")
+            for line in pooled_lines(cases):
                 tr.write_line(line)
 
 

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import math
 import multiprocessing as mp
 import os
 import pickle
@@ -91,9 +90,9 @@ from clusterhub.bench.host import (
     serve,
     stop,
 )
-from clusterhub.bench.jobs import Job, Target, fmt_time
+from clusterhub.bench.jobs import Job, Target
 
-from ._redis import MISSING, module_run, redis, server, unique
+from ._redis import MISSING, module_run, pooled_lines, redis, server, stats, unique
 
 AUTHKEY = b"k"  # (an authkey: pickle, every entry behind an HMAC)
 CASES = ("clusterhub", "redis-streams", "redis-pubsub")
@@ -114,16 +113,6 @@ _memory: dict[str, Any] = {}
 def _why_missing() -> Optional[str]:
     """Why no case can run here (redis-py or redis-server missing), else None."""
     return MISSING.get("clusterhub")
-
-
-def _quantile(sorted_xs: list[float], q: float) -> float:
-    return sorted_xs[min(len(sorted_xs) - 1, max(0, math.ceil(q * len(sorted_xs)) - 1))]
-
-
-def _stats(xs: list[float]) -> dict[str, float]:
-    """median, p99 and max of ``xs`` (s)."""
-    s = sorted(xs)
-    return {"t": statistics.median(s), "p99_s": _quantile(s, 0.99), "max_s": s[-1]}
 
 
 def _address(path: str, what: str) -> str:
@@ -240,7 +229,7 @@ def _requester(call: Callable[[int], Any]) -> Callable[[int], Sample]:
             if got != i:
                 raise AssertionError(f"round trip {i} answered {got!r}")
         secs = [x / 1e9 for x in lat]
-        return {**_stats(secs), "mean_s": sum(secs) / n, "n": n, "lat": secs}
+        return {**stats(secs), "mean_s": sum(secs) / n, "n": n, "lat": secs}
 
     return batch
 
@@ -874,14 +863,7 @@ class _PooledSummary:
         for group, cases in _pooled.items():
             tr.write_line("")
             tr.write_line(f"{group}: each round trip timed alone")
-            stats = {c: {**_stats(xs), "n": len(xs)} for c, xs in cases.items()}
-            for c, s in stats.items():
-                line = (f"  {c:<20} n={s['n']:<7} p50 {fmt_time(s['t']):>10}  p99 {fmt_time(s['p99_s']):>10}  "
-                        f"max {fmt_time(s['max_s']):>10}")
-                ours = stats.get("clusterhub")
-                if ours is not None and c != "clusterhub":
-                    line += (f"  clusterhub/{c}: p50 {ours['t'] / s['t']:.2f}, "
-                             f"p99 {ours['p99_s'] / s['p99_s']:.2f}")
+            for line in pooled_lines(cases):
                 tr.write_line(line)
         for group, cases in _rates.items():
             tr.write_line("")
