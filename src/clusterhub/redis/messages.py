@@ -168,6 +168,7 @@ class Mail:
         self.master_id = 0  # (a worker) the master its last send reached
         self._stop = threading.Event()
         self.outbox = Outbox(f"clusterhub-outbox-{link.proc_id}")
+        self._rooms = threading.local()  # (see _room)
         # Reading (see below): the inbox's connection and its state.
         self.reader = threading.Lock()
         self._leader: Optional[int] = None  # (the thread reading for its reply)
@@ -244,7 +245,13 @@ class Mail:
             targets = full
 
     def _room(self) -> bytes:
-        return self.link.prefix + b"room:%d:%d" % (self.link.proc_id, threading.get_ident())
+        """The calling thread's list for word of room (made once per thread:
+        every send passes it)."""
+        try:
+            return self._rooms.key  # type: ignore[no-any-return]
+        except AttributeError:
+            key = self._rooms.key = self.link.prefix + b"room:%d:%d" % (self.link.proc_id, threading.get_ident())
+            return key
 
     def _wait_room(self, deadline: Optional[float], timeout: Optional[float]) -> None:
         """Block until a reader says there is room (or a slice passed: the
@@ -323,7 +330,8 @@ class Mail:
     def start(self) -> None:
         """Start reading (from the dispatcher's epoll; the dispatcher runs)."""
         self._stop.clear()
-        self._inbox = self.inbox_key()
+        self._inbox = self.link.key(b"inbox:%d" % self.link.proc_id)
+        self._batch = self.link.version >= (7, 0)  # (BLMPOP)
         self._slice = max(1, round(self.link.lease, 3))
         self.outbox.name = f"clusterhub-outbox-{self.link.proc_id}"
         self._connect()
@@ -338,9 +346,6 @@ class Mail:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-    def inbox_key(self, proc_id: Optional[int] = None) -> bytes:
-        return self.link.key(b"inbox:%d" % (self.link.proc_id if proc_id is None else proc_id))
 
     def _connect(self) -> None:
         """Connect the inbox's connection and watch it, on a thread of its
@@ -456,7 +461,7 @@ class Mail:
         if self._asked or self._conn is None:
             return
         link = self.link
-        batch = link.version >= (7, 0)
+        batch = self._batch
         settle = not batch or self._nudged or self._carry >= SETTLE_AT
         out = b""
         if settle:
@@ -469,7 +474,7 @@ class Mail:
             out += _pack(("BRPOP", self._inbox, slice_s))
         self._asked_at = time.monotonic()
         self._conn.send_packed_command([out], check_health=False)
-        self._asked, self._settling, self._batch = True, settle, batch
+        self._asked, self._settling = True, settle
         if settle:
             self._nudged = False
 
