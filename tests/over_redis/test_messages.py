@@ -17,6 +17,7 @@ import os
 import pickle
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -91,6 +92,45 @@ def test_fork_on_a_redis_hub(redis_server: RedisServer) -> None:
         assert master.join(10)
         assert got == list(range(500)) and seen_at_exit == [500]
     finally:
+        master.close()
+
+
+def test_what_waits_in_an_inbox_when_reading_starts_is_read(redis_server: RedisServer) -> None:
+    """A message already in a worker's inbox when it starts reading: the
+    first pop answers at once, maybe while the thread that connected the
+    inbox still holds it, and the dispatcher's one-shot event for it was
+    then lost for good (a new master stayed deaf to a request sent at once).
+    Repeated, beside a thread that keeps the GIL busy (the connecting
+    thread then gets it back late, after the pop's answer came)."""
+    url = redis_server.url("w")
+    master = clusterhub.Hub(address=url, lease=LEASE)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=busy)
+    spinner.start()
+    try:
+        for i in range(20):
+            hub = connect_redis(url, timeout=10)
+            try:
+                got = threading.Event()
+                hub.on("m", lambda d, s: got.set())
+                wid = hub.worker_id
+                wait_until(lambda: wid in master.workers, 5, f"worker {wid} listed")
+                master.send_to_worker(wid, "m", i)
+                hub._start_reading()
+                assert got.wait(5), f"round {i}: the message that waited was never read"
+            finally:
+                close_quietly(hub)
+    finally:
+        stop.set()
+        spinner.join()
+        sys.setswitchinterval(interval)
         master.close()
 
 

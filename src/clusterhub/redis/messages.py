@@ -374,7 +374,11 @@ class Mail:
                         self._warned = True
                     self._stop.wait(min(1.0, link.lease / 2))
                     continue
-                with self.reader:
+                # (Let go through _let_go, which re-arms the socket: the pop
+                # may answer at once, and the dispatcher, finding ``reader``
+                # held, leaves the one-shot event to whoever holds it.)
+                self.reader.acquire()
+                try:
                     if self._stop.is_set():
                         conn.disconnect()
                         return
@@ -385,9 +389,16 @@ class Mail:
                     except (redis.RedisError, OSError) as e:
                         self._drop()
                         log.debug("clusterhub: the inbox's first read failed: %s", e)
-                        self._stop.wait(min(1.0, link.lease / 2))
-                        continue
-                    self.dispatcher.register(self._fd, select.EPOLLIN | select.EPOLLONESHOT, self._on_readable)
+                        failed = True
+                    else:
+                        failed = False
+                        self.dispatcher.register(self._fd, select.EPOLLIN | select.EPOLLONESHOT,
+                                                 self._on_readable)
+                finally:
+                    self._let_go()
+                if failed:
+                    self._stop.wait(min(1.0, link.lease / 2))
+                    continue
                 if self._warned:
                     log.warning("clusterhub: process %d reads its inbox again", link.proc_id)
                     self._warned = False
