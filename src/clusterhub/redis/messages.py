@@ -207,18 +207,24 @@ class Mail:
     # ---- sending ----------------------------------------------------------------------
 
     def send(self, target: "int | str", entry: bytes, dead: Callable[[], PeerDied],
-             deadline: Optional[float] = None, bounded: bool = True, timeout: Optional[float] = None) -> int:
+             deadline: Optional[float] = None, bounded: bool = True, timeout: Optional[float] = None,
+             expect: Optional[int] = None) -> int:
         """Put ``entry`` in the inbox of process ``target`` ('M': the
         master's); the id it went to.  While that inbox is over max_queue
         (``bounded``) wait for room, until ``deadline`` (SendTimeout, nothing
-        sent); ``dead()`` is raised when the process is not alive."""
+        sent); ``dead()`` is raised when the process is not alive.  With
+        'M' and ``expect``, nothing is sent when the master is another
+        process: its id is returned (the caller tells by the id)."""
         link = self.link
         mq = self.max_queue if bounded else -1
+        args = [link.prefix, target, mq, self._room(), entry]
+        if expect is not None:
+            args.append(expect)
         if not self.outbox.drain(deadline):
             raise SendTimeout(f"this thread's earlier requests and replies were not sent within {timeout} s")
         while True:
-            status, tid = link.script(scripts.SEND, [], [link.prefix, target, mq, self._room(), entry])
-            if status == 1:
+            status, tid = link.script(scripts.SEND, [], args)
+            if status >= 1:
                 if target == "M":
                     self.master_id = tid
                 return int(tid)
@@ -279,13 +285,20 @@ class Mail:
             raise
 
         def send() -> None:
-            try:
-                tid = self.send(target, entry, dead)
-            except HubError as e:  # (PeerDied, or the server failed)
-                self.pending.fail(rid, e)
-                return
-            if tid != peer.proc_id:  # (the master changed: its replies come from the new one)
+            # A request to the master names the master it expects: one that
+            # changed gets nothing until the request's replies are matched
+            # to it (a reply read before that would be dropped).
+            expect = fut._channel.proc_id if target == "M" else None
+            while True:
+                try:
+                    tid = self.send(target, entry, dead, expect=expect)
+                except HubError as e:  # (PeerDied, or the server failed)
+                    self.pending.fail(rid, e)
+                    return
+                if tid == expect or expect is None:
+                    return
                 fut._channel = self.peer(tid)
+                expect = tid
 
         if _on_a_loop():
             self.outbox.put(send)

@@ -203,14 +203,18 @@ end
 """
 
 # Send one entry.  ARGV: P, the receiver's id ('M': the master), the bound
-# (bytes; -1: none), our wake-up list for room, the entry.
+# (bytes; -1: none), our wake-up list for room, the entry, and with 'M'
+# optionally the master's id we expect (a request: its reply must be
+# matched to the master that gets it).
 # -> {1, receiver} delivered; {0, receiver} its inbox is full (we are told
-#    of room on our list); {-1, receiver or 0} it is not alive.
+#    of room on our list); {-1, receiver or 0} it is not alive; {2, master}
+#    not sent: the master is another than expected.
 SEND = _DELIVER + """
 local P, t = ARGV[1], ARGV[2]
 if t == 'M' then
   t = redis.call('GET', P .. 'master')
   if not t then return {-1, 0} end
+  if ARGV[6] and ARGV[6] ~= t then return {2, tonumber(t)} end
 end
 local ttl = redis.call('PTTL', P .. 'proc:' .. t)
 if ttl <= 0 then return {-1, tonumber(t)} end
