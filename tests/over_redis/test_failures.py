@@ -93,10 +93,13 @@ def test_holder_sigkilled(redis_server: RedisServer, master: clusterhub.Hub, pro
     assert ok and recovered and new_token > token
     assert t_got - t_kill < LEASE + MARGIN, f"recovered {t_got - t_kill:.3f} s after the kill"
     assert noticed.wait(LEASE + 5)
-    assert exited[0][0] == hid and exited[0][1] - t_kill < LEASE + MARGIN
-    assert hid not in master.workers and not w.is_alive()
     assert master.join(timeout=5)  # (the waiter left cleanly: at once)
-    assert [x[0] for x in exited] == [hid, wid]
+    # (Two workers' exits come in no set order: the waiter, handed the key as
+    # the holder's lease ran out, may leave before the watcher looks at leases.)
+    assert sorted(x[0] for x in exited) == sorted([hid, wid])
+    t_holder = next(t for i, t in exited if i == hid)
+    assert t_holder - t_kill < LEASE + MARGIN, f"the holder's exit seen {t_holder - t_kill:.3f} s after the kill"
+    assert hid not in master.workers and not w.is_alive()
 
 
 def test_holder_paused_past_its_lease(redis_server: RedisServer, master: clusterhub.Hub, procs: Procs,
