@@ -59,7 +59,7 @@ def connect(
     if setup is not None and not callable(setup):
         raise TypeError("setup must be callable as setup(hub)")
     if is_redis(address):
-        return _connect_redis(address, timeout, authkey, lease, setup, serializer, exit_on_master_death)
+        return _connect_redis(address, timeout, authkey, lease, setup, serializer, exit_on_master_death, spin)
     if lease is not None:
         raise ValueError("lease= is for a hub on a Redis server (a 'redis://...' address)")
     addr = parse_address(address)
@@ -117,9 +117,9 @@ def _worker_side(locks_fd: int, worker_id: int, serializer: Union[str, protocol.
 
 def _connect_redis(address: str, timeout: Optional[float], authkey: Optional[bytes], lease: Optional[float],
                    setup: Optional[Callable[[Hub], Any]], serializer: Union[str, protocol.Serializer, None],
-                   exit_on_master_death: bool) -> Hub:
-    """``connect()`` of a Redis address (``spin`` has nothing to act on
-    there): the inbox is read once ``setup`` registered its handlers."""
+                   exit_on_master_death: bool, spin: float) -> Hub:
+    """``connect()`` of a Redis address: the inbox is read once ``setup``
+    registered its handlers."""
     from .redis.hub import RedisHub, connect_redis
     from .redis.url import parse
 
@@ -129,7 +129,8 @@ def _connect_redis(address: str, timeout: Optional[float], authkey: Optional[byt
         if known is not None and not known[0]._closed:
             return known[0]
         hub: RedisHub = connect_redis(address, timeout=timeout, authkey=authkey, lease=lease,
-                                      serializer=serializer, exit_on_master_death=exit_on_master_death)
+                                      serializer=serializer, exit_on_master_death=exit_on_master_death,
+                                      spin=spin)
         try:
             if setup is not None:
                 setup(hub)

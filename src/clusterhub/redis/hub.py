@@ -105,22 +105,22 @@ class RedisHub(Hub):
         allowed_uids: Optional[Any] = None,
         lease: Optional[float] = None,
     ) -> None:
-        # Hub's own parameters, checked as Hub checks them (lock_slots and
-        # spin have nothing to act on over Redis).
+        # Hub's own parameters, checked as Hub checks them (lock_slots has
+        # nothing to act on over Redis).
         check_int("lock_slots", lock_slots, 1, None)
-        check_spin(spin)
+        spin = check_spin(spin)
         if allowed_uids is not None:
             raise ValueError("allowed_uids is for a local hub: over Redis, the server's own authentication "
                              "decides who may connect")
         self._setup(parse(address), check_lease(DEFAULT_LEASE if lease is None else lease), authkey, master=True,
                     timeout=5.0, serializer=serializer, max_message_size=max_message_size, max_queue=max_queue,
-                    exit_on_master_death=exit_on_master_death, batch_dispatcher=batch_dispatcher)
+                    exit_on_master_death=exit_on_master_death, batch_dispatcher=batch_dispatcher, spin=spin)
         self._start_reading()
 
     def _setup(self, url: RedisURL, lease: Optional[float], authkey: Optional[bytes], *, master: bool,
                timeout: Optional[float], serializer: Any = None, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                max_queue: int = DEFAULT_MAX_QUEUE, exit_on_master_death: bool = True,
-               batch_dispatcher: bool = True) -> None:
+               batch_dispatcher: bool = True, spin: float = DEFAULT_SPIN) -> None:
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
         self._dumps, self._loads = protocol.serializer_functions(serializer_for(serializer, authkey))
@@ -136,6 +136,7 @@ class RedisHub(Hub):
         self._max_queue = max_queue
         self._exit_on_master_death = exit_on_master_death
         self._link = Link(url, lease, master=master, connect_timeout=timeout)
+        self._link.spin = spin
         self._rlocks = RedisLocks(self._link)
         self._workers: dict[int, RemoteWorker] = {}
         self._gone: set[int] = set()  # ids seen leaving (a late "joined" event changes nothing)
@@ -469,6 +470,7 @@ class RedisHub(Hub):
         self._changed = threading.Condition()
         self._forked = True
         self._link = Link(old.url, old.lease, master=False, connect_timeout=old.connect_timeout)
+        self._link.spin = old.spin
         self._rlocks = RedisLocks(self._link)
         self._dispatcher.reinit_after_fork(f"worker-{os.getpid()}")
         self._pending = Pending(self._dispatcher, None)  # type: ignore[arg-type]
@@ -707,11 +709,11 @@ class RedisHub(Hub):
 
 def connect_redis(address: str, *, timeout: Optional[float], lease: Optional[float] = None,
                   authkey: Optional[bytes] = None, serializer: Any = None,
-                  exit_on_master_death: bool = False) -> RedisHub:
+                  exit_on_master_death: bool = False, spin: float = DEFAULT_SPIN) -> RedisHub:
     """A worker-side Redis hub (what ``clusterhub.connect`` makes for a
     Redis address); ``lease`` None: the master's.  It reads its inbox once
     ``_start_reading()`` is called (after the caller's setup)."""
     hub = object.__new__(RedisHub)
     hub._setup(parse(address), None if lease is None else check_lease(lease), authkey, master=False,
-               timeout=timeout, serializer=serializer, exit_on_master_death=exit_on_master_death)
+               timeout=timeout, serializer=serializer, exit_on_master_death=exit_on_master_death, spin=spin)
     return hub

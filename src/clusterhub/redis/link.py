@@ -29,6 +29,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -43,12 +44,14 @@ import redis.asyncio.retry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .._bindings import Spin, lib
 from ..errors import AddressInUse, ConnectError, ConnectTimeout, HubError
 from . import scripts
 from .url import RedisURL
 
 log = logging.getLogger("clusterhub")
 T = TypeVar("T")
+spin_readable = lib.ch_spin_readable_nogil
 
 DEFAULT_LEASE = 5.0
 # How long an acquisition that gave up with a command unanswered stays
@@ -184,6 +187,9 @@ class Link:
         # CPU of a pooled call); see :meth:`lock_call`.
         self._own = threading.local()
         self._own_conns: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        # The cap (s) of a spin before reading a reply that comes soon (the
+        # hub's ``spin``; 0: off): see :meth:`lock_call`.
+        self.spin = 0.0
         self.held: dict[bytes, Holding] = {}  # acq -> holding, of every thread and task here
         self.held_lock = threading.Lock()
         # Releases and give-ups whose reply never came (the link failed):
@@ -256,19 +262,39 @@ class Link:
         if got is None or got[0] != os.getpid():
             conn = self.pool.make_connection()
             self._own_conns.add(conn)
-            got = self._own.c = [os.getpid(), conn, False]
+            got = self._own.c = [os.getpid(), conn, False, None]  # (the 4th: its Spin, see _spin_for)
         if got[2]:
             return self.pool.make_connection(), False
         return got[1], True
 
-    def lock_call(self, *command: Any, then: Optional[tuple[Any, ...]] = None) -> Any:
+    def _spin_for(self, sock: socket.socket) -> Any:
+        """The calling thread's spin policy (made at its first use, the
+        server as its peer when it is on this host's Unix socket: when both
+        can only run on one CPU, spinning only delays the server)."""
+        got = self._own.c
+        if got[3] is None:
+            pid = 0
+            if sock.family == socket.AF_UNIX:
+                with contextlib.suppress(OSError):
+                    pid = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                 struct.calcsize("iII")))[0]
+            got[3] = Spin(self.spin, pid)
+        return got[3].p
+
+    def lock_call(self, *command: Any, then: Optional[tuple[Any, ...]] = None, spin: bool = True) -> Any:
         """One command over the thread's own connection (an EVALSHA of a
         script not loaded yet is loaded and sent again), with redis-py's
         errors as ours; with ``then``, a second command sent right behind it
         (one round trip), and the pair of replies.  Anything that leaves a
         reply unread (an error, a timeout, Ctrl-C) drops the connection: the
         next call connects anew, and the server forgets a blocked command of
-        ours at once."""
+        ours at once.
+
+        ``spin`` (a command the server answers at once, not a blocking
+        one): wait for the reply spinning first, up to the hub's ``spin``
+        (adaptive, csrc/wait.h): on this machine a reply that is read as it
+        comes, rather than by a thread woken for it, cuts a local server's
+        round trip to a third."""
         conn, own = self._conn()
         if own:
             self._own.c[2] = True
@@ -282,6 +308,8 @@ class Link:
             for attempt in (1, 2):
                 packed = _pack(command) if then is None else _pack(command) + _pack(then)
                 conn.send_packed_command([packed], check_health=False)
+                if spin and own and self.spin:
+                    spin_readable(conn._sock.fileno(), self._spin_for(conn._sock))
                 try:
                     first = conn.read_response()
                 except redis.exceptions.NoScriptError:
@@ -305,8 +333,10 @@ class Link:
                 conn.disconnect()
 
     def script(self, text: str, keys: list[Any], args: list[Any], then: Optional[tuple[Any, ...]] = None) -> Any:
-        """A lock script over the thread's own connection (``then``: see :meth:`lock_call`)."""
-        return self.lock_call("EVALSHA", self._script_sha[text], len(keys), *keys, *args, then=then)
+        """A lock script over the thread's own connection (``then``, a
+        blocking command: see :meth:`lock_call`)."""
+        return self.lock_call("EVALSHA", self._script_sha[text], len(keys), *keys, *args, then=then,
+                              spin=then is None)
 
     # ---- joining ----------------------------------------------------------------------
 
@@ -539,7 +569,7 @@ class Link:
 
     def wait_handed(self, key: bytes, acq: bytes, seconds: float) -> Optional[Holding]:
         """Block until a release hands us the key (the holding) or ``seconds`` (None)."""
-        got = self.lock_call("BLPOP", self.wake_key(acq), max(0.001, round(seconds, 3)))
+        got = self.lock_call("BLPOP", self.wake_key(acq), max(0.001, round(seconds, 3)), spin=False)
         return self.handed(key, acq, got)
 
     def locked(self, key: bytes) -> bool:

@@ -268,7 +268,7 @@ class Mail:
             if left <= 0:
                 raise SendTimeout(f"the receiver's queue stayed full for {timeout} s")
             wait = min(wait, left)
-        self.link.lock_call("BRPOP", self._room(), max(0.001, round(wait, 3)))
+        self.link.lock_call("BRPOP", self._room(), max(0.001, round(wait, 3)), spin=False)
 
     def request(self, target: "int | str", peer: Peer, name: str, body: bytes, timeout: Optional[float],
                 callback: Optional[Callback], dead: Callable[[], PeerDied]) -> Future[Any]:
