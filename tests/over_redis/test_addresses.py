@@ -204,6 +204,27 @@ def test_hub_parameters_are_checked(redis_server: RedisServer) -> None:
         assert hub.is_master
 
 
+def test_spin_is_the_hubs_setting(redis_server: RedisServer) -> None:
+    """``spin`` governs the spin before a script's reply is read over
+    Redis, as it does a local hub's waits: 0 never spins; the default does,
+    with the server as the spin's peer on this host's Unix socket (over TCP
+    its pid is not known for sure: none)."""
+    for url, spin, peer in ((redis_server.unix_url("spin"), 0, 0),
+                            (redis_server.unix_url("spin"), 50e-6, redis_server.pid),
+                            (redis_server.url("spin"), 50e-6, 0)):
+        with clusterhub.Hub(address=url, lease=LEASE, spin=spin) as hub:
+            lk = hub.lock("k")
+            for _ in range(20):
+                with lk:
+                    pass
+            policy = hub._link._own.c[3]  # (the calling thread's Spin, made at its first spin)
+            if spin == 0:
+                assert policy is None
+            else:
+                assert policy.stats()["spins"] > 0
+                assert policy.p.peer_pid == peer
+
+
 @given(st.sampled_from(["EVALSHA", "BLPOP"]),
        st.lists(st.one_of(st.binary(max_size=40), st.text(max_size=20), st.integers(),
                           st.floats(allow_nan=False, allow_infinity=False)), max_size=12))
