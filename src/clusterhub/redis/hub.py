@@ -551,7 +551,10 @@ class RedisHub(Hub):
     def _take_events(self) -> None:
         """Handle the events waiting in the hub's list."""
         link = self._link
-        for ev in link.call(link.client.lpop, link.key(b"events"), 1000) or []:
+        pipe = link.client.pipeline()  # (LPOP with a count is Redis 6.2; we accept 6.0.6)
+        pipe.lrange(link.key(b"events"), 0, 999)
+        pipe.ltrim(link.key(b"events"), 1000, -1)
+        for ev in link.call(pipe.execute)[0]:
             self._event(text(ev).split(" "))
 
     def _event(self, ev: list[str]) -> None:
