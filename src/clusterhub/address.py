@@ -284,7 +284,8 @@ def _holder_pid(lock_fd: int) -> Optional[int]:
         return None
 
 
-def _peer_pid(sock: socket.socket) -> Optional[int]:
+def peer_pid(sock: socket.socket) -> Optional[int]:
+    """The pid of the process at the other end of a Unix socket (SO_PEERCRED), or None."""
     try:
         pid, _, _ = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                          struct.calcsize("iII")))
@@ -354,7 +355,7 @@ def _clear_stale(addr: Address) -> None:
             raise AddressInUse(
                 f"address in use: {addr.text!r} is a socket this process may not connect to "
                 "(another user's?); not replacing it", addr.text) from e
-        pid = _peer_pid(probe)
+        pid = peer_pid(probe)
         who = f" (pid {pid})" if pid else ""
         raise AddressInUse(
             f"address in use: {addr.text!r}: a process that is not a clusterhub master{who} listens there",

@@ -29,7 +29,6 @@ import logging
 import os
 import select
 import socket
-import struct
 import threading
 import time
 import weakref
@@ -45,6 +44,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .._bindings import Spin, lib
+from ..address import peer_pid
 from ..errors import AddressInUse, ConnectError, ConnectTimeout, HubError
 from . import scripts
 from .url import RedisURL
@@ -273,12 +273,8 @@ class Link:
         can only run on one CPU, spinning only delays the server)."""
         got = self._own.c
         if got[3] is None:
-            pid = 0
-            if sock.family == socket.AF_UNIX:
-                with contextlib.suppress(OSError):
-                    pid = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                 struct.calcsize("iII")))[0]
-            got[3] = Spin(self.spin, pid)
+            pid = peer_pid(sock) if sock.family == socket.AF_UNIX else None
+            got[3] = Spin(self.spin, pid or 0)
         return got[3].p
 
     def lock_call(self, *command: Any, then: Optional[tuple[Any, ...]] = None, spin: bool = True) -> Any:
