@@ -252,30 +252,29 @@ class Link:
         except redis.RedisError as e:
             raise translate(e, self.url) from e
 
-    def _conn(self) -> tuple[Any, bool]:
+    def _conn(self) -> tuple[Any, Optional[list[Any]]]:
         """The calling thread's own connection (made in this process: a
-        forked child does not use its parent's), and whether it is that one:
-        a call made while the thread's connection is in the middle of one (a
-        signal handler, a finalizer run by the garbage collector) gets a
-        connection of its own for the call."""
+        forked child does not use its parent's) and its entry ``[pid, conn,
+        in a call, Spin or None]``; entry None: a call made while the
+        thread's connection is in the middle of one (a signal handler, a
+        finalizer run by the garbage collector) gets a connection of its own
+        for the call."""
         got = getattr(self._own, "c", None)
         if got is None or got[0] != os.getpid():
             conn = self.pool.make_connection()
             self._own_conns.add(conn)
-            got = self._own.c = [os.getpid(), conn, False, None]  # (the 4th: its Spin, see _spin_for)
+            got = self._own.c = [os.getpid(), conn, False, None]
         if got[2]:
-            return self.pool.make_connection(), False
-        return got[1], True
+            return self.pool.make_connection(), None
+        return got[1], got
 
-    def _spin_for(self, sock: socket.socket) -> Any:
-        """The calling thread's spin policy (made at its first use, the
-        server as its peer when it is on this host's Unix socket: when both
-        can only run on one CPU, spinning only delays the server)."""
-        got = self._own.c
-        if got[3] is None:
-            pid = peer_pid(sock) if sock.family == socket.AF_UNIX else None
-            got[3] = Spin(self.spin, pid or 0)
-        return got[3].p
+    def _spin_for(self, own: list[Any], sock: socket.socket) -> Spin:
+        """The thread's spin policy, made at its first use (the server as
+        its peer when it is on this host's Unix socket: when both can only
+        run on one CPU, spinning only delays the server)."""
+        pid = peer_pid(sock) if sock.family == socket.AF_UNIX else None
+        sp = own[3] = Spin(self.spin, pid or 0)
+        return sp
 
     def lock_call(self, *command: Any, then: Optional[tuple[Any, ...]] = None, spin: bool = True) -> Any:
         """One command over the thread's own connection (an EVALSHA of a
@@ -292,8 +291,8 @@ class Link:
         comes, rather than by a thread woken for it, cuts a local server's
         round trip to a third."""
         conn, own = self._conn()
-        if own:
-            self._own.c[2] = True
+        if own is not None:
+            own[2] = True
         try:
             sock = getattr(conn, "_sock", None)
             if sock is not None:
@@ -304,8 +303,8 @@ class Link:
             for attempt in (1, 2):
                 packed = _pack(command) if then is None else _pack(command) + _pack(then)
                 conn.send_packed_command([packed], check_health=False)
-                if spin and own and self.spin:
-                    spin_readable(conn._sock.fileno(), self._spin_for(conn._sock))
+                if spin and own is not None and self.spin:
+                    spin_readable(conn._sock.fileno(), (own[3] or self._spin_for(own, conn._sock)).p)
                 try:
                     first = conn.read_response()
                 except redis.exceptions.NoScriptError:
@@ -323,8 +322,8 @@ class Link:
                 raise translate(e, self.url) from e
             raise
         finally:
-            if own:
-                self._own.c[2] = False
+            if own is not None:
+                own[2] = False
             else:
                 conn.disconnect()
 
