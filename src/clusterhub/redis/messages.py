@@ -548,12 +548,11 @@ class Mail:
                 if items:
                     posted = self.route(items, done)
             finally:
-                if self._stop.is_set():
-                    pass
-                elif eager or not posted:
-                    self._ask()
-                else:
-                    self.dispatcher.post((None, self._ask_later, None, None))
+                if not self._stop.is_set():
+                    if eager or not posted:
+                        self._ask()
+                    else:
+                        self.dispatcher.post((None, self._ask_later, None, None))
         return read
 
     def _ask_later(self, _sender: Any) -> None:
