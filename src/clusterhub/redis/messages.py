@@ -13,8 +13,11 @@ registers the sender to be told of room instead, so memory on the server
 stays bounded by what readers keep up with.
 
 The reader takes entries off as it reads them (one blocking pop per
-wake-up, a batch on Redis 7), so an inbox holds only what is not read yet;
-replies complete request futures, messages and requests go to the
+wake-up, a batch on Redis 7), so an inbox holds only what is not read yet.
+On Redis 7 it also subscribes to its inbox's channel on that connection
+(RESP3), and a sender publishes there while the inbox is empty: such an
+entry comes without a pop to issue again (see scripts.py).  Replies
+complete request futures, messages and requests go to the
 dispatcher's inbox, where handlers run as for a local hub.  Who reads: see
 "reading" in :class:`Mail`.
 """
@@ -35,6 +38,13 @@ from typing import Any, Callable, Optional
 
 import redis
 
+try:  # (the inbox's replies parsed by hiredis when it is there: see Mail._next)
+    import hiredis
+    _PUSH_TYPES: tuple[type, ...] = (hiredis.PushNotification,)
+except (ImportError, AttributeError):  # (none, or one older than 3.0, which does not mark pushes)
+    hiredis = None  # type: ignore[assignment]
+    _PUSH_TYPES = ()
+
 from .. import protocol
 from ..checks import check_callback, check_timeout
 from ..dispatch import Dispatcher
@@ -53,6 +63,22 @@ SETTLE_AT = 64 * 1024  # bytes taken before the reader counts them out of its in
 _ENV = protocol.HEADER.size
 _unpack_envelope = protocol.HEADER.unpack_from
 _MAC = 32  # HMAC-SHA256
+
+
+class _Pushed(list):  # type: ignore[type-arg]
+    """What the server published to us, as redis-py's parser hands it back
+    (see Mail._make_conn)."""
+
+
+_PUSH_TYPES += (_Pushed,)
+_NONE = object()  # (no whole reply has come yet)
+
+
+def _reply_error(text: str) -> redis.ResponseError:
+    """An error reply, as redis-py would have raised it."""
+    if text.startswith("NOSCRIPT"):
+        return redis.exceptions.NoScriptError(text)
+    return redis.ResponseError(text)
 
 
 class Peer:
@@ -174,9 +200,15 @@ class Mail:
         self._leader: Optional[int] = None  # (the thread reading for its reply)
         self._conn: Any = None
         self._fd = -1
+        self._hiredis: Any = None  # (the connection's parser when hiredis is there: see _next)
+        self._rbuf = bytearray(64 * 1024)
         self._inbox = b""  # (our id is known once the link joined: see start)
         self._asked = self._settling = self._batch = self._nudged = False
-        self._carry = 0  # bytes taken by blocking pops, not yet counted out
+        self._subscribed = False  # (to the inbox's channel, on this connection)
+        self._fresh = True  # (connected anew: the next count-out recounts the inbox)
+        self._carry = 0  # bytes taken by blocking pops or published to us, not yet counted out
+        self._settle_sent = 0  # (of those, what the count-out on its way counts)
+        self._channel = b""
         self._asked_at = 0.0  # (monotonic) when the outstanding pop was sent
         self._slice = 1.0  # (s) a blocking pop's: a lease, at least a second (see start)
         self._connecting = False
@@ -344,7 +376,8 @@ class Mail:
         """Start reading (from the dispatcher's epoll; the dispatcher runs)."""
         self._stop.clear()
         self._inbox = self.link.key(b"inbox:%d" % self.link.proc_id)
-        self._batch = self.link.version >= (7, 0)  # (BLMPOP)
+        self._batch = self.link.version >= (7, 0)  # (BLMPOP, and entries published to us)
+        self._channel = self.link.key(b"push:%d" % self.link.proc_id)
         self._slice = max(1, round(self.link.lease, 3))
         self.outbox.name = f"clusterhub-outbox-{self.link.proc_id}"
         self._connect()
@@ -378,7 +411,7 @@ class Mail:
         try:
             while not self._stop.is_set():
                 try:
-                    conn: Any = link.pool.make_connection()
+                    conn = self._make_conn()
                     conn.connect()
                 except redis.RedisError as e:
                     if not self._warned:
@@ -397,6 +430,10 @@ class Mail:
                         return
                     self._conn = conn
                     self._fd = conn._sock.fileno()
+                    self._fresh = True
+                    if self._batch and hiredis is not None:
+                        self._hiredis = hiredis.Reader(protocolError=redis.exceptions.InvalidResponse,
+                                                       replyError=_reply_error)
                     try:
                         self._ask()
                     except (redis.RedisError, OSError) as e:
@@ -419,14 +456,57 @@ class Mail:
         finally:
             self._connecting = False
 
+    def _make_conn(self) -> Any:
+        """A connection for the inbox: on Redis 7 a RESP3 one, whose parser
+        (when not hiredis's: see _next) hands what the server publishes to
+        us back as a :class:`_Pushed`, not taken for a reply."""
+        pool = self.link.pool
+        if not self._batch:
+            return pool.make_connection()
+        conn = pool.connection_class(**{**pool.connection_kwargs, "protocol": 3})
+        conn._parser.pubsub_push_handler_func = _Pushed
+        return conn
+
+    def _next(self, conn: Any) -> Any:
+        """(Holding ``reader``) the next reply or published message that has
+        come on the inbox's connection, whole (_NONE: none yet); an error
+        reply as its exception, returned.
+
+        With hiredis we read the socket ourselves once the connection's
+        handshake is done: redis-py's readiness check costs three system
+        calls per read (poll, poll, a peek), and this runs per entry."""
+        r = self._hiredis
+        if r is None:
+            if not conn.can_read(0):
+                return _NONE
+            try:
+                got = conn.read_response(push_request=True)
+            except redis.ResponseError as e:
+                return e
+            if type(got) is list and len(got) == 3 and got[0] in (b"message", b"subscribe"):
+                return _Pushed(got)  # (a parser that does not mark them: told by their shape)
+            return got
+        got = r.gets()
+        while got is False:
+            try:
+                n = os.readv(self._fd, [self._rbuf])
+            except BlockingIOError:
+                return _NONE
+            if not n:
+                raise redis.ConnectionError("the server closed the connection")
+            r.feed(self._rbuf, 0, n)
+            got = r.gets()
+        return got
+
     def _drop(self) -> None:
         """(Holding ``reader``) forget the connection (it failed, or we stop)."""
         conn, self._conn = self._conn, None
+        self._hiredis = None
         if self._fd >= 0:
             self.dispatcher.unregister(self._fd)
             self._fd = -1
-        self._asked = self._settling = False
-        self._carry = 0
+        self._asked = self._settling = self._subscribed = False
+        self._carry = self._settle_sent = 0
         self._nudged = True  # (count out first when connected again: a nudge may have been lost with it)
         if conn is not None:
             conn.disconnect()
@@ -458,8 +538,8 @@ class Mail:
         try:
             if self._asked and self._asked_at == asked_at:
                 # (A reply waiting is not lost, only unread, after a pause, say
-                # SIGSTOP: read it here, since redis-py's own parser takes it off
-                # the socket to tell, where no epoll sees it any more.)
+                # SIGSTOP: read it here, since a parser may have taken it off
+                # the socket already, where no epoll sees it any more.)
                 if not self._read_ready(done, True):
                     self._failed(ConnectionError("its blocking read did not answer after its slice"))
         except (redis.RedisError, OSError) as e:
@@ -477,7 +557,8 @@ class Mail:
     def _ask(self) -> None:
         """(Holding ``reader``) make sure a blocking pop is outstanding.
 
-        Redis 7 pops a batch in one blocking call (BLMPOP); the bytes taken
+        Redis 7 pops a batch in one blocking call (BLMPOP), beside the
+        inbox's channel, subscribed to once per connection; the bytes taken
         are counted out of the inbox's byte count (TAKE, with nothing to
         take) once they add up to SETTLE_AT, and when the reader comes to a
         nudge (an empty entry: a sender waits for room, see scripts.py).
@@ -486,13 +567,18 @@ class Mail:
             return
         link = self.link
         batch = self._batch
-        settle = not batch or self._nudged or self._carry >= SETTLE_AT
+        settle = not batch or self._nudged or self._fresh or self._carry >= SETTLE_AT
         out = b""
         if settle:
+            restart = "2" if self._fresh else "1" if batch else "0"
             out = _pack(("EVALSHA", link._script_sha[scripts.TAKE], 0, link.prefix, link.proc_id, self._carry,
-                         0 if batch else TAKE_MAX, 2 * link.lease_ms))
+                         0 if batch else TAKE_MAX, 2 * link.lease_ms, restart))
+            self._settle_sent = self._carry
         slice_s = self._slice
         if batch:
+            if not self._subscribed:  # (after the count-out: see TAKE's restart '2')
+                out += _pack(("SUBSCRIBE", self._channel))
+                self._subscribed = True
             out += _pack(("BLMPOP", slice_s, 1, self._inbox, "RIGHT", "COUNT", TAKE_MAX))
         else:
             out += _pack(("BRPOP", self._inbox, slice_s))
@@ -515,45 +601,80 @@ class Mail:
         waits in its inbox on the server, where max_queue bounds it."""
         conn = self._conn
         read = False
-        while conn is not None and self._asked and conn.can_read(0):
-            if self._settling:
-                self._settling = False
+        pushed: list[bytes] = []  # (published entries: routed together, in order before a pop's)
+        try:
+            while conn is not None and (self._asked or self._subscribed):
+                got = self._next(conn)
+                if got is _NONE:
+                    break
                 read = True
-                try:
-                    items = conn.read_response()
-                    self._carry = 0
-                except redis.ResponseError as e:  # (the connection is fine: count out next time)
-                    items = []
-                    self._nudged = True
-                    if isinstance(e, redis.exceptions.NoScriptError):
-                        self.link.client.script_load(scripts.TAKE)
-                    else:
-                        log.warning("clusterhub: counting out the inbox of process %d failed: %s",
-                                    self.link.proc_id, e)
-                if items:
-                    self.route(items, done)
-                continue
-            got = conn.read_response()
-            self._asked = False
-            read = True
-            if got is None and self._carry:  # (idle: count out what was taken)
-                self._nudged = True
-            items = [] if got is None else got[1] if self._batch else [got[1]]
-            if items:
-                self._carry += sum(map(len, items))
-                if b"" in items:  # (a nudge: a sender waits for room)
-                    self._nudged = True
-            posted = False
-            try:
-                if items:
-                    posted = self.route(items, done)
-            finally:
-                if not self._stop.is_set():
-                    if eager or not posted:
-                        self._ask()
-                    else:
-                        self.dispatcher.post((None, self._ask_later, None, None))
+                if type(got) in _PUSH_TYPES:
+                    if got[0] == b"message":  # (not the subscription's confirmation)
+                        pushed.append(got[2])
+                        self._carry += len(got[2])
+                    continue
+                if pushed:
+                    self.route(pushed, done)
+                    pushed = []
+                self._came(got, done, eager)
+        finally:
+            if pushed:
+                self.route(pushed, done)
+        if self._carry >= SETTLE_AT and self._asked and not self._settling:
+            self._count_out()
         return read
+
+    def _came(self, got: Any, done: list[Done], eager: bool) -> None:
+        """(Holding ``reader``) the reply to the count-out or to the pop we
+        asked for: see _read_ready."""
+        if self._settling:
+            self._settling = False
+            if isinstance(got, redis.ResponseError):  # (the connection is fine: count out next time)
+                self._nudged = True
+                if isinstance(got, redis.exceptions.NoScriptError):
+                    self.link.client.script_load(scripts.TAKE)
+                else:
+                    log.warning("clusterhub: counting out the inbox of process %d failed: %s",
+                                self.link.proc_id, got)
+            else:
+                self._carry -= self._settle_sent
+                self._fresh = False
+                if got:
+                    self.route(got, done)
+            return
+        if isinstance(got, BaseException):
+            raise got
+        self._asked = False
+        if got is None and self._carry:  # (idle: count out what was taken)
+            self._nudged = True
+        items = [] if got is None else got[1] if self._batch else [got[1]]
+        if items:
+            self._carry += sum(map(len, items))
+            if b"" in items:  # (a nudge: a sender waits for room)
+                self._nudged = True
+        posted = False
+        try:
+            if items:
+                posted = self.route(items, done)
+        finally:
+            if not self._stop.is_set():
+                if eager or not posted:
+                    self._ask()
+                else:
+                    self.dispatcher.post((None, self._ask_later, None, None))
+
+    def _count_out(self) -> None:
+        """(Holding ``reader``) count out what came while the pop waits
+        (published entries): over the link, not the inbox's connection,
+        where the blocking pop is outstanding."""
+        n = self._carry
+        link = self.link
+        try:
+            link.script(scripts.TAKE, [], [link.prefix, link.proc_id, n, 0, 2 * link.lease_ms, "1"])
+        except HubError as e:
+            log.debug("clusterhub: counting out the inbox of process %d failed: %s", link.proc_id, e)
+            return
+        self._carry -= n
 
     def _ask_later(self, _sender: Any) -> None:
         """(An inbox item, after the handlers of a batch) ask for the next:

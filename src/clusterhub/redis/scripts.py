@@ -160,7 +160,15 @@ return {1, master()}
 #   its lease.  Senders push at the head, its reader takes entries off the
 #   tail as it reads them (BRPOP: INFO commandstats tells inbox reads from
 #   lock waits, which are BLPOPs).
-# - ``P:queued:<id>``: the bytes waiting in that inbox (same TTL).
+# - ``P:push:<id>``: a channel its reader subscribes to on the connection
+#   that pops its inbox (RESP3, Redis 7): while the inbox is empty, an entry
+#   is published there instead of pushed, so the reader gets it without a
+#   pop to issue again.  Order holds: the reader's pops and its channel's
+#   messages come over that one connection in the order the server made
+#   them, and an entry is published only when nothing older waits in the
+#   list.
+# - ``P:queued:<id>``: the bytes sent to that inbox (listed or published)
+#   that its reader has not counted out yet (same TTL).
 # - ``P:blocked:<id>``: senders waiting for room in it, a sorted set of
 #   their wake-up lists (``P:room:<process>:<thread>``) scored by their
 #   bound (max_queue): the reader pushes to those whose bound the inbox is
@@ -179,25 +187,28 @@ local function nudge(P, t, ttl)
 end
 """
 
-# Put one entry in a live inbox, unless it holds more than ``mq`` bytes (-1:
-# no bound); then register ``room`` to be told when it has room again.
+# Put one entry in a live inbox (published to its reader while the inbox is
+# empty), unless more than ``mq`` bytes sent to it are not counted out yet
+# (-1: no bound); then register ``room`` to be told when it has room again.
 _DELIVER = _NUDGE + """
 local function deliver(P, t, ttl, mq, room, entry)
   local qk = P .. 'queued:' .. t
-  if mq >= 0 then
-    local q = tonumber(redis.call('GET', qk) or '0')
-    if q > mq then
-      local bk = P .. 'blocked:' .. t
-      redis.call('ZADD', bk, mq, room)
-      redis.call('PEXPIRE', bk, ttl)
-      nudge(P, t, ttl)
-      return 0
-    end
+  local q = redis.call('INCRBY', qk, #entry)
+  if q == #entry then
+    redis.call('PEXPIRE', qk, ttl)
+  elseif mq >= 0 and q - #entry > mq then
+    redis.call('DECRBY', qk, #entry)
+    local bk = P .. 'blocked:' .. t
+    redis.call('ZADD', bk, mq, room)
+    redis.call('PEXPIRE', bk, ttl)
+    nudge(P, t, ttl)
+    return 0
   end
   local ib = P .. 'inbox:' .. t
-  -- (A key that existed has its TTL: set when it was made, renewed with the lease.)
-  if redis.call('LPUSH', ib, entry) == 1 then redis.call('PEXPIRE', ib, ttl) end
-  if redis.call('INCRBY', qk, #entry) == #entry then redis.call('PEXPIRE', qk, ttl) end
+  if redis.call('LLEN', ib) > 0 or redis.call('PUBLISH', P .. 'push:' .. t, entry) == 0 then
+    -- (A key that existed has its TTL: set when it was made, renewed with the lease.)
+    if redis.call('LPUSH', ib, entry) == 1 then redis.call('PEXPIRE', ib, ttl) end
+  end
   return 1
 end
 """
@@ -249,11 +260,13 @@ return full
 
 # The reader's turn: take up to ARGV[4] entries off our inbox (0: none, on a
 # server that has BLMPOP), count them (and ARGV[3] bytes the reader took by
-# blocking pops) out of its byte count (an empty inbox holds nothing: the
-# count restarts, whatever a reader that lost its connection did not count
-# out), and wake the senders whose bound it is under now; to those still
-# waiting, another nudge.  ARGV: P, our id, those bytes, the most to take,
-# the TTL (ms) of a wake-up.
+# blocking pops or got published) out of its byte count, and wake the
+# senders whose bound it is under now; to those still waiting, another
+# nudge.  ARGV: P, our id, those bytes, the most to take, the TTL (ms) of a
+# wake-up, and how the count restarts: '0' when the inbox is empty (a
+# reader without a channel: nothing is on its way), '1' only when it falls
+# to 0 (a reader with a channel), '2' from what the inbox holds (a reader
+# that just connected: whatever the one before did not count out is lost).
 # -> the entries.
 TAKE = _NUDGE + """
 local P, me = ARGV[1], ARGV[2]
@@ -267,8 +280,15 @@ end
 local size = tonumber(ARGV[3])
 for _, it in ipairs(items) do size = size + #it end
 local qk = P .. 'queued:' .. me
-local q = redis.call('DECRBY', qk, size)
-if q <= 0 or redis.call('LLEN', ib) == 0 then
+local q
+if ARGV[6] == '2' then
+  q = 0
+  for _, it in ipairs(redis.call('LRANGE', ib, 0, -1)) do q = q + #it end
+  if q > 0 then redis.call('SET', qk, q, 'PX', ARGV[5]) end
+else
+  q = redis.call('DECRBY', qk, size)
+end
+if q <= 0 or (ARGV[6] == '0' and redis.call('LLEN', ib) == 0) then
   redis.call('DEL', qk)
   q = 0
 end
