@@ -375,12 +375,14 @@ def test_a_reader_that_does_not_read_bounds_its_inbox(redis_server: RedisServer,
         master.close()
 
 
-def test_a_handler_that_lags_leaves_what_waits_on_the_server(redis_server: RedisServer, procs: Procs,
+@pytest.mark.parametrize("where", ["dispatcher", "attached loop"])
+def test_a_handler_that_lags_leaves_what_waits_on_the_server(where: str, redis_server: RedisServer, procs: Procs,
                                                               reports: Reports) -> None:
     """A worker whose handler is stuck reads no more of its inbox: the
     master's sends fill it to max_queue on the server and then time out
     (SendTimeout), instead of piling up in the worker's process; once the
-    handler returns, everything arrives, in order."""
+    handler returns, everything arrives, in order.  Also where handlers run
+    on an attached asyncio loop, which the dispatcher thread reads for."""
     url = redis_server.url("lag")
     mq, size = 64 * 1024, 10_000
     master = clusterhub.Hub(address=url, lease=LEASE, max_queue=mq, authkey=b"s")
@@ -399,8 +401,16 @@ def test_a_handler_that_lags_leaves_what_waits_on_the_server(redis_server: Redis
                     done.set()
 
             hub.on("n", on_n)
-            reports.put("joined", hub.worker_id)
-            assert done.wait(30)
+            if where == "attached loop":
+                async def main() -> None:
+                    hub.attach()  # (the loop's thread is blocked by the stuck handler)
+                    reports.put("joined", hub.worker_id)
+                    assert await asyncio.get_running_loop().run_in_executor(None, done.wait, 30)
+
+                asyncio.run(main())
+            else:
+                reports.put("joined", hub.worker_id)
+                assert done.wait(30)
             reports.put("seen", seen)
             hub.close()
 

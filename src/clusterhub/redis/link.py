@@ -600,7 +600,9 @@ class Link:
             # events before it calls that an exit (a clean one, with code 0).
             c.rpush(self.key(b"events"), f"left {self.proc_id}")
             c.pexpire(self.key(b"events"), 10 * self.lease_ms)
-            c.delete(self.lease_key(self.proc_id))
+            # (Our inbox and its count go with the lease: no one reads them now.)
+            c.delete(self.lease_key(self.proc_id),
+                     *(self.key(b"%s:%d" % (k, self.proc_id)) for k in (b"inbox", b"queued", b"blocked", b"nudge")))
             if self.is_master:  # (a worker's entry: the master's to remove, once it saw it go)
                 c.hdel(self.key(b"procs"), str(self.proc_id))
             if self.is_master and c.get(self.key(b"master")) == str(self.proc_id).encode():

@@ -205,6 +205,7 @@ class Mail:
         self._inbox = b""  # (our id is known once the link joined: see start)
         self._asked = self._settling = self._batch = self._nudged = False
         self._subscribed = False  # (to the inbox's channel, on this connection)
+        self._paused = False  # (not watched until an attached loop ran the handlers of what came: _read_ready)
         self._fresh = True  # (connected anew: the next count-out recounts the inbox)
         self._carry = 0  # bytes taken by blocking pops or published to us, not yet counted out
         self._settle_sent = 0  # (of those, what the count-out on its way counts)
@@ -505,7 +506,7 @@ class Mail:
         if self._fd >= 0:
             self.dispatcher.unregister(self._fd)
             self._fd = -1
-        self._asked = self._settling = self._subscribed = False
+        self._asked = self._settling = self._subscribed = self._paused = False
         self._carry = self._settle_sent = 0
         self._nudged = True  # (count out first when connected again: a nudge may have been lost with it)
         if conn is not None:
@@ -550,7 +551,7 @@ class Mail:
             complete_all(done)
 
     def _arm(self) -> None:
-        if self._fd >= 0:
+        if self._fd >= 0 and not self._paused:
             with contextlib.suppress(OSError):
                 self.dispatcher.epoll.modify(self._fd, select.EPOLLIN | select.EPOLLONESHOT)
 
@@ -602,6 +603,7 @@ class Mail:
         conn = self._conn
         read = False
         pushed: list[bytes] = []  # (published entries: routed together, in order before a pop's)
+        posted = False
         try:
             while conn is not None and (self._asked or self._subscribed):
                 got = self._next(conn)
@@ -614,12 +616,18 @@ class Mail:
                         self._carry += len(got[2])
                     continue
                 if pushed:
-                    self.route(pushed, done)
+                    posted = self.route(pushed, done) or posted
                     pushed = []
                 self._came(got, done, eager)
         finally:
             if pushed:
-                self.route(pushed, done)
+                posted = self.route(pushed, done) or posted
+        if posted and not eager and self.dispatcher.loop is not None:
+            # (Handlers on an attached loop: the socket is watched again once
+            # they ran, as a pop is asked for again, so that a loop that lags
+            # leaves what comes on the server, where max_queue bounds it.)
+            self._paused = True
+            self.dispatcher.post((None, self._ask_later, None, None))
         if self._carry >= SETTLE_AT and self._asked and not self._settling:
             self._count_out()
         return read
@@ -677,8 +685,10 @@ class Mail:
         self._carry -= n
 
     def _ask_later(self, _sender: Any) -> None:
-        """(An inbox item, after the handlers of a batch) ask for the next:
-        now if ``reader`` is free, else its holder does as it lets go."""
+        """(An inbox item, after the handlers of a batch) ask for the next,
+        and watch the socket again: now if ``reader`` is free, else its
+        holder does as it lets go."""
+        self._paused = False
         self._want_ask = True
         if self.reader.acquire(False):
             self._let_go()
