@@ -166,7 +166,7 @@ return {1, master()}
 #   pop to issue again.  Order holds: the reader's pops and its channel's
 #   messages come over that one connection in the order the server made
 #   them, and an entry is published only when nothing older waits in the
-#   list.
+#   list (and it is small: see _DELIVER).
 # - ``P:queued:<id>``: the bytes sent to that inbox (listed or published)
 #   that its reader has not counted out yet (same TTL).
 # - ``P:blocked:<id>``: senders waiting for room in it, a sorted set of
@@ -190,7 +190,12 @@ end
 # Put one entry in a live inbox (published to its reader while the inbox is
 # empty), unless more than ``mq`` bytes sent to it are not counted out yet
 # (-1: no bound); then register ``room`` to be told when it has room again.
+# Only entries up to 64 KiB are published, and only while at most 1 MiB
+# sent is not counted out: what is published waits in the server's output
+# buffer for the reader, where Redis cuts a pub/sub client off past its
+# limits (by default 8 MB for 60 s, or 32 MB).
 _DELIVER = _NUDGE + """
+local PUBLISH_MAX, PUBLISHED_MAX = 65536, 1048576
 local function deliver(P, t, ttl, mq, room, entry)
   local qk = P .. 'queued:' .. t
   local q = redis.call('INCRBY', qk, #entry)
@@ -205,7 +210,8 @@ local function deliver(P, t, ttl, mq, room, entry)
     return 0
   end
   local ib = P .. 'inbox:' .. t
-  if redis.call('LLEN', ib) > 0 or redis.call('PUBLISH', P .. 'push:' .. t, entry) == 0 then
+  if #entry > PUBLISH_MAX or q > PUBLISHED_MAX or redis.call('LLEN', ib) > 0
+      or redis.call('PUBLISH', P .. 'push:' .. t, entry) == 0 then
     -- (A key that existed has its TTL: set when it was made, renewed with the lease.)
     if redis.call('LPUSH', ib, entry) == 1 then redis.call('PEXPIRE', ib, ttl) end
   end
