@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import importlib
 import logging
 import os
 import select
@@ -37,13 +38,6 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 import redis
-
-try:  # (the inbox's replies parsed by hiredis when it is there: see Mail._next)
-    import hiredis
-    _PUSH_TYPES: tuple[type, ...] = (hiredis.PushNotification,)
-except (ImportError, AttributeError):  # (none, or one older than 3.0, which does not mark pushes)
-    hiredis = None  # type: ignore[assignment]
-    _PUSH_TYPES = ()
 
 from .. import protocol
 from ..checks import check_callback, check_timeout
@@ -56,6 +50,14 @@ from . import scripts
 from .link import Link, _pack, translate
 
 log = logging.getLogger("clusterhub")
+
+hiredis: Any  # (the inbox's replies parsed by hiredis when it is there: see Mail._next)
+try:
+    hiredis = importlib.import_module("hiredis")
+    _PUSH_TYPES: tuple[type, ...] = (hiredis.PushNotification,)
+except (ImportError, AttributeError):  # (none, or one older than 3.0, which does not mark pushes)
+    hiredis = None
+    _PUSH_TYPES = ()
 
 CTL = 0x40  # a control entry (not a C envelope kind): "exit" (the master's own), "signal"
 TAKE_MAX = 256  # entries taken per turn
