@@ -221,7 +221,7 @@ def test_master_death_and_a_new_master(redis_server: RedisServer, procs: Procs, 
 # ---- published entries and the inbox, one order ----------------------------------------
 
 
-@pytest.mark.parametrize("parser", ["hiredis", "redis-py"])
+@pytest.mark.parametrize("parser", ["hiredis", "redis-py", "before Redis 7"])
 def test_published_and_listed_entries_keep_one_order(redis_server: RedisServer, parser: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """While a worker's inbox is empty its entries are published to it; while
@@ -230,17 +230,22 @@ def test_published_and_listed_entries_keep_one_order(redis_server: RedisServer, 
     broadcasts, sent on across a cut while the worker lags, still come in
     the order sent; replies come; and once it is idle, every byte it got was
     counted out (its count is gone).  Both ways of reading the connection:
-    ours (hiredis) and redis-py's parser."""
-    from clusterhub.redis import messages
+    ours (hiredis) and redis-py's parser; and the way of a server older than
+    7.0 (no BLMPOP: a script takes a batch, BRPOP waits; nothing published),
+    taken here by a hub that reads the version as 6.2."""
+    from clusterhub.redis import link, messages
 
     if parser == "hiredis" and messages.hiredis is None:
         pytest.skip("hiredis (3.0 or later) is not installed")
     if parser == "redis-py":
         monkeypatch.setattr(messages, "hiredis", None)  # (inherited by the forked worker)
-    name = f"order-{parser}"
+    if parser == "before Redis 7":
+        monkeypatch.setattr(link, "version_of", lambda text: (6, 2, 0))
+    name = f"order-{parser.replace(' ', '-')}"
     N, LAG_AT = 1500, 100
-    master = clusterhub.Hub(address=redis_server.url(name), lease=LEASE, authkey=KEY)
     r = redis_server.client()
+    r.config_resetstat()
+    master = clusterhub.Hub(address=redis_server.url(name), lease=LEASE, authkey=KEY)
     try:
         result: list[Any] = []
         lagging, done = threading.Event(), threading.Event()
@@ -274,7 +279,8 @@ def test_published_and_listed_entries_keep_one_order(redis_server: RedisServer, 
         for i in range(N):
             if i == LAG_AT + 1:
                 assert lagging.wait(10)
-                cut = [c["id"] for c in r.client_list() if c.get("sub") == "1"]  # (the inboxes' connections)
+                cut = [c["id"] for c in r.client_list()  # (the inboxes' connections)
+                       if c.get("sub") == "1" or c.get("cmd") in ("brpop", "blmpop")]
                 assert cut
                 for cid in cut:
                     r.client_kill_filter(_id=cid)
@@ -289,6 +295,11 @@ def test_published_and_listed_entries_keep_one_order(redis_server: RedisServer, 
         assert seen_there == list(range(N))
         assert asked == [2 * i for i in range(20)]
         wait_until(lambda: not r.exists(f"{{ch:{name}}}:queued:{w.id}"), 10, "the worker's count out to 0")
+        stats = r.info("commandstats")  # (the way taken)
+        if parser == "before Redis 7":
+            assert "cmdstat_brpop" in stats and "cmdstat_subscribe" not in stats
+        else:
+            assert "cmdstat_subscribe" in stats and "cmdstat_blmpop" in stats
     finally:
         r.close()
         close_quietly(master)
