@@ -230,15 +230,16 @@ def test_published_and_listed_entries_keep_one_order(redis_server: RedisServer, 
     broadcasts, sent on across a cut while the worker lags, still come in
     the order sent; replies come; and once it is idle, every byte it got was
     counted out (its count is gone).  Both ways of reading the connection:
-    ours (hiredis) and redis-py's parser; and the way of a server older than
+    ours (hiredis, for the inbox and the lock calls alike) and redis-py's
+    parser; and the way of a server older than
     7.0 (no BLMPOP: a script takes a batch, BRPOP waits; nothing published),
     taken here by a hub that reads the version as 6.2."""
-    from clusterhub.redis import link, messages
+    from clusterhub.redis import link, wire
 
-    if parser == "hiredis" and messages.hiredis is None:
+    if parser == "hiredis" and wire.hiredis is None:
         pytest.skip("hiredis (3.0 or later) is not installed")
     if parser == "redis-py":
-        monkeypatch.setattr(messages, "hiredis", None)  # (inherited by the forked worker)
+        monkeypatch.setattr(wire, "hiredis", None)  # (inherited by the forked worker)
     if parser == "before Redis 7":
         monkeypatch.setattr(link, "version_of", lambda text: (6, 2, 0))
     name = f"order-{parser.replace(' ', '-')}"

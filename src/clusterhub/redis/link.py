@@ -46,7 +46,7 @@ from redis.retry import Retry
 from .._bindings import Spin, lib
 from ..address import peer_pid
 from ..errors import AddressInUse, ConnectError, ConnectTimeout, HubError
-from . import scripts
+from . import scripts, wire
 from .url import RedisURL
 
 log = logging.getLogger("clusterhub")
@@ -65,6 +65,13 @@ def host() -> str:
     """This machine's name, as the others see this process's (read each
     time: a forked child may be in another UTS namespace)."""
     return socket.gethostname()
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Something (or the end) waits on ``sock``; does not block."""
+    poll = select.poll()
+    poll.register(sock, select.POLLIN)
+    return bool(poll.poll(0))
 
 
 def translate(e: BaseException, url: RedisURL) -> HubError:
@@ -255,7 +262,7 @@ class Link:
     def _conn(self) -> tuple[Any, Optional[list[Any]]]:
         """The calling thread's own connection (made in this process: a
         forked child does not use its parent's) and its entry ``[pid, conn,
-        in a call, Spin or None]``; entry None: a call made while the
+        in a call, Spin or None, Wire or None]``; entry None: a call made while the
         thread's connection is in the middle of one (a signal handler, a
         finalizer run by the garbage collector) gets a connection of its own
         for the call."""
@@ -263,7 +270,7 @@ class Link:
         if got is None or got[0] != os.getpid():
             conn = self.pool.make_connection()
             self._own_conns.add(conn)
-            got = self._own.c = [os.getpid(), conn, False, None]
+            got = self._own.c = [os.getpid(), conn, False, None, None]
         if got[2]:
             return self.pool.make_connection(), None
         return got[1], got
@@ -289,24 +296,34 @@ class Link:
         one): wait for the reply spinning first, up to the hub's ``spin``
         (adaptive, csrc/wait.h): on this machine a reply that is read as it
         comes, rather than by a thread woken for it, cuts a local server's
-        round trip to a third."""
+        round trip to a third.
+
+        With hiredis, the thread's connection is read and written by our
+        own calls once connected (see wire.py): about half the client's CPU
+        of a call."""
         conn, own = self._conn()
         if own is not None:
             own[2] = True
         try:
+            w = own[4] if own is not None else None
             sock = getattr(conn, "_sock", None)
-            if sock is not None:
-                poll = select.poll()
-                poll.register(sock, select.POLLIN)
-                if poll.poll(0):
-                    conn.disconnect()  # (between calls a socket has nothing to read: the server closed it)
+            if sock is not None and (w.readable() if w is not None and w.sock is sock else _readable(sock)):
+                conn.disconnect()  # (between calls a socket has nothing to read: the server closed it)
             for attempt in (1, 2):
+                if own is not None and wire.hiredis is not None:
+                    if conn._sock is None:
+                        conn.connect()
+                    if w is None or w.sock is not conn._sock:
+                        w = own[4] = wire.Wire(conn._sock, conn.socket_timeout)
                 packed = _pack(command) if then is None else _pack(command) + _pack(then)
-                conn.send_packed_command([packed], check_health=False)
+                if w is not None:
+                    w.send(packed)
+                else:
+                    conn.send_packed_command([packed], check_health=False)
                 if spin and own is not None and self.spin:
                     spin_readable(conn._sock.fileno(), (own[3] or self._spin_for(own, conn._sock)).p)
                 try:
-                    first = conn.read_response()
+                    first = conn.read_response() if w is None else w.read()
                 except redis.exceptions.NoScriptError:
                     if attempt == 2:
                         raise
@@ -315,7 +332,9 @@ class Link:
                     self.call(self.client.script_load, next(t for t, h in self._script_sha.items()
                                                             if h == command[1]))
                     continue
-                return first if then is None else (first, conn.read_response())
+                if then is None:
+                    return first
+                return first, conn.read_response() if w is None else w.read()
         except BaseException as e:
             conn.disconnect()
             if isinstance(e, redis.RedisError):

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import functools
 import hmac
-import importlib
 import logging
 import os
 import select
@@ -46,18 +45,10 @@ from ..errors import HubError, MessageTooLarge, PeerDied, SendTimeout
 from ..process import Worker
 from ..remote import error_body, remote_error, reply_body
 from ..requests import Callback, Done, Future, Pending, complete_all
-from . import scripts
+from . import scripts, wire
 from .link import Link, _pack, translate
 
 log = logging.getLogger("clusterhub")
-
-hiredis: Any  # (the inbox's replies parsed by hiredis when it is there: see Mail._next)
-try:
-    hiredis = importlib.import_module("hiredis")
-    _PUSH_TYPES: tuple[type, ...] = (hiredis.PushNotification,)
-except (ImportError, AttributeError):  # (none, or one older than 3.0, which does not mark pushes)
-    hiredis = None
-    _PUSH_TYPES = ()
 
 CTL = 0x40  # a control entry (not a C envelope kind): "exit" (the master's own), "signal"
 TAKE_MAX = 256  # entries taken per turn
@@ -72,15 +63,7 @@ class _Pushed(list):  # type: ignore[type-arg]
     (see Mail._make_conn)."""
 
 
-_PUSH_TYPES += (_Pushed,)
-_NONE = object()  # (no whole reply has come yet)
-
-
-def _reply_error(text: str) -> redis.ResponseError:
-    """An error reply, as redis-py would have raised it."""
-    if text.startswith("NOSCRIPT"):
-        return redis.exceptions.NoScriptError(text)
-    return redis.ResponseError(text)
+_PUSH_TYPES = (_Pushed,) if wire.PUSH is None else (_Pushed, wire.PUSH)
 
 
 class Peer:
@@ -202,8 +185,7 @@ class Mail:
         self._leader: Optional[int] = None  # (the thread reading for its reply)
         self._conn: Any = None
         self._fd = -1
-        self._hiredis: Any = None  # (the connection's parser when hiredis is there: see _next)
-        self._rbuf = bytearray(64 * 1024)
+        self._wire: Optional[wire.Wire] = None  # (our own reads of it, with hiredis: see _next)
         self._inbox = b""  # (our id is known once the link joined: see start)
         self._asked = self._settling = self._batch = self._nudged = False
         self._subscribed = False  # (to the inbox's channel, on this connection)
@@ -434,9 +416,8 @@ class Mail:
                     self._conn = conn
                     self._fd = conn._sock.fileno()
                     self._fresh = True
-                    if self._batch and hiredis is not None:
-                        self._hiredis = hiredis.Reader(protocolError=redis.exceptions.InvalidResponse,
-                                                       replyError=_reply_error)
+                    if self._batch and wire.hiredis is not None:
+                        self._wire = wire.Wire(conn._sock, None)
                     try:
                         self._ask()
                     except (redis.RedisError, OSError) as e:
@@ -472,39 +453,25 @@ class Mail:
 
     def _next(self, conn: Any) -> Any:
         """(Holding ``reader``) the next reply or published message that has
-        come on the inbox's connection, whole (_NONE: none yet); an error
-        reply as its exception, returned.
-
-        With hiredis we read the socket ourselves once the connection's
-        handshake is done: redis-py's readiness check costs three system
-        calls per read (poll, poll, a peek), and this runs per entry."""
-        r = self._hiredis
-        if r is None:
-            if not conn.can_read(0):
-                return _NONE
-            try:
-                got = conn.read_response(push_request=True)
-            except redis.ResponseError as e:
-                return e
-            if type(got) is list and len(got) == 3 and got[0] in (b"message", b"subscribe"):
-                return _Pushed(got)  # (a parser that does not mark them: told by their shape)
-            return got
-        got = r.gets()
-        while got is False:
-            try:
-                n = os.readv(self._fd, [self._rbuf])
-            except BlockingIOError:
-                return _NONE
-            if not n:
-                raise redis.ConnectionError("the server closed the connection")
-            r.feed(self._rbuf, 0, n)
-            got = r.gets()
+        come on the inbox's connection, whole (wire.NONE: none yet); an
+        error reply as its exception, returned.  With hiredis we read the
+        socket ourselves (see wire.py): this runs per entry."""
+        if self._wire is not None:
+            return self._wire.next()
+        if not conn.can_read(0):
+            return wire.NONE
+        try:
+            got = conn.read_response(push_request=True)
+        except redis.ResponseError as e:
+            return e
+        if type(got) is list and len(got) == 3 and got[0] in (b"message", b"subscribe"):
+            return _Pushed(got)  # (a parser that does not mark them: told by their shape)
         return got
 
     def _drop(self) -> None:
         """(Holding ``reader``) forget the connection (it failed, or we stop)."""
         conn, self._conn = self._conn, None
-        self._hiredis = None
+        self._wire = None
         if self._fd >= 0:
             self.dispatcher.unregister(self._fd)
             self._fd = -1
@@ -609,7 +576,7 @@ class Mail:
         try:
             while conn is not None and (self._asked or self._subscribed):
                 got = self._next(conn)
-                if got is _NONE:
+                if got is wire.NONE:
                     break
                 read = True
                 if type(got) in _PUSH_TYPES:
