@@ -299,8 +299,8 @@ class Link:
         round trip to a third.
 
         With hiredis, the thread's connection is read and written by our
-        own calls once connected (see wire.py): about half the client's CPU
-        of a call."""
+        own calls once connected (see wire.py): a spinning PING took 29-30
+        us here, against 35-40 us through redis-py's send and parser."""
         conn, own = self._conn()
         if own is not None:
             own[2] = True
