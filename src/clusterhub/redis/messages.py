@@ -572,7 +572,7 @@ class Mail:
         conn = self._conn
         read = False
         pushed: list[bytes] = []  # (published entries: routed together, in order before a pop's)
-        posted = False
+        posted = later = False  # (handlers got published entries; the next pop waits for handlers)
         try:
             while conn is not None and (self._asked or self._subscribed):
                 got = self._next(conn)
@@ -587,23 +587,26 @@ class Mail:
                 if pushed:
                     posted = self.route(pushed, done) or posted
                     pushed = []
-                self._came(got, done, eager)
+                later = self._came(got, done, eager) or later
         finally:
             if pushed:
                 posted = self.route(pushed, done) or posted
-        if posted and not eager and self.dispatcher.loop is not None:
-            # (Handlers on an attached loop: the socket is watched again once
-            # they ran, as a pop is asked for again, so that a loop that lags
-            # leaves what comes on the server, where max_queue bounds it.)
-            self._paused = True
-            self.dispatcher.post((None, self._ask_later, None, None))
+            if posted and not eager and self.dispatcher.loop is not None:
+                # (Handlers on an attached loop: the socket is watched again
+                # once they ran, as a pop is asked for again, so that a loop
+                # that lags leaves what comes on the server, where max_queue
+                # bounds it.)
+                self._paused = later = True
+            if later and not self._stop.is_set():
+                self.dispatcher.post((None, self._ask_later, None, None))
         if self._carry >= SETTLE_AT and self._asked and not self._settling:
             self._count_out()
         return read
 
-    def _came(self, got: Any, done: list[Done], eager: bool) -> None:
+    def _came(self, got: Any, done: list[Done], eager: bool) -> bool:
         """(Holding ``reader``) the reply to the count-out or to the pop we
-        asked for: see _read_ready."""
+        asked for: see _read_ready.  Whether the next pop waits until the
+        handlers of what came have run (else it is asked for now)."""
         if self._settling:
             self._settling = False
             if isinstance(got, redis.ResponseError):  # (the connection is fine: count out next time)
@@ -618,7 +621,7 @@ class Mail:
                 self._fresh = False
                 if got:
                     self.route(got, done)
-            return
+            return False
         if isinstance(got, BaseException):
             raise got
         self._asked = False
@@ -634,11 +637,9 @@ class Mail:
             if items:
                 posted = self.route(items, done)
         finally:
-            if not self._stop.is_set():
-                if eager or not posted:
-                    self._ask()
-                else:
-                    self.dispatcher.post((None, self._ask_later, None, None))
+            if not self._stop.is_set() and (eager or not posted):
+                self._ask()
+        return posted and not eager
 
     def _count_out(self) -> None:
         """(Holding ``reader``) count out what came while the pop waits
