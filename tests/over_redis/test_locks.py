@@ -527,6 +527,38 @@ def test_close_is_quiet_and_final(redis_server: RedisServer, caplog: pytest.LogC
     clusterhub.Hub(address=redis_server.url("quiet"), lease=LEASE).close()  # (the name is free at once)
 
 
+def test_the_last_process_to_leave_leaves_no_lasting_key(redis_server: RedisServer) -> None:
+    """The hub's own keys (worker ids, the lease setting, the fencing
+    counter) last while any of its processes lives, whichever leaves first;
+    when the last one leaves, every key of the hub left on the server has a
+    TTL (of a minute at most).  A hub started again meanwhile continues its
+    worker ids and fencing tokens, and its keys last again."""
+    url = redis_server.url("gone")
+    r = redis_server.client()
+    hub_keys = [b"{ch:gone}:ids", b"{ch:gone}:lease", b"{ch:gone}:fence"]
+    master = clusterhub.Hub(address=url, lease=LEASE)
+    worker = connect(url)
+    with master.lock("k") as held:
+        token = held.fencing_token
+    first_id = worker.worker_id
+    master.close()  # (first: the worker lives on)
+    assert [r.pttl(k) for k in hub_keys] == [-1, -1, -1]
+    worker.close()
+    left = {k: r.pttl(k) for k in r.keys(b"{ch:gone}:*")}
+    assert set(hub_keys) <= set(left) and all(0 < ms <= 60_000 for ms in left.values()), left
+
+    master = clusterhub.Hub(address=url, lease=LEASE)
+    try:
+        worker = connect(url)
+        with master.lock("k") as held:
+            assert token is not None and held.fencing_token is not None and held.fencing_token > token
+        assert first_id is not None and worker.worker_id is not None and worker.worker_id > first_id
+        wait_until(lambda: [r.pttl(k) for k in hub_keys] == [-1, -1, -1], 2 * LEASE, "the hub's keys to last again")
+        worker.close()
+    finally:
+        master.close()
+
+
 def test_asyncio_each_loop_closes_its_connection(redis_server: RedisServer, worker_hubs: Any) -> None:
     """A program that runs asyncio.run() again and again (each loop gets
     its own client) does not pile up connections to the server."""

@@ -59,6 +59,9 @@ DEFAULT_LEASE = 5.0
 # after the giving up (TCP retransmits a dropped socket's data for up to
 # about 15 minutes), and must not queue or take the key for nobody.
 TOMBSTONE_MS = 20 * 60 * 1000
+# How long the hub's own keys (ids, lease setting, fencing counter) outlive
+# its last process when that one leaves cleanly (scripts.VACATE).
+VACATED_KEEP_MS = 60 * 1000
 
 
 def host() -> str:
@@ -186,6 +189,7 @@ class Link:
                                   retry=Retry(NoBackoff(), 0), health_check_interval=0)
         self.pool = self.client.connection_pool
         self._renew = _Script(self.client, scripts.RENEW)
+        self._vacate = _Script(self.client, scripts.VACATE)
         self._script_sha = {text: self.client.register_script(text).sha
                             for text in (scripts.ACQUIRE, scripts.RELEASE, scripts.GIVE_UP,
                                          scripts.SEND, scripts.BROADCAST, scripts.TAKE)}
@@ -427,7 +431,8 @@ class Link:
         sent = time.monotonic()
         me = str(self.proc_id).encode()
         ok, master = self.call(self._renew, keys=[lk, self.key(b"master"), self.key(b"inbox:" + me),
-                                                  self.key(b"queued:" + me), self.key(b"blocked:" + me)],
+                                                  self.key(b"queued:" + me), self.key(b"blocked:" + me),
+                                                  *self._hub_keys()],
                                args=[self.lease_ms, self.proc_id, int(named), self.prefix + b"proc:"])
         run_id = self.call(self.client.info, "server")["run_id"]
         if self.on_master is not None:
@@ -606,6 +611,11 @@ class Link:
 
     # ---- the end ----------------------------------------------------------------------
 
+    def _hub_keys(self) -> list[bytes]:
+        """The keys of the hub itself (not of one process): worker ids,
+        the lease setting, the fencing counter."""
+        return [self.key(b"ids"), self.key(b"lease"), self.key(b"fence")]
+
     def leave(self) -> None:
         """Stop renewing, finish pending releases, give up the lease (and
         the name); the "left" event wakes the master's watcher."""
@@ -626,6 +636,9 @@ class Link:
                 c.hdel(self.key(b"procs"), str(self.proc_id))
             if self.is_master and c.get(self.key(b"master")) == str(self.proc_id).encode():
                 c.delete(self.key(b"master"))
+            if self.call(self._vacate, keys=[self.key(b"procs"), *self._hub_keys()],
+                         args=[self.prefix + b"proc:", VACATED_KEEP_MS]):
+                log.debug("clusterhub: process %d left %s empty", self.proc_id, self.url.text)
         except (redis.RedisError, HubError) as e:
             log.warning("clusterhub: leaving %s: %s (the lease runs out by itself)", self.url.text, e)
 

@@ -131,9 +131,11 @@ if redis.call('HGET', KEYS[1], 'acq') == ARGV[1] then hand_on() end
 return 1
 """
 
-# Renew a lease, and the TTL of our inbox with it.  KEYS: our lease, the
-# master key (or our lease again), our inbox, its byte count, its blocked
-# senders.  ARGV: lease (ms), our id, whether we are the master.
+# Renew a lease, and the TTL of our inbox with it; the hub's own keys
+# (P:ids, P:lease, P:fence) live on while any of its processes does (see
+# VACATE).  KEYS: our lease, the master key (or our lease again), our inbox,
+# its byte count, its blocked senders, then the hub's own keys.  ARGV: lease
+# (ms), our id, whether we are the master, the lease key prefix (P:proc:).
 # -> {status, the id of the master if its lease is live, else 0}; status 1
 #    renewed; 0 the lease was gone (expired, or the server lost it); 2
 #    renewed, but the name is not ours (any more): the locks are still ours.
@@ -145,11 +147,28 @@ local function master()
 end
 if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 0 then return {0, master()} end
 for i = 3, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+for i = 6, #KEYS do redis.call('PERSIST', KEYS[i]) end
 if ARGV[3] == '1' then
   if redis.call('GET', KEYS[2]) ~= ARGV[2] then return {2, master()} end
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
 end
 return {1, master()}
+"""
+
+# The last process of a hub leaves: when no process listed in P:procs
+# (ours is gone already) holds a lease, the hub's own keys (KEYS: P:procs,
+# then P:ids, P:lease, P:fence) are left to expire in ARGV[2] ms; until
+# then a process that joins continues its ids and tokens (its renewals make
+# them last again, see RENEW).  (Not deleted at once: a process may be
+# joining, its id taken but its lease not set yet.)  ARGV[1]: P:proc:.
+# -> 1 when the hub was left empty, else 0.
+VACATE = """
+for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. id) == 1 then return 0 end
+end
+redis.call('DEL', KEYS[1])
+for i = 2, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+return 1
 """
 
 # ---- messages -----------------------------------------------------------------------
