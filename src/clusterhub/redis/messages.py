@@ -56,6 +56,9 @@ SETTLE_AT = 64 * 1024  # bytes taken before the reader counts them out of its in
 _ENV = protocol.HEADER.size
 _unpack_envelope = protocol.HEADER.unpack_from
 _MAC = 32  # HMAC-SHA256
+_ONESHOT_IN = select.EPOLLIN | select.EPOLLONESHOT
+_REPLY_KINDS = (protocol.RES, protocol.ERR)
+_HANDLED_KINDS = (protocol.MSG, protocol.REQ, protocol.BCAST)
 
 
 class _Pushed(list):  # type: ignore[type-arg]
@@ -150,6 +153,20 @@ class Outbox:
             t.join(timeout)
 
 
+def _signer(authkey: bytes) -> Callable[["bytes | memoryview"], bytes]:
+    """HMAC-SHA256 with ``authkey``, keyed once: ``hmac.digest(key, msg,
+    "sha256")`` looks the digest up in OpenSSL on every call (2.7 us here,
+    against 0.8 for a copy of a keyed one)."""
+    base = hmac.new(authkey, digestmod="sha256")
+
+    def sign(data: "bytes | memoryview") -> bytes:
+        h = base.copy()
+        h.update(data)
+        return h.digest()
+
+    return sign
+
+
 def _on_a_loop() -> bool:
     """The calling thread runs an asyncio loop (asked without the exception
     ``get_running_loop`` raises when not: this is on every request's path)."""
@@ -170,7 +187,7 @@ class Mail:
         self.pending = pending
         self.dumps = dumps
         self.loads = loads
-        self.authkey = authkey
+        self._sign = None if authkey is None else _signer(authkey)
         self.max_len = max_len
         self.max_queue = max_queue
         self.route_sender = route_sender
@@ -211,8 +228,8 @@ class Mail:
         frame = protocol.encode(kind, self.link.proc_id, rid, nb, body)
         if len(frame) > self.max_len:
             raise MessageTooLarge(f"message of {len(frame)} bytes is over max_message_size ({self.max_len})")
-        if self.authkey is not None:
-            return hmac.digest(self.authkey, frame, "sha256") + frame
+        if self._sign is not None:
+            return self._sign(frame) + frame
         return frame
 
     def peer(self, proc_id: int) -> Peer:
@@ -426,8 +443,7 @@ class Mail:
                         failed = True
                     else:
                         failed = False
-                        self.dispatcher.register(self._fd, select.EPOLLIN | select.EPOLLONESHOT,
-                                                 self._on_readable)
+                        self.dispatcher.register(self._fd, _ONESHOT_IN, self._on_readable)
                 finally:
                     self._let_go()
                 if failed:
@@ -451,13 +467,13 @@ class Mail:
         conn._parser.pubsub_push_handler_func = _Pushed
         return conn
 
-    def _next(self, conn: Any) -> Any:
+    def _next(self, conn: Any, again: bool) -> Any:
         """(Holding ``reader``) the next reply or published message that has
         come on the inbox's connection, whole (wire.NONE: none yet); an
         error reply as its exception, returned.  With hiredis we read the
         socket ourselves (see wire.py): this runs per entry."""
         if self._wire is not None:
-            return self._wire.next()
+            return self._wire.next(again)
         if not conn.can_read(0):
             return wire.NONE
         try:
@@ -521,8 +537,10 @@ class Mail:
 
     def _arm(self) -> None:
         if self._fd >= 0 and not self._paused:
-            with contextlib.suppress(OSError):
-                self.dispatcher.epoll.modify(self._fd, select.EPOLLIN | select.EPOLLONESHOT)
+            try:
+                self.dispatcher.epoll.modify(self._fd, _ONESHOT_IN)
+            except OSError:
+                pass
 
     def _ask(self) -> None:
         """(Holding ``reader``) make sure a blocking pop is outstanding.
@@ -575,7 +593,7 @@ class Mail:
         posted = later = False  # (handlers got published entries; the next pop waits for handlers)
         try:
             while conn is not None and (self._asked or self._subscribed):
-                got = self._next(conn)
+                got = self._next(conn, read)
                 if got is wire.NONE:
                     break
                 read = True
@@ -781,9 +799,8 @@ class Mail:
             if not raw:
                 continue  # (stop()'s wake-up)
             buf = memoryview(raw)
-            if self.authkey is not None:
-                if len(raw) < _MAC or not hmac.compare_digest(hmac.digest(self.authkey, buf[_MAC:], "sha256"),
-                                                              raw[:_MAC]):
+            if self._sign is not None:
+                if len(raw) < _MAC or not hmac.compare_digest(self._sign(buf[_MAC:]), raw[:_MAC]):
                     log.error("clusterhub: an entry in the inbox of process %d failed its HMAC check: dropped",
                               self.link.proc_id)
                     continue
@@ -793,7 +810,7 @@ class Mail:
                 continue
             kind, origin, rid, nlen = _unpack_envelope(buf, 0)
             at = _ENV + nlen
-            if kind == protocol.RES or kind == protocol.ERR:
+            if kind in _REPLY_KINDS:
                 peer = self.peers.get(origin)
                 if kind == protocol.RES:
                     try:
@@ -819,7 +836,7 @@ class Mail:
                 except Exception:
                     log.exception("clusterhub: control entry %r failed", name)
                 continue
-            if kind not in (protocol.MSG, protocol.REQ, protocol.BCAST):
+            if kind not in _HANDLED_KINDS:
                 log.error("clusterhub: an entry of unknown kind %d: dropped", kind)
                 continue
             try:
