@@ -531,21 +531,27 @@ def test_the_last_process_to_leave_leaves_no_lasting_key(redis_server: RedisServ
     """The hub's own keys (worker ids, the lease setting, the fencing
     counter) last while any of its processes lives, whichever leaves first;
     when the last one leaves, every key of the hub left on the server has a
-    TTL (of a minute at most).  A hub started again meanwhile continues its
-    worker ids and fencing tokens, and its keys last again."""
+    TTL (theirs a minute): a forked worker that close() ended by
+    SIGTERM leaves nothing either, its lease and inbox gone with its exit.
+    A hub started again meanwhile continues its worker ids and fencing
+    tokens, and its keys last again."""
     url = redis_server.url("gone")
     r = redis_server.client()
     hub_keys = [b"{ch:gone}:ids", b"{ch:gone}:lease", b"{ch:gone}:fence"]
-    master = clusterhub.Hub(address=url, lease=LEASE)
+    master = clusterhub.Hub(address=url, lease=10 * LEASE)  # (a lease that would outlast the test)
     worker = connect(url)
     with master.lock("k") as held:
         token = held.fencing_token
     first_id = worker.worker_id
-    master.close()  # (first: the worker lives on)
+    forked = master.fork(threading.Event().wait)
+    assert master.request_worker(forked.id, "nothing").exception(10) is not None  # (it reads its inbox)
+    master.close()  # (first: the connected worker lives on)
+    assert forked.exitcode == -15
+    assert r.keys(f"{{ch:gone}}:*:{forked.id}".encode()) == []
     assert [r.pttl(k) for k in hub_keys] == [-1, -1, -1]
     worker.close()
     left = {k: r.pttl(k) for k in r.keys(b"{ch:gone}:*")}
-    assert set(hub_keys) <= set(left) and all(0 < ms <= 60_000 for ms in left.values()), left
+    assert all(ms > 0 for ms in left.values()) and all(0 < left[k] <= 60_000 for k in hub_keys), left
 
     master = clusterhub.Hub(address=url, lease=LEASE)
     try:

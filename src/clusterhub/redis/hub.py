@@ -635,11 +635,19 @@ class RedisHub(Hub):
             self._former[wid] = left  # (a message of it may still be read: its sender)
             if len(self._former) > 4096:
                 del self._former[next(iter(self._former))]
+        link = self._link
+        try:
+            pipe = link.client.pipeline(transaction=False)
+            if left.forked:  # (reaped here, so surely gone: its lease and inbox go now, not at their TTL)
+                pipe.delete(*link.proc_keys(wid))
+            pipe.hdel(link.key(b"procs"), str(wid))
+            link.call(pipe.execute)
+        except HubError as e:
+            log.debug("clusterhub: forgetting worker %d on the server: %s", wid, e)
         left.set_exited(code)
         self._pending.fail_peer(self._mail.peer(wid), self._died(wid))
         try:
-            self._link.call(self._link.client.hdel, self._link.key(b"procs"), str(wid))
-            self._mail.control(self._link.proc_id, "exit", str(wid).encode())
+            self._mail.control(link.proc_id, "exit", str(wid).encode())
         except HubError:
             with self._changed:  # (the server is away: settle it here)
                 gone = self._left.pop(wid, None)

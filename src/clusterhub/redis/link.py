@@ -611,6 +611,11 @@ class Link:
 
     # ---- the end ----------------------------------------------------------------------
 
+    def proc_keys(self, proc_id: int) -> list[bytes]:
+        """A process's lease and its inbox's keys (scripts.py)."""
+        return [self.lease_key(proc_id),
+                *(self.key(b"%s:%d" % (k, proc_id)) for k in (b"inbox", b"queued", b"blocked", b"nudge"))]
+
     def _hub_keys(self) -> list[bytes]:
         """The keys of the hub itself (not of one process): worker ids,
         the lease setting, the fencing counter."""
@@ -630,8 +635,7 @@ class Link:
             c.rpush(self.key(b"events"), f"left {self.proc_id}")
             c.pexpire(self.key(b"events"), 10 * self.lease_ms)
             # (Our inbox and its count go with the lease: no one reads them now.)
-            c.delete(self.lease_key(self.proc_id),
-                     *(self.key(b"%s:%d" % (k, self.proc_id)) for k in (b"inbox", b"queued", b"blocked", b"nudge")))
+            c.delete(*self.proc_keys(self.proc_id))
             if self.is_master:  # (a worker's entry: the master's to remove, once it saw it go)
                 c.hdel(self.key(b"procs"), str(self.proc_id))
             if self.is_master and c.get(self.key(b"master")) == str(self.proc_id).encode():
