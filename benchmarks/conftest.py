@@ -34,7 +34,17 @@ from typing import Any, Iterator, Optional
 import pytest
 
 from clusterhub.bench.host import PLACEMENTS, Unavailable, describe_placements
-from clusterhub.bench.jobs import Job, compare, conditions, format_group, measure_job, measure_once, summarize
+from clusterhub.bench.jobs import (
+    Job,
+    compare,
+    conditions,
+    cpu_ticks,
+    format_group,
+    measure_job,
+    measure_once,
+    stolen_since,
+    summarize,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,6 +54,7 @@ _measured: dict[str, dict[str, list[dict[str, Any]]]] = {}
 _unavailable: dict[str, dict[str, str]] = {}
 # group -> (job, placement, case -> summary): what the terminal summary prints
 _reported: dict[str, tuple[Job, Optional[str], dict[str, dict[str, Any]]]] = {}
+_START_TICKS = cpu_ticks()  # (the run's stolen CPU time: see pytest_terminal_summary)
 
 
 @pytest.fixture(params=PLACEMENTS)
@@ -150,8 +161,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     tr = terminalreporter
     cond = conditions()
     tr.write_sep("=", "clusterhub / peer (same-run interleaved medians; < 1: clusterhub faster)")
+    stolen = stolen_since(_START_TICKS)
+    steal = "" if stolen is None else f", {stolen:.0%} of the CPU time stolen by the hypervisor during the run"
     tr.write_line(f"{cond['cpus']} CPUs ({cond['cpu_model']}), load now "
-                  f"{', '.join(f'{x:.2f}' for x in cond['loadavg'])}; {describe_placements()}")
+                  f"{', '.join(f'{x:.2f}' for x in cond['loadavg'])}{steal}; {describe_placements()}")
     for group, (job, placement, summaries) in _reported.items():
         tr.write_line("")
         for line in format_group(job, placement, summaries, _unavailable.get(group)):

@@ -230,6 +230,25 @@ def _fmt_extra(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all CPU time, the part the hypervisor stole), in ticks since boot,
+    from /proc/stat ((0, 0) where it cannot be read): on a shared VM a run
+    with much stolen time says little."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(fields), fields[7] if len(fields) > 7 else 0
+
+
+def stolen_since(start: tuple[int, int]) -> Optional[float]:
+    """The share of CPU time stolen since ``start`` (cpu_ticks()); None
+    when unknown."""
+    total, steal = cpu_ticks()
+    return (steal - start[1]) / (total - start[0]) if total > start[0] else None
+
+
 def conditions() -> dict[str, Any]:
     """What the numbers were measured under."""
     try:
