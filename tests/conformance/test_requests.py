@@ -332,9 +332,9 @@ def test_handler_waiting_on_its_own_request(cluster, reports):
         hub.on("waits", waits)
         hub.on("late-msg", lambda data, sender: order.append("late-msg"))
         got = hub.request_master("outer", 4).result(10)
-        ready(hub)
         end = threading.Event()
-        hub.on("end", lambda data, sender: end.set())
+        hub.on("end", lambda data, sender: end.set())  # (before ready: "end" may come at once after)
+        ready(hub)
         assert end.wait(20)
         reports.put(got, order)
 
