@@ -75,18 +75,21 @@ class Wire:
         """The next whole reply that has come (NONE: none yet), without
         blocking; an error reply as its exception, returned.
 
-        ``again``: the caller read a reply just before and will wait for
-        the socket to be readable after NONE; then, when the last read took
-        less than the buffer (the socket was empty) and nothing whole is
-        left, NONE comes without another read: one system call less per
-        wake-up of a reader that keeps up."""
+        A read that takes less than the buffer has emptied the socket: when
+        no whole reply is left after it, NONE comes without another read.
+        Every caller waits for the socket to be readable after NONE, so
+        with ``again`` (the caller read a reply just before) NONE comes
+        without reading at all when the last read was such a short one:
+        one system call less per wake-up of a reader that keeps up."""
         reader = self._reader
         got = reader.gets()
-        if got is False and again and self._short:
+        if got is not False:
+            return got
+        if again and self._short:
             self._short = False
             return NONE
         buf = self._buf
-        while got is False:
+        while True:
             try:
                 n = os.readv(self.fd, [buf])
             except BlockingIOError:
@@ -99,10 +102,11 @@ class Wire:
             reader.feed(buf, 0, n)
             got = reader.gets()
             self._short = n < len(buf)
-            if got is False and self._short and again:
+            if got is not False:
+                return got
+            if self._short:
                 self._short = False
                 return NONE
-        return got
 
     def read(self) -> Any:
         """The next reply, waited for up to the timeout; an error reply is
