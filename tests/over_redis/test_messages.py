@@ -390,6 +390,65 @@ def test_a_reader_that_does_not_read_bounds_its_inbox(redis_server: RedisServer,
         master.close()
 
 
+def test_broadcasts_sent_ahead_keep_the_bound_and_the_order(redis_server: RedisServer, procs: Procs,
+                                                            reports: Reports) -> None:
+    """Broadcasts go ahead of the server's answers (messages.Mail._ahead)
+    only while they cannot take an inbox past max_queue: to a stopped
+    worker, a loop of them fills its inbox to max_queue plus at most one
+    entry and then times out naming it, as broadcasts waited for do.  Once
+    it reads again, every broadcast that went arrives once, in order, and
+    then a send the same thread made after them.  Also when the server lost
+    the broadcast script while some were on their way (SCRIPT FLUSH): those
+    are sent again, in order."""
+    url = redis_server.url("ahead")
+    mq, size = 64 * 1024, 1000
+    master = clusterhub.Hub(address=url, lease=LEASE, max_queue=mq, authkey=b"s")
+    r = redis_server.client()
+
+    def worker() -> None:
+        hub = clusterhub.connect(url, timeout=10, authkey=b"s")
+        seen: list[int] = []
+        done = threading.Event()
+        hub.on("b", lambda d, s: seen.append(d[0]))
+        hub.on("end", lambda d, s: done.set())
+        reports.put("joined", hub.worker_id)
+        assert done.wait(30)
+        reports.put("seen", seen)
+        hub.close()
+
+    try:
+        pid = procs.start(worker)
+        w = joined(master, reports)
+        os.kill(pid, signal.SIGSTOP)
+        sent = 0
+        try:
+            with pytest.raises(SendTimeout) as e:
+                for sent in range(1000):  # noqa: B007 (how many went: below)
+                    master.send_to_workers("b", (sent, b"x" * size), timeout=0.3)
+            assert e.value.unreached == [w]
+            counted = int(r.get(f"{{ch:ahead}}:queued:{w.id}") or 0)
+            assert mq < counted <= mq + size + 200, counted
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        master.send_to_worker(w, "end")
+        assert reports.get(timeout=20) == ("seen", list(range(sent)))
+        procs.join(pid)
+
+        pid = procs.start(worker)
+        w = joined(master, reports)
+        for i in range(20):
+            master.send_to_workers("b", (i, b""))
+        r.script_flush()
+        for i in range(20, 60):
+            master.send_to_workers("b", (i, b""))
+        master.send_to_worker(w, "end")
+        assert reports.get(timeout=20) == ("seen", list(range(60)))
+        procs.join(pid)
+    finally:
+        r.close()
+        master.close()
+
+
 @pytest.mark.parametrize("where", ["dispatcher", "attached loop"])
 def test_a_handler_that_lags_leaves_what_waits_on_the_server(where: str, redis_server: RedisServer, procs: Procs,
                                                               reports: Reports) -> None:

@@ -679,6 +679,10 @@ class RedisHub(Hub):
             return
         check_timeout(timeout)
         self._rlocks.retire()
+        try:
+            self._mail.settle()  # (this thread's broadcasts sent ahead: run before what follows)
+        except HubError as e:
+            log.warning("clusterhub: closing %r: %s", self, e)
         self._stop_forked(timeout)
         self._mail.outbox.stop(timeout)  # (what it sent goes before its leaving: on_exit comes after)
         self._closed = True

@@ -62,6 +62,9 @@ TOMBSTONE_MS = 20 * 60 * 1000
 # How long the hub's own keys (ids, lease setting, fencing counter) outlive
 # its last process when that one leaves cleanly (scripts.VACATE).
 VACATED_KEEP_MS = 60 * 1000
+# Commands a thread may send ahead on its own connection before it reads
+# their replies (see :meth:`Link.send_ahead`).
+AHEAD_MAX = 64
 
 
 def host() -> str:
@@ -266,15 +269,16 @@ class Link:
     def _conn(self) -> tuple[Any, Optional[list[Any]]]:
         """The calling thread's own connection (made in this process: a
         forked child does not use its parent's) and its entry ``[pid, conn,
-        in a call, Spin or None, Wire or None]``; entry None: a call made while the
-        thread's connection is in the middle of one (a signal handler, a
-        finalizer run by the garbage collector) gets a connection of its own
-        for the call."""
+        in a call, Spin or None, Wire or None, commands sent ahead]`` (see
+        :meth:`send_ahead`); entry None: a call made while the thread's
+        connection is in the middle of one (a signal handler, a finalizer
+        run by the garbage collector) gets a connection of its own for the
+        call."""
         got = getattr(self._own, "c", None)
         if got is None or got[0] != os.getpid():
             conn = self.pool.make_connection()
             self._own_conns.add(conn)
-            got = self._own.c = [os.getpid(), conn, False, None, None]
+            got = self._own.c = [os.getpid(), conn, False, None, None, []]
         if got[2]:
             return self.pool.make_connection(), None
         return got[1], got
@@ -309,6 +313,8 @@ class Link:
         if own is not None:
             own[2] = True
         try:
+            if own is not None and own[5]:
+                self._settle(conn, own)
             w = own[4] if own is not None else None
             sock = getattr(conn, "_sock", None)
             if sock is not None and (w.readable() if w is not None and w.sock is sock else _readable(sock)):
@@ -341,6 +347,8 @@ class Link:
                 return first, conn.read_response() if w is None else w.read()
         except BaseException as e:
             conn.disconnect()
+            if own is not None:
+                own[5].clear()
             if isinstance(e, redis.RedisError):
                 raise translate(e, self.url) from e
             raise
@@ -349,6 +357,108 @@ class Link:
                 own[2] = False
             else:
                 conn.disconnect()
+
+    def send_ahead(self, *command: Any) -> bool:
+        """Send one command over the thread's own connection without
+        waiting for its reply (False, nothing sent: that connection is in
+        the middle of a call, as in a signal handler).  Its reply is read
+        by :meth:`settle`, which the thread's next call over the connection
+        does first, or by this method once AHEAD_MAX are unread.  The
+        server runs one connection's commands in the order sent.  A failed
+        write drops the connection (what went ahead unread with it: the
+        server ran it or not) and raises."""
+        conn, own = self._conn()
+        if own is None:
+            conn.disconnect()
+            return False
+        if len(own[5]) >= AHEAD_MAX:
+            self.settle()
+        own[2] = True
+        try:
+            w = own[4]
+            sock = getattr(conn, "_sock", None)
+            if sock is not None and not own[5] and (w.readable() if w is not None and w.sock is sock
+                                                    else _readable(sock)):
+                conn.disconnect()  # (nothing unread, yet readable: the server closed it)
+            if wire.hiredis is not None:
+                if conn._sock is None:
+                    conn.connect()
+                if w is None or w.sock is not conn._sock:
+                    w = own[4] = wire.Wire(conn._sock, conn.socket_timeout)
+                w.send(_pack(command))
+            else:
+                conn.send_packed_command([_pack(command)], check_health=False)
+            own[5].append(command)
+        except BaseException as e:
+            conn.disconnect()
+            own[5].clear()
+            if isinstance(e, redis.RedisError):
+                raise translate(e, self.url) from e
+            raise
+        finally:
+            own[2] = False
+        return True
+
+    def ahead(self) -> int:
+        """How many commands the calling thread sent ahead whose replies
+        are not read yet."""
+        got = getattr(self._own, "c", None)
+        return len(got[5]) if got is not None and got[0] == os.getpid() else 0
+
+    def settle(self) -> Any:
+        """Read the replies of the calling thread's commands sent ahead
+        (blocking until the last has come); the last one (None: none was
+        unread).  Raises the first that failed, once all are read."""
+        got = getattr(self._own, "c", None)
+        if got is None or got[0] != os.getpid() or not got[5] or got[2]:
+            return None
+        conn = got[1]
+        got[2] = True
+        try:
+            return self._settle(conn, got)
+        except BaseException as e:
+            conn.disconnect()
+            got[5].clear()
+            if isinstance(e, redis.RedisError):
+                raise translate(e, self.url) from e
+            raise
+        finally:
+            got[2] = False
+
+    def _settle(self, conn: Any, own: list[Any]) -> Any:
+        """(The thread's connection, in a call) read the replies of what
+        went ahead, in order.  A script the server did not have (flushed)
+        is loaded and its calls are made again, in their order, after the
+        rest was read (so behind any later one that did run)."""
+        ahead: list[Any] = own[5]
+        w = own[4] if own[4] is not None and own[4].sock is conn._sock else None
+        again: list[Any] = []
+        failed: Optional[redis.RedisError] = None
+        last: Any = None
+        for command in ahead:
+            try:
+                last = conn.read_response() if w is None else w.read()
+            except redis.exceptions.NoScriptError:
+                again.append(command)
+            except redis.ResponseError as e:
+                failed = failed or e
+        ahead.clear()
+        for sha in dict.fromkeys(command[1] for command in again):
+            self.call(self.client.script_load, next(t for t, h in self._script_sha.items() if h == sha))
+        for command in again:
+            packed = _pack(command)
+            if w is not None:
+                w.send(packed)
+            else:
+                conn.send_packed_command([packed], check_health=False)
+            try:
+                last = conn.read_response() if w is None else w.read()
+            except redis.ResponseError as e:
+                failed = failed or e
+        if failed is not None:
+            log.warning("clusterhub: a command sent ahead failed: %s", failed)
+            raise failed
+        return last
 
     def script(self, text: str, keys: list[Any], args: list[Any], then: Optional[tuple[Any, ...]] = None) -> Any:
         """A lock script over the thread's own connection (``then``, a

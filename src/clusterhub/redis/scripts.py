@@ -209,12 +209,14 @@ end
 # Put one entry in a live inbox (published to its reader while the inbox is
 # empty), unless more than ``mq`` bytes sent to it are not counted out yet
 # (-1: no bound); then register ``room`` to be told when it has room again.
+# (``queued``: that count, once an entry went.)
 # Only entries up to 64 KiB are published, and only while at most 1 MiB
 # sent is not counted out: what is published waits in the server's output
 # buffer for the reader, where Redis cuts a pub/sub client off past its
 # limits (by default 8 MB for 60 s, or 32 MB).
 _DELIVER = _NUDGE + """
 local PUBLISH_MAX, PUBLISHED_MAX = 65536, 1048576
+local queued = 0
 local function deliver(P, t, ttl, mq, room, entry)
   local qk = P .. 'queued:' .. t
   local q = redis.call('INCRBY', qk, #entry)
@@ -234,6 +236,7 @@ local function deliver(P, t, ttl, mq, room, entry)
     -- (A key that existed has its TTL: set when it was made, renewed with the lease.)
     if redis.call('LPUSH', ib, entry) == 1 then redis.call('PEXPIRE', ib, ttl) end
   end
+  queued = q
   return 1
 end
 """
@@ -260,9 +263,11 @@ return {deliver(P, t, ttl, tonumber(ARGV[3]), ARGV[4], ARGV[5]), tonumber(t)}
 # A broadcast, fanned out here: one entry to every live process but the
 # master and the sender, or to those listed after the entry.  ARGV: P, the
 # sender's id, then as SEND's from the bound on.
-# -> the ids whose inbox was full (each tells us of room).
+# -> {the most bytes now counted in one inbox it went to, the ids whose
+#    inbox was full (each tells us of room)}.
 BROADCAST = _DELIVER + """
 local P = ARGV[1]
+local top = 0
 local targets
 if #ARGV > 5 then
   targets = {}
@@ -275,12 +280,16 @@ local full = {}
 for _, t in ipairs(targets) do
   if t ~= ARGV[2] and t ~= master then
     local ttl = redis.call('PTTL', P .. 'proc:' .. t)
-    if ttl > 0 and deliver(P, t, ttl, tonumber(ARGV[3]), ARGV[4], ARGV[5]) == 0 then
-      full[#full + 1] = tonumber(t)
+    if ttl > 0 then
+      if deliver(P, t, ttl, tonumber(ARGV[3]), ARGV[4], ARGV[5]) == 0 then
+        full[#full + 1] = tonumber(t)
+      elseif queued > top then
+        top = queued
+      end
     end
   end
 end
-return full
+return {top, full}
 """
 
 # The reader's turn: take up to ARGV[4] entries off our inbox (0: none, on a
