@@ -449,6 +449,40 @@ def test_broadcasts_sent_ahead_keep_the_bound_and_the_order(redis_server: RedisS
         master.close()
 
 
+def test_broadcasts_sent_ahead_reach_the_server_when_the_process_exits(redis_server: RedisServer, procs: Procs,
+                                                                      reports: Reports) -> None:
+    """A process that broadcasts and then exits without closing its hub
+    (over TCP, where closing a socket with unread replies resets it):
+    every broadcast arrives, the last one included."""
+    import subprocess
+
+    url = redis_server.url("exit")
+    n = 2000
+    master = clusterhub.Hub(address=url, lease=LEASE, authkey=b"s")
+    try:
+        def receiver() -> None:
+            hub = clusterhub.connect(url, timeout=10, authkey=b"s")
+            seen: list[int] = []
+            done = threading.Event()
+            hub.on("b", lambda d, s: (seen.append(d), d == n - 1 and done.set()))
+            reports.put("joined", hub.worker_id)
+            done.wait(20)
+            reports.put("seen", len(seen), seen == list(range(n)))
+            hub.close()
+
+        pid = procs.start(receiver)
+        joined(master, reports)
+        code = ("import clusterhub\n"
+                f"hub = clusterhub.connect({url!r}, timeout=10, authkey=b's')\n"
+                f"for i in range({n}):\n"
+                "    hub.send_to_workers('b', i, timeout=10)\n")
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+        assert reports.get(timeout=30) == ("seen", n, True)
+        procs.join(pid)
+    finally:
+        master.close()
+
+
 @pytest.mark.parametrize("where", ["dispatcher", "attached loop"])
 def test_a_handler_that_lags_leaves_what_waits_on_the_server(where: str, redis_server: RedisServer, procs: Procs,
                                                               reports: Reports) -> None:

@@ -23,6 +23,7 @@ cut short by the client, while a cut link is still noticed.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
 import logging
@@ -78,6 +79,39 @@ def _readable(sock: socket.socket) -> bool:
     poll = select.poll()
     poll.register(sock, select.POLLIN)
     return bool(poll.poll(0))
+
+
+def _finish_ahead(conn: Any, timeout: float = 2.0) -> None:
+    """Before closing a connection whose replies to commands sent ahead
+    are unread: say we are done writing, and read (dropping it) until the
+    server closes its end, which it does once it ran everything before.
+    Closing a TCP socket with unread data resets it, and a reset drops
+    what is still queued to send.  (Its owner thread is not in a call: the
+    hub is closing, or the interpreter is exiting.)"""
+    conn.clusterhub_ahead.clear()
+    sock = getattr(conn, "_sock", None)
+    if sock is None or conn.pid != os.getpid():  # (a forked child's copy of the socket is its parent's too)
+        return
+    try:
+        sock.settimeout(timeout)
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
+
+
+_links: "weakref.WeakSet[Link]" = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_all_ahead() -> None:
+    """(At exit, for hubs not closed) what threads sent ahead reaches the
+    server before the process closes its sockets."""
+    for link in list(_links):
+        for conn in list(link._own_conns):
+            if getattr(conn, "clusterhub_ahead", None):
+                _finish_ahead(conn)
 
 
 def translate(e: BaseException, url: RedisURL) -> HubError:
@@ -201,6 +235,7 @@ class Link:
         # CPU of a pooled call); see :meth:`lock_call`.
         self._own = threading.local()
         self._own_conns: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        _links.add(self)
         # The cap (s) of a spin before reading a reply that comes soon (the
         # hub's ``spin``; 0: off): see :meth:`lock_call`.
         self.spin = 0.0
@@ -276,9 +311,11 @@ class Link:
         call."""
         got = getattr(self._own, "c", None)
         if got is None or got[0] != os.getpid():
-            conn = self.pool.make_connection()
+            conn: Any = self.pool.make_connection()
+            ahead: list[Any] = []
+            conn.clusterhub_ahead = ahead  # (also on the connection: see disconnect)
             self._own_conns.add(conn)
-            got = self._own.c = [os.getpid(), conn, False, None, None, []]
+            got = self._own.c = [os.getpid(), conn, False, None, None, ahead]
         if got[2]:
             return self.pool.make_connection(), None
         return got[1], got
@@ -757,8 +794,12 @@ class Link:
             log.warning("clusterhub: leaving %s: %s (the lease runs out by itself)", self.url.text, e)
 
     def disconnect(self) -> None:
+        """Close every connection, once the server has run what any thread
+        sent ahead on its own (see :func:`_finish_ahead`)."""
         self.pool.disconnect()
         for conn in list(self._own_conns):
+            if getattr(conn, "clusterhub_ahead", None):
+                _finish_ahead(conn)
             conn.disconnect()
 
     def abandon(self) -> None:

@@ -407,7 +407,10 @@ class Mail:
         """Answer request ``rid`` of process ``origin`` (an inbox item's
         ``reply``); dropped when it has gone."""
         if _on_a_loop():
-            self.settle()  # (as for a request)
+            try:
+                self.settle()  # (as for a request)
+            except HubError as e:
+                log.warning("clusterhub: before the reply to request %d of process %d: %s", rid, origin, e)
             self.outbox.put(functools.partial(self._reply, origin, rid, ok, value))
         else:
             self._reply(origin, rid, ok, value)
