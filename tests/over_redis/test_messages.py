@@ -449,6 +449,53 @@ def test_broadcasts_sent_ahead_keep_the_bound_and_the_order(redis_server: RedisS
         master.close()
 
 
+def test_broadcasts_sent_ahead_keep_each_threads_order(redis_server: RedisServer, procs: Procs,
+                                                      reports: Reports) -> None:
+    """Four threads broadcast at once, mostly ahead of the server's
+    answers, each then sends one message to the worker: the worker gets
+    every broadcast once, each thread's in its order, and each thread's
+    message after that thread's broadcasts."""
+    url = redis_server.url("threads")
+    n, k = 600, 4
+    master = clusterhub.Hub(address=url, lease=LEASE, authkey=b"s")
+    try:
+        def worker() -> None:
+            hub = clusterhub.connect(url, timeout=10, authkey=b"s")
+            seen: dict[int, list[int]] = {t: [] for t in range(k)}
+            ends: dict[int, int] = {}
+            done = threading.Event()
+
+            def on_end(t: int, s: Any) -> None:
+                ends[t] = len(seen[t])
+                if len(ends) == k:
+                    done.set()
+
+            hub.on("b", lambda d, s: seen[d[0]].append(d[1]))
+            hub.on("end", on_end)
+            reports.put("joined", hub.worker_id)
+            done.wait(30)
+            reports.put("seen", all(seen[t] == list(range(n)) for t in range(k)), ends)
+            hub.close()
+
+        pid = procs.start(worker)
+        w = joined(master, reports)
+
+        def sender(t: int) -> None:
+            for i in range(n):
+                master.send_to_workers("b", (t, i))
+            master.send_to_worker(w, "end", t)
+
+        threads = [threading.Thread(target=sender, args=(t,)) for t in range(k)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(30)
+        assert reports.get(timeout=30) == ("seen", True, {t: n for t in range(k)})
+        procs.join(pid)
+    finally:
+        master.close()
+
+
 def test_broadcasts_sent_ahead_reach_the_server_when_the_process_exits(redis_server: RedisServer, procs: Procs,
                                                                       reports: Reports) -> None:
     """A process that broadcasts and then exits without closing its hub
