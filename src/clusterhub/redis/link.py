@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, AsyncGenerator, Callable, Optional, TypeVar
+from typing import Any, AsyncGenerator, Callable, Iterator, Optional, TypeVar
 
 try:
     import redis
@@ -376,24 +376,50 @@ class Link:
                         raise
                     if then is not None:
                         conn.disconnect()  # (the command behind would block: the server drops it with us)
-                    self.call(self.client.script_load, next(t for t, h in self._script_sha.items()
-                                                            if h == command[1]))
+                    self._load(command[1])
                     continue
                 if then is None:
                     return first
                 return first, conn.read_response() if w is None else w.read()
         except BaseException as e:
-            conn.disconnect()
-            if own is not None:
-                own[5].clear()
-            if isinstance(e, redis.RedisError):
-                raise translate(e, self.url) from e
-            raise
+            err = self._drop(conn, own, e)
+            if err is e:
+                raise
+            raise err from e
         finally:
             if own is not None:
                 own[2] = False
             else:
                 conn.disconnect()
+
+    def _load(self, sha: str) -> None:
+        """Load the script of ``sha`` (the server had lost it)."""
+        self.call(self.client.script_load, next(t for t, h in self._script_sha.items() if h == sha))
+
+    @contextlib.contextmanager
+    def _in_call(self, conn: Any, own: list[Any]) -> Iterator[None]:
+        """The thread's own connection in a call (as in lock_call, which
+        spells this out: it is the locks' hot path)."""
+        own[2] = True
+        try:
+            yield
+        except BaseException as e:
+            err = self._drop(conn, own, e)
+            if err is e:
+                raise
+            raise err from e
+        finally:
+            own[2] = False
+
+    def _drop(self, conn: Any, own: Optional[list[Any]], e: BaseException) -> BaseException:
+        """A call on ``conn`` failed, perhaps leaving a reply unread: drop
+        the connection (the next call connects anew, and the server forgets
+        a blocked command of ours) and what went ahead on it; the error to
+        raise (redis-py's as ours)."""
+        conn.disconnect()
+        if own is not None:
+            own[5].clear()
+        return translate(e, self.url) if isinstance(e, redis.RedisError) else e
 
     def send_ahead(self, *command: Any) -> bool:
         """Send one command over the thread's own connection without
@@ -410,8 +436,7 @@ class Link:
             return False
         if len(own[5]) >= AHEAD_MAX:
             self.settle()
-        own[2] = True
-        try:
+        with self._in_call(conn, own):
             w = own[4]
             sock = getattr(conn, "_sock", None)
             if sock is not None and not own[5] and (w.readable() if w is not None and w.sock is sock
@@ -426,14 +451,6 @@ class Link:
             else:
                 conn.send_packed_command([_pack(command)], check_health=False)
             own[5].append(command)
-        except BaseException as e:
-            conn.disconnect()
-            own[5].clear()
-            if isinstance(e, redis.RedisError):
-                raise translate(e, self.url) from e
-            raise
-        finally:
-            own[2] = False
         return True
 
     def ahead(self) -> int:
@@ -449,18 +466,8 @@ class Link:
         got = getattr(self._own, "c", None)
         if got is None or got[0] != os.getpid() or not got[5] or got[2]:
             return None
-        conn = got[1]
-        got[2] = True
-        try:
-            return self._settle(conn, got)
-        except BaseException as e:
-            conn.disconnect()
-            got[5].clear()
-            if isinstance(e, redis.RedisError):
-                raise translate(e, self.url) from e
-            raise
-        finally:
-            got[2] = False
+        with self._in_call(got[1], got):
+            return self._settle(got[1], got)
 
     def _settle(self, conn: Any, own: list[Any]) -> Any:
         """(The thread's connection, in a call) read the replies of what
@@ -481,7 +488,7 @@ class Link:
                 failed = failed or e
         ahead.clear()
         for sha in dict.fromkeys(command[1] for command in again):
-            self.call(self.client.script_load, next(t for t, h in self._script_sha.items() if h == sha))
+            self._load(sha)
         for command in again:
             packed = _pack(command)
             if w is not None:
