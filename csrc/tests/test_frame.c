@@ -1665,6 +1665,49 @@ out:
     blobs_free(&rd.got);
 }
 
+/* ch_tx_post_each: each tx gets the frame as ch_tx_post would give it, the
+ * results in order, and the count of those negative or above the limit. */
+static void test_post_each(void)
+{
+    int fds[3][2] = {{-1, -1}, {-1, -1}, {-1, -1}};
+    ch_tx *txs[4] = {NULL, NULL, NULL, NULL};
+    int wfds[4];
+    int64_t out[4];
+    uint8_t f[64];
+    for (int i = 0; i < 3; i++) {
+        REQUIRE(new_pair(fds[i]) == 0);
+        wfds[i] = fds[i][0];
+    }
+    for (int i = 0; i < 4; i++)
+        REQUIRE(ch_tx_new(&txs[i]) == 0);
+    ch_tx_close(txs[3]); /* a worker that went: -EPIPE, its fd not touched */
+    wfds[3] = -1;
+    size_t len = seq_frame(f, 0, 20);
+    CHECK_EQ(ch_tx_post_each(txs, wfds, 0, f, len, 64, 0, out), 0);
+    CHECK_EQ(ch_tx_post_each(txs, wfds, 4, f, len, 64, 1000, out), 1);
+    for (int i = 0; i < 3; i++)
+        CHECK(out[i] >= 0 && out[i] <= (int64_t)(CH_FRAME_HEADER + len));
+    CHECK_EQ(out[3], -EPIPE);
+    /* a limit every result is above: all need attention */
+    CHECK_EQ(ch_tx_post_each(txs, wfds, 4, f, seq_frame(f, 1, 20), 64, -1, out), 4);
+    /* too large for max_len: refused on each, nothing queued */
+    CHECK_EQ(ch_tx_post_each(txs, wfds, 3, f, 40, 32, 1000, out), 3);
+    for (int i = 0; i < 3; i++)
+        CHECK_EQ(out[i], -EMSGSIZE);
+    for (int i = 0; i < 3; i++) {
+        REQUIRE(settle(txs[i], wfds[i], 0, 10000) == 0);
+        CHECK_EQ(unread(fds[i][1]), 2 * (int)(CH_FRAME_HEADER + 20));
+    }
+out:
+    for (int i = 0; i < 4; i++)
+        if (txs[i] != NULL) {
+            ch_tx_close(txs[i]);
+            ch_tx_free(txs[i]);
+        }
+    for (int i = 0; i < 3; i++)
+        close_pair(fds[i]);
+}
+
 /* envelope.h: the documented layout, ch_msg_put as the hand encoding, and
  * ch_msg_parse's bounds (a whole envelope, the declared name inside). */
 static void test_envelope_helpers(void)
@@ -2560,6 +2603,7 @@ static const struct test tests[] = {
     T(test_socketpair_flags),
     T(test_envelope_helpers),
     T(test_post_policy),
+    T(test_post_each),
     T(test_post_threads_order),
     T(test_post_burst_coalesces),
     T(test_post_stalled_socket),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno as _errno
 import functools
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from . import errors
 from ._core import ffi, lib
@@ -104,6 +104,29 @@ class PeerGone(Exception):
 
 
 _PEER_GONE = {-_errno.EPIPE, -_errno.ECONNRESET, -_errno.ENOTCONN, EOF, TRUNCATED}
+
+
+class Fanout:
+    """Several (Tx, fd) pairs that one C call posts a frame to
+    (``ch_tx_post_each``): a broadcast's fan-out without a Python call per
+    receiver.  Keeps its Tx objects, so their queues stay allocated."""
+
+    __slots__ = ("n", "_keep", "_txs", "_fds")
+
+    def __init__(self, pairs: "list[tuple[Tx, int]]") -> None:
+        self.n = len(pairs)
+        self._keep = [tx for tx, _ in pairs]
+        self._txs = ffi.new("ch_tx *[]", [tx._p for tx in self._keep] or 1)
+        self._fds = ffi.new("int[]", [fd for _, fd in pairs] or 1)
+
+    def post(self, payload: bytes, max_len: int, limit: int) -> Optional[list[int]]:
+        """Post ``payload`` (a whole frame's) to each, in order; None when
+        every post queued at most ``limit`` bytes, else every result (as
+        ``Tx.frame_poster``'s call returns it), in the pairs' order."""
+        out = ffi.new("int64_t[]", self.n or 1)
+        if not lib.ch_tx_post_each(self._txs, self._fds, self.n, payload, len(payload), max_len, limit, out):
+            return None
+        return list(out)[: self.n]
 
 
 class Tx:

@@ -98,6 +98,7 @@ class Processes:
         self.closed = False
         self.state_lock = threading.Lock()
         self.workers: dict[int, Worker] = {}  # live (the kernel has not reported an exit)
+        self._fan: Optional[tuple[list[Worker], _bindings.Fanout]] = None  # (see _fanout)
         self.unsettled: dict[int, Worker] = {}  # forked, on_exit callbacks not yet run
         # Every Worker handed out, while referenced: a pickled one comes back as itself.
         self.known: "weakref.WeakValueDictionary[int, Worker]" = weakref.WeakValueDictionary()
@@ -152,6 +153,7 @@ class Processes:
             w = Worker(wid, pid, self.wait_event, self.key)
             w.channel = self._channel(mfd, w, pid)
             self.workers[wid] = w
+            self._fan = None
             self.unsettled[wid] = w
             self.known[wid] = w
             self.exits.watch(w, os.pidfd_open(pid))
@@ -216,6 +218,7 @@ class Processes:
                 w.pidfd = os.dup(acc.pidfd)  # (ours for signals; the watcher owns acc's)
                 w.channel = self._channel(conn.detach(), w, acc.pid)
                 self.workers[w.id] = w
+                self._fan = None
                 self.unsettled[w.id] = w
                 self.known[w.id] = w
                 self.exits.watch(w, acc.pidfd)
@@ -282,6 +285,7 @@ class Processes:
                 w.channel.abandon()  # or a sibling would keep the master's end open
         self.exits.abandon()
         self.workers = {}
+        self._fan = None
         self.unsettled = {}
         self.known = weakref.WeakValueDictionary()
         self.exit_callbacks = []
@@ -379,6 +383,7 @@ class Processes:
             code = reap(w.pid) if w.pid is not None else None
         with self.state_lock:
             self.workers.pop(w.id, None)
+            self._fan = None
         w.set_exited(code)
         self.dispatcher.call_soon(lambda: self._settle(w))
 
@@ -423,6 +428,17 @@ class Processes:
         the workers whose queue is full get it last, as they make room, until
         ``timeout``: SendTimeout then names those it did not reach."""
         n = len(payload)
+        if timeout is None:
+            ws, fan = self._fanout()
+            got = fan.post(payload, self.max_len, self.max_queue)
+            if got is not None:  # (a queue over max_queue, or a post that failed)
+                for w, queued in zip(ws, got):
+                    if queued < 0 or queued > self.max_queue:
+                        try:
+                            w.channel.post_backlog(queued, n - _bindings.MSG_HEADER)  # type: ignore[union-attr]
+                        except WorkerDied:
+                            pass  # it is exiting; on_exit will report it
+            return
         full: list[Worker] = []
         for w in list(self.workers.values()):
             ch = w.channel
@@ -457,6 +473,20 @@ class Processes:
                 f"broadcast not sent to worker(s) {ids}: their queue stayed full for {timeout} s",
                 unreached,
             )
+
+    def _fanout(self) -> tuple[list[Worker], _bindings.Fanout]:
+        """The live workers with a channel, and their queues for one C
+        call to post a broadcast to.  Made again after ``workers`` changed:
+        each change sets ``_fan`` to None under ``state_lock``, which this
+        holds while it makes one (so a change made meanwhile is never
+        overwritten by a list made before it)."""
+        fan = self._fan
+        if fan is None:
+            with self.state_lock:
+                ws = [w for w in self.workers.values() if w.channel is not None]
+                fan = (ws, _bindings.Fanout([(w.channel.tx, w.channel.fd) for w in ws]))  # type: ignore[union-attr]
+                self._fan = fan
+        return fan
 
     def send_random(self, payload: bytes, timeout: Optional[float]) -> Optional[Worker]:
         """Post a whole message frame to one live worker chosen at random; it, or None."""

@@ -245,6 +245,34 @@ def test_worker_changes_do_not_affect_the_master(hub, reports):
     join_ok(w)
 
 
+def test_broadcasts_follow_the_workers_as_they_come_and_go(hub, reports):
+    """A broadcast goes to the workers live at the time (one C call posts it
+    to all: workers.Processes._fanout): a worker forked after earlier
+    broadcasts gets the later ones, and after a worker exited the others
+    still get every broadcast."""
+    hub.on("b", lambda data, sender: reports.put("b", hub.worker_id, data))
+
+    def got(n):
+        return sorted(reports.get()[1:] for _ in range(n))
+
+    first = hub.fork(lambda: threading.Event().wait(30))
+    hub.send_to_workers("b", 1)
+    assert got(1) == [(first.id, 1)]
+    second = hub.fork(lambda: threading.Event().wait(30))
+    hub.send_to_workers("b", 2)
+    assert got(2) == [(first.id, 2), (second.id, 2)]
+    first.kill()
+    join_ok(first, -9)
+    hub.send_to_workers("b", 3)
+    assert got(1) == [(second.id, 3)]
+    third = hub.fork(lambda: threading.Event().wait(30))
+    hub.send_to_workers("b", 4)
+    assert got(2) == [(second.id, 4), (third.id, 4)]
+    for w in (second, third):
+        w.kill()
+        join_ok(w, -9)
+
+
 # ---- a worker exiting meanwhile -------------------------------------------------------
 
 
