@@ -747,11 +747,17 @@ void ch_tx_writer_stats(ch_writer_stats *out)
 /* See ch_tx_post for the policy.  Under tx->mu; *wake as writer_need_wake. */
 static int64_t tx_post(ch_tx *tx, int fd, struct iovec *iov, int cnt, int *wake)
 {
-    if (tx_queued(tx) == 0 && !tx->owned && mono_ns() - tx->last_direct > CH_TX_POST_WINDOW_NS)
-        return tx_sendv(tx, fd, iov, cnt);
-    int r = tx_append(tx, iov, cnt);
-    if (r < 0)
-        return r;
+    if (tx_queued(tx) == 0 && !tx->owned && mono_ns() - tx->last_direct > CH_TX_POST_WINDOW_NS) {
+        int64_t d = tx_sendv(tx, fd, iov, cnt);
+        if (d <= 0) /* all written, or an error */
+            return d;
+        /* The socket was full: the rest goes to the writer too (it waits for
+         * POLLOUT), or nobody would write it before the next send. */
+    } else {
+        int r = tx_append(tx, iov, cnt);
+        if (r < 0)
+            return r;
+    }
     if (!tx->owned) { /* (so the writer is not writing: owned covers writing) */
         if (writer_schedule(tx, fd, wake) < 0) /* no writer thread: do as ch_tx_send */
             return tx_write(tx, fd);

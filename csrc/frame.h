@@ -152,7 +152,8 @@ int64_t ch_tx_flush(ch_tx *tx, int fd);
  * When the queue is empty, the writer is not responsible for tx, and the last
  * direct write on tx (by a send or a post) is more than CH_TX_POST_WINDOW_NS
  * old, the frame is sent right away exactly as ch_tx_send would (a lone
- * message pays no hand-over latency).  Otherwise it is appended to the queue
+ * message pays no hand-over latency), and what the socket does not take then
+ * is left to the writer thread as below.  Otherwise it is appended to the queue
  * without a syscall and the writer thread becomes responsible for the queue:
  * it writes everything queued on tx, in order, and when the socket is full it
  * waits for POLLOUT itself.  Waking the writer costs one eventfd write, and

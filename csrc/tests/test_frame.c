@@ -1665,6 +1665,46 @@ out:
     blobs_free(&rd.got);
 }
 
+/* A direct post (the tx idle) of a frame larger than the socket takes, the
+ * peer not reading: the writer thread owns the rest and writes it once the
+ * peer reads, with no flush by the caller (before, nobody wrote it until the
+ * next send or post on that tx). */
+static void test_post_direct_rest_goes_to_the_writer(void)
+{
+    reader rd = {0};
+    int fds[2] = {-1, -1}, started = 0;
+    ch_tx *tx = NULL;
+    size_t len = 4u << 20;
+    uint8_t *f = malloc(len);
+    REQUIRE(f != NULL);
+    REQUIRE(new_pair(fds) == 0);
+    REQUIRE(ch_tx_new(&tx) == 0);
+    sleep_us(200); /* (past CH_TX_POST_WINDOW_NS since the tx was made) */
+    int64_t q = ch_tx_post(tx, fds[0], f, seq_frame(f, 0, len), len);
+    CHECK(q > 0);                    /* the socket took part of it */
+    CHECK_EQ(ch_tx_unowned(tx), 0);  /* the rest is the writer's */
+    REQUIRE(reader_start(&rd, fds[1], len, 0) == 0);
+    started = 1;
+    int64_t deadline = now_ns() + 10 * 1000000000LL;
+    while (ch_tx_pending(tx) > 0 && now_ns() < deadline)
+        sleep_us(200);
+    CHECK_EQ(ch_tx_pending(tx), 0);
+    ch_tx_close(tx);
+    close(fds[0]);
+    fds[0] = -1;
+    pthread_join(rd.th, NULL);
+    started = 0;
+    CHECK_EQ(rd.end, CH_ERR_EOF);
+    CHECK(rd.got.n == 1 && rd.got.v[0].len == len && seq_frame_ok(rd.got.v[0].p, len, 0));
+out:
+    if (started)
+        pthread_join(rd.th, NULL);
+    close_pair(fds);
+    ch_tx_free(tx);
+    blobs_free(&rd.got);
+    free(f);
+}
+
 /* ch_tx_post_each: each tx gets the frame as ch_tx_post would give it, the
  * results in order, and the count of those negative or above the limit. */
 static void test_post_each(void)
@@ -2604,6 +2644,7 @@ static const struct test tests[] = {
     T(test_envelope_helpers),
     T(test_post_policy),
     T(test_post_each),
+    T(test_post_direct_rest_goes_to_the_writer),
     T(test_post_threads_order),
     T(test_post_burst_coalesces),
     T(test_post_stalled_socket),

@@ -358,6 +358,31 @@ def test_custom_serializer(make_hub, reports):
     join_ok(w)
 
 
+@pytest.mark.parametrize("how", ["send_to_worker", "send_to_workers"])
+def test_a_message_larger_than_the_socket_arrives_when_the_reader_resumes(hub, reports, how):
+    """A one-way message (or broadcast) larger than the socket holds, sent
+    while the worker does not read (SIGSTOP) and nothing else is queued to
+    it: once the worker reads again it arrives whole, with nothing else sent
+    after it (the C writer thread writes the rest; it used to stay queued
+    until the next message to that worker)."""
+    hub.on("big", lambda data, sender: reports.put("big", len(data)))
+    w = hub.fork(lambda: threading.Event().wait(30))
+    hub.send_to_worker(w, "big", b"")
+    assert reports.get() == ("big", 0)
+    os.kill(w.pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.01)  # (the channel idle: the message is written directly, as much as fits)
+        if how == "send_to_worker":
+            hub.send_to_worker(w, "big", b"x" * 3_000_000)
+        else:
+            hub.send_to_workers("big", b"x" * 3_000_000)
+    finally:
+        os.kill(w.pid, signal.SIGCONT)
+    assert reports.get(timeout=10) == ("big", 3_000_000)
+    w.kill()
+    join_ok(w, -9)
+
+
 def test_max_queue_blocks_the_sender_then_worker_died(make_hub, reports):
     """A sender to a worker that does not read blocks once max_queue bytes are
     queued (memory stays bounded), and raises WorkerDied when that worker is
