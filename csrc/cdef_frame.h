@@ -27,8 +27,9 @@ int64_t ch_tx_post(ch_tx *tx, int fd, const uint8_t *payload, size_t len, size_t
 int64_t ch_tx_post_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_t origin,
                        uint64_t rid, const uint8_t *name, size_t name_len,
                        const uint8_t *body, size_t body_len);
-size_t ch_tx_post_each(ch_tx *const *txs, const int *fds, size_t n, const uint8_t *payload,
-                       size_t len, size_t max_len, int64_t limit, int64_t *out);
+size_t ch_tx_post_each(ch_tx *const *txs, const int *fds, size_t n, const ch_tx *skip,
+                       const uint8_t *payload, size_t len, size_t max_len, int64_t limit,
+                       int64_t *out);
 size_t ch_tx_pending(const ch_tx *tx);
 size_t ch_tx_unowned(const ch_tx *tx);
 typedef struct {

@@ -819,12 +819,13 @@ int64_t ch_tx_post(ch_tx *tx, int fd, const uint8_t *payload, size_t len, size_t
     return tx_frame(tx, fd, payload, len, max_len, 1);
 }
 
-size_t ch_tx_post_each(ch_tx *const *txs, const int *fds, size_t n, const uint8_t *payload,
-                       size_t len, size_t max_len, int64_t limit, int64_t *out)
+size_t ch_tx_post_each(ch_tx *const *txs, const int *fds, size_t n, const ch_tx *skip,
+                       const uint8_t *payload, size_t len, size_t max_len, int64_t limit,
+                       int64_t *out)
 {
     size_t attention = 0;
     for (size_t i = 0; i < n; i++) {
-        out[i] = tx_frame(txs[i], fds[i], payload, len, max_len, 1);
+        out[i] = txs[i] == skip ? 0 : tx_frame(txs[i], fds[i], payload, len, max_len, 1);
         if (out[i] < 0 || out[i] > limit)
             attention++;
     }

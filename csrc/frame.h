@@ -188,17 +188,20 @@ int64_t ch_tx_post_msg(ch_tx *tx, int fd, size_t max_len, unsigned kind, uint32_
 
 /*
  * A broadcast: ch_tx_post(txs[i], fds[i], payload, len, max_len) for each i
- * in 0..n-1, in that order, each result (bytes queued on that tx, or a
- * negative errno as ch_tx_post returns it) written to out[i].  One call where
- * a loop of posts from Python cost about 0.5 us per tx.  Returns how many
- * results need the caller's attention: negative, or above `limit` (the
- * caller's bound on queued bytes).  The arrays are the caller's, read or
- * written only during the call; every txs[i] must stay valid meanwhile (a
- * closed one is fine: -EPIPE).  Never blocks (except on each tx's mutex, see
- * ch_tx_post).  Any thread.
+ * in 0..n-1, in that order, but for txs[i] == skip (NULL: none; a relayed
+ * broadcast leaves out the tx of the worker it came from), each result
+ * (bytes queued on that tx, or a negative errno as ch_tx_post returns it;
+ * 0 for the skipped one) written to out[i].  One call where a loop of posts
+ * from Python cost about 0.5 us per tx.  Returns how many results need the
+ * caller's attention: negative, or above `limit` (the caller's bound on
+ * queued bytes).  The arrays are the caller's, read or written only during
+ * the call; every txs[i] must stay valid meanwhile (a closed one is fine:
+ * -EPIPE).  Never blocks (except on each tx's mutex, see ch_tx_post).  Any
+ * thread.
  */
-size_t ch_tx_post_each(ch_tx *const *txs, const int *fds, size_t n, const uint8_t *payload,
-                       size_t len, size_t max_len, int64_t limit, int64_t *out);
+size_t ch_tx_post_each(ch_tx *const *txs, const int *fds, size_t n, const ch_tx *skip,
+                       const uint8_t *payload, size_t len, size_t max_len, int64_t limit,
+                       int64_t *out);
 
 /* Bytes queued and not yet written (by anyone), including those the writer
  * thread is writing at the moment (until its sendmsg returns). */

@@ -1723,20 +1723,23 @@ static void test_post_each(void)
     ch_tx_close(txs[3]); /* a worker that went: -EPIPE, its fd not touched */
     wfds[3] = -1;
     size_t len = seq_frame(f, 0, 20);
-    CHECK_EQ(ch_tx_post_each(txs, wfds, 0, f, len, 64, 0, out), 0);
-    CHECK_EQ(ch_tx_post_each(txs, wfds, 4, f, len, 64, 1000, out), 1);
+    CHECK_EQ(ch_tx_post_each(txs, wfds, 0, NULL, f, len, 64, 0, out), 0);
+    CHECK_EQ(ch_tx_post_each(txs, wfds, 4, NULL, f, len, 64, 1000, out), 1);
     for (int i = 0; i < 3; i++)
         CHECK(out[i] >= 0 && out[i] <= (int64_t)(CH_FRAME_HEADER + len));
     CHECK_EQ(out[3], -EPIPE);
     /* a limit every result is above: all need attention */
-    CHECK_EQ(ch_tx_post_each(txs, wfds, 4, f, seq_frame(f, 1, 20), 64, -1, out), 4);
+    CHECK_EQ(ch_tx_post_each(txs, wfds, 4, NULL, f, seq_frame(f, 1, 20), 64, -1, out), 4);
     /* too large for max_len: refused on each, nothing queued */
-    CHECK_EQ(ch_tx_post_each(txs, wfds, 3, f, 40, 32, 1000, out), 3);
+    CHECK_EQ(ch_tx_post_each(txs, wfds, 3, NULL, f, 40, 32, 1000, out), 3);
     for (int i = 0; i < 3; i++)
         CHECK_EQ(out[i], -EMSGSIZE);
+    /* one left out (a relay skips its origin): 0 there, nothing sent to it */
+    CHECK_EQ(ch_tx_post_each(txs, wfds, 3, txs[1], f, seq_frame(f, 2, 20), 64, 1000, out), 0);
+    CHECK_EQ(out[1], 0);
     for (int i = 0; i < 3; i++) {
         REQUIRE(settle(txs[i], wfds[i], 0, 10000) == 0);
-        CHECK_EQ(unread(fds[i][1]), 2 * (int)(CH_FRAME_HEADER + 20));
+        CHECK_EQ(unread(fds[i][1]), (i == 1 ? 2 : 3) * (int)(CH_FRAME_HEADER + 20));
     }
 out:
     for (int i = 0; i < 4; i++)

@@ -119,12 +119,14 @@ class Fanout:
         self._txs = ffi.new("ch_tx *[]", [tx._p for tx in self._keep] or 1)
         self._fds = ffi.new("int[]", [fd for _, fd in pairs] or 1)
 
-    def post(self, payload: bytes, max_len: int, limit: int) -> Optional[list[int]]:
-        """Post ``payload`` (a whole frame's) to each, in order; None when
-        every post queued at most ``limit`` bytes, else every result (as
-        ``Tx.frame_poster``'s call returns it), in the pairs' order."""
+    def post(self, payload: bytes, max_len: int, limit: int, skip: Optional["Tx"] = None) -> Optional[list[int]]:
+        """Post ``payload`` (a whole frame's) to each but ``skip``, in
+        order; None when every post queued at most ``limit`` bytes, else
+        every result (as ``Tx.frame_poster``'s call returns it; 0 for
+        ``skip``), in the pairs' order."""
         out = ffi.new("int64_t[]", self.n or 1)
-        if not lib.ch_tx_post_each(self._txs, self._fds, self.n, payload, len(payload), max_len, limit, out):
+        if not lib.ch_tx_post_each(self._txs, self._fds, self.n, ffi.NULL if skip is None else skip._p,
+                                   payload, len(payload), max_len, limit, out):
             return None
         return list(out)[: self.n]
 

@@ -222,15 +222,14 @@ class Router:
         """Pass a worker's broadcast on.  The relay cannot block (it runs
         where frames are read): a target over max_queue instead holds back
         the origin's input until it drained, so the origin's sender blocks."""
-        for w in list(self.procs.workers.values()):
+        procs = self.procs
+        ws, fan = procs.fanout()  # (one C call posts it to all but the origin)
+        got = fan.post(payload, procs.max_len, procs.max_queue, origin.tx)
+        if got is None:
+            return
+        for w, queued in zip(ws, got):
             ch = w.channel
-            if ch is origin or ch is None or ch.closed:
-                continue
-            try:
-                ch.send_frame(payload, wait=False)
-            except PeerDied:
-                continue
-            if ch.pending() > ch.max_queue:
+            if ch is not None and ch is not origin and queued > ch.max_queue:  # (< 0: it is gone)
                 ch.held_back.add(origin)
                 origin.blockers.add(ch)
 

@@ -98,7 +98,7 @@ class Processes:
         self.closed = False
         self.state_lock = threading.Lock()
         self.workers: dict[int, Worker] = {}  # live (the kernel has not reported an exit)
-        self._fan: Optional[tuple[list[Worker], _bindings.Fanout]] = None  # (see _fanout)
+        self._fan: Optional[tuple[list[Worker], _bindings.Fanout]] = None  # (see fanout)
         self.unsettled: dict[int, Worker] = {}  # forked, on_exit callbacks not yet run
         # Every Worker handed out, while referenced: a pickled one comes back as itself.
         self.known: "weakref.WeakValueDictionary[int, Worker]" = weakref.WeakValueDictionary()
@@ -429,7 +429,7 @@ class Processes:
         ``timeout``: SendTimeout then names those it did not reach."""
         n = len(payload)
         if timeout is None:
-            ws, fan = self._fanout()
+            ws, fan = self.fanout()
             got = fan.post(payload, self.max_len, self.max_queue)
             if got is not None:  # (a queue over max_queue, or a post that failed)
                 for w, queued in zip(ws, got):
@@ -474,9 +474,9 @@ class Processes:
                 unreached,
             )
 
-    def _fanout(self) -> tuple[list[Worker], _bindings.Fanout]:
+    def fanout(self) -> tuple[list[Worker], _bindings.Fanout]:
         """The live workers with a channel, and their queues for one C
-        call to post a broadcast to.  Made again after ``workers`` changed:
+        call to post a broadcast (or a relayed one) to.  Made again after ``workers`` changed:
         each change sets ``_fan`` to None under ``state_lock``, which this
         holds while it makes one (so a change made meanwhile is never
         overwritten by a list made before it)."""

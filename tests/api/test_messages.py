@@ -247,7 +247,7 @@ def test_worker_changes_do_not_affect_the_master(hub, reports):
 
 def test_broadcasts_follow_the_workers_as_they_come_and_go(hub, reports):
     """A broadcast goes to the workers live at the time (one C call posts it
-    to all: workers.Processes._fanout): a worker forked after earlier
+    to all: workers.Processes.fanout): a worker forked after earlier
     broadcasts gets the later ones, and after a worker exited the others
     still get every broadcast."""
     hub.on("b", lambda data, sender: reports.put("b", hub.worker_id, data))
