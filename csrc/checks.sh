@@ -95,7 +95,18 @@ run_driver() { # name sources...
     fi
 }
 
+# test_post_fork forks while other threads of the driver run; under clang 14's
+# ASan a child can inherit the sanitizer allocator's lock held by one of them
+# and hang in its first malloc or free (seen with gdb: the child's threads in
+# SizeClassAllocator64::GetFromAllocator; with glibc's malloc, which fork
+# makes safe, 0 failures in 30 runs).  So it runs in a build of its own
+# without sanitizers, and the sanitized run leaves it out.
+export CH_TEST_SKIP=test_post_fork
 run_driver test_frame "$csrc/tests/test_frame.c" "$csrc/frame.c"
+unset CH_TEST_SKIP
+log "test_frame test_post_fork (no sanitizer: see above)"
+"$CC" "${WARN[@]}" -O2 -g -I"$csrc" "$csrc/tests/test_frame.c" "$csrc/frame.c" -pthread -o "$tmp/test_frame-plain"
+(cd "$tmp" && ./test_frame-plain test_post_fork)
 if [ -f "$csrc/tests/test_locktable.c" ]; then
     run_driver test_locktable "$csrc/tests/test_locktable.c" "$csrc/locktable.c"
 else
