@@ -496,6 +496,36 @@ def test_broadcasts_sent_ahead_keep_each_threads_order(redis_server: RedisServer
         master.close()
 
 
+def test_messages_sent_ahead_keep_their_order_with_requests(redis_server: RedisServer, procs: Procs,
+                                                            reports: Reports) -> None:
+    """A worker's one-way messages go ahead of the server's answers; its
+    requests, made in between, wait for theirs: the master sees all of
+    them in the order the worker made them, and the requests answered."""
+    url = redis_server.url("oneway")
+    master = clusterhub.Hub(address=url, lease=LEASE, authkey=b"s")
+    try:
+        seen: list[int] = []
+        done = threading.Event()
+        master.on("n", lambda d, s: (seen.append(d), d == 998 and done.set()))
+        master.on("echo", lambda d, s: (seen.append(d), d)[1])
+
+        def worker() -> None:
+            hub = clusterhub.connect(url, timeout=10, authkey=b"s")
+            for i in range(1000):
+                if i % 50 == 49:
+                    assert hub.request_master("echo", i).result(10) == i
+                else:
+                    hub.send_to_master("n", i)
+            hub.close()
+
+        pid = procs.start(worker)
+        assert done.wait(30)
+        procs.join(pid)
+        assert seen == list(range(1000))
+    finally:
+        master.close()
+
+
 def test_broadcasts_sent_ahead_reach_the_server_when_the_process_exits(redis_server: RedisServer, procs: Procs,
                                                                       reports: Reports) -> None:
     """A process that broadcasts and then exits without closing its hub

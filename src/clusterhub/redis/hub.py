@@ -261,7 +261,7 @@ class RedisHub(Hub):
             self._dispatcher.post((name, data, None, None))
             return
         entry = self._mail.entry(protocol.MSG, 0, protocol.encode_name(name), self._dumps(data))
-        self._mail.send("M", entry, _master_died, deadline, timeout=timeout)
+        self._mail.send("M", entry, _master_died, deadline, timeout=timeout, ahead=self._known_master != 0)
 
     def send_to_worker(self, worker: WorkerRef, name: str, data: Any = None, *,
                        timeout: Optional[float] = None) -> None:
@@ -269,7 +269,7 @@ class RedisHub(Hub):
         deadline = _deadline(timeout)
         w = self._worker(worker)
         entry = self._mail.entry(protocol.MSG, 0, protocol.encode_name(name), self._dumps(data))
-        self._mail.send(w.id, entry, self._died(w.id), deadline, timeout=timeout)
+        self._mail.send(w.id, entry, self._died(w.id), deadline, timeout=timeout, ahead=True)
 
     def send_to_workers(self, name: str, data: Any = None, *, timeout: Optional[float] = None) -> None:
         self._check()

@@ -459,17 +459,18 @@ class Link:
         got = getattr(self._own, "c", None)
         return len(got[5]) if got is not None and got[0] == os.getpid() else 0
 
-    def settle(self) -> Any:
+    def settle(self) -> list[tuple[tuple[Any, ...], Any]]:
         """Read the replies of the calling thread's commands sent ahead
-        (blocking until the last has come); the last one (None: none was
-        unread).  Raises the first that failed, once all are read."""
+        (blocking until the last has come): (command, reply) of each that
+        succeeded, in the order they ran.  Raises the first that failed,
+        once all are read."""
         got = getattr(self._own, "c", None)
         if got is None or got[0] != os.getpid() or not got[5] or got[2]:
-            return None
+            return []
         with self._in_call(got[1], got):
             return self._settle(got[1], got)
 
-    def _settle(self, conn: Any, own: list[Any]) -> Any:
+    def _settle(self, conn: Any, own: list[Any]) -> list[tuple[tuple[Any, ...], Any]]:
         """(The thread's connection, in a call) read the replies of what
         went ahead, in order.  A script the server did not have (flushed)
         is loaded and its calls are made again, in their order, after the
@@ -478,10 +479,10 @@ class Link:
         w = own[4] if own[4] is not None and own[4].sock is conn._sock else None
         again: list[Any] = []
         failed: Optional[redis.RedisError] = None
-        last: Any = None
+        done: list[tuple[tuple[Any, ...], Any]] = []
         for command in ahead:
             try:
-                last = conn.read_response() if w is None else w.read()
+                done.append((command, conn.read_response() if w is None else w.read()))
             except redis.exceptions.NoScriptError:
                 again.append(command)
             except redis.ResponseError as e:
@@ -496,13 +497,13 @@ class Link:
             else:
                 conn.send_packed_command([packed], check_health=False)
             try:
-                last = conn.read_response() if w is None else w.read()
+                done.append((command, conn.read_response() if w is None else w.read()))
             except redis.ResponseError as e:
                 failed = failed or e
         if failed is not None:
             log.warning("clusterhub: a command sent ahead failed: %s", failed)
             raise failed
-        return last
+        return done
 
     def script(self, text: str, keys: list[Any], args: list[Any], then: Optional[tuple[Any, ...]] = None) -> Any:
         """A lock script over the thread's own connection (``then``, a

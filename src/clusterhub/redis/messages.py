@@ -197,7 +197,9 @@ class Mail:
         self.master_id = 0  # (a worker) the master its last send reached
         self._stop = threading.Event()
         self.outbox = Outbox(f"clusterhub-outbox-{link.proc_id}")
-        self._rooms = threading.local()  # per thread: see _room, _ahead
+        self._rooms = threading.local()  # per thread: see _room, _slack
+        self._sha_send = link._script_sha[scripts.SEND]
+        self._sha_broadcast = link._script_sha[scripts.BROADCAST]
         # Reading (see below): the inbox's connection and its state.
         self.reader = threading.Lock()
         self._leader: Optional[int] = None  # (the thread reading for its reply)
@@ -243,13 +245,18 @@ class Mail:
 
     def send(self, target: "int | str", entry: bytes, dead: Callable[[], PeerDied],
              deadline: Optional[float] = None, bounded: bool = True, timeout: Optional[float] = None,
-             expect: Optional[int] = None) -> int:
+             expect: Optional[int] = None, ahead: bool = False) -> int:
         """Put ``entry`` in the inbox of process ``target`` ('M': the
         master's); the id it went to.  While that inbox is over max_queue
         (``bounded``) wait for room, until ``deadline`` (SendTimeout, nothing
         sent); ``dead()`` is raised when the process is not alive.  With
         'M' and ``expect``, nothing is sent when the master is another
-        process: its id is returned (the caller tells by the id)."""
+        process: its id is returned (the caller tells by the id).
+
+        ``ahead`` (a plain message to a process this one knows alive): it
+        may go ahead of the server's answer (see :meth:`_ahead`); should
+        the receiver's lease have run out meanwhile, the message is dropped
+        as it would be in its inbox."""
         link = self.link
         mq = self.max_queue if bounded else -1
         args = [link.prefix, target, mq, self._room(), entry]
@@ -257,11 +264,16 @@ class Mail:
             args.append(expect)
         if not self.outbox.drain(deadline):
             raise SendTimeout(f"this thread's earlier requests and replies were not sent within {timeout} s")
+        if ahead and bounded and expect is None and self._ahead(entry, target):
+            return self.master_id if target == "M" else int(target)
         while True:
-            status, tid = link.script(scripts.SEND, [], args)
+            got = link.script(scripts.SEND, [], args)
+            status, tid = got[0], got[1]
             if status >= 1:
                 if target == "M":
                     self.master_id = tid
+                if status == 1 and bounded:
+                    self._set_slack(target, got[2])
                 return int(tid)
             if status < 0:
                 raise dead()
@@ -271,22 +283,20 @@ class Mail:
         """To every live worker but this process; the ids it did not reach
         by ``deadline`` (None: it waits for room as long as it takes).
 
-        A broadcast that cannot take any inbox past max_queue (by what the
-        server said of the fullest one at the thread's last broadcast it
-        waited for) goes ahead, without waiting for the server's answer
-        (see :meth:`_ahead`)."""
+        A broadcast that cannot take any inbox past max_queue goes ahead,
+        without waiting for the server's answer (see :meth:`_ahead`)."""
         link = self.link
         targets: list[int] = []
         if not self.outbox.drain(deadline):
             raise SendTimeout(f"this thread's earlier requests and replies were not sent within {timeout} s")
-        if self._ahead(entry):
+        if self._ahead(entry, None):
             return []
         while True:
             top, full = link.script(scripts.BROADCAST, [],
                                     [link.prefix, link.proc_id, self.max_queue, self._room(), entry, *targets])
             if not full:
                 if not targets:
-                    self._set_slack(top)
+                    self._set_slack(None, top)
                 return []
             try:
                 self._wait_room(deadline, timeout)
@@ -294,45 +304,81 @@ class Mail:
                 return [int(t) for t in full]
             targets = full
 
-    def _ahead(self, entry: bytes) -> bool:
-        """Send a broadcast ahead (with no bound: the script never refuses
-        it) when it fits in the thread's slack: at most AHEAD_BYTES, and no
-        more than the room the fullest inbox had at the thread's last
-        broadcast answered, less what went ahead since.  So one thread
-        takes no inbox past max_queue, and several together by at most
-        AHEAD_BYTES each.  Whether it went.
+    # Sending ahead.  A thread's slack (``_slack()``): ``all``, the room the
+    # fullest inbox had at its last broadcast answered, and ``to[target]``,
+    # the room of that inbox at its last message to it answered; each at
+    # most AHEAD_BYTES, less what went ahead since.  A message goes ahead
+    # when it fits in its receiver's; a broadcast when it fits in ``all``
+    # and in every receiver's the thread has; each takes what it sends
+    # from every slack it may have gone to.  So a thread's sends ahead take
+    # no inbox past max_queue, and several threads' by at most AHEAD_BYTES
+    # each.
 
-        What this saves: a round trip per broadcast, and the wake-ups of
+    def _ahead(self, entry: bytes, target: "int | str | None") -> bool:
+        """Send a message to ``target`` (None: a broadcast) ahead, with no
+        bound (the script never refuses it), when it fits in the thread's
+        slack; whether it went.
+
+        What this saves: a round trip per message, and the wake-ups of
         waiting for it, which on a busy host cost the sender and the server
-        more than the broadcast itself (measured in the broadcast
-        benchmark: about half the CPU time per broadcast over all
-        processes)."""
+        more than the message itself (measured in the broadcast benchmark:
+        about half the CPU time per broadcast over all processes)."""
         n = len(entry)
-        t = self._rooms
-        if getattr(t, "pid", 0) != os.getpid():
-            t.pid, t.slack = os.getpid(), 0
+        t = self._slack()
         link = self.link
-        if n > t.slack or link.ahead() >= AHEAD_MAX:
-            t.slack = 0
-            answer = link.settle()
-            if answer is not None:
-                self._set_slack(answer[0])
-            if n > t.slack:
+        if n > self._fits(t, target) or link.ahead() >= AHEAD_MAX:
+            t.all = 0
+            t.to.clear()
+            for command, reply in link.settle():
+                if command[1] == self._sha_broadcast:
+                    self._set_slack(None, reply[0])
+                elif reply[0] == 1:
+                    self._set_slack(command[4], reply[2])
+                elif reply[0] < 0:
+                    log.debug("clusterhub: a message sent ahead to process %s was dropped: it is gone", reply[1])
+            if n > self._fits(t, target):
                 return False
-        if not link.send_ahead("EVALSHA", link._script_sha[scripts.BROADCAST], 0, link.prefix, link.proc_id,
-                               -1, self._room(), entry):
+        if target is None:
+            sent = link.send_ahead("EVALSHA", self._sha_broadcast, 0, link.prefix, link.proc_id, -1,
+                                   self._room(), entry)
+        else:
+            sent = link.send_ahead("EVALSHA", self._sha_send, 0, link.prefix, target, -1, self._room(), entry)
+        if not sent:
             return False
-        t.slack -= n
+        t.all -= n
+        if target is None:
+            for k in t.to:
+                t.to[k] -= n
+        else:
+            t.to[target] -= n
         return True
 
-    def _set_slack(self, top: int) -> None:
-        """The thread's slack (see _ahead), from what the server said of
-        the fullest inbox a broadcast of it went to."""
+    @staticmethod
+    def _fits(t: Any, target: "int | str | None") -> int:
+        """The most a message to ``target`` (None: a broadcast) may send ahead now."""
+        if target is not None:
+            return int(t.to.get(target, 0))
+        return min(t.all, *t.to.values()) if t.to else int(t.all)
+
+    def _slack(self) -> Any:
+        """The calling thread's slack (made anew in a forked child)."""
         t = self._rooms
-        t.pid, t.slack = os.getpid(), min(AHEAD_BYTES, self.max_queue - int(top))
+        if getattr(t, "pid", 0) != os.getpid():
+            t.pid, t.all, t.to = os.getpid(), 0, {}
+        return t
+
+    def _set_slack(self, target: "int | str | None", queued: int) -> None:
+        """A slack from what the server said: the bytes now counted in
+        ``target``'s inbox (None: the fullest a broadcast went to)."""
+        t = self._slack()
+        room = min(AHEAD_BYTES, self.max_queue - int(queued))
+        if target is None:
+            t.all = room
+        else:
+            t.to[target] = room
 
     def settle(self) -> None:
-        """Wait for the server's answers to the thread's broadcasts sent
+        """Wait for the server's answers to the thread's messages sent
         ahead (before its messages go another way than its own connection,
         or the hub closes)."""
         if self.link.ahead():

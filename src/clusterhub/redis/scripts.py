@@ -245,9 +245,10 @@ end
 # (bytes; -1: none), our wake-up list for room, the entry, and with 'M'
 # optionally the master's id we expect (a request: its reply must be
 # matched to the master that gets it).
-# -> {1, receiver} delivered; {0, receiver} its inbox is full (we are told
-#    of room on our list); {-1, receiver or 0} it is not alive; {2, master}
-#    not sent: the master is another than expected.
+# -> {1, receiver, the bytes now counted in its inbox} delivered; {0,
+#    receiver} its inbox is full (we are told of room on our list); {-1,
+#    receiver or 0} it is not alive; {2, master} not sent: the master is
+#    another than expected.
 SEND = _DELIVER + """
 local P, t = ARGV[1], ARGV[2]
 if t == 'M' then
@@ -257,7 +258,8 @@ if t == 'M' then
 end
 local ttl = redis.call('PTTL', P .. 'proc:' .. t)
 if ttl <= 0 then return {-1, tonumber(t)} end
-return {deliver(P, t, ttl, tonumber(ARGV[3]), ARGV[4], ARGV[5]), tonumber(t)}
+local ok = deliver(P, t, ttl, tonumber(ARGV[3]), ARGV[4], ARGV[5])
+return {ok, tonumber(t), ok == 1 and queued or 0}
 """
 
 # A broadcast, fanned out here: one entry to every live process but the
