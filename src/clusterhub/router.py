@@ -229,7 +229,7 @@ class Router:
             return
         for w, queued in zip(ws, got):
             ch = w.channel
-            if ch is not None and ch is not origin and queued > ch.max_queue:  # (< 0: it is gone)
+            if ch is not None and queued > ch.max_queue:  # (< 0: it is gone; the origin's is 0)
                 ch.held_back.add(origin)
                 origin.blockers.add(ch)
 

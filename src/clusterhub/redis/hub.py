@@ -680,7 +680,7 @@ class RedisHub(Hub):
         check_timeout(timeout)
         self._rlocks.retire()
         try:
-            self._mail.settle()  # (what this thread sent ahead: run before what follows)
+            self._link.settle()  # (what this thread sent ahead: run before what follows)
         except HubError as e:
             log.warning("clusterhub: closing %r: %s", self, e)
         self._stop_forked(timeout)

@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, AsyncGenerator, Callable, Iterator, Optional, TypeVar
+from typing import Any, AsyncGenerator, Callable, NoReturn, Optional, TypeVar
 
 try:
     import redis
@@ -382,10 +382,7 @@ class Link:
                     return first
                 return first, conn.read_response() if w is None else w.read()
         except BaseException as e:
-            err = self._drop(conn, own, e)
-            if err is e:
-                raise
-            raise err from e
+            self._drop(conn, own, e)
         finally:
             if own is not None:
                 own[2] = False
@@ -396,30 +393,17 @@ class Link:
         """Load the script of ``sha`` (the server had lost it)."""
         self.call(self.client.script_load, next(t for t, h in self._script_sha.items() if h == sha))
 
-    @contextlib.contextmanager
-    def _in_call(self, conn: Any, own: list[Any]) -> Iterator[None]:
-        """The thread's own connection in a call (as in lock_call, which
-        spells this out: it is the locks' hot path)."""
-        own[2] = True
-        try:
-            yield
-        except BaseException as e:
-            err = self._drop(conn, own, e)
-            if err is e:
-                raise
-            raise err from e
-        finally:
-            own[2] = False
-
-    def _drop(self, conn: Any, own: Optional[list[Any]], e: BaseException) -> BaseException:
-        """A call on ``conn`` failed, perhaps leaving a reply unread: drop
-        the connection (the next call connects anew, and the server forgets
-        a blocked command of ours) and what went ahead on it; the error to
-        raise (redis-py's as ours)."""
+    def _drop(self, conn: Any, own: Optional[list[Any]], e: BaseException) -> NoReturn:
+        """(In the ``except`` of a call on ``conn``, perhaps leaving a reply
+        unread) drop the connection (the next call connects anew, and the
+        server forgets a blocked command of ours) and what went ahead on
+        it; raise ``e``, redis-py's errors as ours."""
         conn.disconnect()
         if own is not None:
             own[5].clear()
-        return translate(e, self.url) if isinstance(e, redis.RedisError) else e
+        if isinstance(e, redis.RedisError):
+            raise translate(e, self.url) from e
+        raise e
 
     def send_ahead(self, *command: Any) -> bool:
         """Send one command over the thread's own connection without
@@ -436,7 +420,8 @@ class Link:
             return False
         if len(own[5]) >= AHEAD_MAX:
             self.settle()
-        with self._in_call(conn, own):
+        own[2] = True  # (spelled out, not a context manager: this runs per message)
+        try:
             w = own[4]
             sock = getattr(conn, "_sock", None)
             if sock is not None and not own[5] and (w.readable() if w is not None and w.sock is sock
@@ -451,6 +436,10 @@ class Link:
             else:
                 conn.send_packed_command([_pack(command)], check_health=False)
             own[5].append(command)
+        except BaseException as e:
+            self._drop(conn, own, e)
+        finally:
+            own[2] = False
         return True
 
     def ahead(self) -> int:
@@ -467,8 +456,13 @@ class Link:
         got = getattr(self._own, "c", None)
         if got is None or got[0] != os.getpid() or not got[5] or got[2]:
             return []
-        with self._in_call(got[1], got):
+        got[2] = True
+        try:
             return self._settle(got[1], got)
+        except BaseException as e:
+            self._drop(got[1], got, e)
+        finally:
+            got[2] = False
 
     def _settle(self, conn: Any, own: list[Any]) -> list[tuple[tuple[Any, ...], Any]]:
         """(The thread's connection, in a call) read the replies of what

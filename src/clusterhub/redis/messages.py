@@ -257,15 +257,15 @@ class Mail:
         may go ahead of the server's answer (see :meth:`_ahead`); should
         the receiver's lease have run out meanwhile, the message is dropped
         as it would be in its inbox."""
+        if not self.outbox.drain(deadline):
+            raise SendTimeout(f"this thread's earlier requests and replies were not sent within {timeout} s")
+        if ahead and bounded and expect is None and self._ahead(entry, target):
+            return self.master_id if target == "M" else int(target)
         link = self.link
         mq = self.max_queue if bounded else -1
         args = [link.prefix, target, mq, self._room(), entry]
         if expect is not None:
             args.append(expect)
-        if not self.outbox.drain(deadline):
-            raise SendTimeout(f"this thread's earlier requests and replies were not sent within {timeout} s")
-        if ahead and bounded and expect is None and self._ahead(entry, target):
-            return self.master_id if target == "M" else int(target)
         while True:
             got = link.script(scripts.SEND, [], args)
             status, tid = got[0], got[1]
@@ -361,10 +361,11 @@ class Mail:
         return min(t.all, *t.to.values()) if t.to else int(t.all)
 
     def _slack(self) -> Any:
-        """The calling thread's slack (made anew in a forked child)."""
+        """The calling thread's slack (made at its first use; a forked
+        child has a Mail of its own, see RedisHub._run_child)."""
         t = self._rooms
-        if getattr(t, "pid", 0) != os.getpid():
-            t.pid, t.all, t.to = os.getpid(), 0, {}
+        if not hasattr(t, "to"):
+            t.all, t.to = 0, {}
         return t
 
     def _set_slack(self, target: "int | str | None", queued: int) -> None:
@@ -376,13 +377,6 @@ class Mail:
             t.all = room
         else:
             t.to[target] = room
-
-    def settle(self) -> None:
-        """Wait for the server's answers to the thread's messages sent
-        ahead (before its messages go another way than its own connection,
-        or the hub closes)."""
-        if self.link.ahead():
-            self.link.settle()
 
     def _room(self) -> bytes:
         """The calling thread's list for word of room (made once per thread:
@@ -436,7 +430,7 @@ class Mail:
 
         if _on_a_loop():
             try:
-                self.settle()  # (the outbox's connection is another: what went ahead on ours goes first)
+                self.link.settle()  # (the outbox's connection is another: what went ahead on ours goes first)
             except BaseException:
                 self.pending.discard(rid)
                 raise
@@ -454,7 +448,7 @@ class Mail:
         ``reply``); dropped when it has gone."""
         if _on_a_loop():
             try:
-                self.settle()  # (as for a request)
+                self.link.settle()  # (as for a request)
             except HubError as e:
                 log.warning("clusterhub: before the reply to request %d of process %d: %s", rid, origin, e)
             self.outbox.put(functools.partial(self._reply, origin, rid, ok, value))
